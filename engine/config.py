@@ -1,0 +1,309 @@
+"""Engine configuration: frozen dataclasses per concern, composed into one ``EngineConfig``.
+
+The config is built once, by the launcher (from CLI flags and an optional TOML file) or by
+the in-process ``LLM``, validated, and handed whole to every process it starts. Errors name
+the flag that is wrong (``--workers must be >= 1, got 0``).
+
+A TOML file uses the long flag names with ``_`` for ``-`` (``workers = 2``,
+``model = ["path/a", "path/b"]``); flags on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag."""
+
+
+RUNNERS = ("native", "vllm")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model pool. ``path`` None means the embedded default model."""
+
+    path: str | None = None
+    served_name: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.served_name:
+            return self.served_name
+        if self.path is None:
+            return "default"
+        return Path(self.path).name or self.path
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: ``block_size`` tokens per block; capacity in blocks or in memory."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_gib: float = 0.25
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching: one token budget per step covers prefill chunks and decodes."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    policy: str = "fcfs"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Worker processes: how many, which model runner, on which device."""
+
+    num_workers: int = 1
+    runner: str = "native"
+    device: str = "auto"
+    num_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    api_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    ready_timeout_s: float = 180.0
+    log_level: str = "INFO"
+    max_worker_restarts: int = 10
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    models: tuple[ModelConfig, ...] = (ModelConfig(),)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> EngineConfig:
+        """Raise ConfigError naming the flag of the first invalid value; return self."""
+        _check(len(self.models) >= 1, "--model", "at least one model is needed")
+        names = [m.name for m in self.models]
+        _check(len(set(names)) == len(names), "--served-model-name",
+               f"model names must be unique, got {names}")
+        for m in self.models:
+            _check(m.dtype in DTYPES, "--dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+            if m.path is not None:
+                _check(Path(m.path).is_dir(), "--model",
+                       f"{m.path!r} is not a directory (a Hugging Face model directory)")
+            if m.max_model_len is not None:
+                _check(m.max_model_len >= 1, "--max-model-len", f"must be >= 1, got {m.max_model_len}")
+        c = self.cache
+        _check(c.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "--block-size",
+               f"must be a power of two in [1, 128], got {c.block_size}")
+        if c.num_blocks is not None:
+            _check(c.num_blocks >= 2, "--num-kv-blocks", f"must be >= 2, got {c.num_blocks}")
+        _check(c.kv_cache_memory_gib > 0, "--kv-cache-memory",
+               f"must be > 0 GiB, got {c.kv_cache_memory_gib}")
+        s = self.scheduler
+        _check(s.max_num_batched_tokens >= 1, "--max-num-batched-tokens",
+               f"must be >= 1, got {s.max_num_batched_tokens}")
+        _check(s.max_num_seqs >= 1, "--max-num-seqs", f"must be >= 1, got {s.max_num_seqs}")
+        _check(bool(s.policy), "--policy", "must not be empty")
+        w = self.worker
+        _check(w.num_workers >= 1, "--workers", f"must be >= 1, got {w.num_workers}")
+        _check(w.runner in RUNNERS, "--runner", f"must be one of {RUNNERS}, got {w.runner!r}")
+        _check(w.device in DEVICES, "--device", f"must be one of {DEVICES}, got {w.device!r}")
+        if w.num_threads is not None:
+            _check(w.num_threads >= 1, "--num-threads", f"must be >= 1, got {w.num_threads}")
+        f = self.frontend
+        for flag, port in (("--http-port", f.http_port), ("--grpc-port", f.grpc_port)):
+            _check(0 <= port <= 65535, flag, f"must be a TCP port in [0, 65535], got {port}")
+        _check(bool(f.host), "--host", "must not be empty")
+        for key in f.api_keys:
+            _check(bool(key) and not any(ch.isspace() for ch in key), "--api-key",
+                   "keys must be non-empty and contain no whitespace")
+        _check(self.launch.ready_timeout_s > 0, "--ready-timeout",
+               f"must be > 0 seconds, got {self.launch.ready_timeout_s}")
+        return self
+
+
+def _check(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{flag}: {message}")
+
+
+# --------------------------------------------------------------------------- CLI + TOML
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m engine.launch",
+        description="Serve LLMs: a gRPC frontend, one global scheduler per model pool, and "
+        "one worker process per GPU (or CPU worker slot). With no arguments it serves the "
+        "embedded default model on 127.0.0.1.",
+        argument_default=argparse.SUPPRESS,
+    )
+    add = p.add_argument
+    add("--config", metavar="FILE", help="TOML file with any of these flags (snake_case keys); "
+        "flags given on the command line win")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", action="append", metavar="PATH",
+                   help="Hugging Face model directory; repeat for one pool per model "
+                   "(default: the embedded default model)")
+    g.add_argument("--served-model-name", action="append", metavar="NAME",
+                   help="name clients use for the model, one per --model (default: the "
+                   "directory name, or 'default')")
+    g.add_argument("--dtype", choices=DTYPES, help="weights and activations dtype (default: "
+                   "auto = float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--max-model-len", type=int, metavar="N",
+                   help="longest prompt plus output, in tokens (default: the model's)")
+    g.add_argument("--seed", type=int, help="seed for weights-free randomness (default 0)")
+    g = p.add_argument_group("workers")
+    g.add_argument("--workers", type=int, metavar="N", help="worker processes per pool (default 1)")
+    g.add_argument("--runner", choices=RUNNERS, help="model runner (default native)")
+    g.add_argument("--device", choices=DEVICES, help="worker device (default auto)")
+    g.add_argument("--num-threads", type=int, metavar="N",
+                   help="torch threads per CPU worker (default: cores / workers)")
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--block-size", type=int, metavar="N", help="tokens per KV block (default 16)")
+    g.add_argument("--num-kv-blocks", type=int, metavar="N",
+                   help="KV blocks per worker (default: from --kv-cache-memory)")
+    g.add_argument("--kv-cache-memory", type=float, metavar="GIB",
+                   help="KV cache size per worker in GiB (default 0.25)")
+    g = p.add_argument_group("scheduler")
+    g.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                   help="token budget of one step, prefill chunks and decodes (default 512)")
+    g.add_argument("--max-num-seqs", type=int, metavar="N",
+                   help="most requests in one step (default 64)")
+    g.add_argument("--policy", metavar="NAME", help="scheduling policy (default fcfs)")
+    g = p.add_argument_group("frontend")
+    g.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    g.add_argument("--http-port", type=int, metavar="PORT", help="HTTP port (default 8000)")
+    g.add_argument("--grpc-port", type=int, metavar="PORT", help="gRPC port (default 50051)")
+    g.add_argument("--api-key", action="append", metavar="KEY",
+                   help="require this bearer key; repeat for several")
+    g = p.add_argument_group("launcher")
+    g.add_argument("--ready-timeout", type=float, metavar="SECONDS",
+                   help="how long to wait for every process to be ready (default 180)")
+    g.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="log level (default INFO)")
+    return p
+
+
+_LIST_KEYS = {"model", "served_model_name", "api_key"}
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path!r} is not valid TOML: {e}") from e
+    known = {a.dest for a in build_parser()._actions if a.dest not in ("help", "config")}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        if dest not in known:
+            raise ConfigError(f"--config: unknown key {key!r} in {path!r}")
+        if dest in _LIST_KEYS and not isinstance(value, list):
+            value = [value]
+        out[dest] = value
+    return out
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> EngineConfig:
+    """Parse CLI flags (and ``--config FILE``) into a validated EngineConfig.
+
+    Raises ConfigError with a message naming the flag; ``SystemExit`` for ``--help`` and for
+    flags argparse itself rejects.
+    """
+    ns = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    if "config" in ns:
+        values.update(load_toml(ns.pop("config")))
+    values.update(ns)
+    return config_from_dict(values)
+
+
+def config_from_dict(v: dict[str, Any]) -> EngineConfig:
+    """Build from flat flag-named values (``workers``, ``model``, ...)."""
+    paths: list[str | None] = list(v.get("model") or [None])
+    names = list(v.get("served_model_name") or [])
+    if names and len(names) != len(paths):
+        raise ConfigError(f"--served-model-name: give one per --model ({len(paths)}), got {len(names)}")
+    try:
+        models = tuple(
+            ModelConfig(
+                path=str(Path(p).expanduser()) if p is not None else None,
+                served_name=names[i] if names else None,
+                dtype=v.get("dtype", "auto"),
+                max_model_len=v.get("max_model_len"),
+                seed=int(v.get("seed", 0)),
+            )
+            for i, p in enumerate(paths)
+        )
+        cfg = EngineConfig(
+            models=models,
+            cache=CacheConfig(
+                block_size=int(v.get("block_size", 16)),
+                num_blocks=v.get("num_kv_blocks"),
+                kv_cache_memory_gib=float(v.get("kv_cache_memory", 0.25)),
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=int(v.get("max_num_batched_tokens", 512)),
+                max_num_seqs=int(v.get("max_num_seqs", 64)),
+                policy=str(v.get("policy", "fcfs")),
+            ),
+            worker=WorkerConfig(
+                num_workers=int(v.get("workers", 1)),
+                runner=str(v.get("runner", "native")),
+                device=str(v.get("device", "auto")),
+                num_threads=v.get("num_threads"),
+            ),
+            frontend=FrontendConfig(
+                host=str(v.get("host", "127.0.0.1")),
+                http_port=int(v.get("http_port", 8000)),
+                grpc_port=int(v.get("grpc_port", 50051)),
+                api_keys=tuple(v.get("api_key") or ()),
+            ),
+            launch=LaunchConfig(
+                ready_timeout_s=float(v.get("ready_timeout", 180.0)),
+                log_level=str(v.get("log_level", "INFO")),
+            ),
+        )
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"--config: a value has the wrong type: {e}") from e
+    return cfg.validate()
+
+
+def replace(cfg: EngineConfig, **sections: Any) -> EngineConfig:
+    """``dataclasses.replace`` on sections: ``replace(cfg, worker={"num_workers": 2})``."""
+    changes = {
+        name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()
+    }
+    return dataclasses.replace(cfg, **changes).validate()
+
+
+def default_num_threads(num_workers: int) -> int:
+    """Torch threads for one CPU worker: the cores shared evenly, at least one."""
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))

@@ -1,0 +1,226 @@
+"""Every message that crosses a process boundary, in one place.
+
+MessagePack on the wire through msgspec: each message is a typed Struct that encodes
+compactly (``array_like``) and is validated when decoded. Messages that share a socket are
+tagged so one decoder can tell them apart; the receiver dispatches with ``match``.
+No pickle anywhere on the wire.
+
+Channels (see docs/architecture.md):
+
+    frontend  -> pool      FrontendToPool   AddRequest | AbortRequests
+    pool      -> frontend  PoolToFrontend   PoolOutputs
+    pool      -> worker    PoolToWorker     StepPlan | Shutdown
+    worker    -> pool      WorkerToPool     WorkerReady | StepResult | WorkerError
+    launcher  -> pool      LauncherToPool   WorkerDied | Shutdown
+    any       -> launcher  ToLauncher       ProcessReady | ProcessFailed
+
+Workers are stateful, like vLLM's: a request's tokens and sampling parameters reach a worker
+once (``NewRequestData``); afterwards each ``StepPlan`` carries only deltas
+(``CachedRequestData``: how many tokens to run, newly appended block ids) and the ids to drop.
+A request that is preempted is dropped by its worker and, when it resumes, arrives again as a
+new request carrying its prompt plus the tokens it had already produced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import msgspec
+
+#: Bumped whenever a message changes shape; processes of one engine must agree.
+PROTOCOL_VERSION = 1
+
+
+class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """Base of wire messages: compact positional encoding, tagged by class name."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How to pick each next token, and when to stop.
+
+    ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    ``seed`` makes sampling reproducible per request, independent of batch composition, of
+    the worker that runs it, and of preemption (the n-th token uses a generator seeded from
+    ``(seed, n)``). ``stop`` strings are matched by the frontend on detokenized text; token
+    stops (``stop_token_ids`` and EOS unless ``ignore_eos``) are applied by the scheduler.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_tokens: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class EngineRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A tokenized request as the scheduler receives it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    priority: int = 0
+    arrival_time: float = 0.0
+    eos_token_ids: tuple[int, ...] = ()
+    tenant: str = ""
+    cache_salt: str = ""
+
+
+class AddRequest(_Msg, tag=True):
+    request: EngineRequest
+
+
+class AbortRequests(_Msg, tag=True):
+    request_ids: list[str]
+
+
+class RequestOutput(_Msg):
+    """New tokens for one request from one step; ``finish_reason`` set on its last one.
+
+    finish_reason: "stop" (EOS or a stop token), "length" (max_tokens or the model's context),
+    "abort" (aborted by the client or the frontend), "error" (see ``error``).
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[float] | None = None
+    error: str = ""
+
+
+class PoolStats(_Msg):
+    """A pool's pressure, for admission control and metrics."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_waiting_tokens: int = 0
+    kv_usage: list[float] = []
+    num_free_blocks: list[int] = []
+    num_preemptions: int = 0
+    live_workers: int = 0
+
+
+class PoolOutputs(_Msg, tag=True):
+    outputs: list[RequestOutput]
+    stats: PoolStats | None = None
+
+
+# --------------------------------------------------------------------------- steps
+
+
+class NewRequestData(_Msg):
+    """First sight of a request on a worker (or its return after preemption).
+
+    ``token_ids`` holds every known token: the prompt plus tokens generated before a
+    preemption. ``num_computed_tokens`` of them already have KV in ``block_ids`` (a prefix
+    cache hit); this step runs the next ``num_scheduled_tokens``.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+    num_output_tokens: int = 0
+
+
+class CachedRequestData(_Msg):
+    """A request the worker already holds: run ``num_scheduled_tokens`` more tokens.
+
+    The worker appends the token it sampled last step itself, so decodes need no token ids.
+    """
+
+    request_id: str
+    num_scheduled_tokens: int
+    new_block_ids: list[int] = []
+
+
+class StepPlan(_Msg, tag=True):
+    """One forward pass for one worker: a ragged batch of prefill chunks and decodes."""
+
+    step_id: int
+    worker_id: int
+    new_requests: list[NewRequestData] = []
+    cached_requests: list[CachedRequestData] = []
+    finished_request_ids: list[str] = []
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(r.num_scheduled_tokens for r in self.new_requests) + sum(
+            r.num_scheduled_tokens for r in self.cached_requests
+        )
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.new_requests) + len(self.cached_requests)
+
+
+class StepResult(_Msg, tag=True):
+    """Tokens sampled by one step, for the requests whose scheduled tokens reached the end
+    of their known tokens (a prefill chunk that stops short of the end samples nothing)."""
+
+    step_id: int
+    worker_id: int
+    request_ids: list[str]
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    execute_time_s: float = 0.0
+
+
+class WorkerReady(_Msg, tag=True):
+    """A worker's hello: its KV capacity in blocks, sent once at start (and at restart)."""
+
+    worker_id: int
+    num_blocks: int
+    block_size: int
+    incarnation: int = 0
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class WorkerError(_Msg, tag=True):
+    """A step failed on the worker; the pool fails the step's requests, not the engine."""
+
+    step_id: int
+    worker_id: int
+    message: str
+
+
+class WorkerDied(_Msg, tag=True):
+    worker_id: int
+
+
+class Shutdown(_Msg, tag=True):
+    reason: str = ""
+
+
+class ProcessReady(_Msg, tag=True):
+    name: str
+    info: dict[str, Any] = {}
+
+
+class ProcessFailed(_Msg, tag=True):
+    name: str
+    message: str
+
+
+FrontendToPool: TypeAlias = AddRequest | AbortRequests
+PoolToFrontend: TypeAlias = PoolOutputs
+PoolToWorker: TypeAlias = StepPlan | Shutdown
+WorkerToPool: TypeAlias = WorkerReady | StepResult | WorkerError
+LauncherToPool: TypeAlias = WorkerDied | Shutdown
+ToLauncher: TypeAlias = ProcessReady | ProcessFailed

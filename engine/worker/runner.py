@@ -1,0 +1,33 @@
+"""The model-runner interface a worker drives.
+
+A runner is stateful like vLLM's GPU model runner: it keeps, per request, the tokens it
+knows and the block table the scheduler gave it, and applies each ``StepPlan``'s deltas:
+
+1. drop ``plan.finished_request_ids`` (finished, aborted or preempted requests);
+2. register ``plan.new_requests`` (token ids, sampling params, block ids, computed count);
+3. extend the block tables of ``plan.cached_requests`` with their ``new_block_ids``;
+4. run one forward pass over the ragged batch: for each scheduled request, the next
+   ``num_scheduled_tokens`` of its known tokens, starting at its computed count, writing
+   their KV into the slots its block table gives, attending to its whole context;
+5. sample one token for every request whose known tokens are now all computed, append it
+   to the request's known tokens, and return them in a ``StepResult``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from engine.messages import StepPlan, StepResult
+
+
+class ModelRunner(ABC):
+    #: KV capacity in blocks, reported to the scheduler in ``WorkerReady``.
+    num_blocks: int
+    block_size: int
+
+    @abstractmethod
+    def step(self, plan: StepPlan) -> StepResult:
+        """Apply the plan's deltas, run the forward pass, sample; see the module doc."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory; the runner is not used afterwards."""

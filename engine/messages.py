@@ -161,9 +161,13 @@ class StepPlan(_Msg, tag=True):
 
     @property
     def num_scheduled_tokens(self) -> int:
-        return sum(r.num_scheduled_tokens for r in self.new_requests) + sum(
-            r.num_scheduled_tokens for r in self.cached_requests
-        )
+        return sum(n for _, n in self.scheduled())
+
+    def scheduled(self) -> list[tuple[str, int]]:
+        """(request id, tokens to run) for every request in the step, new ones first."""
+        return [(r.request_id, r.num_scheduled_tokens) for r in self.new_requests] + [
+            (r.request_id, r.num_scheduled_tokens) for r in self.cached_requests
+        ]
 
     @property
     def num_requests(self) -> int:
@@ -201,7 +205,10 @@ class WorkerError(_Msg, tag=True):
 
 
 class WorkerDied(_Msg, tag=True):
+    """The launcher saw this incarnation of a worker exit; a new one is being started."""
+
     worker_id: int
+    incarnation: int = 0
 
 
 class Shutdown(_Msg, tag=True):

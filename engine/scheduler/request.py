@@ -1,0 +1,94 @@
+"""A request as the scheduler tracks it: the only mutable request state in the engine."""
+
+from __future__ import annotations
+
+import enum
+
+from engine.messages import EngineRequest, SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued on a worker, holds no blocks
+    RUNNING = "running"  # admitted: holds blocks on its worker, scheduled every step
+    FINISHED = "finished"
+
+
+class Request:
+    """Scheduler-side state of one request.
+
+    ``num_tokens`` counts every known token (prompt plus outputs); ``num_computed_tokens``
+    of them have KV in ``block_ids`` on ``worker_id``. A running request in decode has
+    exactly one uncomputed token: the one it sampled last.
+    """
+
+    __slots__ = (
+        "arrival_time",
+        "block_ids",
+        "eos_token_ids",
+        "finish_reason",
+        "first_scheduled_time",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_preemptions",
+        "output_token_ids",
+        "priority",
+        "prompt_token_ids",
+        "request_id",
+        "sampling",
+        "status",
+        "tenant",
+        "worker_id",
+    )
+
+    def __init__(self, req: EngineRequest) -> None:
+        self.request_id: str = req.request_id
+        self.prompt_token_ids: tuple[int, ...] = req.prompt_token_ids
+        self.sampling: SamplingParams = req.sampling
+        self.priority: int = req.priority
+        self.arrival_time: float = req.arrival_time
+        self.eos_token_ids: frozenset[int] = (
+            frozenset() if req.sampling.ignore_eos else frozenset(req.eos_token_ids)
+        )
+        self.tenant: str = req.tenant
+        self.output_token_ids: list[int] = []
+        self.block_ids: list[int] = []
+        self.num_computed_tokens: int = 0
+        self.num_cached_tokens: int = 0
+        self.num_preemptions: int = 0
+        self.worker_id: int | None = None
+        self.status: RequestStatus = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.first_scheduled_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def all_token_ids(self) -> list[int]:
+        return [*self.prompt_token_ids, *self.output_token_ids]
+
+    def stop_reason(self, token_id: int, max_model_len: int) -> str | None:
+        """Why the request stops after appending ``token_id`` (already appended), if it does."""
+        num_out = len(self.output_token_ids)
+        sp = self.sampling
+        if num_out >= sp.min_tokens and (
+            token_id in self.eos_token_ids or token_id in sp.stop_token_ids
+        ):
+            return "stop"
+        if num_out >= sp.max_tokens or self.num_tokens >= max_model_len:
+            return "length"
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.value}, worker={self.worker_id}, "
+            f"computed={self.num_computed_tokens}/{self.num_tokens}, blocks={len(self.block_ids)})"
+        )

@@ -1,0 +1,103 @@
+"""Test doubles at the bottom of the pyramid: a fake stateful worker and request makers."""
+
+from __future__ import annotations
+
+import zlib
+
+from engine.config import SchedulerConfig
+from engine.messages import EngineRequest, SamplingParams, StepPlan, StepResult
+from engine.scheduler.scheduler import Scheduler
+
+VOCAB = 1000
+
+
+def next_token(token_ids: list[int]) -> int:
+    """A deterministic 'model': the next token is a hash of the whole context."""
+    return zlib.crc32(bytes(str(token_ids), "ascii")) % VOCAB
+
+
+class FakeWorker:
+    """Applies StepPlans exactly as a real runner must (drop, add, extend, run, sample) and
+    checks every plan against the KV it has been told about."""
+
+    def __init__(self, worker_id: int, num_blocks: int, block_size: int) -> None:
+        self.worker_id = worker_id
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.reqs: dict[str, dict] = {}
+
+    def step(self, plan: StepPlan) -> StepResult:
+        assert plan.worker_id == self.worker_id
+        for rid in plan.finished_request_ids:
+            self.reqs.pop(rid, None)
+        for nr in plan.new_requests:
+            assert nr.request_id not in self.reqs, f"{nr.request_id} added twice"
+            self.reqs[nr.request_id] = {"tokens": list(nr.token_ids), "blocks": list(nr.block_ids),
+                                        "computed": nr.num_computed_tokens}
+        for cr in plan.cached_requests:
+            self.reqs[cr.request_id]["blocks"].extend(cr.new_block_ids)
+        ids, toks = [], []
+        for rid, n in plan.scheduled():
+            st = self.reqs[rid]
+            assert n >= 1 and st["computed"] + n <= len(st["tokens"]), (rid, n, st)
+            st["computed"] += n
+            assert len(st["blocks"]) * self.block_size >= st["computed"], "KV slots missing"
+            assert all(0 <= b < self.num_blocks for b in st["blocks"])
+            if st["computed"] == len(st["tokens"]):
+                tok = next_token(st["tokens"])
+                st["tokens"].append(tok)
+                ids.append(rid)
+                toks.append(tok)
+        return StepResult(step_id=plan.step_id, worker_id=plan.worker_id, request_ids=ids,
+                          token_ids=toks)
+
+
+def make_scheduler(*, max_num_batched_tokens: int = 64, max_num_seqs: int = 8, block_size: int = 4,
+                   max_model_len: int = 256, policy: str = "fcfs") -> Scheduler:
+    cfg = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
+                          max_num_seqs=max_num_seqs, policy=policy)
+    return Scheduler(cfg, block_size=block_size, max_model_len=max_model_len)
+
+
+def make_request(rid: str, prompt_len: int = 10, max_tokens: int = 5, *, priority: int = 0,
+                 arrival: float = 0.0, seed: int = 0, eos: tuple[int, ...] = ()) -> EngineRequest:
+    prompt = tuple((seed * 7919 + i * 31) % VOCAB for i in range(prompt_len))
+    return EngineRequest(request_id=rid, prompt_token_ids=prompt,
+                         sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                         priority=priority, arrival_time=arrival, eos_token_ids=eos)
+
+
+def reference_output(req: EngineRequest) -> list[int]:
+    """What an uninterrupted greedy run of the fake model produces."""
+    tokens = list(req.prompt_token_ids)
+    out: list[int] = []
+    for _ in range(req.sampling.max_tokens):
+        tok = next_token(tokens)
+        tokens.append(tok)
+        out.append(tok)
+        if tok in req.eos_token_ids:
+            break
+    return out
+
+
+def run_to_completion(sched: Scheduler, workers: dict[int, FakeWorker], now: float = 0.0,
+                      max_steps: int = 10_000) -> dict[str, list[int]]:
+    """Step every worker until no request is left; return each request's output tokens."""
+    outputs: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if sched.num_unfinished == 0:
+            return outputs
+        progressed = False
+        for wid, worker in workers.items():
+            plan = sched.schedule(wid, now)
+            sched.check_integrity()
+            if plan is None:
+                continue
+            progressed = True
+            for o in sched.update(plan, worker.step(plan), now):
+                outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+            sched.check_integrity()
+        for o in sched.drain_outputs():
+            outputs.setdefault(o.request_id, [])
+        assert progressed or sched.num_unfinished == 0, "scheduler stalled"
+    raise AssertionError("did not finish")

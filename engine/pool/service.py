@@ -1,0 +1,171 @@
+"""The scheduler process of one model pool: sockets around the pure ``Scheduler``.
+
+One thread, one loop: drain every socket without blocking, hand what arrived to the
+scheduler, give each idle worker its next step, send the outputs of this turn in one batch.
+It blocks in ``poll`` only when no worker can be given work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from engine import ipc
+from engine import messages as m
+from engine.config import EngineConfig
+from engine.models.info import load_model_info
+from engine.scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+#: Stats reach the frontend at least this often, outputs or not (health, admission).
+STATS_INTERVAL_S = 0.5
+
+
+class PoolService:
+    def __init__(self, cfg: EngineConfig, pool_index: int, run_dir: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        model_cfg = cfg.models[pool_index]
+        self.name = model_cfg.name
+        self.info = load_model_info(model_cfg)
+        self.scheduler = Scheduler(cfg.scheduler, block_size=cfg.cache.block_size,
+                                   max_model_len=self.info.max_model_len)
+        self.clock = clock
+        addrs = ipc.pool_addresses(run_dir, pool_index)
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.requests = ipc.make_socket(self.ctx, zmq.PULL, addrs.requests, bind=True)
+        self.outputs = ipc.make_socket(self.ctx, zmq.PUSH, addrs.outputs, bind=True)
+        self.workers = ipc.make_socket(self.ctx, zmq.ROUTER, addrs.workers, bind=True)
+        self.control = ipc.make_socket(self.ctx, zmq.PULL, addrs.control, bind=True)
+        self.poller = zmq.Poller()
+        for sock in (self.requests, self.workers, self.control):
+            self.poller.register(sock, zmq.POLLIN)
+        self.incarnations: dict[int, int] = {}
+        self.pending: list[m.RequestOutput] = []
+        self.last_stats = 0.0
+        self.running = True
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        while self.running:
+            busy = any(self.scheduler.has_work(w) for w in self.scheduler.workers)
+            timeout_ms = 0 if busy else int(STATS_INTERVAL_S * 1000)
+            ready = dict(self.poller.poll(timeout_ms))
+            now = self.clock()
+            if self.control in ready:
+                self._drain(self.control, ipc.LAUNCHER_TO_POOL, self._on_control)
+            if self.workers in ready:
+                self._drain_workers()
+            if self.requests in ready:
+                self._drain(self.requests, ipc.FRONTEND_TO_POOL, self._on_request)
+            self._dispatch(now)
+            self._flush(now)
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+    def _drain(self, sock: zmq.Socket[Any], codec: ipc.Codec[Any], handle: Callable[[Any], None]) -> None:
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(codec.decode(frame.buffer))
+
+    def _drain_workers(self) -> None:
+        while True:
+            try:
+                _identity, frame = self.workers.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_worker(ipc.WORKER_TO_POOL.decode(frame.buffer))
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_request(self, msg: m.FrontendToPool) -> None:
+        now = self.clock()
+        match msg:
+            case m.AddRequest(request=req):
+                self.pending += self.scheduler.add(req, now)
+            case m.AbortRequests(request_ids=ids):
+                self.pending += self.scheduler.abort(ids, now)
+
+    def _on_worker(self, msg: m.WorkerToPool) -> None:
+        now = self.clock()
+        match msg:
+            case m.WorkerReady(worker_id=w, num_blocks=n, incarnation=inc):
+                if msg.protocol_version != m.PROTOCOL_VERSION:
+                    log.error("worker %d speaks protocol %d, pool %d: ignored", w,
+                              msg.protocol_version, m.PROTOCOL_VERSION)
+                    return
+                log.info("worker %d (incarnation %d) ready with %d KV blocks", w, inc, n)
+                self.incarnations[w] = inc
+                self.scheduler.add_worker(w, n, now)
+            case m.StepResult(worker_id=w):
+                plan = self._in_flight(w)
+                if plan is not None:
+                    self.pending += self.scheduler.update(plan, msg, now)
+            case m.WorkerError(worker_id=w, message=text):
+                plan = self._in_flight(w)
+                log.error("worker %d failed a step: %s", w, text)
+                if plan is not None:
+                    self.pending += self.scheduler.fail_step(plan, text)
+
+    def _on_control(self, msg: m.LauncherToPool) -> None:
+        match msg:
+            case m.WorkerDied(worker_id=w, incarnation=inc):
+                if self.incarnations.get(w) == inc:
+                    moved = self.scheduler.remove_worker(w, self.clock())
+                    log.warning("worker %d died; %d requests re-placed to recompute", w, len(moved))
+            case m.Shutdown():
+                self.running = False
+
+    def _in_flight(self, worker_id: int) -> m.StepPlan | None:
+        ws = self.scheduler.workers.get(worker_id)
+        return ws.in_flight if ws is not None else None
+
+    # ------------------------------------------------------------------ output
+
+    def _dispatch(self, now: float) -> None:
+        for w in list(self.scheduler.workers):
+            plan = self.scheduler.schedule(w, now)
+            if plan is None:
+                continue
+            try:
+                self.workers.send_multipart([ipc.worker_identity(w), ipc.encode(plan)])
+            except zmq.ZMQError as e:  # the worker is gone; the launcher restarts it
+                log.warning("worker %d unreachable (%s); re-placing its requests", w, e)
+                self.scheduler.remove_worker(w, now)
+        self.pending += self.scheduler.drain_outputs()
+
+    def _flush(self, now: float) -> None:
+        if not self.pending and now - self.last_stats < STATS_INTERVAL_S:
+            return
+        msg = m.PoolOutputs(outputs=self.pending, stats=self.scheduler.stats())
+        self.outputs.send(ipc.encode(msg))
+        self.pending = []
+        self.last_stats = now
+
+
+def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str) -> None:
+    """Process entry point of a pool's scheduler."""
+    from engine.process import init_process
+
+    name = f"pool-{pool_index}"
+    init_process(f"engine-{name}", cfg.launch.log_level)
+    try:
+        service = PoolService(cfg, pool_index, run_dir)
+    except Exception as e:
+        log.exception("pool %d failed to start", pool_index)
+        ipc.notify_launcher(run_dir, m.ProcessFailed(name=name, message=repr(e)))
+        raise SystemExit(1) from e
+    ipc.notify_launcher(run_dir, m.ProcessReady(name=name))
+    try:
+        service.run()
+    finally:
+        service.close()

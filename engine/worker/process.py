@@ -1,0 +1,68 @@
+"""The worker process: receive a StepPlan, run it on the model runner, send the StepResult.
+
+It says hello with its KV capacity once its model is loaded, and then only answers plans.
+A step that raises is reported as ``WorkerError`` (the pool fails that step's requests);
+the worker itself goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from engine import ipc
+from engine import messages as m
+from engine.config import EngineConfig
+from engine.worker.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int) -> None:
+    while True:
+        msg = ipc.POOL_TO_WORKER.decode(sock.recv(copy=False).buffer)
+        match msg:
+            case m.StepPlan():
+                start = time.perf_counter()
+                try:
+                    result = runner.step(msg)
+                except Exception as e:
+                    log.exception("step %d failed", msg.step_id)
+                    sock.send(ipc.encode(m.WorkerError(step_id=msg.step_id, worker_id=worker_id,
+                                                       message=f"{type(e).__name__}: {e}")))
+                    continue
+                result.execute_time_s = time.perf_counter() - start
+                sock.send(ipc.encode(result))
+            case m.Shutdown():
+                return
+
+
+def run_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int,
+               run_dir: str) -> None:
+    """Process entry point of one worker of one pool."""
+    from engine.process import init_process
+    from engine.worker.factory import make_runner
+
+    name = f"worker-{pool_index}-{worker_id}"
+    init_process(f"engine-{name}", cfg.launch.log_level)
+    try:
+        runner = make_runner(cfg.models[pool_index], cfg.cache, cfg.worker)
+    except Exception as e:
+        log.exception("%s failed to start", name)
+        ipc.notify_launcher(run_dir, m.ProcessFailed(name=name, message=repr(e)))
+        raise SystemExit(1) from e
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ipc.make_socket(ctx, zmq.DEALER, ipc.pool_addresses(run_dir, pool_index).workers,
+                           bind=False, identity=ipc.worker_identity(worker_id))
+    sock.send(ipc.encode(m.WorkerReady(worker_id=worker_id, num_blocks=runner.num_blocks,
+                                       block_size=runner.block_size, incarnation=incarnation)))
+    ipc.notify_launcher(run_dir, m.ProcessReady(name=name, info={"num_blocks": runner.num_blocks}))
+    log.info("%s ready: %d KV blocks of %d tokens", name, runner.num_blocks, runner.block_size)
+    try:
+        serve(runner, sock, worker_id)
+    finally:
+        runner.close()
+        ctx.destroy(linger=0)

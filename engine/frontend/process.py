@@ -1,0 +1,85 @@
+"""The frontend process: load each pool's model info and tokenizer, connect to the pools,
+serve gRPC, report ready to the launcher, serve until SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from engine import ipc
+from engine.config import EngineConfig
+from engine.frontend.grpc_server import ServedModel, start_grpc_server
+from engine.frontend.pool_client import PoolClient
+from engine.messages import ProcessFailed, ProcessReady
+from engine.models.info import load_model_info
+
+log = logging.getLogger("engine.frontend")
+
+#: Seconds running streams get to finish on shutdown before they are cancelled.
+SHUTDOWN_GRACE_S = 2.0
+
+
+def load_tokenizer(path: str) -> object:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def connect_models(cfg: EngineConfig, run_dir: str) -> list[ServedModel]:
+    """One ``ServedModel`` per pool, in config order; call inside the running loop."""
+    served = []
+    for i, model_cfg in enumerate(cfg.models):
+        info = load_model_info(model_cfg)
+        tokenizer = load_tokenizer(str(info.path))
+        pool = PoolClient(ipc.pool_addresses(run_dir, i), name=info.name)
+        served.append(ServedModel(info=info, tokenizer=tokenizer, pool=pool))
+    return served
+
+
+async def _serve(cfg: EngineConfig, run_dir: str, on_ready: Callable[[int], None]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    models = connect_models(cfg, run_dir)
+    try:
+        server, port = await start_grpc_server(models, cfg.frontend.host, cfg.frontend.grpc_port)
+        on_ready(port)
+        log.info("frontend ready: grpc port %d, models %s", port, [m.info.name for m in models])
+        await stop.wait()
+        log.info("frontend stopping")
+        await server.stop(SHUTDOWN_GRACE_S)
+    finally:
+        for m in models:
+            await m.pool.close()
+
+
+def run_frontend(cfg: EngineConfig, run_dir: str) -> None:
+    """Process entry point. Exits non-zero (after telling the launcher) if startup fails."""
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle("engine-frontend")
+    except ImportError:
+        pass
+    logging.basicConfig(level=cfg.launch.log_level,
+                        format="%(asctime)s %(levelname)s frontend %(name)s: %(message)s")
+    ready = False
+
+    def on_ready(port: int) -> None:
+        nonlocal ready
+        ipc.notify_launcher(run_dir, ProcessReady(name="frontend", info={"grpc_port": port}))
+        ready = True
+
+    try:
+        asyncio.run(_serve(cfg, run_dir, on_ready))
+    except Exception as e:
+        log.exception("frontend failed")
+        if ready:  # the launcher sees the exit; ProcessFailed is for startup
+            sys.exit(1)
+        ipc.notify_launcher(run_dir, ProcessFailed(name="frontend",
+                                                   message=f"{type(e).__name__}: {e}"))
+        sys.exit(1)

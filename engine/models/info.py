@@ -48,6 +48,9 @@ def load_model_info(cfg: ModelConfig) -> ModelInfo:
         if value is not None:
             eos.extend(value if isinstance(value, list) else [value])
     model_len = int(hf.get("max_position_embeddings", 2048))
+    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
+        # The native runner attends to the whole context; past the window it would diverge.
+        model_len = min(model_len, int(hf["sliding_window"]))
     if cfg.max_model_len is not None:
         if cfg.max_model_len > model_len:
             raise ConfigError(

@@ -1,0 +1,28 @@
+"""Build the model runner a worker config asks for."""
+
+from __future__ import annotations
+
+from engine.config import RUNNERS, CacheConfig, ConfigError, ModelConfig, WorkerConfig
+from engine.worker.runner import ModelRunner
+
+
+def make_runner(
+    model_config: ModelConfig,
+    cache_config: CacheConfig,
+    worker_config: WorkerConfig,
+    *,
+    device: str | None = None,
+) -> ModelRunner:
+    """The runner named by ``worker_config.runner``; ``device`` (e.g. ``"cuda:1"``) overrides
+    ``worker_config.device`` for workers pinned to one GPU. Runners import lazily: each pulls
+    in heavy dependencies (torch, vLLM) that only its own worker needs."""
+    runner = worker_config.runner
+    if runner == "native":
+        from engine.worker.native_runner import NativeRunner
+
+        return NativeRunner(model_config, cache_config, worker_config, device=device)
+    if runner == "vllm":
+        raise ConfigError(
+            "--runner: the vllm runner is not available yet; use --runner native"
+        )
+    raise ConfigError(f"--runner: must be one of {RUNNERS}, got {runner!r}")

@@ -1,0 +1,258 @@
+"""The native model runner: our Llama-family model, paged KV caches, batched sampling.
+
+State per request (``_Request``): every known token, the block table, how many tokens have
+KV (``num_computed_tokens``), how many were output (``num_output_tokens``, the sampler's
+seed index) and the sampling parameters. A step applies the plan's deltas, packs the
+scheduled tokens of all requests into one flat ragged batch, runs one forward pass, samples
+for the requests whose known tokens are now all computed and appends those tokens.
+
+Batch preparation is vectorised with numpy over the flat batch (a ragged ``arange`` for the
+positions, one fancy-index for the slots) so its Python-level work is per request, not per
+token: a 4k-token prefill chunk costs little more bookkeeping than one decode.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import numpy as np
+import torch
+
+from engine.config import CacheConfig, ModelConfig, WorkerConfig, default_num_threads
+from engine.messages import SamplingParams, StepPlan, StepResult
+from engine.models.info import load_model_info
+from engine.models.layers import AttentionMetadata
+from engine.models.loader import load_model, resolve_dtype
+from engine.worker.runner import ModelRunner
+from engine.worker.sampler import Sampler
+
+
+@dataclass
+class _Request:
+    sampling: SamplingParams
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class _Batch:
+    """The flat tensors of one forward pass and who samples."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+    sampling_ids: list[str] = field(default_factory=list)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+class NativeRunner(ModelRunner):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        worker_config: WorkerConfig,
+        *,
+        device: str | None = None,
+    ) -> None:
+        self.device = resolve_device(device if device is not None else worker_config.device)
+        # Intra-op threads of this process (CPU matmuls/attention): the worker's share of cores.
+        torch.set_num_threads(
+            worker_config.num_threads or default_num_threads(worker_config.num_workers)
+        )
+        self.info = load_model_info(model_config)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.model = load_model(
+            self.info.path, dtype=self.dtype, device=self.device,
+            max_positions=self.info.max_model_len,
+        )
+        cfg = self.model.cfg
+        # Without sliding-window attention, a Mistral-v0.1-style model is only exact up to
+        # its window.
+        self.max_model_len = min(self.info.max_model_len, cfg.sliding_window or 1 << 62)
+        self.block_size = cache_config.block_size
+        if cache_config.num_blocks is not None:
+            self.num_blocks = cache_config.num_blocks
+        else:
+            per_block = self.info.kv_bytes_per_block(self.block_size, self.dtype.itemsize)
+            self.num_blocks = int(cache_config.kv_cache_memory_gib * (1 << 30)) // per_block
+        if self.num_blocks < 2:
+            raise ValueError(
+                f"KV cache of {cache_config.kv_cache_memory_gib} GiB holds {self.num_blocks} "
+                f"blocks of {self.block_size} tokens; at least 2 are needed (raise "
+                f"--kv-cache-memory or set --num-kv-blocks)"
+            )
+        shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Zeroed, not empty: attention may read (masked) padding slots, and stale memory
+        # could hold NaN.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(cfg.num_layers)
+        ]
+        self.sampler = Sampler(self.info.eos_token_ids, seed=model_config.seed)
+        self.requests: dict[str, _Request] = {}
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter()
+        self._validate(plan)
+        for rid in plan.finished_request_ids:
+            self.requests.pop(rid, None)
+        scheduled: list[tuple[str, _Request, int]] = []
+        for new in plan.new_requests:
+            req = _Request(
+                sampling=new.sampling, token_ids=list(new.token_ids), block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                num_output_tokens=new.num_output_tokens,
+            )
+            self.requests[new.request_id] = req
+            scheduled.append((new.request_id, req, new.num_scheduled_tokens))
+        for cached in plan.cached_requests:
+            req = self.requests[cached.request_id]
+            req.block_ids.extend(cached.new_block_ids)
+            scheduled.append((cached.request_id, req, cached.num_scheduled_tokens))
+        scheduled = [s for s in scheduled if s[2] > 0]
+
+        token_ids: list[int] = []
+        logprobs: list[float] | None = None
+        sampling_ids: list[str] = []
+        if scheduled:
+            batch = self._prepare(scheduled)
+            with torch.inference_mode():
+                logits = self.model(batch.input_ids, batch.positions, batch.meta,
+                                    self.kv_caches, batch.logits_indices)
+                rows = [self.requests[rid] for rid in batch.sampling_ids]
+                out = self.sampler(logits, rows) if rows else None
+            for _, req, n in scheduled:
+                req.num_computed_tokens += n
+            if out is not None:
+                for req, tok in zip(rows, out.token_ids, strict=True):
+                    req.token_ids.append(tok)
+                    req.num_output_tokens += 1
+                token_ids, logprobs = out.token_ids, out.logprobs
+            sampling_ids = batch.sampling_ids
+        return StepResult(
+            step_id=plan.step_id, worker_id=plan.worker_id, request_ids=sampling_ids,
+            token_ids=token_ids, logprobs=logprobs,
+            execute_time_s=time.perf_counter() - start,
+        )
+
+    def _prepare(self, scheduled: list[tuple[str, _Request, int]]) -> _Batch:
+        bs = self.block_size
+        q_lens = np.fromiter((n for _, _, n in scheduled), dtype=np.int64, count=len(scheduled))
+        starts = np.fromiter((r.num_computed_tokens for _, r, _ in scheduled), dtype=np.int64,
+                             count=len(scheduled))
+        seq_lens = starts + q_lens
+        cu = np.zeros(len(scheduled) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        total = int(cu[-1])
+        # Ragged arange: token t of request i sits at position starts[i] + (t - cu[i]).
+        req_of_token = np.repeat(np.arange(len(scheduled)), q_lens)
+        positions = np.arange(total, dtype=np.int64) + np.repeat(starts - cu[:-1], q_lens)
+        blocks_needed = -(-seq_lens // bs)
+        tables = np.zeros((len(scheduled), int(blocks_needed.max())), dtype=np.int64)
+        input_ids: list[int] = []
+        logits_indices: list[int] = []
+        sampling_ids: list[str] = []
+        for i, (rid, req, n) in enumerate(scheduled):
+            c = req.num_computed_tokens
+            input_ids.extend(req.token_ids[c : c + n])
+            tables[i, : blocks_needed[i]] = req.block_ids[: blocks_needed[i]]
+            if c + n == len(req.token_ids):
+                logits_indices.append(int(cu[i + 1]) - 1)
+                sampling_ids.append(rid)
+        slots = tables[req_of_token, positions // bs] * bs + positions % bs
+
+        def to_dev(a: np.ndarray | list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=dtype).to(self.device, non_blocking=True)
+
+        return _Batch(
+            input_ids=to_dev(input_ids, torch.int64),
+            positions=to_dev(positions, torch.int64),
+            meta=AttentionMetadata(
+                slot_mapping=to_dev(slots, torch.int64),
+                query_start_loc=to_dev(cu, torch.int32),
+                seq_lens=to_dev(seq_lens, torch.int32),
+                block_tables=to_dev(tables, torch.int32),
+            ),
+            logits_indices=to_dev(logits_indices, torch.int64),
+            sampling_ids=sampling_ids,
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def _validate(self, plan: StepPlan) -> None:
+        """Reject an inconsistent plan before any state changes (ValueError)."""
+        finished = set(plan.finished_request_ids)
+        seen: set[str] = set()
+        step = plan.step_id
+        for new in plan.new_requests:
+            rid = new.request_id
+            if rid in seen:
+                _fail(step, rid, "appears twice in the plan")
+            seen.add(rid)
+            if rid in self.requests and rid not in finished:
+                _fail(step, rid, "is already running on this worker (new_requests must be new)")
+            n_known = len(new.token_ids)
+            if not 0 <= new.num_output_tokens <= n_known:
+                _fail(step, rid, f"num_output_tokens {new.num_output_tokens} not in [0, {n_known}]")
+            self._check_blocks(step, rid, new.block_ids)
+            self._check_span(step, rid, new.num_computed_tokens, new.num_scheduled_tokens,
+                             n_known, len(new.block_ids))
+            if any(not 0 <= t < self.info.vocab_size for t in new.token_ids):
+                _fail(step, rid, f"token ids must be in [0, {self.info.vocab_size})")
+        for cached in plan.cached_requests:
+            rid = cached.request_id
+            if rid in seen:
+                _fail(step, rid, "appears twice in the plan")
+            seen.add(rid)
+            req = self.requests.get(rid)
+            if req is None or rid in finished:
+                _fail(step, rid, "unknown to this worker (send it as a new request first)")
+            self._check_blocks(step, rid, cached.new_block_ids)
+            self._check_span(step, rid, req.num_computed_tokens, cached.num_scheduled_tokens,
+                             len(req.token_ids), len(req.block_ids) + len(cached.new_block_ids))
+
+    def _check_span(
+        self, step: int, rid: str, computed: int, scheduled: int, known: int, num_blocks: int
+    ) -> None:
+        if computed < 0 or scheduled < 0:
+            _fail(step, rid, f"negative token counts (computed {computed}, scheduled {scheduled})")
+        end = computed + scheduled
+        if end > known:
+            _fail(step, rid, f"schedules tokens up to {end} but only {known} are known "
+                             f"({computed} computed + {scheduled} scheduled)")
+        if end > self.max_model_len:
+            _fail(step, rid, f"context of {end} tokens exceeds max_model_len {self.max_model_len}")
+        if end > num_blocks * self.block_size:
+            _fail(step, rid, f"block table of {num_blocks} blocks holds "
+                             f"{num_blocks * self.block_size} tokens, too short for {end}")
+
+    def _check_blocks(self, step: int, rid: str, block_ids: list[int]) -> None:
+        if any(not 0 <= b < self.num_blocks for b in block_ids):
+            _fail(step, rid, f"block ids must be in [0, {self.num_blocks})")
+
+    def close(self) -> None:
+        self.requests.clear()
+        self.kv_caches = []
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _fail(step_id: int, request_id: str, message: str) -> NoReturn:
+    raise ValueError(f"step {step_id}: request {request_id!r}: {message}")

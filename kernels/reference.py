@@ -1,0 +1,166 @@
+"""Torch references of the paged-KV ops: the ground truth the Triton kernels are tested
+against, and the implementation that runs on CPU.
+
+Layouts (shared with the kernels):
+
+- KV cache, one per layer for keys and one for values:
+  ``[num_blocks, block_size, num_kv_heads, head_dim]``, contiguous. Token ``t`` of a
+  sequence lives in block ``block_table[t // block_size]`` at offset ``t % block_size``,
+  i.e. flat slot ``block_id * block_size + offset``.
+- A ragged batch: the new tokens of every sequence packed into one ``[num_tokens, ...]``
+  tensor; ``query_start_loc[i]:query_start_loc[i + 1]`` are sequence ``i``'s. Its context
+  (``seq_lens[i]`` tokens, its new tokens included, their KV already written) is read through
+  ``block_tables[i]``. New token ``j`` of a sequence with ``q_len`` new tokens sits at
+  position ``seq_len - q_len + j`` and sees every position up to its own (causal; a cached
+  prefix is fully visible).
+
+No argument checking here: the public wrappers in ``kernels/__init__.py`` do it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into the caches
+    at ``slot_mapping`` (int64 ``[num_tokens]``, every slot valid), in place."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    # A view of the contiguous cache as [slots, heads, dim]: one index_copy_ per cache, no
+    # per-token Python and no temporary the size of the cache.
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(
+        0, slot_mapping, value
+    )
+
+
+def paged_attention_ref(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a ragged batch of new tokens over their paged contexts.
+
+    Returns ``[num_tokens, num_heads, head_dim]`` in ``query``'s dtype. Arithmetic is done in
+    float32 (a no-op for float32 inputs) so that the reference is the accurate one.
+    """
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+    if len(decodes) > 1:
+        _decode_batch(out, query, k_cache, v_cache, starts, lens, block_tables, decodes, scale)
+        done = set(decodes)
+    else:
+        done = set()
+    for i, seq_len in enumerate(lens):
+        q_start, q_end = starts[i], starts[i + 1]
+        if i in done or q_end == q_start:
+            continue
+        out[q_start:q_end] = _one_sequence(
+            query[q_start:q_end], k_cache, v_cache, block_tables[i], seq_len, scale
+        )
+    return out
+
+
+def _gather_context(
+    cache: torch.Tensor, block_row: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """One sequence's first ``seq_len`` cached tokens, ``[seq_len, num_kv_heads, head_dim]``."""
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_row[:num_blocks].long()
+    return cache[blocks].flatten(0, 1)[:seq_len]
+
+
+def _one_sequence(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Prefill / extend of one sequence: ``q`` ``[q_len, H, D]`` at the end of its context."""
+    q_len = q.shape[0]
+    k = _gather_context(k_cache, block_row, seq_len)
+    v = _gather_context(v_cache, block_row, seq_len)
+    # Query j sits at position seq_len - q_len + j; key position p is visible iff p <= it.
+    # (SDPA's is_causal aligns to the top-left corner, wrong once a prefix is cached.)
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+    k_pos = torch.arange(seq_len, device=q.device)
+    mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+    # 4-D inputs (a batch of one) reach PyTorch's fused CPU attention kernel; 3-D ones fall
+    # back to the unfused path, about 3x slower.
+    o = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1)[None],  # [1, H, q_len, D]
+        k.float().transpose(0, 1)[None],  # [1, Hkv, seq_len, D]
+        v.float().transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o[0].transpose(0, 1).to(q.dtype)
+
+
+def _decode_batch(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    starts: list[int],
+    lens: list[int],
+    block_tables: torch.Tensor,
+    decodes: list[int],
+    scale: float,
+) -> None:
+    """All single-token sequences in one SDPA call, contexts padded to the longest.
+
+    On CPU a decode step is dominated by per-call overhead, not FLOPs: one batched gather and
+    one SDPA over ``[n, H, 1, L_max]`` replaces ``n`` small calls. Padding costs
+    ``sum(L_max - L_i)`` wasted key reads, fine while lengths are similar.
+    """
+    device = query.device
+    num_blocks, block_size = k_cache.shape[:2]
+    idx = torch.tensor(decodes, device=device)
+    ctx = torch.tensor([lens[i] for i in decodes], device=device)
+    max_len = max(lens[i] for i in decodes)
+    max_blocks = -(-max_len // block_size)
+    # Padding entries of a block table may hold anything; clamp so the gather stays in range
+    # (those positions are masked below).
+    table = block_tables[idx, :max_blocks].long().clamp_(0, num_blocks - 1)
+    valid = torch.arange(max_blocks * block_size, device=device)[None, :] < ctx[:, None]
+    # [n, L, Hkv, D]. Zero the padding so stale NaN/inf in unused cache slots cannot leak
+    # through 0 * NaN in the weighted sum; a boolean index_put writes only the padding rows
+    # (a broadcast masked_fill would rewrite all of K and V).
+    k = k_cache[table].flatten(1, 2).float()
+    v = v_cache[table].flatten(1, 2).float()
+    pad = ~valid
+    k[pad] = 0.0
+    v[pad] = 0.0
+    rows = torch.tensor([starts[i] for i in decodes], device=device)
+    n, num_heads, head_dim = len(decodes), query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    # GQA folded into the query length: query head h reads kv head h // group, so the group
+    # of one kv head becomes `group` query rows against that head's keys. K/V stay
+    # un-replicated (no repeat_interleave) and the fused kernel sees [n, Hkv, group, L].
+    q = query[rows].float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(
+        q,
+        k.transpose(1, 2),  # [n, Hkv, L, D]
+        v.transpose(1, 2),
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
+    )
+    out[rows] = o.reshape(n, num_heads, head_dim).to(out.dtype)

@@ -1,0 +1,115 @@
+"""Offline throughput of the in-process API, and the same requests through gRPC.
+
+    python -m bench.offline_throughput [--num-requests 64] [--seed 0] [--grpc] [--json]
+
+Every request ignores EOS so each produces exactly its ``max_tokens``; all requests are sent
+at once (rate "inf"). With ``--grpc`` it also launches the engine (one worker, same
+settings), replays the same requests over gRPC concurrently, and reports the ratio of the two
+wall times: the cost of the process boundary, tokenization and streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+
+from bench.workload import chat_short
+from engine import LLM, SamplingParams
+
+
+def run_inprocess(requests, **options) -> float:
+    llm = LLM(**options)
+    params = [SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
+              for r in requests]
+    llm.generate([requests[0].prompt_token_ids], params[:1])  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate([r.prompt_token_ids for r in requests], params)
+    elapsed = time.perf_counter() - start
+    assert sum(len(o.token_ids) for o in outs) == sum(r.max_tokens for r in requests)
+    return elapsed
+
+
+def run_grpc(requests, launch_args: list[str]) -> float:
+    import grpc
+
+    from engine.frontend.proto import pb2, pb2_grpc
+
+    proc = subprocess.Popen([sys.executable, "-m", "engine.launch", "--grpc-port", "0",
+                             "--log-level", "WARNING", *launch_args],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("engine ready:"):
+            raise RuntimeError(f"engine did not start: {line!r}")
+        port = int(line.rsplit(":", 1)[1])
+
+        async def one(stub, r):
+            n = 0
+            req = pb2.GenerateRequest(prompt_token_ids=r.prompt_token_ids, max_tokens=r.max_tokens,
+                                      temperature=0.0, ignore_eos=True)
+            async for resp in stub.Generate(req):
+                n += len(resp.token_ids)
+            return n
+
+        async def all_requests():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = pb2_grpc.EngineStub(ch)
+                await one(stub, requests[0])  # warm-up
+                start = time.perf_counter()
+                counts = await asyncio.gather(*(one(stub, r) for r in requests))
+                elapsed = time.perf_counter() - start
+            assert sum(counts) == sum(r.max_tokens for r in requests)
+            return elapsed
+
+        return asyncio.run(all_requests())
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(30)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grpc", action="store_true", help="also run the same requests over gRPC")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from engine.models.default import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    requests = chat_short(tokenizer, args.num_requests, args.seed)
+    out_tokens = sum(r.max_tokens for r in requests)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "model": "default (tiny_stdlib_llama)",
+        "workload": f"chat-short /8, {len(requests)} requests, seed {args.seed}",
+        "output_tokens": out_tokens,
+        "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
+    }
+    t_in = run_inprocess(requests)
+    result["inprocess_s"] = round(t_in, 3)
+    result["inprocess_output_tok_s"] = round(out_tokens / t_in, 1)
+    if args.grpc:
+        t_grpc = run_grpc(requests, [])
+        result["grpc_s"] = round(t_grpc, 3)
+        result["grpc_output_tok_s"] = round(out_tokens / t_grpc, 1)
+        result["grpc_over_inprocess"] = round(t_grpc / t_in, 3)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>24}: {v}")
+
+
+if __name__ == "__main__":
+    main()

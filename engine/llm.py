@@ -1,0 +1,126 @@
+"""The in-process API: the same scheduler and model runner in one process, for scripts,
+tests and batch jobs (in the spirit of vLLM's ``LLM``)::
+
+    from engine import LLM, SamplingParams
+    llm = LLM()                                   # the embedded default model
+    outs = llm.generate(["def add(a, b):"], SamplingParams(max_tokens=32, temperature=0))
+    print(outs[0].text)
+
+With ``workers=N`` it builds N runners (each with its own weights and KV cache) and steps
+them in turn from one thread: placement and preemption behave as in the served engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import EngineConfig, config_from_dict
+from engine.detokenizer import IncrementalDetokenizer
+from engine.messages import EngineRequest, RequestOutput, SamplingParams
+from engine.models.info import ModelInfo, load_model_info
+from engine.scheduler.scheduler import Scheduler
+from engine.worker.runner import ModelRunner
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class CompletionOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    logprobs: list[float] | None = None
+    error: str = ""
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, workers: int = 1, **options: Any) -> None:
+        """``options`` take the launcher's flag names in snake_case (``num_kv_blocks``,
+        ``max_num_batched_tokens``, ``block_size``, ``dtype``, ``policy``, ...)."""
+        from transformers import AutoTokenizer
+
+        from engine.worker.factory import make_runner
+
+        values: dict[str, Any] = {"workers": workers, **options}
+        if model is not None:
+            values["model"] = [model]
+        self.config: EngineConfig = config_from_dict(values)
+        model_cfg = self.config.models[0]
+        self.info: ModelInfo = load_model_info(model_cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.info.path))
+        self.runners: list[ModelRunner] = [
+            make_runner(model_cfg, self.config.cache, self.config.worker) for _ in range(workers)
+        ]
+        self.scheduler = Scheduler(self.config.scheduler, block_size=self.config.cache.block_size,
+                                   max_model_len=self.info.max_model_len)
+        for w, runner in enumerate(self.runners):
+            self.scheduler.add_worker(w, runner.num_blocks, time.time())
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        priority: int = 0,
+    ) -> list[CompletionOutput]:
+        """Run every prompt to completion; outputs come back in the order of ``prompts``."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompt_list = list(prompts)  # type: ignore[arg-type]
+        params = (
+            list(sampling_params) if isinstance(sampling_params, Sequence)
+            else [sampling_params or SamplingParams()] * len(prompt_list)
+        )
+        if len(params) != len(prompt_list):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompt_list)} prompts")
+        results: dict[str, CompletionOutput] = {}
+        detoks: dict[str, IncrementalDetokenizer] = {}
+        now = time.time()
+        for prompt, sp in zip(prompt_list, params, strict=True):
+            rid = f"llm-{next(self._ids)}"
+            ids = (list(self.tokenizer.encode(prompt))
+                   if isinstance(prompt, str) else [int(t) for t in prompt])
+            results[rid] = CompletionOutput(rid, prompt if isinstance(prompt, str) else None, ids)
+            detoks[rid] = IncrementalDetokenizer(self.tokenizer, ids, sp.stop)
+            req = EngineRequest(request_id=rid, prompt_token_ids=tuple(ids), sampling=sp,
+                                priority=priority, arrival_time=now,
+                                eos_token_ids=self.info.eos_token_ids)
+            self._apply(self.scheduler.add(req, now), results, detoks)
+        while self.scheduler.num_unfinished:
+            for w, runner in enumerate(self.runners):
+                plan = self.scheduler.schedule(w, time.time())
+                if plan is not None:
+                    outs = self.scheduler.update(plan, runner.step(plan), time.time())
+                    self._apply(outs, results, detoks)
+            self._apply(self.scheduler.drain_outputs(), results, detoks)
+        return list(results.values())
+
+    def _apply(self, outputs: list[RequestOutput], results: dict[str, CompletionOutput],
+               detoks: dict[str, IncrementalDetokenizer]) -> None:
+        for o in outputs:
+            res = results[o.request_id]
+            if res.finish_reason is not None:
+                continue  # already ended by a stop string
+            res.token_ids.extend(o.new_token_ids)
+            res.num_cached_tokens = max(res.num_cached_tokens, o.num_cached_tokens)
+            if o.logprobs is not None:
+                res.logprobs = (res.logprobs or []) + o.logprobs
+            _, stopped = detoks[o.request_id].append(o.new_token_ids)
+            if stopped:
+                res.finish_reason = "stop"
+                self.scheduler.abort([o.request_id], time.time())
+            elif o.finish_reason is not None:
+                res.finish_reason = o.finish_reason
+                res.error = o.error
+            if res.finish_reason is not None:
+                detoks[o.request_id].finish()  # release text held back for stop strings
+                res.text = detoks[o.request_id].text

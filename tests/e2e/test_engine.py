@@ -1,0 +1,234 @@
+"""The whole engine as users run it: `python -m engine.launch` with 2 workers, driven over gRPC.
+
+One launch serves every test of this module (start-up costs seconds on 2 cores); the tests
+run in file order, the worker kill near the end and Ctrl-C last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import torch
+
+from engine.frontend.proto import pb2, pb2_grpc
+from engine.models.default import default_model_dir
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+NUM_KV_BLOCKS = 256
+MAX_TOKENS = 24
+PROMPTS = [
+    "Return a list of", "The default value is", "Raise ValueError if", "This module provides",
+    "Create a new", "If the file", "Return True if the", "The result is a",
+    "Convert the string", "Open the socket and", "Return the number of", "Set the current",
+    "This class implements", "Read the data from", "Return a new dictionary", "When the timeout",
+]
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    rows = []
+    for line in out.strip().splitlines():
+        p, _, args = line.strip().partition(" ")
+        rows.append((int(p), args.strip()))
+    return rows
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def engine():
+    cmd = [sys.executable, "-m", "engine.launch", "--workers", "2", "--grpc-port", "0",
+           "--num-kv-blocks", str(NUM_KV_BLOCKS), "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    line = ""
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("engine ready:") or proc.poll() is not None:
+            break
+    assert line.startswith("engine ready: grpc://"), f"no ready line (got {line!r})"
+    port = int(line.rsplit(":", 1)[1])
+    yield proc, port
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' greedy generate on the same model and prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    refs = {}
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids  # as the frontend tokenizes
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
+        refs[prompt] = out[0, ids.shape[1]:].tolist()
+    return refs
+
+
+async def _generate(port: int, prompt: str, **kw) -> tuple[list[int], pb2.GenerateResponse]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb2_grpc.EngineStub(ch)
+        req = pb2.GenerateRequest(prompt=prompt, max_tokens=kw.pop("max_tokens", MAX_TOKENS),
+                                  temperature=0.0, **kw)
+        tokens, last = [], None
+        async for resp in stub.Generate(req):
+            tokens.extend(resp.token_ids)
+            last = resp
+        return tokens, last
+
+
+async def _many(port: int) -> list[list[int]]:
+    results = await asyncio.gather(*(_generate(port, p) for p in PROMPTS))
+    return [tokens for tokens, _ in results]
+
+
+def _free_blocks(port: int) -> list[int]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        health = pb2_grpc.EngineStub(ch).Health(pb2.HealthRequest(), timeout=5)
+    return [b for pool in health.pools for b in pool.num_free_blocks]
+
+
+def _wait_idle(port: int, timeout: float = 20.0) -> list[int]:
+    deadline = time.time() + timeout
+    free = _free_blocks(port)
+    while time.time() < deadline and free != [NUM_KV_BLOCKS] * 2:
+        time.sleep(0.2)
+        free = _free_blocks(port)
+    return free
+
+
+def _worker_pids(launcher_pid: int) -> dict[str, int]:
+    return {args: pid for pid, args in _children(launcher_pid) if args.startswith("engine-worker")}
+
+
+def test_16_concurrent_streams_match_transformers(engine, reference):
+    _, port = engine
+    outputs = asyncio.run(_many(port))
+    for prompt, tokens in zip(PROMPTS, outputs, strict=True):
+        assert tokens == reference[prompt], prompt
+    assert _wait_idle(port) == [NUM_KV_BLOCKS] * 2
+
+
+def test_cancelled_stream_frees_its_kv_blocks(engine):
+    _, port = engine
+
+    async def cancel_after_some_tokens():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb2_grpc.EngineStub(ch)
+            call = stub.Generate(pb2.GenerateRequest(prompt="Return the", max_tokens=1000,
+                                                     temperature=0.0, ignore_eos=True))
+            n = 0
+            async for resp in call:
+                n += len(resp.token_ids)
+                if n >= 40:  # 3 blocks of 16 are in use by now
+                    call.cancel()
+                    break
+            return n
+
+    assert asyncio.run(cancel_after_some_tokens()) >= 40
+    assert _wait_idle(port) == [NUM_KV_BLOCKS] * 2
+
+
+@pytest.mark.parametrize(
+    "fields,code,needle",
+    [
+        ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        ({"prompt": "word " * 3000}, grpc.StatusCode.INVALID_ARGUMENT, "context"),
+        ({"prompt": "hi", "max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 10**9}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ({"prompt": "hi", "temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        ({"prompt": "hi", "top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"prompt": "hi", "top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"prompt": "hi", "model": "nope"}, grpc.StatusCode.NOT_FOUND, "nope"),
+    ],
+)
+def test_bad_input_gets_a_clear_status_and_disturbs_nothing(engine, reference, fields, code, needle):
+    _, port = engine
+
+    async def run():
+        good = asyncio.create_task(_generate(port, PROMPTS[0]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                async for _ in pb2_grpc.EngineStub(ch).Generate(pb2.GenerateRequest(**fields)):
+                    pass
+        return err.value, await good
+
+    error, (tokens, _) = asyncio.run(run())
+    assert error.code() == code
+    assert needle in error.details()
+    assert tokens == reference[PROMPTS[0]]
+
+
+def test_non_utf8_prompt_is_invalid_argument(engine):
+    _, port = engine
+    # field 3 (prompt), wire type 2, 2 bytes that are not UTF-8
+    raw = bytes([0x1A, 0x02, 0xFF, 0xFE])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_stream("/engine.v1.Engine/Generate", request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(raw, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in err.value.details()
+
+
+def test_sigkill_a_worker_mid_stream_loses_nothing(engine, reference):
+    proc, port = engine
+    before = _worker_pids(proc.pid)
+    assert len(before) == 2
+
+    async def run():
+        task = asyncio.gather(*(_generate(port, p) for p in PROMPTS))
+        await asyncio.sleep(1.0)  # every stream is under way
+        os.kill(before["engine-worker-0-1"], signal.SIGKILL)
+        return [tokens for tokens, _ in await task]
+
+    outputs = asyncio.run(run())
+    for prompt, tokens in zip(PROMPTS, outputs, strict=True):
+        assert tokens == reference[prompt], prompt
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        after = _worker_pids(proc.pid)
+        if len(after) == 2 and after["engine-worker-0-1"] != before["engine-worker-0-1"]:
+            break
+        time.sleep(0.2)
+    assert after["engine-worker-0-1"] != before["engine-worker-0-1"], "worker was not restarted"
+    assert _wait_idle(port, timeout=60) == [NUM_KV_BLOCKS] * 2
+
+
+def test_ctrl_c_leaves_no_process_behind(engine):
+    proc, _ = engine
+    rows = _children(proc.pid)
+    names = sorted(args for _, args in rows if args.startswith("engine-"))
+    assert names == ["engine-frontend", "engine-pool-0", "engine-worker-0-0", "engine-worker-0-1"]
+    children = [pid for pid, _ in rows]  # with multiprocessing's resource tracker
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    assert proc.wait(timeout=30) == 0
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in children):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in children)

@@ -7,6 +7,7 @@ run in file order, the worker kill near the end and Ctrl-C last.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -194,6 +195,18 @@ def test_non_utf8_prompt_is_invalid_argument(engine):
             list(call(raw, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "UTF-8" in err.value.details()
+
+
+def test_cli_client_streams_and_prints_json(engine, reference):
+    _, port = engine
+    base = [sys.executable, "-m", "engine.client", PROMPTS[2], "--grpc-port", str(port),
+            "--max-tokens", str(MAX_TOKENS), "--temperature", "0"]
+    res = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=60, check=True)
+    final = json.loads(res.stdout.strip().splitlines()[-1])
+    assert final["token_ids"] == reference[PROMPTS[2]]
+    assert final["usage"]["completion_tokens"] == len(final["token_ids"])
+    streamed = subprocess.run(base, capture_output=True, text=True, timeout=60, check=True)
+    assert streamed.stdout.strip() == final["text"].strip()
 
 
 def test_sigkill_a_worker_mid_stream_loses_nothing(engine, reference):

@@ -1,0 +1,80 @@
+"""Configuration from flags and TOML: validated, with errors that name the flag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.config import ConfigError, config_from_args, replace
+
+
+def test_defaults_serve_the_embedded_model_on_localhost():
+    cfg = config_from_args([])
+    assert cfg.models[0].path is None and cfg.models[0].name == "default"
+    assert (cfg.frontend.host, cfg.frontend.http_port, cfg.frontend.grpc_port) == ("127.0.0.1", 8000, 50051)
+    assert cfg.worker.num_workers == 1 and cfg.worker.runner == "native"
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--workers", "0"], "--workers"),
+    (["--block-size", "12"], "--block-size"),
+    (["--grpc-port", "70000"], "--grpc-port"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--num-kv-blocks", "1"], "--num-kv-blocks"),
+    (["--kv-cache-memory", "0"], "--kv-cache-memory"),
+    (["--model", "/no/such/dir"], "--model"),
+    (["--served-model-name", "a", "--served-model-name", "b"], "--served-model-name"),
+    (["--api-key", "has space"], "--api-key"),
+])
+def test_bad_values_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError, match=flag):
+        config_from_args(argv)
+
+
+def test_toml_file_with_flags_winning(tmp_path):
+    path = tmp_path / "engine.toml"
+    path.write_text('workers = 3\nmax_num_batched_tokens = 128\napi_key = "k1"\n')
+    cfg = config_from_args(["--config", str(path), "--workers", "2"])
+    assert cfg.worker.num_workers == 2
+    assert cfg.scheduler.max_num_batched_tokens == 128
+    assert cfg.frontend.api_keys == ("k1",)
+
+
+def test_toml_errors_name_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("wokers = 2\n")
+    with pytest.raises(ConfigError, match="unknown key 'wokers'"):
+        config_from_args(["--config", str(path)])
+    path.write_text("workers = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config_from_args(["--config", str(path)])
+    with pytest.raises(ConfigError, match="cannot read"):
+        config_from_args(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_replace_revalidates():
+    cfg = config_from_args([])
+    assert replace(cfg, worker={"num_workers": 4}).worker.num_workers == 4
+    with pytest.raises(ConfigError, match="--workers"):
+        replace(cfg, worker={"num_workers": -1})
+
+
+def test_help_documents_the_public_flags():
+    out = subprocess.run([sys.executable, "-m", "engine.launch", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for flag in ("--model", "--workers", "--runner", "--host", "--http-port", "--grpc-port",
+                 "--api-key", "--policy", "--config", "--served-model-name", "--num-kv-blocks",
+                 "--max-num-batched-tokens", "--ready-timeout"):
+        assert flag in out
+
+
+def test_cli_errors_exit_2_with_the_flag_named():
+    res = subprocess.run([sys.executable, "-m", "engine.launch", "--workers", "0"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "--workers" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "engine.launch", "--policy", "nope"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--policy" in res.stderr

@@ -80,7 +80,7 @@ def make_socket(ctx: zmq.Context[Any], kind: int, addr: str, *, bind: bool,
     """A socket with the options every engine socket wants: no linger on close (shutdown
     never blocks on undelivered frames), unbounded high-water marks (the scheduler paces
     traffic, ZMQ must never drop or block it)."""
-    sock = ctx.socket(kind)
+    sock: zmq.Socket[Any] = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -103,7 +103,7 @@ def worker_identity(worker_id: int) -> bytes:
 
 def notify_launcher(run_dir: str | Path, msg: m.ToLauncher) -> None:
     """Send one message to the launcher (ready or failed) from any process."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     sock = make_socket(ctx, zmq.PUSH, launcher_address(run_dir), bind=False)
     sock.setsockopt(zmq.LINGER, 2000)  # let this one frame out before close
     sock.send(encode(msg))

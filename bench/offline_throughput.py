@@ -5,7 +5,8 @@
 Every request ignores EOS so each produces exactly its ``max_tokens``; all requests are sent
 at once (rate "inf"). With ``--grpc`` it also launches the engine (one worker, same
 settings), replays the same requests over gRPC concurrently, and reports the ratio of the two
-wall times: the cost of the process boundary, tokenization and streaming.
+wall times: the cost of the process boundary, tokenization and streaming. Times are the
+median of ``--repeat`` runs after a warm-up.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -24,19 +26,21 @@ from bench.workload import chat_short
 from engine import LLM, SamplingParams
 
 
-def run_inprocess(requests, **options) -> float:
+def run_inprocess(requests, repeat: int, **options) -> list[float]:
     llm = LLM(**options)
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
               for r in requests]
     llm.generate([requests[0].prompt_token_ids], params[:1])  # warm-up
-    start = time.perf_counter()
-    outs = llm.generate([r.prompt_token_ids for r in requests], params)
-    elapsed = time.perf_counter() - start
-    assert sum(len(o.token_ids) for o in outs) == sum(r.max_tokens for r in requests)
-    return elapsed
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        outs = llm.generate([r.prompt_token_ids for r in requests], params)
+        times.append(time.perf_counter() - start)
+        assert sum(len(o.token_ids) for o in outs) == sum(r.max_tokens for r in requests)
+    return times
 
 
-def run_grpc(requests, launch_args: list[str]) -> float:
+def run_grpc(requests, repeat: int, launch_args: list[str]) -> list[float]:
     import grpc
 
     from engine.frontend.proto import pb2, pb2_grpc
@@ -62,11 +66,13 @@ def run_grpc(requests, launch_args: list[str]) -> float:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = pb2_grpc.EngineStub(ch)
                 await one(stub, requests[0])  # warm-up
-                start = time.perf_counter()
-                counts = await asyncio.gather(*(one(stub, r) for r in requests))
-                elapsed = time.perf_counter() - start
-            assert sum(counts) == sum(r.max_tokens for r in requests)
-            return elapsed
+                times = []
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    counts = await asyncio.gather(*(one(stub, r) for r in requests))
+                    times.append(time.perf_counter() - start)
+                    assert sum(counts) == sum(r.max_tokens for r in requests)
+            return times
 
         return asyncio.run(all_requests())
     finally:
@@ -74,10 +80,22 @@ def run_grpc(requests, launch_args: list[str]) -> float:
         proc.wait(30)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=5, help="timed runs of each; medians reported")
     p.add_argument("--grpc", action="store_true", help="also run the same requests over gRPC")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -90,17 +108,17 @@ def main() -> None:
     requests = chat_short(tokenizer, args.num_requests, args.seed)
     out_tokens = sum(r.max_tokens for r in requests)
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
         "model": "default (tiny_stdlib_llama)",
         "workload": f"chat-short /8, {len(requests)} requests, seed {args.seed}",
         "output_tokens": out_tokens,
         "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
     }
-    t_in = run_inprocess(requests)
+    t_in = statistics.median(run_inprocess(requests, args.repeat))
     result["inprocess_s"] = round(t_in, 3)
     result["inprocess_output_tok_s"] = round(out_tokens / t_in, 1)
     if args.grpc:
-        t_grpc = run_grpc(requests, [])
+        t_grpc = statistics.median(run_grpc(requests, args.repeat, []))
         result["grpc_s"] = round(t_grpc, 3)
         result["grpc_output_tok_s"] = round(out_tokens / t_grpc, 1)
         result["grpc_over_inprocess"] = round(t_grpc / t_in, 3)

@@ -33,7 +33,7 @@ def _corpus_token_ids(tokenizer, max_files: int = 40) -> list[int]:
                 doc = ast.get_docstring(node)
                 if doc:
                     texts.append(doc)
-    return list(tokenizer.encode("\n\n".join(texts)))
+    return list(tokenizer.encode("\n\n".join(texts), verbose=False))
 
 
 def chat_short(tokenizer, num_requests: int, seed: int = 0, scale: int = 8) -> list[BenchRequest]:

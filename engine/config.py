@@ -63,7 +63,8 @@ class SchedulerConfig:
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
-    policy: str = "fcfs"
+    policy: str = "fcfs"  # queue order, admission, victims
+    placement: str = "least-loaded"  # which worker a request queues on
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class EngineConfig:
                f"must be >= 1, got {s.max_num_batched_tokens}")
         _check(s.max_num_seqs >= 1, "--max-num-seqs", f"must be >= 1, got {s.max_num_seqs}")
         _check(bool(s.policy), "--policy", "must not be empty")
+        _check(bool(s.placement), "--placement", "must not be empty")
         w = self.worker
         _check(w.num_workers >= 1, "--workers", f"must be >= 1, got {w.num_workers}")
         _check(w.runner in RUNNERS, "--runner", f"must be one of {RUNNERS}, got {w.runner!r}")
@@ -191,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token budget of one step, prefill chunks and decodes (default 512)")
     g.add_argument("--max-num-seqs", type=int, metavar="N",
                    help="most requests in one step (default 64)")
-    g.add_argument("--policy", metavar="NAME", help="scheduling policy (default fcfs)")
+    g.add_argument("--policy", metavar="NAME", help="scheduling policy: queue order, admission, "
+                   "preemption victims (default fcfs; or module:Class)")
+    g.add_argument("--placement", metavar="NAME", help="placement across workers "
+                   "(default least-loaded; or module:Class)")
     g = p.add_argument_group("frontend")
     g.add_argument("--host", help="address to bind (default 127.0.0.1)")
     g.add_argument("--http-port", type=int, metavar="PORT", help="HTTP port (default 8000)")
@@ -271,6 +276,7 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 max_num_batched_tokens=int(v.get("max_num_batched_tokens", 512)),
                 max_num_seqs=int(v.get("max_num_seqs", 64)),
                 policy=str(v.get("policy", "fcfs")),
+                placement=str(v.get("placement", "least-loaded")),
             ),
             worker=WorkerConfig(
                 num_workers=int(v.get("workers", 1)),

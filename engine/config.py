@@ -64,7 +64,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     policy: str = "fcfs"  # queue order, admission, victims
-    placement: str = "least-loaded"  # which worker a request queues on
+    placement: str = "cache-aware"  # which worker a request queues on
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", metavar="NAME", help="scheduling policy: queue order, admission, "
                    "preemption victims (default fcfs; or module:Class)")
     g.add_argument("--placement", metavar="NAME", help="placement across workers "
-                   "(default least-loaded; or module:Class)")
+                   "(default cache-aware; or module:Class)")
     g = p.add_argument_group("frontend")
     g.add_argument("--host", help="address to bind (default 127.0.0.1)")
     g.add_argument("--http-port", type=int, metavar="PORT", help="HTTP port (default 8000)")
@@ -276,7 +276,7 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 max_num_batched_tokens=int(v.get("max_num_batched_tokens", 512)),
                 max_num_seqs=int(v.get("max_num_seqs", 64)),
                 policy=str(v.get("policy", "fcfs")),
-                placement=str(v.get("placement", "least-loaded")),
+                placement=str(v.get("placement", "cache-aware")),
             ),
             worker=WorkerConfig(
                 num_workers=int(v.get("workers", 1)),

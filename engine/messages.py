@@ -86,6 +86,23 @@ class AbortRequests(_Msg, tag=True):
     request_ids: list[str]
 
 
+class Explanation(_Msg):
+    """Why the scheduler did what it did with one request (on its final output).
+
+    ``placement_scores`` maps worker id to the placement score it got when the request was
+    (last) placed; ``predicted_cached_tokens`` is the prefix the chosen worker held then, and
+    ``realized_cached_tokens`` what it held at admission.
+    """
+
+    worker_id: int
+    placement: str
+    placement_scores: dict[int, float]
+    predicted_cached_tokens: int
+    realized_cached_tokens: int
+    queue_time_s: float
+    num_preemptions: int
+
+
 class RequestOutput(_Msg):
     """New tokens for one request from one step; ``finish_reason`` set on its last one.
 
@@ -100,6 +117,7 @@ class RequestOutput(_Msg):
     num_cached_tokens: int = 0
     logprobs: list[float] | None = None
     error: str = ""
+    explanation: Explanation | None = None
 
 
 class PoolStats(_Msg):
@@ -112,6 +130,8 @@ class PoolStats(_Msg):
     num_free_blocks: list[int] = []
     num_preemptions: int = 0
     live_workers: int = 0
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, cumulative
+    prefix_hit_tokens: int = 0  # of which found cached
 
 
 class PoolOutputs(_Msg, tag=True):

@@ -18,13 +18,17 @@ def next_token(token_ids: list[int]) -> int:
 
 class FakeWorker:
     """Applies StepPlans exactly as a real runner must (drop, add, extend, run, sample) and
-    checks every plan against the KV it has been told about."""
+    checks every plan against the KV it holds: it writes each computed token's id into its
+    slot, and before a step verifies that every slot of the context already computed holds
+    the right token — so a prefix hit on wrong blocks, or a write into a block that another
+    request shares, fails the test."""
 
     def __init__(self, worker_id: int, num_blocks: int, block_size: int) -> None:
         self.worker_id = worker_id
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.reqs: dict[str, dict] = {}
+        self.kv: dict[int, int] = {}  # slot -> token id written there
 
     def step(self, plan: StepPlan) -> StepResult:
         assert plan.worker_id == self.worker_id
@@ -37,12 +41,24 @@ class FakeWorker:
         for cr in plan.cached_requests:
             self.reqs[cr.request_id]["blocks"].extend(cr.new_block_ids)
         ids, toks = [], []
+        bs = self.block_size
         for rid, n in plan.scheduled():
             st = self.reqs[rid]
-            assert n >= 1 and st["computed"] + n <= len(st["tokens"]), (rid, n, st)
-            st["computed"] += n
-            assert len(st["blocks"]) * self.block_size >= st["computed"], "KV slots missing"
+            c = st["computed"]
+            assert n >= 1 and c + n <= len(st["tokens"]), (rid, n, st)
+            assert len(st["blocks"]) * bs >= c + n, "KV slots missing"
             assert all(0 <= b < self.num_blocks for b in st["blocks"])
+            slots = [st["blocks"][p // bs] * bs + p % bs for p in range(c + n)]
+            for p in range(c):
+                assert self.kv.get(slots[p]) == st["tokens"][p], f"{rid}: wrong KV at position {p}"
+        for rid, n in plan.scheduled():  # write after every check: a shared slot is caught
+            st = self.reqs[rid]
+            c = st["computed"]
+            for p in range(c, c + n):
+                self.kv[st["blocks"][p // bs] * bs + p % bs] = st["tokens"][p]
+        for rid, n in plan.scheduled():
+            st = self.reqs[rid]
+            st["computed"] += n
             if st["computed"] == len(st["tokens"]):
                 tok = next_token(st["tokens"])
                 st["tokens"].append(tok)
@@ -53,18 +69,22 @@ class FakeWorker:
 
 
 def make_scheduler(*, max_num_batched_tokens: int = 64, max_num_seqs: int = 8, block_size: int = 4,
-                   max_model_len: int = 256, policy: str = "fcfs") -> Scheduler:
+                   max_model_len: int = 256, policy: str = "fcfs",
+                   placement: str = "cache-aware") -> Scheduler:
     cfg = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                          max_num_seqs=max_num_seqs, policy=policy)
+                          max_num_seqs=max_num_seqs, policy=policy, placement=placement)
     return Scheduler(cfg, block_size=block_size, max_model_len=max_model_len)
 
 
 def make_request(rid: str, prompt_len: int = 10, max_tokens: int = 5, *, priority: int = 0,
-                 arrival: float = 0.0, seed: int = 0, eos: tuple[int, ...] = ()) -> EngineRequest:
-    prompt = tuple((seed * 7919 + i * 31) % VOCAB for i in range(prompt_len))
+                 arrival: float = 0.0, seed: int = 0, eos: tuple[int, ...] = (),
+                 prefix: tuple[int, ...] = (), tenant: str = "", salt: str = "") -> EngineRequest:
+    """A greedy request; ``prefix`` tokens (shared with other requests) come first."""
+    prompt = prefix + tuple((seed * 7919 + i * 31) % VOCAB for i in range(prompt_len))
     return EngineRequest(request_id=rid, prompt_token_ids=prompt,
                          sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                         priority=priority, arrival_time=arrival, eos_token_ids=eos)
+                         priority=priority, arrival_time=arrival, eos_token_ids=eos,
+                         tenant=tenant, cache_salt=salt)
 
 
 def reference_output(req: EngineRequest) -> list[int]:

@@ -1,64 +1,162 @@
-"""Scheduling policies: small plugins that decide queue order, victims and placement.
+"""Scheduling policies: queue order, admission preemption and victims, as small plugins.
 
-A policy never mutates scheduler state; it only ranks. Select one by name (``--policy``);
-``get_policy`` also loads a third-party class by import path (``package.module:Class``).
+A policy ranks; it never mutates scheduler state. Select one by name (``--policy``) or by
+import path (``package.module:Class``, a subclass of ``Policy``). Placement across workers is
+a separate plugin (``engine.scheduler.placement``).
+
+Built in:
+
+- ``fcfs``: first come, first served; never preempts to admit.
+- ``priority``: higher ``priority`` first, then arrival; a waiting request may preempt running
+  requests of strictly lower priority when it cannot otherwise be admitted.
+- ``sjf``: shortest prompt first; ``sjf-max-tokens`` uses the request's ``max_tokens`` as
+  the predicted output length (subclass and set ``predict`` for a learned predictor).
+- ``fair``: fair share across tenants, as in the Virtual Token Counter (VTC): the tenant
+  that has been served the fewest weighted tokens goes first.
+- ``lpm``: longest prefix match first (the most cached tokens on the worker), falling back to
+  FCFS for long queues, as in SGLang.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from engine.scheduler.request import Request
 
 
-class WorkerLoad(Protocol):
-    """What placement may read about a worker (``engine.scheduler.scheduler.WorkerState``)."""
+class WorkerView(Protocol):
+    """What a policy may read about a worker (``engine.scheduler.scheduler.WorkerState``)."""
 
     worker_id: int
 
-    @property
-    def num_requests(self) -> int: ...
-
-    @property
-    def num_queued_tokens(self) -> int: ...
+    def cached_prefix_tokens(self, req: Request) -> int: ...
 
 
 class Policy:
-    """First come, first served with least-loaded placement. Subclass to change any part."""
+    """First come, first served. Subclass to change any part."""
 
     name = "fcfs"
+    #: True: ``order`` re-ranks the waiting queue every step (keys that change over time).
+    dynamic = False
+    #: True: a waiting request may preempt running ones for which ``may_preempt`` holds.
+    preemptive = False
 
     def queue_key(self, req: Request) -> tuple[float, ...]:
-        """Sort key of the waiting queue: smaller runs first."""
+        """Sort key of a worker's waiting queue (smaller first), fixed while the request waits."""
         return (req.arrival_time,)
 
-    def choose_victim(self, candidates: Sequence[Request]) -> Request:
-        """Which running request to preempt when blocks run out: the latest admitted."""
-        return candidates[-1]
+    def order(self, waiting: list[Request], worker: WorkerView) -> list[Request]:
+        """Admission order for dynamic policies; static ones keep the queue order."""
+        return waiting
 
-    def place(self, req: Request, workers: Sequence[WorkerLoad]) -> int:
-        """The worker a new (or re-placed) request queues on: the least loaded."""
-        best = min(workers, key=lambda w: (w.num_requests, w.num_queued_tokens, w.worker_id))
-        return best.worker_id
+    def may_preempt(self, waiting: Request, running: Request) -> bool:
+        """Whether ``waiting`` may take ``running``'s place when it cannot be admitted."""
+        return False
+
+    def victim_key(self, req: Request) -> tuple[float, ...]:
+        """Victims are taken in ascending order of this key: by default the latest admitted."""
+        return (-req.admitted_seq,)
+
+    def on_served(self, req: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        """Accounting hook: tokens just computed for ``req`` (prefill chunk) or produced."""
 
 
-POLICIES: dict[str, type[Policy]] = {"fcfs": Policy}
+class PriorityPolicy(Policy):
+    name = "priority"
+    preemptive = True
+
+    def queue_key(self, req: Request) -> tuple[float, ...]:
+        return (-req.priority, req.arrival_time)
+
+    def may_preempt(self, waiting: Request, running: Request) -> bool:
+        # Strictly lower only: equals never displace each other, so nothing thrashes.
+        return running.priority < waiting.priority
+
+    def victim_key(self, req: Request) -> tuple[float, ...]:
+        return (req.priority, -req.admitted_seq)
+
+
+class ShortestJobFirst(Policy):
+    name = "sjf"
+    predict: Callable[[Request], float] | None = None  # predicted output tokens
+
+    def queue_key(self, req: Request) -> tuple[float, ...]:
+        length = self.predict(req) if self.predict is not None else req.num_prompt_tokens
+        return (float(length), req.arrival_time)
+
+
+class ShortestMaxTokensFirst(ShortestJobFirst):
+    name = "sjf-max-tokens"
+
+    @staticmethod
+    def predict(req: Request) -> float:
+        return float(req.sampling.max_tokens)
+
+
+class FairShare(Policy):
+    """Virtual Token Counter: per-tenant counters of served tokens (prompt tokens weighted
+    ``prompt_weight``, output tokens ``output_weight``); the least-served tenant goes first.
+    A tenant that becomes active is lifted to the smallest counter among active tenants, so
+    idle time does not bank credit."""
+
+    name = "fair"
+    dynamic = True
+    prompt_weight = 1.0
+    output_weight = 2.0
+
+    def __init__(self) -> None:
+        self.counters: dict[str, float] = {}
+
+    def order(self, waiting: list[Request], worker: WorkerView) -> list[Request]:
+        if self.counters:
+            floor = min(self.counters.values())
+            for req in waiting:
+                self.counters.setdefault(req.tenant, floor)
+        return sorted(waiting, key=lambda r: (self.counters.get(r.tenant, 0.0), r.arrival_time))
+
+    def on_served(self, req: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        self.counters[req.tenant] = (self.counters.get(req.tenant, 0.0)
+                                     + self.prompt_weight * num_prompt_tokens
+                                     + self.output_weight * num_output_tokens)
+
+
+class LongestPrefixMatch(Policy):
+    name = "lpm"
+    dynamic = True
+    max_ranked = 128  # beyond this queue length, ranking costs more than it gains: FCFS
+
+    def order(self, waiting: list[Request], worker: WorkerView) -> list[Request]:
+        if len(waiting) > self.max_ranked:
+            return waiting
+        return sorted(waiting, key=lambda r: (-worker.cached_prefix_tokens(r), r.arrival_time))
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (Policy, PriorityPolicy, ShortestJobFirst, ShortestMaxTokensFirst, FairShare,
+                LongestPrefixMatch)
+}
+
+
+def load_plugin(name: str, registry: Sequence[str], base: type, flag: str) -> type:
+    """A class by import path ``module:Class`` that subclasses ``base``; ValueError names
+    ``flag`` and the registered names otherwise."""
+    if ":" not in name:
+        raise ValueError(f"{flag}: unknown name {name!r}; known: {sorted(registry)} "
+                         "or an import path module:Class")
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{flag}: cannot load {name!r}: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{flag}: {name!r} is not a subclass of {base.__module__}.{base.__name__}")
+    return cls
 
 
 def get_policy(name: str) -> Policy:
     """A policy by registered name or ``module:Class`` import path; ValueError names --policy."""
-    if name in POLICIES:
-        return POLICIES[name]()
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"--policy: cannot load {name!r}: {e}") from e
-        if not (isinstance(cls, type) and issubclass(cls, Policy)):
-            raise ValueError(f"--policy: {name!r} is not a subclass of engine.scheduler.Policy")
-        return cls()
-    raise ValueError(f"--policy: unknown policy {name!r}; known: {sorted(POLICIES)} "
-                     "or an import path module:Class")
+    cls = POLICIES.get(name) or load_plugin(name, list(POLICIES), Policy, "--policy")
+    return cls()  # type: ignore[no-any-return]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 
 from engine.messages import EngineRequest, SamplingParams
+from engine.scheduler.block_manager import ROOT_HASH, chain_hash
 
 
 class RequestStatus(enum.Enum):
@@ -22,15 +23,22 @@ class Request:
     """
 
     __slots__ = (
+        "admitted_seq",
         "arrival_time",
+        "block_hashes",
         "block_ids",
+        "cache_parent",
+        "cache_salt",
         "eos_token_ids",
         "finish_reason",
         "first_scheduled_time",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_preemptions",
+        "num_registered_blocks",
         "output_token_ids",
+        "placement_scores",
+        "predicted_cached_tokens",
         "priority",
         "prompt_token_ids",
         "request_id",
@@ -59,6 +67,17 @@ class Request:
         self.status: RequestStatus = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.first_scheduled_time: float | None = None
+        self.cache_salt: str = req.cache_salt
+        # Prefix cache: chain hashes of the full blocks of the known tokens (grown lazily),
+        # how many of this request's blocks are registered, and the cached block the next
+        # registration chains onto (-1: none yet; -2: the chain is broken, stop caching).
+        self.block_hashes: list[int] = []
+        self.num_registered_blocks: int = 0
+        self.cache_parent: int = -1
+        self.admitted_seq: int = 0  # order of (re)admission on its worker, for victim choice
+        # Explanation of the scheduler's choices, returned with the final output.
+        self.placement_scores: dict[int, float] = {}
+        self.predicted_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -74,6 +93,27 @@ class Request:
 
     def all_token_ids(self) -> list[int]:
         return [*self.prompt_token_ids, *self.output_token_ids]
+
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """Known tokens ``[start, end)`` without copying the whole sequence."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return tuple(self.output_token_ids[start - n:end - n])
+        return self.prompt_token_ids[start:] + tuple(self.output_token_ids[:end - n])
+
+    def full_block_hashes(self, block_size: int) -> list[int]:
+        """Chain hashes of every full block of the known tokens (computed once per block)."""
+        hashes = self.block_hashes
+        num_full = self.num_tokens // block_size
+        if len(hashes) < num_full:
+            parent = hashes[-1] if hashes else ROOT_HASH
+            for i in range(len(hashes), num_full):
+                parent = chain_hash(parent, self.token_slice(i * block_size, (i + 1) * block_size),
+                                    self.cache_salt)
+                hashes.append(parent)
+        return hashes
 
     def stop_reason(self, token_id: int, max_model_len: int) -> str | None:
         """Why the request stops after appending ``token_id`` (already appended), if it does."""

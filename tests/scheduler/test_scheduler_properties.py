@@ -6,9 +6,12 @@ from fakes import FakeWorker, make_request, make_scheduler, reference_output
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+PREFIXES = [(), tuple(range(500, 509)), tuple(range(600, 616)), tuple(range(500, 513))]
+
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12)),
+        st.tuples(st.just("add-shared"), st.integers(0, 3), st.integers(1, 12)),
         st.tuples(st.just("abort"), st.integers(0, 30), st.just(0)),
         st.tuples(st.just("step"), st.integers(0, 2), st.just(0)),
         st.tuples(st.just("kill"), st.integers(0, 2), st.just(0)),
@@ -17,10 +20,13 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
-@given(ops=ops, num_blocks=st.integers(6, 24), budget=st.integers(1, 32), cap=st.integers(1, 6))
-def test_invariants_hold_and_nothing_leaks(ops, num_blocks, budget, cap):
-    sched = make_scheduler(max_num_batched_tokens=budget, max_num_seqs=cap, block_size=4)
+@settings(max_examples=80, deadline=None)
+@given(ops=ops, num_blocks=st.integers(6, 24), budget=st.integers(1, 32), cap=st.integers(1, 6),
+       policy=st.sampled_from(["fcfs", "priority", "sjf", "fair", "lpm"]),
+       placement=st.sampled_from(["cache-aware", "least-loaded", "round-robin"]))
+def test_invariants_hold_and_nothing_leaks(ops, num_blocks, budget, cap, policy, placement):
+    sched = make_scheduler(max_num_batched_tokens=budget, max_num_seqs=cap, block_size=4,
+                           policy=policy, placement=placement)
     workers = {w: FakeWorker(w, num_blocks, 4) for w in range(3)}
     for w in workers:
         sched.add_worker(w, num_blocks, 0.0)
@@ -42,8 +48,13 @@ def test_invariants_hold_and_nothing_leaks(ops, num_blocks, budget, cap):
         collect(sched.drain_outputs())
 
     for i, (op, a, b) in enumerate(ops):
-        if op == "add":
-            req = make_request(f"r{i}", prompt_len=a, max_tokens=b, seed=i)
+        if op in ("add", "add-shared"):
+            if op == "add":
+                req = make_request(f"r{i}", prompt_len=a, max_tokens=b, seed=i, priority=i % 3 - 1,
+                                   tenant=f"t{i % 2}")
+            else:  # a shared prefix, then a short distinct tail (or none)
+                req = make_request(f"r{i}", prompt_len=i % 3, max_tokens=b, seed=i,
+                                   prefix=PREFIXES[a] or (7,), priority=i % 3 - 1)
             added[req.request_id] = req
             collect(sched.add(req, 0.0))
         elif op == "abort" and added:

@@ -1,0 +1,179 @@
+"""Policies (queue order, priority preemption, fair share) and placement scorers."""
+
+from __future__ import annotations
+
+import pytest
+from fakes import FakeWorker, make_request, make_scheduler, reference_output, run_to_completion
+
+from engine.scheduler.placement import CacheAware, get_placement
+from engine.scheduler.policy import Policy, get_policy
+
+
+def build(num_workers=1, num_blocks=64, **kw):
+    sched = make_scheduler(**kw)
+    workers = {w: FakeWorker(w, num_blocks, 4) for w in range(num_workers)}
+    for w in workers:
+        sched.add_worker(w, num_blocks, 0.0)
+    return sched, workers
+
+
+def step(sched, workers, w=0, now=0.0, out=None):
+    plan = sched.schedule(w, now)
+    outs = sched.update(plan, workers[w].step(plan), now) if plan else []
+    sched.check_integrity()
+    if out is not None:
+        for o in outs:
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return plan, outs
+
+
+def test_critical_request_at_a_full_engine_starts_in_the_next_step():
+    sched, workers = build(max_num_seqs=4, policy="priority")
+    low = [make_request(f"low{i}", prompt_len=6, max_tokens=30, seed=i, priority=-1)
+           for i in range(4)]
+    for r in low:
+        sched.add(r, 0.0)
+    out: dict[str, list[int]] = {}
+    for _ in range(3):
+        step(sched, workers, out=out)  # the batch is full of sheddable decodes
+    crit = make_request("crit", prompt_len=6, max_tokens=5, seed=99, priority=10)
+    sched.add(crit, 1.0)
+    plan, _ = step(sched, workers, now=1.0, out=out)
+    assert [n.request_id for n in plan.new_requests] == ["crit"]
+    assert plan.num_requests <= 4 and sched.num_preemptions == 1
+    out_rest = run_to_completion(sched, workers)
+    for r in [*low, crit]:
+        assert out.get(r.request_id, []) + out_rest.get(r.request_id, []) == reference_output(r)
+
+
+def test_equal_priorities_never_preempt_each_other():
+    sched, workers = build(max_num_seqs=2, policy="priority")
+    for i in range(2):
+        sched.add(make_request(f"a{i}", max_tokens=10, seed=i, priority=1), 0.0)
+    step(sched, workers)
+    sched.add(make_request("b", max_tokens=10, seed=5, priority=1), 0.0)
+    for _ in range(5):
+        step(sched, workers)
+    assert sched.num_preemptions == 0
+
+
+def test_no_preemption_when_it_could_not_admit_the_request():
+    # The critical request needs more blocks than the victims and free blocks hold together.
+    sched, workers = build(num_blocks=8, policy="priority", max_num_batched_tokens=64)
+    sched.add(make_request("low", prompt_len=6, max_tokens=40, priority=-1), 0.0)
+    step(sched, workers)
+    sched.add(make_request("big", prompt_len=30, max_tokens=2, priority=5, seed=3), 0.0)
+    # 30 prompt tokens need 8 blocks; "low" holds 2 of 8, so preempting it frees enough.
+    plan, _ = step(sched, workers)
+    assert sched.num_preemptions == 1 and plan.new_requests[0].request_id == "big"
+    sched2, workers2 = build(num_blocks=8, policy="priority")
+    sched2.add(make_request("mid", prompt_len=6, max_tokens=40, priority=5), 0.0)
+    sched2.add(make_request("low", prompt_len=6, max_tokens=40, priority=-1, seed=1), 0.0)
+    step(sched2, workers2)
+    sched2.add(make_request("big", prompt_len=30, max_tokens=2, priority=3, seed=3), 0.0)
+    step(sched2, workers2)
+    assert sched2.num_preemptions == 0, "preempting 'low' alone cannot make room: don't"
+
+
+def test_sjf_orders_by_prompt_length_and_by_max_tokens():
+    for policy, expect in (("sjf", ["short", "mid", "long"]), ("sjf-max-tokens", ["long", "mid", "short"])):
+        sched, workers = build(max_num_seqs=1, policy=policy)
+        sched.add(make_request("long", prompt_len=30, max_tokens=1), 0.0)
+        sched.add(make_request("short", prompt_len=5, max_tokens=9, seed=1), 0.1)
+        sched.add(make_request("mid", prompt_len=15, max_tokens=4, seed=2), 0.2)
+        order = []
+        while sched.num_unfinished:
+            plan, _ = step(sched, workers)
+            order += [n.request_id for n in plan.new_requests]
+        assert order == expect, policy
+
+
+def test_fair_share_serves_the_least_served_tenant_first():
+    sched, workers = build(max_num_seqs=1, policy="fair")
+    for i in range(3):
+        sched.add(make_request(f"heavy{i}", prompt_len=8, max_tokens=4, seed=i, tenant="heavy",
+                               arrival=i * 0.01), 0.0)
+    sched.add(make_request("light0", prompt_len=8, max_tokens=4, seed=7, tenant="light",
+                           arrival=0.5), 0.0)
+    order = []
+    while sched.num_unfinished:
+        plan, _ = step(sched, workers)
+        order += [n.request_id for n in plan.new_requests]
+    assert order.index("light0") == 1, order  # after one heavy request, not after all three
+
+
+def test_lpm_admits_the_longest_cached_prefix_first():
+    sched, workers = build(max_num_seqs=1, policy="lpm")
+    shared = tuple(range(400, 416))
+    sched.add(make_request("warm", prompt_len=1, max_tokens=1, prefix=shared), 0.0)
+    run_to_completion(sched, workers)
+    sched.add(make_request("cold", prompt_len=20, max_tokens=1, seed=3, arrival=0.0), 0.0)
+    sched.add(make_request("hit", prompt_len=2, max_tokens=1, prefix=shared, arrival=1.0), 0.0)
+    plan, _ = step(sched, workers)
+    assert plan.new_requests[0].request_id == "hit"
+
+
+def test_cache_aware_placement_follows_the_prefix_and_avoids_hot_spots():
+    sched, workers = build(num_workers=4, placement="cache-aware")
+    shared = tuple(range(700, 764))  # 16 blocks
+    sched.add(make_request("seed", prompt_len=1, max_tokens=1, prefix=shared), 0.0)
+    home = sched.requests["seed"].worker_id
+    run_to_completion(sched, workers)
+    sched.add(make_request("follow", prompt_len=3, max_tokens=1, prefix=shared, seed=1), 0.0)
+    assert sched.requests["follow"].worker_id == home
+    assert sched.requests["follow"].predicted_cached_tokens == 64
+    # Pile unrelated queued work on the home worker: past the guard, the cache no longer wins.
+    for i in range(6):
+        sched.add(make_request(f"bulk{i}", prompt_len=100, max_tokens=1, seed=10 + i), 0.0)
+        ws = sched.workers[sched.requests[f"bulk{i}"].worker_id]
+        if ws.worker_id != home:  # force the bulk onto the home worker for the test
+            sched._unqueue(ws, sched.requests[f"bulk{i}"])
+            sched.requests[f"bulk{i}"].worker_id = home
+            sched._enqueue(sched.workers[home], sched.requests[f"bulk{i}"])
+    sched.add(make_request("late", prompt_len=3, max_tokens=1, prefix=shared, seed=2), 0.0)
+    assert sched.requests["late"].worker_id != home
+    sched.check_integrity()
+
+
+def test_round_robin_and_least_loaded_spread_requests():
+    sched, _ = build(num_workers=3, placement="round-robin")
+    for i in range(6):
+        sched.add(make_request(f"r{i}", seed=i), 0.0)
+    assert [sched.requests[f"r{i}"].worker_id for i in range(6)] == [0, 1, 2, 0, 1, 2]
+    sched, _ = build(num_workers=3, placement="least-loaded")
+    for i in range(6):
+        sched.add(make_request(f"r{i}", seed=i), 0.0)
+    assert sorted(len(ws.waiting) for ws in sched.workers.values()) == [2, 2, 2]
+
+
+def test_final_output_explains_the_decisions():
+    sched, workers = build(num_workers=2)
+    shared = tuple(range(800, 816))
+    sched.add(make_request("a", prompt_len=1, max_tokens=1, prefix=shared, arrival=0.0), 0.0)
+    run_to_completion(sched, workers)
+    sched.add(make_request("b", prompt_len=1, max_tokens=2, prefix=shared, arrival=1.0), 1.0)
+    explanations = []
+    while sched.num_unfinished:
+        plan = sched.schedule(sched.requests["b"].worker_id, 1.5)
+        for o in sched.update(plan, workers[plan.worker_id].step(plan), 2.0):
+            if o.finish_reason:
+                explanations.append(o.explanation)
+    (e,) = explanations
+    assert e.placement == "cache-aware" and set(e.placement_scores) == {0, 1}
+    assert e.predicted_cached_tokens == e.realized_cached_tokens == 16
+    assert e.queue_time_s == pytest.approx(0.5) and e.num_preemptions == 0
+
+
+class MyPolicy(Policy):
+    name = "mine"
+
+
+def test_plugins_load_by_import_path_and_bad_names_are_clear():
+    assert get_policy("tests.scheduler.test_policies:MyPolicy").name == MyPolicy.name
+    assert isinstance(get_placement("engine.scheduler.placement:CacheAware"), CacheAware)
+    with pytest.raises(ValueError, match="--policy: unknown name 'nope'"):
+        get_policy("nope")
+    with pytest.raises(ValueError, match="--placement"):
+        get_placement("nope:Nothing")
+    with pytest.raises(ValueError, match="not a subclass"):
+        get_policy("engine.scheduler.placement:CacheAware")

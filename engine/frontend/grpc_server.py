@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from engine.detokenizer import IncrementalDetokenizer
 from engine.frontend.pool_client import PoolClient
 from engine.frontend.proto import SERVICE, pb2
-from engine.messages import EngineRequest, SamplingParams
+from engine.messages import EngineRequest, Explanation, SamplingParams
 from engine.models.info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,16 @@ def max_tokens(req: Any, num_prompt: int, max_model_len: int) -> int:
     return int(req.max_tokens)
 
 
+def fill_explanation(target: Any, e: Explanation) -> None:
+    target.worker_id = e.worker_id
+    target.placement = e.placement
+    target.placement_scores.update(e.placement_scores)
+    target.predicted_cached_tokens = e.predicted_cached_tokens
+    target.realized_cached_tokens = e.realized_cached_tokens
+    target.queue_time_s = e.queue_time_s
+    target.num_preemptions = e.num_preemptions
+
+
 class EngineServicer:
     def __init__(self, models: Sequence[ServedModel]) -> None:
         if not models:
@@ -206,6 +216,10 @@ class EngineServicer:
                     resp.usage.prompt_tokens = out.num_prompt_tokens or len(ereq.prompt_token_ids)
                     resp.usage.completion_tokens = completion
                     resp.usage.cached_tokens = cached
+                    if out.explanation is not None:
+                        log.debug("request %s explanation: %s", client_id, out.explanation)
+                        if request.explain:
+                            fill_explanation(resp.explanation, out.explanation)
                     yield resp
                     return
                 if text or out.new_token_ids:

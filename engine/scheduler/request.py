@@ -32,6 +32,10 @@ class Request:
         "eos_token_ids",
         "finish_reason",
         "first_scheduled_time",
+        "max_num_tokens",
+        "num_prompt_tokens",
+        "num_tokens",
+        "stop_ids",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_preemptions",
@@ -48,7 +52,7 @@ class Request:
         "worker_id",
     )
 
-    def __init__(self, req: EngineRequest) -> None:
+    def __init__(self, req: EngineRequest, max_model_len: int) -> None:
         self.request_id: str = req.request_id
         self.prompt_token_ids: tuple[int, ...] = req.prompt_token_ids
         self.sampling: SamplingParams = req.sampling
@@ -57,6 +61,12 @@ class Request:
         self.eos_token_ids: frozenset[int] = (
             frozenset() if req.sampling.ignore_eos else frozenset(req.eos_token_ids)
         )
+        # Hot-path copies: token ids that stop the request, and counts kept up to date.
+        self.stop_ids: frozenset[int] = self.eos_token_ids | frozenset(req.sampling.stop_token_ids)
+        self.num_prompt_tokens: int = len(req.prompt_token_ids)
+        self.num_tokens: int = self.num_prompt_tokens  # prompt plus outputs
+        self.max_num_tokens: int = min(self.num_prompt_tokens + req.sampling.max_tokens,
+                                       max_model_len)
         self.tenant: str = req.tenant
         self.output_token_ids: list[int] = []
         self.block_ids: list[int] = []
@@ -78,14 +88,6 @@ class Request:
         # Explanation of the scheduler's choices, returned with the final output.
         self.placement_scores: dict[int, float] = {}
         self.predicted_cached_tokens: int = 0
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -115,15 +117,13 @@ class Request:
                 hashes.append(parent)
         return hashes
 
-    def stop_reason(self, token_id: int, max_model_len: int) -> str | None:
-        """Why the request stops after appending ``token_id`` (already appended), if it does."""
-        num_out = len(self.output_token_ids)
-        sp = self.sampling
-        if num_out >= sp.min_tokens and (
-            token_id in self.eos_token_ids or token_id in sp.stop_token_ids
-        ):
+    def append_output(self, token_id: int) -> str | None:
+        """Append a sampled token; return why the request stops now, if it does."""
+        self.output_token_ids.append(token_id)
+        self.num_tokens += 1
+        if token_id in self.stop_ids and len(self.output_token_ids) >= self.sampling.min_tokens:
             return "stop"
-        if num_out >= sp.max_tokens or self.num_tokens >= max_model_len:
+        if self.num_tokens >= self.max_num_tokens:
             return "length"
         return None
 

@@ -94,6 +94,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.policy = policy if policy is not None else get_policy(config.policy)
         self.placement = placement if placement is not None else get_placement(config.placement)
+        self._policy_counts_service = type(self.policy).on_served is not Policy.on_served
         self.requests: dict[str, Request] = {}
         self.workers: dict[int, WorkerState] = {}
         self.unplaced: list[Request] = []  # waiting for any live worker
@@ -150,7 +151,7 @@ class Scheduler:
         if error:
             return [RequestOutput(request_id=rid, new_token_ids=[], finish_reason="error",
                                   num_prompt_tokens=num_prompt, error=error)]
-        req = Request(request)
+        req = Request(request, self.max_model_len)
         self.requests[rid] = req
         self._place(req)
         return []
@@ -197,22 +198,26 @@ class Scheduler:
         cached: list[CachedRequestData] = []
         scheduled: set[str] = set()
         preempted = False
-        running = ws.running
-        order = [r for r in running if r.num_computed_tokens + 1 >= r.num_tokens]
-        if len(order) < len(running):
-            order += [r for r in running if r.num_computed_tokens + 1 < r.num_tokens]
-        for req in order:
+        bs = self.block_size
+        decodes: list[Request] = []
+        chunks: list[Request] = []
+        for r in ws.running:
+            (decodes if r.num_computed_tokens + 1 >= r.num_tokens else chunks).append(r)
+        for req in decodes + chunks if chunks else decodes:
             if budget <= 0 or len(scheduled) >= max_seqs:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted by an earlier request of this loop
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            new_block_ids = self._grow(ws, req, n, scheduled)
-            if new_block_ids is None:
-                preempted = True
-                continue
+            grown: list[int] = []  # most steps fit in the blocks the request holds
+            if req.num_computed_tokens + n > len(req.block_ids) * bs:
+                maybe = self._grow(ws, req, n, scheduled)
+                if maybe is None:
+                    preempted = True
+                    continue
+                grown = maybe
             cached.append(CachedRequestData(request_id=req.request_id, num_scheduled_tokens=n,
-                                            new_block_ids=new_block_ids))
+                                            new_block_ids=grown))
             scheduled.add(req.request_id)
             budget -= n
 
@@ -248,37 +253,40 @@ class Scheduler:
         if ws is None or ws.in_flight is not plan or result.step_id != plan.step_id:
             return []
         ws.in_flight = None
+        # Hot path: one pass per scheduled request, one per sampled token; locals bound once.
         bs = self.block_size
-        policy = self.policy
+        get = self.requests.get
+        running = RequestStatus.RUNNING
+        wid = ws.worker_id
+        served = self.policy.on_served if self._policy_counts_service else None
         for items in (plan.new_requests, plan.cached_requests):
             for item in items:
-                req = self.requests.get(item.request_id)
-                if req is None or req.status is not RequestStatus.RUNNING or req.worker_id != ws.worker_id:
+                req = get(item.request_id)
+                if req is None or req.status is not running or req.worker_id != wid:
                     continue  # aborted while the step ran
-                n = item.num_scheduled_tokens
                 before = req.num_computed_tokens
-                req.num_computed_tokens = before + n
-                if req.num_computed_tokens // bs > req.num_registered_blocks:
+                req.num_computed_tokens = computed = before + item.num_scheduled_tokens
+                if computed // bs > req.num_registered_blocks:
                     self._register_blocks(ws, req)
-                if before < req.num_prompt_tokens:
-                    policy.on_served(req, min(n, req.num_prompt_tokens - before), 0)
+                if served is not None and before < req.num_prompt_tokens:
+                    served(req, min(computed, req.num_prompt_tokens) - before, 0)
         outputs: list[RequestOutput] = []
         logprobs = result.logprobs
         for i, (rid, token) in enumerate(zip(result.request_ids, result.token_ids, strict=True)):
-            req = self.requests.get(rid)
-            if req is None or req.status is not RequestStatus.RUNNING or req.worker_id != ws.worker_id:
+            req = get(rid)
+            if req is None or req.status is not running or req.worker_id != wid:
                 continue
             first = not req.output_token_ids
-            req.output_token_ids.append(token)
-            policy.on_served(req, 0, 1)
-            reason = req.stop_reason(token, self.max_model_len)
+            reason = req.append_output(token)
+            if served is not None:
+                served(req, 0, 1)
             out = RequestOutput(
                 request_id=rid,
                 new_token_ids=[token],
                 finish_reason=reason,
                 num_prompt_tokens=req.num_prompt_tokens if first else 0,
                 num_cached_tokens=req.num_cached_tokens if first else 0,
-                logprobs=[logprobs[i]] if logprobs is not None else None,
+                logprobs=None if logprobs is None else [logprobs[i]],
             )
             if reason is not None:
                 self._finish(req, reason)

@@ -2,25 +2,51 @@
 
 ``write_kv`` scatters new keys/values into the paged caches; ``paged_attention`` runs causal
 attention of a ragged batch (prefill chunks, extends over a cached prefix, and decodes) over
-those caches. Layouts and semantics: see ``kernels/reference.py``.
+those caches. Layouts and semantics: see ``kernels/reference.py``; the Triton kernels' design:
+``docs/kernels.md``.
 
-Dispatch: the torch reference everywhere for now. Triton kernels on CUDA plug in at
-``_use_triton`` (one place), each tested against the reference with ``TRITON_INTERPRET=1``.
+Dispatch, in one place (``_use_triton``), chosen per call by ``backend=``:
+
+- ``"auto"`` (the default): the Triton kernels for CUDA tensors (when ``triton`` imports and
+  the head size is one they support), the torch reference otherwise. On CPU that is always
+  the reference, unless ``ENGINE_TRITON_INTERPRET=1`` asks for the whole engine to run the
+  Triton kernels under Triton's interpreter (slow; for debugging the kernels in situ).
+- ``"torch"``: the reference, on any device.
+- ``"triton"``: the Triton kernels or an error saying why not. CPU tensors need Triton's
+  interpreter, which is process-wide: ``TRITON_INTERPRET=1`` (or
+  ``ENGINE_TRITON_INTERPRET=1``) set before triton is first imported.
+
+``TRITON_INTERPRET=1`` on its own never changes what ``"auto"`` does, so the CPU default
+stays the reference in a process (a test session, say) that also interprets the kernels.
+
+``paged_attention`` sends a batch with as many new tokens as sequences (every sequence
+decoding one token; the engine never schedules a sequence with none) to the decode kernel
+and any other batch to the prefill kernel, deciding from tensor sizes alone: no host sync,
+so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from types import ModuleType
+from typing import Literal, NamedTuple
 
 import torch
 
 from kernels.reference import paged_attention_ref, write_kv_ref
 
-__all__ = ["paged_attention", "write_kv"]
+__all__ = ["BACKENDS", "Backend", "paged_attention", "write_kv"]
 
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
 
-def _use_triton(tensor: torch.Tensor) -> bool:
-    """Whether the Triton kernels serve this call: not yet (they come in a later issue)."""
-    del tensor
-    return False
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 
 
 def write_kv(
@@ -29,10 +55,13 @@ def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    backend: Backend = "auto",
 ) -> None:
     """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into the caches
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` at ``slot_mapping`` (int64
-    ``[num_tokens]``, slot = block_id * block_size + offset), in place."""
+    ``[num_tokens]``, slot = block_id * block_size + offset), in place. ``backend``: see
+    the module docstring."""
     _check_dims("key", key, 3)
     _check_dims("k_cache", k_cache, 4)
     _check_same_shape(("key", key), ("value", value))
@@ -54,8 +83,11 @@ def write_kv(
         ("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache),
         ("slot_mapping", slot_mapping),
     )
-    if _use_triton(key):  # pragma: no cover - no Triton kernels yet
-        raise NotImplementedError
+    if _use_triton(key, backend, head_dim=key.shape[2]):
+        _triton_kernels().kv_write.write_kv(
+            _rows(key), _rows(value), k_cache, v_cache, slot_mapping.contiguous()
+        )
+        return
     write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 
 
@@ -67,6 +99,8 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    *,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Causal attention of a ragged batch over paged KV caches.
 
@@ -74,7 +108,8 @@ def paged_attention(
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` (num_heads a multiple of
     num_kv_heads); ``query_start_loc`` int32 ``[batch + 1]``; ``seq_lens`` int32 ``[batch]``,
     context lengths including the new tokens; ``block_tables`` int32 ``[batch, max_blocks]``.
-    Returns ``[num_tokens, num_heads, head_dim]`` in query's dtype.
+    Returns ``[num_tokens, num_heads, head_dim]`` in query's dtype. ``backend``: see the
+    module docstring.
     """
     _check_dims("query", query, 3)
     _check_dims("k_cache", k_cache, 4)
@@ -114,11 +149,103 @@ def paged_attention(
         ("query_start_loc", query_start_loc), ("seq_lens", seq_lens),
         ("block_tables", block_tables),
     )
-    if _use_triton(query):  # pragma: no cover - no Triton kernels yet
-        raise NotImplementedError
+    if _use_triton(query, backend, head_dim=head_dim):
+        ops = _triton_kernels()
+        args = (_rows(query), k_cache, v_cache, query_start_loc.contiguous(),
+                seq_lens.contiguous(), _rows(block_tables), float(scale))
+        if query.shape[0] == batch:
+            return ops.decode.paged_decode(*args)
+        return ops.prefill.paged_prefill(*args)
     return paged_attention_ref(
         query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, float(scale)
     )
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+class _TritonKernels(NamedTuple):
+    decode: ModuleType
+    prefill: ModuleType
+    kv_write: ModuleType
+    interpreted: bool  # built for Triton's interpreter (CPU tensors) rather than a GPU
+
+
+def _use_triton(tensor: torch.Tensor, backend: Backend = "auto", *, head_dim: int) -> bool:
+    """Whether the Triton kernels serve a call on ``tensor``'s device (see the module
+    docstring); raises when ``backend="triton"`` cannot be honoured."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    supported = 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    if backend == "auto":
+        if tensor.is_cuda:
+            if not supported or not _triton_available():
+                _warn_fallback(head_dim, supported)
+                return False
+            return True
+        if not _env_flag("ENGINE_TRITON_INTERPRET"):
+            return False
+    # backend == "triton", or "auto" on CPU with ENGINE_TRITON_INTERPRET=1: honour it or say why.
+    if not _triton_available():
+        raise RuntimeError("the Triton kernels need the triton package: pip install 'engine[triton]'")
+    if not supported:
+        raise ValueError(f"the Triton kernels need a power-of-two head_dim in [16, 256], got {head_dim}")
+    if not tensor.is_cuda and not _triton_kernels().interpreted:
+        raise ValueError(
+            f"the Triton kernels take {tensor.device} tensors only under Triton's interpreter, "
+            "which is process-wide and chosen when triton is first imported: set "
+            "TRITON_INTERPRET=1 (or ENGINE_TRITON_INTERPRET=1) before that"
+        )
+    return True
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a contiguous last dimension, as the kernels read it (other strides are
+    passed to them, so views such as q/k/v split from one projection are not copied)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _triton_kernels() -> _TritonKernels:
+    """Import the kernel modules (once, on first use: importing ``kernels`` stays free of
+    triton).
+
+    Triton's interpreter is all or nothing per process: ``TRITON_INTERPRET`` is read when
+    ``triton`` is first imported (its own library functions) and when each ``@triton.jit``
+    runs. ``ENGINE_TRITON_INTERPRET=1`` therefore sets ``TRITON_INTERPRET=1`` for the
+    process, if triton has not been imported yet.
+    """
+    if _env_flag("ENGINE_TRITON_INTERPRET") and "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    decode = importlib.import_module("kernels.triton_decode")
+    prefill = importlib.import_module("kernels.triton_prefill")
+    kv_write = importlib.import_module("kernels.triton_kv_write")
+    interpreted = type(decode._decode_kernel).__name__ == "InterpretedFunction"
+    return _TritonKernels(decode, prefill, kv_write, interpreted)
+
+
+@functools.cache
+def _warn_fallback(head_dim: int, supported: bool) -> None:
+    why = "triton is not installed" if supported else f"head_dim {head_dim} is not supported"
+    warnings.warn(f"kernels: CUDA tensors but {why}; using the torch reference", stacklevel=3)
+
+
+def _env_flag(name: str) -> bool:
+    """A boolean environment variable; anything unrecognised fails loudly."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r}: expected one of {_TRUE + _FALSE[1:]}")
 
 
 # --------------------------------------------------------------------------- checks

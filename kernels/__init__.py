@@ -10,7 +10,8 @@ Dispatch, in one place (``_use_triton``), chosen per call by ``backend=``:
 - ``"auto"`` (the default): the Triton kernels for CUDA tensors (when ``triton`` imports and
   the head size is one they support), the torch reference otherwise. On CPU that is always
   the reference, unless ``ENGINE_TRITON_INTERPRET=1`` asks for the whole engine to run the
-  Triton kernels under Triton's interpreter (slow; for debugging the kernels in situ).
+  Triton kernels under Triton's interpreter (slow; for debugging the kernels in situ; set
+  ``TRITON_INTERPRET=1`` too, since transformers imports triton before the kernels load).
 - ``"torch"``: the reference, on any device.
 - ``"triton"``: the Triton kernels or an error saying why not. CPU tensors need Triton's
   interpreter, which is process-wide: ``TRITON_INTERPRET=1`` (or
@@ -23,6 +24,10 @@ stays the reference in a process (a test session, say) that also interprets the 
 decoding one token; the engine never schedules a sequence with none) to the decode kernel
 and any other batch to the prefill kernel, deciding from tensor sizes alone: no host sync,
 so it can be captured in a CUDA graph.
+
+Caches: the reference needs them contiguous; the Triton kernels address them through their
+strides, so they also take strided views (head_dim contiguous, K and V sharing strides), such
+as vLLM's cache with K and V packed side by side per slot.
 """
 
 from __future__ import annotations
@@ -78,12 +83,13 @@ def write_kv(
             f"got {list(slot_mapping.shape)}"
         )
     _check_same_dtype(("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache))
-    _check_contiguous(("k_cache", k_cache), ("v_cache", v_cache))
     _check_same_device(
         ("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache),
         ("slot_mapping", slot_mapping),
     )
-    if _use_triton(key, backend, head_dim=key.shape[2]):
+    use_triton = _use_triton(key, backend, head_dim=key.shape[2])
+    _check_cache_layout(k_cache, v_cache, strided_ok=use_triton)
+    if use_triton:
         _triton_kernels().kv_write.write_kv(
             _rows(key), _rows(value), k_cache, v_cache, slot_mapping.contiguous()
         )
@@ -143,13 +149,14 @@ def paged_attention(
             f"got {block_tables.shape[0]}"
         )
     _check_same_dtype(("query", query), ("k_cache", k_cache), ("v_cache", v_cache))
-    _check_contiguous(("k_cache", k_cache), ("v_cache", v_cache))
     _check_same_device(
         ("query", query), ("k_cache", k_cache), ("v_cache", v_cache),
         ("query_start_loc", query_start_loc), ("seq_lens", seq_lens),
         ("block_tables", block_tables),
     )
-    if _use_triton(query, backend, head_dim=head_dim):
+    use_triton = _use_triton(query, backend, head_dim=head_dim)
+    _check_cache_layout(k_cache, v_cache, strided_ok=use_triton)
+    if use_triton:
         ops = _triton_kernels()
         args = (_rows(query), k_cache, v_cache, query_start_loc.contiguous(),
                 seq_lens.contiguous(), _rows(block_tables), float(scale))
@@ -195,8 +202,8 @@ def _use_triton(tensor: torch.Tensor, backend: Backend = "auto", *, head_dim: in
     if not tensor.is_cuda and not _triton_kernels().interpreted:
         raise ValueError(
             f"the Triton kernels take {tensor.device} tensors only under Triton's interpreter, "
-            "which is process-wide and chosen when triton is first imported: set "
-            "TRITON_INTERPRET=1 (or ENGINE_TRITON_INTERPRET=1) before that"
+            "which is process-wide and chosen when triton is first imported (transformers "
+            "and torch may import it early): start the process with TRITON_INTERPRET=1"
         )
     return True
 
@@ -218,9 +225,10 @@ def _triton_kernels() -> _TritonKernels:
     triton).
 
     Triton's interpreter is all or nothing per process: ``TRITON_INTERPRET`` is read when
-    ``triton`` is first imported (its own library functions) and when each ``@triton.jit``
-    runs. ``ENGINE_TRITON_INTERPRET=1`` therefore sets ``TRITON_INTERPRET=1`` for the
-    process, if triton has not been imported yet.
+    ``triton`` is first imported (its own library functions are ``@jit`` ones), when each
+    ``@triton.jit`` decorator runs, and by imports Triton makes lazily while interpreting.
+    ``ENGINE_TRITON_INTERPRET=1`` therefore sets ``TRITON_INTERPRET=1`` for the rest of the
+    process, if triton has not been imported yet (if it has, ``_use_triton`` says so).
     """
     if _env_flag("ENGINE_TRITON_INTERPRET") and "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -288,3 +296,18 @@ def _check_contiguous(*named: tuple[str, torch.Tensor]) -> None:
     for name, t in named:
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+
+
+def _check_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor, *, strided_ok: bool) -> None:
+    """The torch reference needs contiguous caches. The Triton kernels take the caches'
+    strides, so they also accept strided views (e.g. K and V packed side by side per slot,
+    as vLLM stores them) as long as head_dim is contiguous and K and V share strides."""
+    if not strided_ok:
+        _check_contiguous(("k_cache", k_cache), ("v_cache", v_cache))
+        return
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must be contiguous in head_dim")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(
+            f"k_cache strides {k_cache.stride()} != v_cache strides {v_cache.stride()}"
+        )

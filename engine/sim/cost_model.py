@@ -1,0 +1,124 @@
+"""Step-time cost model: how long one worker's forward pass takes, from the batch's shape.
+
+    step time = step_s                                  fixed per step (launch, sampling, I/O)
+              + prefill_token_s   * prefill tokens      tokens of prompt chunks (and recompute)
+              + decode_seq_s      * decode sequences    requests decoding one token
+              + context_token_s   * context tokens      KV tokens attention reads (every request)
+              + prefill_pair_s    * prefill pairs       (query, key) pairs of prefill chunks
+
+The parameters live in a TOML (or JSON) file with a ``[cost]`` table of those five numbers,
+and an optional ``[engine]`` table with the shape the numbers belong to (``num_blocks`` per
+worker, ``block_size``, ``max_model_len``, ``max_num_batched_tokens``, ``max_num_seqs``),
+which the simulator uses as defaults. ``bench/fit_cost_model.py`` fits ``default_cost.toml``
+from measurements of the native runner; ``gpu_h100_llama3_8b.toml`` is a roofline estimate
+for research runs.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+DEFAULT_COST_FILE = Path(__file__).with_name("default_cost.toml")
+GPU_COST_FILE = Path(__file__).with_name("gpu_h100_llama3_8b.toml")
+
+
+class BatchShape(NamedTuple):
+    """What the cost of one step depends on (a tuple: the simulator makes one per step)."""
+
+    prefill_tokens: int = 0
+    decode_seqs: int = 0
+    context_tokens: int = 0
+    prefill_pairs: int = 0
+
+    def features(self) -> list[float]:
+        """The regressors of the linear model, in the order of ``CostModel.coefficients``."""
+        return [1.0, float(self.prefill_tokens), float(self.decode_seqs),
+                float(self.context_tokens), float(self.prefill_pairs)]
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """The engine settings a cost file was measured with: the simulator's defaults."""
+
+    num_blocks: int = 4096
+    block_size: int = 16
+    max_model_len: int = 8192
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+
+
+@dataclass(frozen=True)
+class CostModel:
+    step_s: float
+    prefill_token_s: float
+    decode_seq_s: float
+    context_token_s: float
+    prefill_pair_s: float = 0.0
+    engine: EngineShape = field(default_factory=EngineShape)
+    source: str = ""  # where the numbers come from (machine, model, date)
+
+    COEFFICIENTS = ("step_s", "prefill_token_s", "decode_seq_s", "context_token_s",
+                    "prefill_pair_s")
+
+    @property
+    def coefficients(self) -> list[float]:
+        return [getattr(self, name) for name in self.COEFFICIENTS]
+
+    def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int,
+                  prefill_pairs: int = 0) -> float:
+        return (self.step_s + self.prefill_token_s * prefill_tokens
+                + self.decode_seq_s * decode_seqs + self.context_token_s * context_tokens
+                + self.prefill_pair_s * prefill_pairs)
+
+    def time_of(self, shape: BatchShape) -> float:
+        return self.step_time(*shape)
+
+    # ------------------------------------------------------------------ files
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> CostModel:
+        """Read a TOML or JSON cost file (default: ``default_cost.toml``); ValueError names
+        ``--cost`` and the problem."""
+        path = Path(path) if path is not None else DEFAULT_COST_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--cost: cannot read {path}: {e}") from e
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "cost file") -> CostModel:
+        cost = data.get("cost")
+        if not isinstance(cost, dict):
+            raise ValueError(f"--cost: {where} has no [cost] table")
+        missing = [k for k in cls.COEFFICIENTS[:4] if k not in cost]
+        if missing:
+            raise ValueError(f"--cost: {where}: [cost] lacks {missing}")
+        unknown = set(cost) - set(cls.COEFFICIENTS)
+        engine_keys = {f.name for f in fields(EngineShape)}
+        unknown |= set(data.get("engine", {})) - engine_keys
+        if unknown:
+            raise ValueError(f"--cost: {where}: unknown keys {sorted(unknown)}")
+        values = {k: float(v) for k, v in cost.items()}
+        if any(v < 0 for v in values.values()):
+            raise ValueError(f"--cost: {where}: coefficients must be >= 0, got {values}")
+        engine = EngineShape(**{k: int(v) for k, v in data.get("engine", {}).items()})
+        return cls(**values, engine=engine, source=str(data.get("source", "")))
+
+    def to_toml(self, comment: str = "") -> str:
+        lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
+        lines += [f"source = {json.dumps(self.source)}", "", "[cost]"]
+        lines += [f"{name} = {value!r}" for name, value in zip(self.COEFFICIENTS,
+                                                                 self.coefficients, strict=True)]
+        lines += ["", "[engine]"]
+        lines += [f"{k} = {v}" for k, v in asdict(self.engine).items()]
+        return "\n".join(lines) + "\n"
+
+    def describe(self) -> dict[str, Any]:
+        return {**dict(zip(self.COEFFICIENTS, self.coefficients, strict=True)),
+                "source": self.source}

@@ -1,0 +1,294 @@
+"""A discrete-event simulator driving the real scheduler with simulated workers.
+
+Events are request arrivals (a sorted stream, plus later turns that arrive after their
+predecessor finishes) and step completions (a heap). After every event each idle worker is
+offered a step: ``scheduler.schedule(w, now)``; a ``FakeWorker`` applies the plan as a stateful
+runner would and answers with deterministic tokens, and the step completes at
+``now + cost_model(batch shape)``, when ``scheduler.update(plan, result, now)`` runs. The
+scheduler is the very code the engine runs; only the model and the clock are simulated.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+from engine.config import SchedulerConfig
+from engine.messages import (
+    CachedRequestData,
+    EngineRequest,
+    NewRequestData,
+    PoolStats,
+    RequestOutput,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+)
+from engine.scheduler.scheduler import Scheduler
+from engine.sim.cost_model import BatchShape, CostModel
+from engine.sim.workloads import SimRequest
+
+_STEP, _ARRIVAL = 0, 1  # event kinds
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    num_workers: int = 8
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    block_size: int = 16
+    num_blocks: int = 4096  # per worker
+    max_model_len: int = 8192
+    vocab_size: int = 4096
+    check: bool = False  # check_integrity() after every scheduler call (slow; for tests)
+
+
+class RequestRecord:
+    """What happened to one request, in simulated seconds."""
+
+    __slots__ = ("arrival", "error", "finish", "finish_reason", "first_scheduled", "first_token",
+                 "last_token", "max_tokens", "num_admissions", "num_cached_tokens",
+                 "num_output_tokens", "num_prompt_tokens", "priority", "request_id", "tenant")
+
+    def __init__(self, req: SimRequest, arrival: float) -> None:
+        self.request_id = req.request_id
+        self.arrival = arrival
+        self.priority = req.priority
+        self.tenant = req.tenant
+        self.num_prompt_tokens = len(req.prompt_token_ids)
+        self.max_tokens = req.max_tokens
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+        self.last_token = arrival
+        self.finish: float | None = None
+        self.finish_reason: str | None = None
+        self.error = ""
+        self.num_output_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_admissions = 0  # 1 + preemptions: a resumed request is sent anew
+
+    @property
+    def num_preemptions(self) -> int:
+        return max(0, self.num_admissions - 1)
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    itl: array[float]  # every gap between two tokens of a request, pooled (seconds)
+    num_steps: int
+    num_scheduled: int  # request-steps: requests summed over all steps
+    busy_s: list[float]  # per worker: simulated time spent in steps
+    end_time: float  # simulated time of the last event
+    stats: PoolStats  # the scheduler's own counters at the end
+    wall_s: float  # real seconds the simulation took
+
+
+class FakeWorker:
+    """A stateful worker without a model: per request [known tokens, computed tokens, seed,
+    output tokens]. The n-th output token of a request seeded s is ``output_token(s, n)``."""
+
+    __slots__ = ("reqs", "vocab_size", "worker_id")
+
+    def __init__(self, worker_id: int, vocab_size: int) -> None:
+        self.worker_id = worker_id
+        self.vocab_size = vocab_size
+        self.reqs: dict[str, list[int]] = {}
+
+    def step(self, plan: StepPlan) -> tuple[StepResult, BatchShape]:
+        """Apply the plan, sample, and return the result with the batch's shape."""
+        reqs, vocab = self.reqs, self.vocab_size
+        for rid in plan.finished_request_ids:
+            reqs.pop(rid, None)
+        for nr in plan.new_requests:  # [known, computed, next token's hash, outputs]
+            n_out = nr.num_output_tokens
+            reqs[nr.request_id] = [len(nr.token_ids), nr.num_computed_tokens,
+                                   (nr.sampling.seed or 0) * 1_000_003 + n_out * 7_919 + 12_345,
+                                   n_out]
+        ids: list[str] = []
+        tokens: list[int] = []
+        prefill = decodes = context = pairs = 0
+        items: Iterable[NewRequestData | CachedRequestData] = chain(plan.new_requests,
+                                                                    plan.cached_requests)
+        for r in items:
+            st = reqs[r.request_id]
+            n = r.num_scheduled_tokens
+            done = st[1] + n
+            st[1] = done
+            context += done
+            if n == 1 and st[3] and done == st[0]:
+                decodes += 1
+            else:
+                prefill += n
+                pairs += n * (done - n) + n * (n + 1) // 2
+            if done == st[0]:  # every known token computed: sample the next one
+                tokens.append(st[2] % vocab)  # == output_token(seed, outputs so far)
+                ids.append(r.request_id)
+                st[0] = done + 1
+                st[2] += 7_919
+                st[3] += 1
+        result = StepResult(step_id=plan.step_id, worker_id=plan.worker_id, request_ids=ids,
+                            token_ids=tokens)
+        return result, BatchShape(prefill, decodes, context, pairs)
+
+
+class Simulator:
+    def __init__(self, requests: Iterable[SimRequest], cost: CostModel, config: SimConfig) -> None:
+        self.cost = cost
+        self.config = config
+        self.sched = Scheduler(config.scheduler, block_size=config.block_size,
+                               max_model_len=config.max_model_len)
+        for w in range(config.num_workers):
+            self.sched.add_worker(w, config.num_blocks, 0.0)
+        self.workers = [FakeWorker(w, config.vocab_size) for w in range(config.num_workers)]
+        self.stream: Iterator[SimRequest] = iter(requests)
+        self.idle = list(range(config.num_workers))
+        self.in_flight: list[tuple[StepPlan, StepResult] | None] = [None] * config.num_workers
+        self.events: list[tuple[float, int, int, object]] = []  # (time, seq, kind, payload)
+        self.seq = 0
+        self.records: dict[str, RequestRecord] = {}
+        self.followers: dict[str, list[SimRequest]] = {}  # by the request they wait for
+        self.deferred: set[str] = set()  # followers seen in the stream, not yet arrived
+        self.itl = array("d")
+        self.num_steps = 0
+        self.num_scheduled = 0
+        self.busy_s = [0.0] * config.num_workers
+
+    def run(self) -> SimResult:
+        start = time.perf_counter()
+        events, now, heappop = self.events, 0.0, heapq.heappop
+        nxt = next(self.stream, None)
+        while nxt is not None or events:
+            if nxt is not None and (not events or nxt.arrival_time <= events[0][0]):
+                now = max(now, nxt.arrival_time)
+                self._arrive(nxt, now)
+                nxt = next(self.stream, None)
+            else:
+                now, _, kind, payload = heappop(events)
+                if kind == _STEP:
+                    self._complete(payload, now)  # type: ignore[arg-type]
+                else:
+                    self._admit(payload, now)  # type: ignore[arg-type]
+            if self.idle:
+                self._offer_steps(now)
+        if self.sched.num_unfinished:
+            raise RuntimeError(f"the scheduler stalled with {self.sched.num_unfinished} "
+                               f"unfinished requests at t={now:.3f}s")
+        return SimResult(list(self.records.values()), self.itl, self.num_steps,
+                         self.num_scheduled, self.busy_s, now, self.sched.stats(),
+                         time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ events
+
+    def _arrive(self, req: SimRequest, now: float) -> None:
+        """A request from the stream: admitted now, or, if it follows another request, once
+        that one has finished and ``think_time`` has passed."""
+        if not req.after:
+            self._admit(req, now)
+            return
+        prev = self.records.get(req.after)
+        if prev is None and req.after not in self.deferred:
+            raise ValueError(f"request {req.request_id!r} follows {req.after!r}, which does not "
+                             "come before it in the workload")
+        self.deferred.add(req.request_id)
+        if prev is None or prev.finish is None:
+            self.followers.setdefault(req.after, []).append(req)
+        else:
+            self._push(max(now, prev.finish + req.think_time), _ARRIVAL, req)
+
+    def _admit(self, req: SimRequest, now: float) -> None:
+        self.deferred.discard(req.request_id)
+        if req.request_id in self.records:
+            raise ValueError(f"duplicate request id {req.request_id!r} in the workload")
+        self.records[req.request_id] = RequestRecord(req, now)
+        sampling = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True,
+                                  seed=req.seed)
+        self._record(self.sched.add(EngineRequest(
+            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, sampling=sampling,
+            priority=req.priority, arrival_time=now, tenant=req.tenant), now), now)
+
+    def _offer_steps(self, now: float) -> None:
+        sched, check = self.sched, self.config.check
+        idle, step_time, records = self.idle, self.cost.step_time, self.records
+        for w in idle[:]:
+            plan = sched.schedule(w, now)
+            if check:
+                sched.check_integrity()
+            if plan is None:
+                continue
+            idle.remove(w)
+            result, shape = self.workers[w].step(plan)
+            result.execute_time_s = dt = step_time(*shape)
+            self.in_flight[w] = (plan, result)
+            self.seq += 1
+            heapq.heappush(self.events, (now + dt, self.seq, _STEP, w))
+            self.busy_s[w] += dt
+            self.num_steps += 1
+            self.num_scheduled += len(plan.new_requests) + len(plan.cached_requests)
+            for nr in plan.new_requests:
+                rec = records[nr.request_id]
+                rec.num_admissions += 1
+                if rec.first_scheduled is None:
+                    rec.first_scheduled = now
+        outputs = sched.drain_outputs()
+        if outputs:
+            self._record(outputs, now)
+
+    def _complete(self, w: int, now: float) -> None:
+        plan, result = self.in_flight[w]  # type: ignore[misc]
+        self._record(self.sched.update(plan, result, now), now)
+        if self.config.check:
+            self.sched.check_integrity()
+        self.idle.append(w)
+
+    def _record(self, outputs: list[RequestOutput], now: float) -> None:
+        records, append = self.records, self.itl.append
+        for out in outputs:
+            rec = records[out.request_id]
+            if out.new_token_ids:
+                if rec.first_token is None:
+                    rec.first_token = now
+                    rec.num_cached_tokens = out.num_cached_tokens
+                else:
+                    append(now - rec.last_token)
+                rec.last_token = now
+                rec.num_output_tokens += len(out.new_token_ids)
+            if out.finish_reason is not None:
+                rec.finish = now
+                rec.finish_reason = out.finish_reason
+                rec.error = out.error
+                for follower in self.followers.pop(out.request_id, ()):
+                    self._push(now + follower.think_time, _ARRIVAL, follower)
+
+    def _push(self, at: float, kind: int, payload: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (at, self.seq, kind, payload))
+
+
+def instrument(sched: Scheduler) -> dict[str, list[float]]:
+    """Time the scheduler's entry points on this instance: name -> [calls, seconds]."""
+    timings: dict[str, list[float]] = {}
+    for name in ("add", "schedule", "update", "drain_outputs"):
+        timings[name] = [0, 0.0]
+        setattr(sched, name, _timed(getattr(sched, name), timings[name]))
+    return timings
+
+
+def _timed(method: Callable[..., Any], acc: list[float]) -> Callable[..., Any]:
+    def timed(*args: Any) -> Any:
+        start = time.perf_counter()
+        out = method(*args)
+        acc[1] += time.perf_counter() - start
+        acc[0] += 1
+        return out
+
+    return timed
+
+
+def simulate(requests: Iterable[SimRequest], cost: CostModel, config: SimConfig) -> SimResult:
+    """Run ``requests`` through a fresh scheduler and ``config.num_workers`` fake workers."""
+    return Simulator(requests, cost, config).run()

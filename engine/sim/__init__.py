@@ -1,0 +1,1 @@
+"""A discrete-event simulator that drives the real scheduler: ``python -m engine.sim``."""

@@ -225,6 +225,17 @@ def test_two_policies_make_two_runs_and_the_table_prints(capsys):
     assert "priority" in table and "TTFT p50" in table
 
 
+def test_cache_aware_placement_nears_the_prefix_ceiling(capsys):
+    out = run_cli(capsys, "--workload", "shared-prefix", "--groups", "16", "--per-group", "8",
+                  "--system-len", "256", "--question-len", "16", "--output-len", "16",
+                  "--workers", "4", "--rate", "20", "--placement", "round-robin,cache-aware")
+    ceiling = out["workload"]["prefix_hit_ceiling"]
+    assert ceiling == pytest.approx((1 - 1 / 8) * 256 / 272)
+    rr, ca = out["runs"]
+    assert ca["prefix_hit_rate"] >= 0.9 * ceiling
+    assert ca["prefix_hit_rate"] > rr["prefix_hit_rate"] + 0.2
+
+
 @pytest.mark.parametrize("flag", ["--policy", "--placement"])
 def test_unknown_names_give_a_clear_error(capsys, flag):
     try:

@@ -30,7 +30,7 @@ import numpy as np
 
 from engine.config import CacheConfig, ModelConfig, WorkerConfig
 from engine.messages import CachedRequestData, NewRequestData, SamplingParams, StepPlan
-from engine.sim.cost_model import DEFAULT_COST_FILE, BatchShape, CostModel, EngineShape
+from engine.sim.cost_model import DEFAULT_COST_FILE, BatchShape, CostModel, EngineShape, fit
 from engine.sim.simulator import FakeWorker
 from engine.worker.factory import make_runner
 from engine.worker.runner import ModelRunner
@@ -110,23 +110,6 @@ def shapes(max_len: int, max_tokens: int, max_seqs: int) -> Iterator[tuple[int, 
         for ctx in (128, 1024):
             for n in (64, max_tokens - b):
                 yield b, ctx, n, 256
-
-
-def fit(rows: list[tuple[float, BatchShape]]) -> tuple[list[float], np.ndarray]:
-    """Non-negative least squares on relative error; returns coefficients and predictions."""
-    y = np.array([s for s, _ in rows])
-    x = np.array([shape.features() for _, shape in rows])
-    active = list(range(x.shape[1]))
-    while True:
-        w = 1.0 / y  # relative error: short steps matter as much as long ones
-        coef, *_ = np.linalg.lstsq(x[:, active] * w[:, None], y * w, rcond=None)
-        if (coef >= 0).all():
-            break
-        active.pop(int(np.argmin(coef)))
-    full = [0.0] * x.shape[1]
-    for i, c in zip(active, coef, strict=True):
-        full[i] = float(c)
-    return full, x @ np.array(full)
 
 
 def machine() -> str:

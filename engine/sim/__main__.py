@@ -119,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = (prefix_hit_ceiling(workload.requests(), config.block_size, config.vocab_size)
                if workload.reuses_prefixes else 0.0)
     slo = SLO(args.slo_ttft, args.slo_tpot)
-    runs = [_run(workload, cost, config, policy, placement, slo, ceiling, args.profile)
-            for policy, placement in pairs]
+    try:
+        runs = [_run(workload, cost, config, policy, placement, slo, ceiling, args.profile)
+                for policy, placement in pairs]
+    except ValueError as e:  # a workload file whose requests do not hold together
+        print(f"python -m engine.sim: error: {e}", file=sys.stderr)
+        return 2
     report: dict[str, Any] = {
         "workload": {**workload.description, "num_requests": runs[0]["num_requests"],
                      "prefix_hit_ceiling": ceiling},

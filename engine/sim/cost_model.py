@@ -10,7 +10,7 @@ The parameters live in a TOML (or JSON) file with a ``[cost]`` table of those fi
 and an optional ``[engine]`` table with the shape the numbers belong to (``num_blocks`` per
 worker, ``block_size``, ``max_model_len``, ``max_num_batched_tokens``, ``max_num_seqs``),
 which the simulator uses as defaults. ``bench/fit_cost_model.py`` fits ``default_cost.toml``
-from measurements of the native runner; ``gpu_h100_llama3_8b.toml`` is a roofline estimate
+from measurements of the native runner (with ``fit`` below); ``gpu_h100_llama3_8b.toml`` is a roofline estimate
 for research runs.
 """
 
@@ -21,6 +21,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
 
 DEFAULT_COST_FILE = Path(__file__).with_name("default_cost.toml")
 GPU_COST_FILE = Path(__file__).with_name("gpu_h100_llama3_8b.toml")
@@ -122,3 +124,22 @@ class CostModel:
     def describe(self) -> dict[str, Any]:
         return {**dict(zip(self.COEFFICIENTS, self.coefficients, strict=True)),
                 "source": self.source}
+
+
+def fit(rows: list[tuple[float, BatchShape]]) -> tuple[list[float], np.ndarray]:
+    """Least squares on relative error of measured (seconds, shape) rows, every coefficient
+    >= 0 (a negative one is dropped and the rest refitted). Returns the coefficients, in the
+    order of ``CostModel.COEFFICIENTS``, and the fitted times of the rows."""
+    y = np.array([s for s, _ in rows])
+    x = np.array([shape.features() for _, shape in rows])
+    active = list(range(x.shape[1]))
+    while True:
+        w = 1.0 / y  # relative error: short steps matter as much as long ones
+        coef, *_ = np.linalg.lstsq(x[:, active] * w[:, None], y * w, rcond=None)
+        if (coef >= 0).all():
+            break
+        active.pop(int(np.argmin(coef)))
+    full = [0.0] * x.shape[1]
+    for i, c in zip(active, coef, strict=True):
+        full[i] = float(c)
+    return full, x @ np.array(full)

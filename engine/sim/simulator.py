@@ -89,8 +89,9 @@ class SimResult:
 
 
 class FakeWorker:
-    """A stateful worker without a model: per request [known tokens, computed tokens, seed,
-    output tokens]. The n-th output token of a request seeded s is ``output_token(s, n)``."""
+    """A stateful worker without a model. Per request it keeps [known tokens, computed tokens,
+    the next token before ``% vocab``, output tokens]; the n-th output token of a request
+    seeded s is ``workloads.output_token(s, n, vocab)``, whatever the batch or preemptions."""
 
     __slots__ = ("reqs", "vocab_size", "worker_id")
 
@@ -104,7 +105,7 @@ class FakeWorker:
         reqs, vocab = self.reqs, self.vocab_size
         for rid in plan.finished_request_ids:
             reqs.pop(rid, None)
-        for nr in plan.new_requests:  # [known, computed, next token's hash, outputs]
+        for nr in plan.new_requests:
             n_out = nr.num_output_tokens
             reqs[nr.request_id] = [len(nr.token_ids), nr.num_computed_tokens,
                                    (nr.sampling.seed or 0) * 1_000_003 + n_out * 7_919 + 12_345,
@@ -118,6 +119,9 @@ class FakeWorker:
             st = reqs[r.request_id]
             n = r.num_scheduled_tokens
             done = st[1] + n
+            if done > st[0]:
+                raise AssertionError(f"step {plan.step_id} runs {r.request_id!r} to token "
+                                     f"{done}, past its {st[0]} known tokens")
             st[1] = done
             context += done
             if n == 1 and st[3] and done == st[0]:

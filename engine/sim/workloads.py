@@ -129,8 +129,9 @@ class WorkloadConfig:
             (self.turns >= 1, f"--turns: must be >= 1, got {self.turns}"),
             (self.think_time >= 0, f"--think-time: must be >= 0, got {self.think_time}"),
         ]
-        if "shared-prefix" in (self.name, self.base):
-            lengths = [max(1, round(n / self.scale)) if self.scale >= 1 else n
+        if self.name == "shared-prefix" or (self.name, self.base) == ("priority-mix",
+                                                                     "shared-prefix"):
+            lengths = [max(1, round(n / self.scale))
                        for n in (self.system_len, self.question_len, self.output_len)]
             checks.append((sum(lengths) < self.max_model_len,
                            f"--system-len + --question-len + --output-len (scaled: "
@@ -184,7 +185,7 @@ def arrival_times(cfg: WorkloadConfig, burstiness: float) -> Iterator[float]:
 
 class _Draws:
     """Values of one random stream drawn a chunk at a time (numpy calls are costly one by
-    one); the sequence depends only on the stream, not on how it is consumed."""
+    one); deterministic for a seed and a given order of ``take``/``one`` calls."""
 
     def __init__(self, draw: Callable[[int], np.ndarray], chunk: int = 4096) -> None:
         self.draw = draw
@@ -378,7 +379,11 @@ def read_jsonl(path: str | Path) -> Workload:
     defaults to the line number, ``priority`` to 0, ``tenant`` to "", ``seed`` to the line
     number). Requests are sent in order of ``arrival_time`` (stable)."""
     requests = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
+    except OSError as e:
+        raise ValueError(f"--workload-file: cannot read {path}: {e}") from e
+    with f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
@@ -396,7 +401,8 @@ def read_jsonl(path: str | Path) -> Workload:
                     think_time=float(row.get("think_time", 0.0)),
                 ))
             except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{i + 1}: bad request line ({e!r})") from e
+                raise ValueError(f"--workload-file: {path}:{i + 1}: bad request line "
+                                 f"({e!r})") from e
     requests.sort(key=lambda r: r.arrival_time)
     return Workload(f"file:{Path(path).name}", lambda: iter(requests),
                     {"name": "file", "path": str(path), "num_requests": len(requests)})

@@ -10,11 +10,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from bench.fit_cost_model import fit
 from engine.config import SchedulerConfig
 from engine.scheduler.scheduler import Scheduler
 from engine.sim.__main__ import main
-from engine.sim.cost_model import GPU_COST_FILE, BatchShape, CostModel
+from engine.sim.cost_model import GPU_COST_FILE, BatchShape, CostModel, fit
 from engine.sim.metrics import SLO, summarize
 from engine.sim.simulator import SimConfig, simulate
 from engine.sim.workloads import (

@@ -22,7 +22,13 @@ def make_runner(
 
         return NativeRunner(model_config, cache_config, worker_config, device=device)
     if runner == "vllm":
-        raise ConfigError(
-            "--runner: the vllm runner is not available yet; use --runner native"
-        )
+        from engine.worker.vllm_plan import VllmVersionError, check_vllm_version
+
+        try:
+            check_vllm_version()  # before importing anything of vLLM's: a clear message
+        except VllmVersionError as e:
+            raise ConfigError(f"--runner: {e}") from e
+        from engine.worker.vllm_runner import VllmRunner
+
+        return VllmRunner(model_config, cache_config, worker_config, device=device)
     raise ConfigError(f"--runner: must be one of {RUNNERS}, got {runner!r}")

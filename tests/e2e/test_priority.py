@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
 import pytest
+from e2e.engine_proc import launched
 
 from engine import LLM, SamplingParams
 from engine.frontend.proto import pb2, pb2_grpc
@@ -24,14 +23,11 @@ LOW_TOKENS = 120
 
 @pytest.fixture(scope="module")
 def engine():
-    cmd = [sys.executable, "-m", "engine.launch", "--grpc-port", "0", "--policy", "priority",
-           "--max-num-seqs", "4", "--num-kv-blocks", "64", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    line = proc.stdout.readline()
-    assert line.startswith("engine ready: grpc://"), line
-    yield int(line.rsplit(":", 1)[1])
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(30)
+    with launched("--policy", "priority", "--max-num-seqs", "4", "--num-kv-blocks", "64") as (
+            proc, port):
+        yield port
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(30)
 
 
 def uninterrupted(prompts, max_tokens):

@@ -13,14 +13,11 @@ import asyncio
 import importlib.util
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from e2e.test_engine import _alive, _children, _generate, _worker_pids
-
-from engine.frontend.proto import pb2, pb2_grpc
+from e2e.engine_proc import assert_ctrl_c_leaves_nothing, launched, wait_idle, worker_pids
+from e2e.test_engine import _generate
 
 if importlib.util.find_spec("vllm") is None:  # pragma: no cover - depends on the install
     if os.environ.get("CI"):
@@ -41,24 +38,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine():
-    cmd = [sys.executable, "-m", "engine.launch", "--runner", "vllm", "--workers", "2",
-           "--grpc-port", "0", "--block-size", str(BLOCK), "--num-kv-blocks", str(NUM_KV_BLOCKS),
-           "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        line = ""
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if line.startswith("engine ready:") or proc.poll() is not None:
-                break
-        assert line.startswith("engine ready: grpc://"), f"no ready line (got {line!r})"
-        port = int(line.rsplit(":", 1)[1])
+    with launched("--runner", "vllm", "--workers", "2", "--block-size", str(BLOCK),
+                  "--num-kv-blocks", str(NUM_KV_BLOCKS), timeout=240) as (proc, port):
         assert _wait_idle(port) == [NUM_KV_BLOCKS] * 2  # both workers (block 0 is vLLM's)
         yield proc, port
-    finally:  # whatever failed, leave no engine behind
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -76,21 +59,8 @@ def reference():
             "long": {p: o.token_ids for p, o in zip(PROMPTS, long, strict=True)}}
 
 
-def _free_blocks(port: int) -> list[int]:
-    import grpc
-
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        health = pb2_grpc.EngineStub(ch).Health(pb2.HealthRequest(), timeout=5)
-    return [b for pool in health.pools for b in pool.num_free_blocks]
-
-
 def _wait_idle(port: int, timeout: float = 30.0) -> list[int]:
-    deadline = time.time() + timeout
-    free = _free_blocks(port)
-    while time.time() < deadline and free != [NUM_KV_BLOCKS] * 2:
-        time.sleep(0.2)
-        free = _free_blocks(port)
-    return free
+    return wait_idle(port, [NUM_KV_BLOCKS] * 2, timeout)
 
 
 def test_concurrent_streams_match_native(engine, reference):
@@ -119,7 +89,7 @@ def _long_streams(port: int, kill_pid: int | None = None):
 
 def test_sigkill_a_vllm_worker_mid_stream_loses_nothing(engine, reference):
     proc, port = engine
-    before = _worker_pids(proc.pid)
+    before = worker_pids(proc.pid)
     assert len(before) == 2
     results = _long_streams(port, kill_pid=before["engine-worker-0-1"])
     for prompt, (tokens, last) in zip(PROMPTS, results, strict=True):
@@ -130,7 +100,7 @@ def test_sigkill_a_vllm_worker_mid_stream_loses_nothing(engine, reference):
     deadline = time.time() + 180  # a new vLLM worker imports vLLM and loads the model again
     after = before
     while time.time() < deadline:
-        after = _worker_pids(proc.pid)
+        after = worker_pids(proc.pid)
         if len(after) == 2 and after["engine-worker-0-1"] != before["engine-worker-0-1"]:
             break
         time.sleep(0.5)
@@ -147,13 +117,4 @@ def test_sigkill_a_vllm_worker_mid_stream_loses_nothing(engine, reference):
 
 def test_ctrl_c_leaves_no_process_behind(engine):
     proc, _ = engine
-    rows = _children(proc.pid)
-    names = sorted(args for _, args in rows if args.startswith("engine-"))
-    assert names == ["engine-frontend", "engine-pool-0", "engine-worker-0-0", "engine-worker-0-1"]
-    children = [pid for pid, _ in rows]
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) == 0
-    deadline = time.time() + 20
-    while time.time() < deadline and any(_alive(p) for p in children):
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in children)
+    assert_ctrl_c_leaves_nothing(proc, timeout=60)

@@ -1,0 +1,97 @@
+"""Shared helpers of the end-to-end tests: launch the engine as users do, read its pool's KV
+state over gRPC, find its processes, and check that Ctrl-C leaves none behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from engine.frontend.proto import pb2, pb2_grpc
+
+
+@contextmanager
+def launched(*args: str, timeout: float = 180.0) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``python -m engine.launch --grpc-port 0 ARGS`` in its own session; yields (process,
+    bound gRPC port) and kills whatever is left afterwards."""
+    cmd = [sys.executable, "-m", "engine.launch", "--grpc-port", "0", "--log-level", "WARNING",
+           *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        line = ""
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("engine ready:") or proc.poll() is not None:
+                break
+        assert line.startswith("engine ready: grpc://"), f"no ready line (got {line!r})"
+        yield proc, int(line.rsplit(":", 1)[1])
+    finally:  # whatever failed, leave no engine behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of a process's children."""
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    rows = []
+    for line in out.strip().splitlines():
+        p, _, args = line.strip().partition(" ")
+        rows.append((int(p), args.strip()))
+    return rows
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def worker_pids(launcher_pid: int) -> dict[str, int]:
+    return {args: pid for pid, args in children(launcher_pid) if args.startswith("engine-worker")}
+
+
+def free_blocks(port: int) -> list[int]:
+    """Free KV blocks of every live worker of every pool, from Health."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        health = pb2_grpc.EngineStub(ch).Health(pb2.HealthRequest(), timeout=5)
+    return [b for pool in health.pools for b in pool.num_free_blocks]
+
+
+def wait_idle(port: int, expected: list[int], timeout: float = 20.0) -> list[int]:
+    """Poll until the free-block counts equal ``expected`` (or time runs out); return them."""
+    deadline = time.time() + timeout
+    free = free_blocks(port)
+    while time.time() < deadline and free != expected:
+        time.sleep(0.2)
+        free = free_blocks(port)
+    return free
+
+
+def assert_ctrl_c_leaves_nothing(proc: subprocess.Popen, num_workers: int = 2,
+                                 timeout: float = 30.0) -> None:
+    """SIGINT to the process group (what Ctrl-C does): the launcher exits 0, no child lives."""
+    rows = children(proc.pid)
+    names = sorted(args for _, args in rows if args.startswith("engine-"))
+    assert names == ["engine-frontend", "engine-pool-0",
+                     *(f"engine-worker-0-{w}" for w in range(num_workers))]
+    pids = [pid for pid, _ in rows]  # with multiprocessing's resource tracker
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=timeout) == 0
+    deadline = time.time() + 20
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import NoReturn
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from engine.messages import SamplingParams, StepPlan, StepResult
 from engine.models.info import load_model_info
 from engine.models.layers import AttentionMetadata
 from engine.models.loader import load_model, resolve_dtype
+from engine.worker.plan_check import HeldState, PlanLimits, check_plan
 from engine.worker.runner import ModelRunner
 from engine.worker.sampler import Sampler
 
@@ -197,54 +197,14 @@ class NativeRunner(ModelRunner):
 
     def _validate(self, plan: StepPlan) -> None:
         """Reject an inconsistent plan before any state changes (ValueError)."""
-        finished = set(plan.finished_request_ids)
-        seen: set[str] = set()
-        step = plan.step_id
-        for new in plan.new_requests:
-            rid = new.request_id
-            if rid in seen:
-                _fail(step, rid, "appears twice in the plan")
-            seen.add(rid)
-            if rid in self.requests and rid not in finished:
-                _fail(step, rid, "is already running on this worker (new_requests must be new)")
-            n_known = len(new.token_ids)
-            if not 0 <= new.num_output_tokens <= n_known:
-                _fail(step, rid, f"num_output_tokens {new.num_output_tokens} not in [0, {n_known}]")
-            self._check_blocks(step, rid, new.block_ids)
-            self._check_span(step, rid, new.num_computed_tokens, new.num_scheduled_tokens,
-                             n_known, len(new.block_ids))
-            if any(not 0 <= t < self.info.vocab_size for t in new.token_ids):
-                _fail(step, rid, f"token ids must be in [0, {self.info.vocab_size})")
-        for cached in plan.cached_requests:
-            rid = cached.request_id
-            if rid in seen:
-                _fail(step, rid, "appears twice in the plan")
-            seen.add(rid)
-            req = self.requests.get(rid)
-            if req is None or rid in finished:
-                _fail(step, rid, "unknown to this worker (send it as a new request first)")
-            self._check_blocks(step, rid, cached.new_block_ids)
-            self._check_span(step, rid, req.num_computed_tokens, cached.num_scheduled_tokens,
-                             len(req.token_ids), len(req.block_ids) + len(cached.new_block_ids))
+        check_plan(plan, self._held, PlanLimits(self.num_blocks, self.block_size,
+                                                self.max_model_len, self.info.vocab_size))
 
-    def _check_span(
-        self, step: int, rid: str, computed: int, scheduled: int, known: int, num_blocks: int
-    ) -> None:
-        if computed < 0 or scheduled < 0:
-            _fail(step, rid, f"negative token counts (computed {computed}, scheduled {scheduled})")
-        end = computed + scheduled
-        if end > known:
-            _fail(step, rid, f"schedules tokens up to {end} but only {known} are known "
-                             f"({computed} computed + {scheduled} scheduled)")
-        if end > self.max_model_len:
-            _fail(step, rid, f"context of {end} tokens exceeds max_model_len {self.max_model_len}")
-        if end > num_blocks * self.block_size:
-            _fail(step, rid, f"block table of {num_blocks} blocks holds "
-                             f"{num_blocks * self.block_size} tokens, too short for {end}")
-
-    def _check_blocks(self, step: int, rid: str, block_ids: list[int]) -> None:
-        if any(not 0 <= b < self.num_blocks for b in block_ids):
-            _fail(step, rid, f"block ids must be in [0, {self.num_blocks})")
+    def _held(self, request_id: str) -> HeldState | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        return req.num_computed_tokens, len(req.token_ids), len(req.block_ids)
 
     def close(self) -> None:
         self.requests.clear()
@@ -253,6 +213,3 @@ class NativeRunner(ModelRunner):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-
-def _fail(step_id: int, request_id: str, message: str) -> NoReturn:
-    raise ValueError(f"step {step_id}: request {request_id!r}: {message}")

@@ -41,9 +41,10 @@ and are testable without it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from engine.messages import SamplingParams, StepPlan
+from engine.worker.plan_check import HeldState, PlanLimits, check_plan
 from engine.worker.sampler import seed_for_token
 
 #: The vLLM release the adapter is written and tested against (its worker API is internal).
@@ -286,66 +287,19 @@ class PlanTranslator:
 
     def validate(self, plan: StepPlan) -> None:
         """Reject an inconsistent plan before any state changes (ValueError); the same
-        checks and messages as the native runner's."""
-        finished = set(plan.finished_request_ids)
-        seen: set[str] = set()
+        checks and messages as the native runner's, plus this runner's batch limits."""
+        limits = PlanLimits(self.num_blocks, self.block_size, self.max_model_len, self.vocab_size)
+        total = check_plan(plan, self._held, limits)
         step = plan.step_id
-        total = 0
-        for new in plan.new_requests:
-            rid = new.request_id
-            if rid in seen:
-                _fail(step, rid, "appears twice in the plan")
-            seen.add(rid)
-            if rid in self.requests and rid not in finished:
-                _fail(step, rid, "is already running on this worker (new_requests must be new)")
-            n_known = len(new.token_ids)
-            if not 0 <= new.num_output_tokens <= n_known:
-                _fail(step, rid, f"num_output_tokens {new.num_output_tokens} not in [0, {n_known}]")
-            self._check_blocks(step, rid, new.block_ids)
-            self._check_span(step, rid, new.num_computed_tokens, new.num_scheduled_tokens,
-                             n_known, len(new.block_ids))
-            if any(not 0 <= t < self.vocab_size for t in new.token_ids):
-                _fail(step, rid, f"token ids must be in [0, {self.vocab_size})")
-            total += new.num_scheduled_tokens
-        for cached in plan.cached_requests:
-            rid = cached.request_id
-            if rid in seen:
-                _fail(step, rid, "appears twice in the plan")
-            seen.add(rid)
-            req = self.requests.get(rid)
-            if req is None or rid in finished:
-                _fail(step, rid, "unknown to this worker (send it as a new request first)")
-            self._check_blocks(step, rid, cached.new_block_ids)
-            self._check_span(step, rid, req.num_computed, cached.num_scheduled_tokens,
-                             req.num_known, req.num_blocks + len(cached.new_block_ids))
-            total += cached.num_scheduled_tokens
         if self.max_num_batched_tokens is not None and total > self.max_num_batched_tokens:
             raise ValueError(f"step {step}: {total} tokens exceed the vllm runner's "
                              f"max_num_batched_tokens {self.max_num_batched_tokens}")
-        if self.max_num_seqs is not None and len(seen) > self.max_num_seqs:
-            raise ValueError(f"step {step}: {len(seen)} requests exceed the vllm runner's "
-                             f"max_num_seqs {self.max_num_seqs}")
+        if self.max_num_seqs is not None and plan.num_requests > self.max_num_seqs:
+            raise ValueError(f"step {step}: {plan.num_requests} requests exceed the vllm "
+                             f"runner's max_num_seqs {self.max_num_seqs}")
 
-    def _check_span(
-        self, step: int, rid: str, computed: int, scheduled: int, known: int, num_blocks: int
-    ) -> None:
-        if computed < 0 or scheduled < 0:
-            _fail(step, rid, f"negative token counts (computed {computed}, scheduled {scheduled})")
-        end = computed + scheduled
-        if end > known:
-            _fail(step, rid, f"schedules tokens up to {end} but only {known} are known "
-                             f"({computed} computed + {scheduled} scheduled)")
-        if end > self.max_model_len:
-            _fail(step, rid, f"context of {end} tokens exceeds max_model_len {self.max_model_len}")
-        if end > num_blocks * self.block_size:
-            _fail(step, rid, f"block table of {num_blocks} blocks holds "
-                             f"{num_blocks * self.block_size} tokens, too short for {end}")
+    def _held(self, request_id: str) -> HeldState | None:
+        req = self.requests.get(request_id)
+        return None if req is None else (req.num_computed, req.num_known, req.num_blocks)
 
-    def _check_blocks(self, step: int, rid: str, block_ids: list[int]) -> None:
-        if any(not 0 <= b < self.num_blocks for b in block_ids):
-            _fail(step, rid, f"block ids must be in [0, {self.num_blocks})")
-
-
-def _fail(step_id: int, request_id: str, message: str) -> NoReturn:
-    raise ValueError(f"step {step_id}: request {request_id!r}: {message}")
 

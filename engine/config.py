@@ -79,10 +79,19 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class FrontendConfig:
+    """The APIs, their access control and their admission limits (docs/http.md)."""
+
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 50051
     api_keys: tuple[str, ...] = ()
+    rate_limit_rpm: int | None = None  # per API key
+    rate_limit_tpm: int | None = None  # per API key, prompt + max_tokens
+    shed_queue_time_s: float = 1.0  # predicted wait above which sheddable requests get 429
+    max_queue_time_s: float = 60.0  # no first token after this long: 503
+    max_request_bytes: int = 4 << 20
+    max_prompt_tokens: int | None = None  # default: the model's context
+    max_output_tokens: int | None = None  # default: the model's context
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,17 @@ class EngineConfig:
         for key in f.api_keys:
             _check(bool(key) and not any(ch.isspace() for ch in key), "--api-key",
                    "keys must be non-empty and contain no whitespace")
+        for flag, limit in (("--rate-limit-rpm", f.rate_limit_rpm),
+                            ("--rate-limit-tpm", f.rate_limit_tpm),
+                            ("--max-prompt-tokens", f.max_prompt_tokens),
+                            ("--max-output-tokens", f.max_output_tokens)):
+            _check(limit is None or limit >= 1, flag, f"must be >= 1, got {limit}")
+        _check(f.shed_queue_time_s >= 0, "--shed-queue-time",
+               f"must be >= 0 seconds, got {f.shed_queue_time_s}")
+        _check(f.max_queue_time_s > 0, "--max-queue-time",
+               f"must be > 0 seconds, got {f.max_queue_time_s}")
+        _check(f.max_request_bytes >= 1024, "--max-request-bytes",
+               f"must be >= 1024, got {f.max_request_bytes}")
         _check(self.launch.ready_timeout_s > 0, "--ready-timeout",
                f"must be > 0 seconds, got {self.launch.ready_timeout_s}")
         return self
@@ -202,7 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--http-port", type=int, metavar="PORT", help="HTTP port (default 8000)")
     g.add_argument("--grpc-port", type=int, metavar="PORT", help="gRPC port (default 50051)")
     g.add_argument("--api-key", action="append", metavar="KEY",
-                   help="require this bearer key; repeat for several")
+                   help="require this bearer key on /v1/*; repeat for several")
+    g.add_argument("--api-key-file", metavar="FILE",
+                   help="file with one API key per line (added to --api-key)")
+    g.add_argument("--rate-limit-rpm", type=int, metavar="N",
+                   help="requests per minute per API key (default unlimited)")
+    g.add_argument("--rate-limit-tpm", type=int, metavar="N",
+                   help="tokens (prompt + max_tokens) per minute per API key "
+                   "(default unlimited)")
+    g.add_argument("--shed-queue-time", type=float, metavar="SECONDS",
+                   help="predicted queue wait above which sheddable (negative-priority) "
+                   "requests get 429 (default 1.0)")
+    g.add_argument("--max-queue-time", type=float, metavar="SECONDS",
+                   help="a request without its first token after this long gets 503 "
+                   "(default 60)")
+    g.add_argument("--max-request-bytes", type=int, metavar="N",
+                   help="largest HTTP request body (default 4 MiB)")
+    g.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                   help="longest prompt accepted (default: the model's context)")
+    g.add_argument("--max-output-tokens", type=int, metavar="N",
+                   help="largest max_tokens accepted (default: the model's context)")
     g = p.add_argument_group("launcher")
     g.add_argument("--ready-timeout", type=float, metavar="SECONDS",
                    help="how long to wait for every process to be ready (default 180)")
@@ -288,7 +327,14 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 host=str(v.get("host", "127.0.0.1")),
                 http_port=int(v.get("http_port", 8000)),
                 grpc_port=int(v.get("grpc_port", 50051)),
-                api_keys=tuple(v.get("api_key") or ()),
+                api_keys=tuple(v.get("api_key") or ()) + _read_keys(v.get("api_key_file")),
+                rate_limit_rpm=v.get("rate_limit_rpm"),
+                rate_limit_tpm=v.get("rate_limit_tpm"),
+                shed_queue_time_s=float(v.get("shed_queue_time", 1.0)),
+                max_queue_time_s=float(v.get("max_queue_time", 60.0)),
+                max_request_bytes=int(v.get("max_request_bytes", 4 << 20)),
+                max_prompt_tokens=v.get("max_prompt_tokens"),
+                max_output_tokens=v.get("max_output_tokens"),
             ),
             launch=LaunchConfig(
                 ready_timeout_s=float(v.get("ready_timeout", 180.0)),
@@ -300,6 +346,20 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
             raise
         raise ConfigError(f"--config: a value has the wrong type: {e}") from e
     return cfg.validate()
+
+
+def _read_keys(path: str | None) -> tuple[str, ...]:
+    """API keys from a file, one per line; blank lines and ``#`` comments are skipped."""
+    if path is None:
+        return ()
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"--api-key-file: cannot read {path!r}: {e.strerror}") from e
+    keys = tuple(k for k in (ln.strip() for ln in lines) if k and not k.startswith("#"))
+    if not keys:
+        raise ConfigError(f"--api-key-file: {path!r} holds no key")
+    return keys
 
 
 def replace(cfg: EngineConfig, **sections: Any) -> EngineConfig:

@@ -2,7 +2,7 @@
 
 Start order: one scheduler process per model pool, its workers, then the frontend. Each
 reports ``ProcessReady`` (or ``ProcessFailed``) to the launcher's socket; when all have, the
-launcher prints ``engine ready: grpc://HOST:PORT`` on stdout. Then it supervises: a worker
+launcher prints ``engine ready: http://HOST:PORT grpc://HOST:PORT`` on stdout. Then it supervises: a worker
 that exits is restarted and its pool is told (the pool re-places the worker's requests, which
 are recomputed; their streams go on). Any other process exiting is fatal. SIGINT/SIGTERM
 stop everything: SIGTERM to each child, SIGKILL after a grace period; children also get
@@ -71,6 +71,7 @@ class Launcher:
         self.restarts = 0
         self.stop_signal: int | None = None
         self.grpc_port = cfg.frontend.grpc_port
+        self.http_port = cfg.frontend.http_port
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -81,7 +82,10 @@ class Launcher:
             self._start_all()
             self._wait_ready()
             host = self.cfg.frontend.host
-            print(f"engine ready: grpc://{host}:{self.grpc_port}", flush=True)
+            if ":" in host:
+                host = f"[{host}]"
+            print(f"engine ready: http://{host}:{self.http_port} grpc://{host}:{self.grpc_port}",
+                  flush=True)
             return self._supervise()
         except LaunchError as e:
             log.error("%s", e)
@@ -130,6 +134,7 @@ class Launcher:
                         pending.discard(name)
                         if name == "frontend":
                             self.grpc_port = int(info.get("grpc_port", self.grpc_port))
+                            self.http_port = int(info.get("http_port", self.http_port))
                     case m.ProcessFailed(name=name, message=text):
                         raise LaunchError(f"{name} failed to start: {text}")
 

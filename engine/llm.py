@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.chat import chat_prompt_ids
 from engine.config import EngineConfig, config_from_dict
 from engine.detokenizer import IncrementalDetokenizer
 from engine.messages import EngineRequest, RequestOutput, SamplingParams
@@ -103,6 +104,14 @@ class LLM:
                     self._apply(outs, results, detoks)
             self._apply(self.scheduler.drain_outputs(), results, detoks)
         return list(results.values())
+
+    def chat(self, messages: Sequence[Mapping[str, Any]],
+             sampling_params: SamplingParams | None = None, *,
+             priority: int = 0) -> CompletionOutput:
+        """One reply to ``messages``, rendered with the model's chat template exactly as the
+        HTTP API's ``/v1/chat/completions`` renders them."""
+        ids = chat_prompt_ids(self.tokenizer, messages)
+        return self.generate([ids], sampling_params, priority=priority)[0]
 
     def _apply(self, outputs: list[RequestOutput], results: dict[str, CompletionOutput],
                detoks: dict[str, IncrementalDetokenizer]) -> None:

@@ -28,7 +28,7 @@ from typing import Any, TypeAlias
 import msgspec
 
 #: Bumped whenever a message changes shape; processes of one engine must agree.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -132,6 +132,13 @@ class PoolStats(_Msg):
     live_workers: int = 0
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, cumulative
     prefix_hit_tokens: int = 0  # of which found cached
+    worker_ids: list[int] = []  # the live workers, in the order of the per-worker lists
+    num_waiting_per_worker: list[int] = []
+    # One entry per step finished since the previous stats: requests in the batch, tokens
+    # run, and the time from sending the plan to receiving its result.
+    step_batch_sizes: list[int] = []
+    step_num_tokens: list[int] = []
+    step_times_s: list[float] = []
 
 
 class PoolOutputs(_Msg, tag=True):

@@ -1,5 +1,7 @@
 """The gRPC API (``engine.v1.Engine``) on grpc.aio: validate, tokenize, route to the
-model's pool, stream detokenized deltas back.
+model's pool, stream detokenized deltas back. Validation and the request lifecycle are
+shared with the HTTP API (``engine.frontend.serving``); this module maps them to protobuf
+messages and gRPC status codes.
 
 Client request ids are mapped to fresh engine ids (``<id>.<random>``), so an id reused
 right after its request ended can never receive the old request's late outputs.
@@ -8,42 +10,37 @@ right after its request ended can never receive the old request's late outputs.
 from __future__ import annotations
 
 import logging
-import math
-import secrets
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import msgspec
 from google.protobuf.message import DecodeError
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.frontend.pool_client import PoolClient
 from engine.frontend.proto import SERVICE, pb2
-from engine.messages import EngineRequest, Explanation, SamplingParams
-from engine.models.info import ModelInfo
+from engine.frontend.serving import (
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    ModelRegistry,
+    ServedModel,
+    check,
+    check_token_ids,
+    encode_text,
+    engine_request,
+    generate,
+    resolve_max_tokens,
+    sampling_params,
+)
+from engine.messages import EngineRequest, Explanation
+
+if TYPE_CHECKING:
+    from engine.frontend.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 16
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-@dataclass
-class ServedModel:
-    info: ModelInfo
-    tokenizer: Any  # a transformers tokenizer (or a tokenizers.Tokenizer)
-    pool: PoolClient
-
-
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -63,70 +60,29 @@ def _deserializer(cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise RequestError(INVALID, message)
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    ids = tokenizer.encode(text)
-    return list(getattr(ids, "ids", ids))
-
-
-def sampling_params(req: Any, vocab_size: int) -> SamplingParams:
-    """The request's sampling fields, validated; ``max_tokens`` is set later (it depends on
-    the prompt length when unset)."""
+def engine_request_from_proto(req: Any, model: ServedModel) -> EngineRequest:
+    """Validate a GenerateRequest into the pool's EngineRequest (raises InvalidRequest)."""
     has = req.HasField
-    _check(not has("max_tokens") or req.max_tokens >= 1,
-           f"max_tokens must be >= 1, got {req.max_tokens}")
-    temperature = req.temperature if has("temperature") else 1.0
-    _check(math.isfinite(temperature) and temperature >= 0,
-           f"temperature must be >= 0, got {temperature}")
-    top_p = req.top_p if has("top_p") else 1.0
-    _check(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
-    _check(req.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {req.top_k}")
-    _check(req.min_tokens >= 0, f"min_tokens must be >= 0, got {req.min_tokens}")
-    _check(not has("logprobs") or req.logprobs >= 0, f"logprobs must be >= 0, got {req.logprobs}")
-    penalty = req.repetition_penalty if has("repetition_penalty") else 1.0
-    _check(math.isfinite(penalty) and penalty > 0,
-           f"repetition_penalty must be > 0, got {penalty}")
-    _check(all(req.stop), "stop strings must not be empty")
-    bad = [t for t in req.stop_token_ids if t >= vocab_size]
-    _check(not bad, f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
-    return SamplingParams(
-        temperature=temperature, top_p=top_p, top_k=req.top_k, min_tokens=req.min_tokens,
-        seed=req.seed if has("seed") else None, stop=tuple(req.stop),
-        stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
-        logprobs=req.logprobs if has("logprobs") else None, repetition_penalty=penalty,
+    sampling = sampling_params(
+        vocab_size=model.info.vocab_size,
+        temperature=req.temperature if has("temperature") else None,
+        top_p=req.top_p if has("top_p") else None, top_k=req.top_k,
+        min_tokens=req.min_tokens, seed=req.seed if has("seed") else None,
+        stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids),
+        ignore_eos=req.ignore_eos, logprobs=req.logprobs if has("logprobs") else None,
+        repetition_penalty=req.repetition_penalty if has("repetition_penalty") else None,
     )
-
-
-def prompt_ids(req: Any, model: ServedModel) -> list[int]:
-    _check(not (req.prompt and req.prompt_token_ids),
-           "give either prompt or prompt_token_ids, not both")
+    check(not (req.prompt and req.prompt_token_ids),
+          "give either prompt or prompt_token_ids, not both", "prompt")
     if req.prompt_token_ids:
-        ids = list(req.prompt_token_ids)
-        vocab = model.info.vocab_size
-        bad = sorted({t for t in ids if t >= vocab})
-        _check(not bad, f"prompt_token_ids {bad[:8]} are outside the vocabulary (size {vocab})")
-        return ids
-    _check(bool(req.prompt), "prompt is empty: give prompt or prompt_token_ids")
-    ids = _encode(model.tokenizer, req.prompt)
-    _check(bool(ids), "prompt is empty after tokenization")
-    return ids
-
-
-def max_tokens(req: Any, num_prompt: int, max_model_len: int) -> int:
-    room = max_model_len - num_prompt
-    _check(num_prompt <= max_model_len, f"prompt longer than the model's context: {num_prompt} "
-           f"tokens, max_model_len is {max_model_len}")
-    _check(room > 0, f"prompt fills the model's context ({num_prompt} tokens = max_model_len), "
-           "no room to generate")
-    if not req.HasField("max_tokens"):
-        return min(DEFAULT_MAX_TOKENS, room)
-    _check(req.max_tokens <= room, f"prompt ({num_prompt} tokens) + max_tokens "
-           f"({req.max_tokens}) exceeds the model's context (max_model_len {max_model_len})")
-    return int(req.max_tokens)
+        ids = check_token_ids(model, list(req.prompt_token_ids), "prompt_token_ids")
+    else:
+        check(bool(req.prompt), "prompt is empty: give prompt or prompt_token_ids", "prompt")
+        ids = encode_text(model, req.prompt)
+    limit = resolve_max_tokens(req.max_tokens if has("max_tokens") else None, len(ids),
+                               model.info.max_model_len)
+    return engine_request(model, req.request_id or f"req-{uuid.uuid4().hex}", ids, sampling,
+                          limit, priority=req.priority, tenant=req.tenant)
 
 
 def fill_explanation(target: Any, e: Explanation) -> None:
@@ -140,93 +96,44 @@ def fill_explanation(target: Any, e: Explanation) -> None:
 
 
 class EngineServicer:
-    def __init__(self, models: Sequence[ServedModel]) -> None:
-        if not models:
-            raise ValueError("the gRPC frontend needs at least one model")
-        self.models = list(models)
-        self._by_name = {m.info.name: m for m in self.models}
+    def __init__(self, models: ModelRegistry, metrics: EngineMetrics | None = None) -> None:
+        self.models = models
+        self.metrics = metrics
         self._running: dict[str, tuple[ServedModel, str]] = {}  # client id -> (model, engine id)
-
-    def _model(self, name: str) -> ServedModel:
-        if not name:
-            return self.models[0]
-        model = self._by_name.get(name)
-        if model is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {name!r} not found; served "
-                               f"models: {', '.join(self._by_name)}")
-        return model
-
-    def _prepare(self, req: Any) -> tuple[ServedModel, str, EngineRequest]:
-        if isinstance(req, _Unparsable):
-            raise RequestError(INVALID, req.message)
-        model = self._model(req.model)
-        sampling = sampling_params(req, model.info.vocab_size)
-        ids = prompt_ids(req, model)
-        limit = max_tokens(req, len(ids), model.info.max_model_len)
-        _check(sampling.min_tokens <= limit,
-               f"min_tokens ({sampling.min_tokens}) must be <= max_tokens ({limit})")
-        client_id = req.request_id or f"req-{uuid.uuid4().hex}"
-        if client_id in self._running:
-            raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
-                               f"request id {client_id!r} is already running")
-        engine_req = EngineRequest(
-            request_id=f"{client_id}.{secrets.token_hex(4)}", prompt_token_ids=tuple(ids),
-            sampling=msgspec.structs.replace(sampling, max_tokens=limit), priority=req.priority,
-            arrival_time=time.time(), eos_token_ids=model.info.eos_token_ids,
-            tenant=req.tenant,
-        )
-        return model, client_id, engine_req
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            model, client_id, ereq = self._prepare(request)
-            stream = model.pool.add(ereq)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-        except RuntimeError as e:  # the pool client is closed or broken
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            if isinstance(request, _Unparsable):
+                raise InvalidRequest(request.message)
+            model = self.models.get(request.model)
+            ereq = engine_request_from_proto(request, model)
+        except InvalidRequest as e:
+            await context.abort(INVALID, e.message)
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, e.message)
+        client_id = ereq.request_id.rpartition(".")[0]
+        if client_id in self._running:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request id {client_id!r} is already running")
         self._running[client_id] = (model, ereq.request_id)
-        detok = IncrementalDetokenizer(model.tokenizer, ereq.prompt_token_ids, ereq.sampling.stop)
-        done = False
-        completion = cached = 0
         try:
-            async for out in stream:
-                if out.finish_reason == "error":
-                    done = True
-                    await context.abort(grpc.StatusCode.INTERNAL,
-                                        f"request {client_id} failed: {out.error or 'error'}")
-                completion += len(out.new_token_ids)
-                cached = out.num_cached_tokens or cached
-                text, stopped = detok.append(out.new_token_ids)
-                finish = out.finish_reason
-                if stopped:
-                    if finish is None:  # the pool is still generating: stop it
-                        model.pool.abort([ereq.request_id])
-                    finish = "stop"
-                elif finish is not None:
-                    text += detok.finish()
-                    finish = "stop" if detok.stopped else finish
-                resp = pb2.GenerateResponse(request_id=client_id, text=text,
-                                            token_ids=out.new_token_ids,
-                                            finish_reason=finish or "")
-                if out.logprobs:
-                    resp.logprobs.extend(out.logprobs)
-                if finish is not None:
-                    done = True
-                    resp.usage.prompt_tokens = out.num_prompt_tokens or len(ereq.prompt_token_ids)
-                    resp.usage.completion_tokens = completion
-                    resp.usage.cached_tokens = cached
-                    if out.explanation is not None:
-                        log.debug("request %s explanation: %s", client_id, out.explanation)
-                        if request.explain:
-                            fill_explanation(resp.explanation, out.explanation)
-                    yield resp
-                    return
-                if text or out.new_token_ids:
-                    yield resp
+            async for delta in generate(model, ereq, self.metrics):
+                resp = pb2.GenerateResponse(request_id=client_id, text=delta.text,
+                                            token_ids=delta.token_ids,
+                                            finish_reason=delta.finish_reason or "")
+                if delta.logprobs:
+                    resp.logprobs.extend(delta.logprobs)
+                if delta.usage is not None:
+                    resp.usage.prompt_tokens = delta.usage.prompt_tokens
+                    resp.usage.completion_tokens = delta.usage.completion_tokens
+                    resp.usage.cached_tokens = delta.usage.cached_tokens
+                if delta.explanation is not None and request.explain:
+                    fill_explanation(resp.explanation, delta.explanation)
+                yield resp
+        except GenerationFailed as e:
+            code = grpc.StatusCode.UNAVAILABLE if e.unavailable else grpc.StatusCode.INTERNAL
+            await context.abort(code, f"request {client_id} failed: {e}")
         finally:
-            if not done:  # cancelled by the client, or the server is stopping
-                model.pool.abort([ereq.request_id])
             self._running.pop(client_id, None)
 
     async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -241,7 +148,7 @@ class EngineServicer:
         resp = pb2.HealthResponse()
         ok = True
         for m in self.models:
-            pool = resp.pools.add(model=m.info.name)
+            pool = resp.pools.add(model=m.name)
             stats = m.pool.stats
             if stats is not None:
                 pool.live_workers = stats.live_workers
@@ -257,7 +164,7 @@ class EngineServicer:
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb2.ListModelsResponse(models=[
-            pb2.ModelCard(name=m.info.name, max_model_len=m.info.max_model_len,
+            pb2.ModelCard(name=m.name, max_model_len=m.info.max_model_len,
                           vocab_size=m.info.vocab_size)
             for m in self.models
         ])
@@ -285,11 +192,12 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-async def start_grpc_server(models: Sequence[ServedModel], host: str,
-                            port: int) -> tuple[grpc.aio.Server, int]:
+async def start_grpc_server(models: Sequence[ServedModel] | ModelRegistry, host: str, port: int,
+                            metrics: EngineMetrics | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the port actually bound (``port=0`` picks one)."""
+    registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models)
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((generic_handler(EngineServicer(models)),))
+    server.add_generic_rpc_handlers((generic_handler(EngineServicer(registry, metrics)),))
     bound = server.add_insecure_port(host_port(host, port))
     if not bound:
         raise OSError(f"cannot bind gRPC to {host_port(host, port)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, cast
 
 import msgspec
@@ -63,6 +63,10 @@ class PoolClient:
                  ctx: zmq.asyncio.Context | None = None) -> None:
         self.name = name
         self.stats: PoolStats | None = None
+        #: Called with every PoolStats as it arrives (metrics, admission).
+        self.stats_listeners: list[Callable[[PoolStats], None]] = []
+        #: Requests the pool reported finished (any reason), cumulative: its drain rate.
+        self.num_finished = 0
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._push = ipc.make_socket(self._ctx, zmq.PUSH, addresses.requests, bind=False)
         self._pull = cast(zmq.asyncio.Socket,
@@ -123,9 +127,9 @@ class PoolClient:
         self._push.send(ipc.encode(msg), copy=False)
 
     def _dispatch(self, msg: PoolOutputs) -> None:
-        if msg.stats is not None:
-            self.stats = msg.stats
         for out in msg.outputs:
+            if out.finish_reason is not None:
+                self.num_finished += 1
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted here already, or not ours
@@ -134,6 +138,10 @@ class PoolClient:
             if out.finish_reason is not None:
                 del self._streams[out.request_id]
             stream._put(out)
+        if msg.stats is not None:  # after the outputs, so listeners see them counted
+            self.stats = msg.stats
+            for listener in self.stats_listeners:
+                listener(msg.stats)
 
     async def _read_loop(self) -> None:
         try:

@@ -1,5 +1,6 @@
 """The frontend process: load each pool's model info and tokenizer, connect to the pools,
-serve gRPC, report ready to the launcher, serve until SIGTERM / SIGINT."""
+serve gRPC and HTTP on one event loop (sharing the pools, the metrics and the request
+lifecycle), report ready to the launcher, serve until SIGTERM / SIGINT."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from collections.abc import Callable
 
 from engine import ipc
 from engine.config import EngineConfig
-from engine.frontend.grpc_server import ServedModel, start_grpc_server
+from engine.frontend.grpc_server import start_grpc_server
+from engine.frontend.http_server import OpenAIServer, start_http_server
+from engine.frontend.metrics import EngineMetrics
 from engine.frontend.pool_client import PoolClient
+from engine.frontend.serving import ModelRegistry, ServedModel
 from engine.messages import ProcessFailed, ProcessReady
 from engine.models.info import load_model_info
 
@@ -39,19 +43,27 @@ def connect_models(cfg: EngineConfig, run_dir: str) -> list[ServedModel]:
     return served
 
 
-async def _serve(cfg: EngineConfig, run_dir: str, on_ready: Callable[[int], None]) -> None:
+async def _serve(cfg: EngineConfig, run_dir: str,
+                 on_ready: Callable[[dict[str, int]], None]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    models = connect_models(cfg, run_dir)
+    models = ModelRegistry(connect_models(cfg, run_dir))
+    metrics = EngineMetrics()
+    for m in models:
+        metrics.add_pool(m.name, lambda pool=m.pool: pool.stats, m.pool.stats_listeners)
+    f = cfg.frontend
     try:
-        server, port = await start_grpc_server(models, cfg.frontend.host, cfg.frontend.grpc_port)
-        on_ready(port)
-        log.info("frontend ready: grpc port %d, models %s", port, [m.info.name for m in models])
+        grpc_server, grpc_port = await start_grpc_server(models, f.host, f.grpc_port, metrics)
+        http = await start_http_server(
+            OpenAIServer(models, f, cfg.scheduler.max_num_seqs, metrics), f.host, f.http_port)
+        on_ready({"grpc_port": grpc_port, "http_port": http.port})
+        log.info("frontend ready: http port %d, grpc port %d, models %s", http.port, grpc_port,
+                 [m.name for m in models])
         await stop.wait()
         log.info("frontend stopping")
-        await server.stop(SHUTDOWN_GRACE_S)
+        await asyncio.gather(grpc_server.stop(SHUTDOWN_GRACE_S), http.stop(SHUTDOWN_GRACE_S))
     finally:
         for m in models:
             await m.pool.close()
@@ -69,9 +81,9 @@ def run_frontend(cfg: EngineConfig, run_dir: str) -> None:
                         format="%(asctime)s %(levelname)s frontend %(name)s: %(message)s")
     ready = False
 
-    def on_ready(port: int) -> None:
+    def on_ready(ports: dict[str, int]) -> None:
         nonlocal ready
-        ipc.notify_launcher(run_dir, ProcessReady(name="frontend", info={"grpc_port": port}))
+        ipc.notify_launcher(run_dir, ProcessReady(name="frontend", info=ports))
         ready = True
 
     try:

@@ -46,6 +46,8 @@ class PoolService:
             self.poller.register(sock, zmq.POLLIN)
         self.incarnations: dict[int, int] = {}
         self.pending: list[m.RequestOutput] = []
+        self.sent_at: dict[int, float] = {}  # worker id -> when its in-flight plan was sent
+        self.steps: tuple[list[int], list[int], list[float]] = ([], [], [])
         self.last_stats = 0.0
         self.running = True
 
@@ -109,6 +111,7 @@ class PoolService:
             case m.StepResult(worker_id=w):
                 plan = self._in_flight(w)
                 if plan is not None:
+                    self._record_step(plan, now - self.sent_at.get(w, now))
                     self.pending += self.scheduler.update(plan, msg, now)
             case m.WorkerError(worker_id=w, message=text):
                 plan = self._in_flight(w)
@@ -138,15 +141,31 @@ class PoolService:
                 continue
             try:
                 self.workers.send_multipart([ipc.worker_identity(w), ipc.encode(plan)])
+                self.sent_at[w] = now
             except zmq.ZMQError as e:  # the worker is gone; the launcher restarts it
                 log.warning("worker %d unreachable (%s); re-placing its requests", w, e)
                 self.scheduler.remove_worker(w, now)
         self.pending += self.scheduler.drain_outputs()
 
+    def _record_step(self, plan: m.StepPlan, duration_s: float) -> None:
+        sizes, tokens, times = self.steps
+        sizes.append(plan.num_requests)
+        tokens.append(plan.num_scheduled_tokens)
+        times.append(duration_s)
+
+    def _stats(self) -> m.PoolStats:
+        stats = self.scheduler.stats()
+        workers = self.scheduler.workers
+        stats.worker_ids = sorted(workers)
+        stats.num_waiting_per_worker = [len(workers[w].waiting) for w in stats.worker_ids]
+        stats.step_batch_sizes, stats.step_num_tokens, stats.step_times_s = self.steps
+        self.steps = ([], [], [])
+        return stats
+
     def _flush(self, now: float) -> None:
         if not self.pending and now - self.last_stats < STATS_INTERVAL_S:
             return
-        msg = m.PoolOutputs(outputs=self.pending, stats=self.scheduler.stats())
+        msg = m.PoolOutputs(outputs=self.pending, stats=self._stats())
         self.outputs.send(ipc.encode(msg))
         self.pending = []
         self.last_stats = now

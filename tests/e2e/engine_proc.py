@@ -18,10 +18,11 @@ from engine.frontend.proto import pb2, pb2_grpc
 
 @contextmanager
 def launched(*args: str, timeout: float = 180.0) -> Iterator[tuple[subprocess.Popen, int]]:
-    """``python -m engine.launch --grpc-port 0 ARGS`` in its own session; yields (process,
-    bound gRPC port) and kills whatever is left afterwards."""
-    cmd = [sys.executable, "-m", "engine.launch", "--grpc-port", "0", "--log-level", "WARNING",
-           *args]
+    """``python -m engine.launch --grpc-port 0 --http-port 0 ARGS`` in its own session; yields
+    (process, bound gRPC port), with the bound HTTP port as ``process.http_port``, and kills
+    whatever is left afterwards."""
+    cmd = [sys.executable, "-m", "engine.launch", "--grpc-port", "0", "--http-port", "0",
+           "--log-level", "WARNING", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + timeout
@@ -30,8 +31,10 @@ def launched(*args: str, timeout: float = 180.0) -> Iterator[tuple[subprocess.Po
             line = proc.stdout.readline()
             if line.startswith("engine ready:") or proc.poll() is not None:
                 break
-        assert line.startswith("engine ready: grpc://"), f"no ready line (got {line!r})"
-        yield proc, int(line.rsplit(":", 1)[1])
+        assert line.startswith("engine ready: http://"), f"no ready line (got {line!r})"
+        http, grpc_url = line.split()[2:4]
+        proc.http_port = int(http.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+        yield proc, int(grpc_url.rsplit(":", 1)[1])
     finally:  # whatever failed, leave no engine behind
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

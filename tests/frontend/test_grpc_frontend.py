@@ -15,132 +15,35 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import zmq
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from frontend.fake_pool import (
+    EOS,
+    LIVE_WORKERS,
+    MAX_MODEL_LEN,
+    FakePool,
+    make_model_dir,
+)
 
 from engine import ipc
 from engine.client import generate, stream
 from engine.config import ModelConfig
-from engine.frontend.grpc_server import ServedModel, start_grpc_server
+from engine.frontend.grpc_server import start_grpc_server
 from engine.frontend.pool_client import PoolClient
 from engine.frontend.proto import pb2, pb2_grpc
+from engine.frontend.serving import ServedModel
 from engine.messages import (
-    AbortRequests,
-    AddRequest,
-    EngineRequest,
-    PoolOutputs,
-    PoolStats,
     ProcessFailed,
     ProcessReady,
-    RequestOutput,
 )
 from engine.models.info import load_model_info
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_MODEL_LEN = 64
-EOS = 1
-LIVE_WORKERS = 2
-SLOW_TOKEN_S = 0.05  # per-token delay for requests with tenant "slow"
-
-
-def make_model_dir(path: Path) -> Path:
-    """config.json (what ModelInfo reads) and a byte-level BPE tokenizer trained here."""
-    path.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["Hello world, hello again.", "The quick brown fox jumps over the lazy dog.",
-              "héllo wörld, façade 中文 🎉"] * 3
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": tok.get_vocab_size(), "max_position_embeddings": MAX_MODEL_LEN,
-        "num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 16,
-        "eos_token_id": EOS}))
-    return path
-
-
-@dataclass
-class _Active:
-    req: EngineRequest
-    sent: int = 0
-    due: float = 0.0
-
-
-@dataclass
-class FakePool:
-    run_dir: str
-    index: int
-    added: list[EngineRequest] = field(default_factory=list)
-    aborted: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._bound = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._bound.wait(5)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        ctx = zmq.Context()
-        addrs = ipc.pool_addresses(self.run_dir, self.index)
-        pull = ipc.make_socket(ctx, zmq.PULL, addrs.requests, bind=True)
-        push = ipc.make_socket(ctx, zmq.PUSH, addrs.outputs, bind=True)
-        self._bound.set()
-        active: dict[str, _Active] = {}
-
-        def send(*outs: RequestOutput) -> None:
-            stats = PoolStats(num_running=len(active), live_workers=LIVE_WORKERS)
-            push.send(ipc.encode(PoolOutputs(outputs=list(outs), stats=stats)))
-
-        while not self._stop.is_set():
-            if pull.poll(1):
-                msg = ipc.FRONTEND_TO_POOL.decode(pull.recv())
-                if isinstance(msg, AddRequest):
-                    req = msg.request
-                    self.added.append(req)
-                    if req.tenant == "fail":
-                        send(RequestOutput(request_id=req.request_id, new_token_ids=[],
-                                           error="worker exploded"))
-                    else:
-                        active[req.request_id] = _Active(req)
-                elif isinstance(msg, AbortRequests):
-                    self.aborted.extend(msg.request_ids)
-                    for rid in msg.request_ids:
-                        if active.pop(rid, None) is not None:
-                            send(RequestOutput(request_id=rid, new_token_ids=[],
-                                               finish_reason="abort"))
-            now = time.monotonic()
-            for rid, a in list(active.items()):
-                if a.due > now:
-                    continue
-                prompt = a.req.prompt_token_ids
-                a.sent += 1
-                a.due = now + (SLOW_TOKEN_S if a.req.tenant == "slow" else 0.0)
-                last = a.sent >= a.req.sampling.max_tokens
-                if last:
-                    del active[rid]
-                send(RequestOutput(request_id=rid, new_token_ids=[prompt[(a.sent - 1) % len(prompt)]],
-                                   finish_reason="length" if last else None,
-                                   num_prompt_tokens=len(prompt), num_cached_tokens=3))
-        pull.close()
-        push.close()
-        ctx.term()
 
 
 class Frontend:
@@ -361,7 +264,7 @@ def test_pool_error_ends_stream(env: Env) -> None:
     ({"prompt": "Hi", "temperature": -0.1}, "temperature"),
     ({"prompt": "Hi", "top_p": 0.0}, "top_p"),
     ({"prompt": "Hi", "top_p": 1.5}, "top_p"),
-    ({"prompt": "Hi", "top_k": -1}, "top_k"),
+    ({"prompt": "Hi", "top_k": -2}, "top_k"),
     ({"prompt": "Hi", "min_tokens": -1}, "min_tokens"),
     ({"prompt": "Hi", "min_tokens": 9, "max_tokens": 4}, "min_tokens"),
     ({"prompt": "Hi", "stop": [""]}, "stop strings"),

@@ -1,0 +1,88 @@
+"""Request bodies of the OpenAI-compatible API (pydantic, so ``/openapi.json`` documents
+them), with the vLLM extensions benchmark clients and integrations send.
+
+Fields OpenAI defines that this engine cannot honour (``logit_bias``, ``tools``, non-zero
+presence or frequency penalties, ``best_of`` > 1, ``suffix``) are refused with 400 rather
+than silently ignored; fields nobody defines are ignored with a logged warning, as vLLM does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Sampling(_Body):
+    """Fields shared by both endpoints."""
+
+    model: str | None = None
+    n: int = Field(1, description="choices to generate per prompt (1 to 128)")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, description="0 is greedy; default 1")
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    user: str | None = Field(None, description="end user; the fair-share policy's tenant")
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extensions
+    top_k: int | None = Field(None, description="0 or -1 disable it")
+    min_tokens: int | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    cache_salt: str | None = Field(None, description="isolates this request's prefix cache")
+    # this engine's
+    priority: int | None = Field(
+        None, description="higher is more important; negative is sheddable (429 under "
+        "overload). Also settable with the x-request-priority header.")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="text, texts, token ids, or lists of token ids")
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(None, description="return the sampled tokens' logprobs")
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    add_generation_prompt: bool = True
+
+
+#: Fields defined by OpenAI or vLLM that are accepted and mean nothing here (no warning).
+KNOWN_NO_OPS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls",
+                          "tool_choice", "skip_special_tokens"})

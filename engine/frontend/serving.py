@@ -1,0 +1,268 @@
+"""What every API of the frontend shares (gRPC and HTTP): the served models, request
+validation, and the lifecycle of one request.
+
+``generate`` sends a validated ``EngineRequest`` to its model's pool and yields ``Delta``s:
+new text (incrementally detokenized, stop strings cut), new token ids, their logprobs, and on
+the last one the finish reason and usage. Closing or cancelling the iterator before the end
+(a client that went away, a timeout) aborts the request in its pool at once, which frees its
+KV blocks. Latency and token metrics are recorded here, so every API reports them alike.
+
+Validation raises ``InvalidRequest`` (naming the parameter), unknown models
+``ModelNotFound``; each API maps them to its own status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.frontend.pool_client import PoolClient
+from engine.messages import EngineRequest, Explanation, SamplingParams
+from engine.models.info import ModelInfo
+
+if TYPE_CHECKING:
+    from engine.frontend.metrics import EngineMetrics
+
+log = logging.getLogger(__name__)
+
+#: max_tokens when a request does not say (clamped to the context left), as in OpenAI's API.
+DEFAULT_MAX_TOKENS = 16
+
+
+class InvalidRequest(ValueError):
+    """The request is malformed or out of range; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ModelNotFound(LookupError):
+    def __init__(self, name: str, served: Sequence[str]) -> None:
+        self.message = f"model {name!r} not found; served models: {', '.join(served)}"
+        super().__init__(self.message)
+
+
+class GenerationFailed(RuntimeError):
+    """The pool reported an error for this request (``unavailable`` False), or the pool
+    cannot be reached (``unavailable`` True: nothing ran, the client may retry)."""
+
+    def __init__(self, message: str, unavailable: bool = False) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+
+
+@dataclass
+class ServedModel:
+    info: ModelInfo
+    tokenizer: Any  # a transformers tokenizer (or a tokenizers.Tokenizer)
+    pool: PoolClient
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+class ModelRegistry:
+    """The served models by name, in config order; the first is the default."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        if not models:
+            raise ValueError("the frontend needs at least one model")
+        self.models = list(models)
+        self._by_name = {m.name: m for m in self.models}
+
+    def get(self, name: str | None) -> ServedModel:
+        """The named model; the default one when ``name`` is empty."""
+        if not name:
+            return self.models[0]
+        model = self._by_name.get(name)
+        if model is None:
+            raise ModelNotFound(name, list(self._by_name))
+        return model
+
+    def __iter__(self) -> Any:
+        return iter(self.models)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check(ok: bool, message: str, param: str | None = None) -> None:
+    if not ok:
+        raise InvalidRequest(message, param)
+
+
+def sampling_params(
+    *, vocab_size: int, temperature: float | None = None, top_p: float | None = None,
+    top_k: int | None = None, min_tokens: int | None = None, seed: int | None = None,
+    stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+    logprobs: int | None = None, repetition_penalty: float | None = None,
+) -> SamplingParams:
+    """Validated sampling parameters; ``max_tokens`` is set by ``resolve_max_tokens`` (it
+    depends on the prompt's length). ``None`` means the default."""
+    temperature = 1.0 if temperature is None else float(temperature)
+    check(math.isfinite(temperature) and temperature >= 0,
+          f"temperature must be >= 0, got {temperature}", "temperature")
+    top_p = 1.0 if top_p is None else float(top_p)
+    check(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    top_k = top_k or 0
+    check(top_k >= 0 or top_k == -1, f"top_k must be >= 0 (0 or -1 disable it), got {top_k}",
+          "top_k")
+    min_tokens = min_tokens or 0
+    check(min_tokens >= 0, f"min_tokens must be >= 0, got {min_tokens}", "min_tokens")
+    check(logprobs is None or logprobs >= 0, f"logprobs must be >= 0, got {logprobs}",
+          "logprobs")
+    penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
+    check(math.isfinite(penalty) and penalty > 0,
+          f"repetition_penalty must be > 0, got {penalty}", "repetition_penalty")
+    check(all(stop), "stop strings must not be empty", "stop")
+    bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
+    check(not bad, f"stop_token_ids {bad[:8]} are outside the vocabulary (size {vocab_size})",
+          "stop_token_ids")
+    check(seed is None or -(2**63) <= seed < 2**64, "seed must fit in 64 bits", "seed")
+    return SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=max(top_k, 0), min_tokens=min_tokens,
+        seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_token_ids),
+        ignore_eos=ignore_eos, logprobs=logprobs, repetition_penalty=penalty,
+    )
+
+
+def encode_text(model: ServedModel, text: str, param: str = "prompt") -> list[int]:
+    check(bool(text), f"{param} is empty", param)
+    ids = model.tokenizer.encode(text)
+    ids = list(getattr(ids, "ids", ids))
+    check(bool(ids), f"{param} is empty after tokenization", param)
+    return ids
+
+
+def check_token_ids(model: ServedModel, ids: Sequence[int], param: str = "prompt") -> list[int]:
+    check(len(ids) > 0, f"{param} is empty", param)
+    vocab = model.info.vocab_size
+    bad = sorted({t for t in ids if not 0 <= t < vocab})
+    check(not bad, f"{param} token ids {bad[:8]} are outside the vocabulary (size {vocab})",
+          param)
+    return [int(t) for t in ids]
+
+
+def resolve_max_tokens(requested: int | None, num_prompt: int, max_model_len: int,
+                       param: str = "max_tokens") -> int:
+    """The request's output budget: ``requested`` if it fits the context, else an error;
+    unset means ``DEFAULT_MAX_TOKENS`` clamped to the room left."""
+    room = max_model_len - num_prompt
+    check(num_prompt <= max_model_len, f"prompt longer than the model's context: {num_prompt} "
+          f"tokens, max_model_len is {max_model_len}", "prompt")
+    check(room > 0, f"prompt fills the model's context ({num_prompt} tokens = max_model_len), "
+          "no room to generate", "prompt")
+    if requested is None:
+        return min(DEFAULT_MAX_TOKENS, room)
+    check(requested >= 1, f"{param} must be >= 1, got {requested}", param)
+    check(requested <= room, f"prompt ({num_prompt} tokens) + {param} ({requested}) exceeds "
+          f"the model's context (max_model_len {max_model_len})", param)
+    return int(requested)
+
+
+def engine_request(model: ServedModel, request_id: str, prompt_ids: Sequence[int],
+                   sampling: SamplingParams, max_tokens: int, *, priority: int = 0,
+                   tenant: str = "", cache_salt: str = "") -> EngineRequest:
+    """The request as the pool receives it, under a fresh engine id (``<id>.<random>``) so
+    that a client id reused right after its request ended never receives old outputs."""
+    import msgspec
+
+    check(sampling.min_tokens <= max_tokens,
+          f"min_tokens ({sampling.min_tokens}) must be <= max_tokens ({max_tokens})",
+          "min_tokens")
+    check(-(2**31) <= priority < 2**31, "priority must fit in 32 bits", "priority")
+    return EngineRequest(
+        request_id=f"{request_id}.{secrets.token_hex(4)}", prompt_token_ids=tuple(prompt_ids),
+        sampling=msgspec.structs.replace(sampling, max_tokens=max_tokens), priority=priority,
+        arrival_time=time.time(), eos_token_ids=model.info.eos_token_ids, tenant=tenant,
+        cache_salt=cache_salt,
+    )
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Delta:
+    """New output of one request since the previous delta."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    #: "stop", "length" or "abort" on the last delta, else None.
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    explanation: Explanation | None = None
+
+
+async def generate(model: ServedModel, request: EngineRequest,
+                   metrics: EngineMetrics | None = None) -> AsyncIterator[Delta]:
+    """Run one request to its end, yielding its deltas (empty ones are skipped).
+
+    Raises ``GenerationFailed`` when the pool fails the request or cannot be reached. The
+    request is aborted in its pool if the iterator is closed or cancelled before its last
+    delta, so a client that goes away frees its KV blocks at once.
+    """
+    try:
+        stream = model.pool.add(request)
+    except RuntimeError as e:  # the pool client is closed or broken
+        raise GenerationFailed(str(e), unavailable=True) from e
+    detok = IncrementalDetokenizer(model.tokenizer, request.prompt_token_ids,
+                                   request.sampling.stop)
+    timer = metrics.request_timer(model.name, request) if metrics else None
+    done = False
+    completion = cached = 0
+    try:
+        async for out in stream:
+            if out.finish_reason == "error":
+                done = True
+                if timer:
+                    timer.finish("error", completion, out.explanation)
+                raise GenerationFailed(out.error or "the engine failed the request")
+            completion += len(out.new_token_ids)
+            cached = out.num_cached_tokens or cached
+            if timer and out.new_token_ids:
+                timer.tokens(len(out.new_token_ids))
+            text, stopped = detok.append(out.new_token_ids)
+            finish = out.finish_reason
+            if stopped:
+                if finish is None:  # the pool is still generating: stop it
+                    model.pool.abort([request.request_id])
+                finish = "stop"
+            elif finish is not None:
+                text += detok.finish()
+                finish = "stop" if detok.stopped else finish
+            if finish is not None:
+                done = True
+                usage = Usage(out.num_prompt_tokens or len(request.prompt_token_ids),
+                              completion, cached)
+                if out.explanation is not None:
+                    log.debug("request %s explanation: %s", request.request_id, out.explanation)
+                if timer:
+                    timer.finish(finish, completion, out.explanation, cached)
+                yield Delta(text, list(out.new_token_ids), out.logprobs, finish, usage,
+                            out.explanation)
+                return
+            if text or out.new_token_ids:
+                yield Delta(text, list(out.new_token_ids), out.logprobs)
+    finally:
+        if not done:  # closed early: the client went away, a timeout, the server stopping
+            model.pool.abort([request.request_id])
+            if timer:
+                timer.finish("abort", completion, None)

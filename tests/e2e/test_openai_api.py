@@ -1,0 +1,103 @@
+"""The official ``openai`` client against a launched engine serving two model pools, with an
+API key and a token rate limit: chat and completions (streamed and not), models.list(),
+routing by model name, cached-token usage, the SDK's typed errors, and greedy chat equal to
+the in-process API's."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from e2e.engine_proc import launched
+from engine.models.default import default_model_dir
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+KEY = "sk-test-key"
+MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[str]:
+    model = str(default_model_dir())
+    with launched("--model", model, "--model", model, "--served-model-name", "a",
+                  "--served-model-name", "b", "--api-key", KEY,
+                  "--rate-limit-tpm", "100000") as (proc, _grpc_port):
+        yield f"http://127.0.0.1:{proc.http_port}"
+
+
+@pytest.fixture(scope="module")
+def client(engine: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{engine}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def metric(engine: str, name: str, model: str) -> float:
+    text = httpx.get(f"{engine}/metrics").text
+    match = re.search(rf'^{re.escape(name)}{{model_name="{model}"}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_models_list(client: openai.OpenAI) -> None:
+    assert sorted(m.id for m in client.models.list()) == ["a", "b"]
+
+
+def test_chat_greedy_equals_in_process(client: openai.OpenAI) -> None:
+    from engine import LLM, SamplingParams
+
+    reply = client.chat.completions.create(model="a", messages=MESSAGES, max_tokens=24,
+                                           temperature=0)
+    expected = LLM().chat(MESSAGES, SamplingParams(max_tokens=24, temperature=0))
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    streamed = client.chat.completions.create(
+        model="a", messages=MESSAGES, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        expected.text)
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_completions_stream_and_cached_tokens(client: openai.OpenAI) -> None:
+    prompt = "def fibonacci(n):\n    " * 6  # several full KV blocks
+    first = client.completions.create(model="a", prompt=prompt, max_tokens=8, temperature=0)
+    again = client.completions.create(model="a", prompt=prompt, max_tokens=8, temperature=0)
+    assert first.choices[0].text == again.choices[0].text
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens >= 32
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16  # a prefix-cache hit
+    stream = client.completions.create(model="a", prompt=prompt, max_tokens=8, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream) == first.choices[0].text
+
+
+def test_requests_reach_the_pool_named(engine: str, client: openai.OpenAI) -> None:
+    before = {m: metric(engine, "vllm:prefix_cache_queries_total", m) for m in "ab"}
+    out = client.completions.create(model="b", prompt=[5, 6, 7, 8, 9, 10, 11], max_tokens=2)
+    assert out.model == "b"
+    deadline = time.time() + 10  # the pool's stats follow its outputs
+    while time.time() < deadline and metric(engine, "vllm:prefix_cache_queries_total",
+                                            "b") == before["b"]:
+        time.sleep(0.1)
+    assert metric(engine, "vllm:prefix_cache_queries_total", "b") >= before["b"] + 7
+    assert metric(engine, "vllm:prefix_cache_queries_total", "a") == before["a"]
+
+
+def test_typed_errors(engine: str, client: openai.OpenAI) -> None:
+    wrong_key = openai.OpenAI(base_url=f"{engine}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong_key.models.list()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="zzz", messages=MESSAGES)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a", prompt="x", max_tokens=-1)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.RateLimitError):  # 64 x 2000 tokens > 100000 per minute
+        client.completions.create(model="a", prompt="x", n=64, max_tokens=2000)
+    assert client.completions.create(model="a", prompt="x", max_tokens=1).choices

@@ -1,0 +1,417 @@
+"""The HTTP API in-process (uvicorn on a background event loop) against fake pools that bind
+the real pool sockets (tests/frontend/fake_pool.py): request mapping, SSE framing, errors in
+OpenAI's shape, API keys, rate limits, shedding, queue timeouts, disconnects, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine import ipc
+from engine.config import FrontendConfig, ModelConfig
+from engine.frontend.http_server import OpenAIServer, start_http_server
+from engine.frontend.metrics import EngineMetrics
+from engine.frontend.pool_client import PoolClient
+from engine.frontend.serving import ModelRegistry, ServedModel
+from engine.messages import PoolStats
+from engine.models.info import load_model_info
+from frontend.fake_pool import (
+    CHAT_TEMPLATE,
+    EOS,
+    LIVE_WORKERS,
+    SLOW_TOKEN_S,
+    FakePool,
+    make_model_dir,
+)
+
+MAX_NUM_SEQS = 4
+
+
+class HttpFrontend:
+    """The HTTP server and its pool clients on an event loop in a background thread."""
+
+    def __init__(self, run_dir: str, model_dir: Path, cfg: FrontendConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.infos = [load_model_info(ModelConfig(path=str(model_dir), served_name="tiny")),
+                      load_model_info(ModelConfig(path=str(model_dir), served_name="tiny-b"))]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.run_dir, self.cfg = run_dir, cfg
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.url = self._call(self._start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    async def _start(self) -> str:
+        self.models = ModelRegistry([
+            ServedModel(info, self.tokenizer,
+                        PoolClient(ipc.pool_addresses(self.run_dir, i), info.name))
+            for i, info in enumerate(self.infos)])
+        self.metrics = EngineMetrics()
+        for m in self.models:
+            self.metrics.add_pool(m.name, lambda p=m.pool: p.stats, m.pool.stats_listeners)
+        self.api = OpenAIServer(self.models, self.cfg, MAX_NUM_SEQS, self.metrics)
+        self.http = await start_http_server(self.api, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.http.port}"
+
+    async def _stop(self) -> None:
+        await self.http.stop(1)
+        for m in self.models:
+            await m.pool.close()
+
+    def close(self) -> None:
+        self._call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Env:
+    def __init__(self, tmp: Path, cfg: FrontendConfig) -> None:
+        self.model_dir = make_model_dir(tmp / "tiny")
+        self.run_dir = tempfile.mkdtemp(prefix="http-")  # short: ipc paths have a length limit
+        self.pools = [FakePool(self.run_dir, 0), FakePool(self.run_dir, 1)]
+        self.fe = HttpFrontend(self.run_dir, self.model_dir, cfg)
+        self.client = httpx.Client(base_url=self.fe.url, timeout=20)
+
+    def close(self) -> None:
+        self.client.close()
+        self.fe.close()
+        for p in self.pools:
+            p.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.fe.tokenizer.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.fe.tokenizer.decode(ids))
+
+    def post(self, path: str, body: Any, **kw: Any) -> httpx.Response:
+        return self.client.post(path, json=body, **kw)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    e = Env(tmp_path_factory.mktemp("http"), FrontendConfig(max_prompt_tokens=40,
+                                                            max_output_tokens=30,
+                                                            max_request_bytes=4096))
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def make_env(tmp_path: Path) -> Iterator[Callable[..., Env]]:
+    """A separate frontend with its own config (keys, limits, shedding)."""
+    made: list[Env] = []
+
+    def make(**cfg: Any) -> Env:
+        made.append(Env(tmp_path, FrontendConfig(**cfg)))
+        return made[-1]
+
+    yield make
+    for e in made:
+        e.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def sse(resp: httpx.Response) -> list[Any]:
+    """The events of an SSE body; the last must be [DONE]."""
+    events = [line[len("data: "):] for line in resp.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def assert_error(resp: httpx.Response, status: int, type_: str, *words: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == type_ and set(err) == {"message", "type", "param", "code"}
+    for w in words:
+        assert w in err["message"], err
+    return err
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def test_completion_maps_request_and_response(env: Env) -> None:
+    prompt = "Hello world, hello again."
+    ids = env.encode(prompt)
+    r = env.post("/v1/completions", {
+        "model": "tiny", "prompt": prompt, "max_tokens": len(ids) + 2, "temperature": 0.5,
+        "seed": 7, "top_k": 5, "min_tokens": 1, "repetition_penalty": 1.1, "ignore_eos": True,
+        "stop_token_ids": [3], "user": "acme", "priority": 3, "cache_salt": "s"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = (ids + ids)[: len(ids) + 2]
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    [choice] = body["choices"]
+    assert choice["text"] == env.decode(expected) and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected),
+                             "total_tokens": len(ids) + len(expected),
+                             "prompt_tokens_details": {"cached_tokens": 3}}
+    sent = env.pools[0].added[-1]
+    sp = sent.sampling
+    assert sent.prompt_token_ids == tuple(ids) and sent.eos_token_ids == (EOS,)
+    assert (sent.priority, sent.tenant, sent.cache_salt) == (3, "acme", "s")
+    assert (sp.temperature, sp.seed, sp.top_k, sp.min_tokens, sp.repetition_penalty,
+            sp.ignore_eos, sp.stop_token_ids, sp.max_tokens) == (
+        0.5, 7, 5, 1, 1.1, True, (3,), len(ids) + 2)
+
+
+def test_streaming_completion_with_usage(env: Env) -> None:
+    ids = env.encode("The quick brown fox")
+    r = env.post("/v1/completions", {"prompt": ids, "max_tokens": 5, "stream": True,
+                                     "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r)
+    chunks, usage = events[:-1], events[-1]
+    assert len(chunks) == 5  # one event per token: streamed, not buffered
+    assert "".join(c["choices"][0]["text"] for c in chunks) == env.decode((ids * 2)[:5])
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 4 + ["length"]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+    assert len({c["id"] for c in events}) == 1
+
+
+def test_batched_prompts_n_and_seeds(env: Env) -> None:
+    r = env.post("/v1/completions", {"prompt": ["Hello world", "The quick"], "n": 2,
+                                     "max_tokens": 3, "seed": 10})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    hello = env.encode("Hello world")
+    assert choices[0]["text"] == choices[1]["text"] == env.decode((hello * 3)[:3])
+    seeds = sorted(req.sampling.seed for req in env.pools[0].added[-4:])
+    assert seeds == [10, 10, 11, 11]  # n samples differ, reproducibly
+    usage = r.json()["usage"]
+    prompt_tokens = len(env.encode("Hello world")) + len(env.encode("The quick"))
+    assert usage["prompt_tokens"] == prompt_tokens and usage["completion_tokens"] == 12
+
+
+def test_echo_and_logprobs(env: Env) -> None:
+    r = env.post("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "echo": True,
+                                     "logprobs": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"].startswith("Hello")
+    assert env.pools[0].added[-1].sampling.logprobs == 0
+
+
+def test_stop_string_ends_stream_and_aborts(env: Env) -> None:
+    prompt = "Hello world, hello again."
+    r = env.post("/v1/completions", {"prompt": prompt, "max_tokens": 30, "stop": ", hello"})
+    choice = r.json()["choices"][0]
+    assert choice == {**choice, "text": "Hello world", "finish_reason": "stop"}
+    rid = env.pools[0].added[-1].request_id
+    assert wait_for(lambda: rid in env.pools[0].aborted)
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def test_chat_uses_template_and_streams_role_first(env: Env) -> None:
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hello "},
+                                             {"type": "text", "text": "world"}]}]
+    r = env.post("/v1/chat/completions", {"model": "tiny-b", "messages": messages,
+                                          "max_completion_tokens": 4, "stream": True,
+                                          "logprobs": True})
+    assert r.status_code == 200, r.text
+    events = sse(r)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    sent = env.pools[1].added[-1]  # routed to the model named
+    text = ("<s>system: Be brief.\n<s>user: Hello world\n<s>assistant: ")
+    assert CHAT_TEMPLATE and sent.prompt_token_ids == tuple(env.encode(text))
+    assert sent.sampling.max_tokens == 4 and sent.sampling.logprobs == 0
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert content == env.fe.tokenizer.decode(list(sent.prompt_token_ids[:4]),
+                                              skip_special_tokens=True)
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_non_streaming(env: Env) -> None:
+    r = env.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                          "max_tokens": 3})
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] == 3
+
+
+def test_models_health_metrics_openapi(env: Env) -> None:
+    models = env.client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b"]
+    assert env.client.get("/health").json()["status"] == "ok"
+    env.post("/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+    text = env.client.get("/metrics").text
+    for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds",
+                 "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                 'vllm:request_success_total{finished_reason="length",model_name="tiny"}'):
+        assert name in text, name
+    schema = env.client.get("/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "words"), [
+    ("/v1/completions", {"prompt": "x", "model": "nope"}, 404, "model", ["nope", "tiny"]),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", [">= 1"]),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 31}, 400, "max_tokens",
+     ["--max-output-tokens 30"]),
+    ("/v1/completions", {"prompt": list(range(5, 50))}, 400, "prompt",
+     ["--max-prompt-tokens 40"]),
+    ("/v1/completions", {"prompt": [10**6]}, 400, "prompt", ["vocabulary"]),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", ["empty"]),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", ["empty"]),
+    ("/v1/completions", {}, 400, "prompt", ["required"]),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", [">= 0"]),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", []),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", []),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop", []),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", []),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens",
+     []),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", []),
+    ("/v1/completions", {"prompt": "x", "priority": 2**40}, 400, "priority", []),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", []),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages.0.role", []),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function"}]}, 400, "tools", []),
+])
+def test_bad_requests_are_openai_errors(env: Env, path: str, body: Any, status: int,
+                                        param: str, words: list[str]) -> None:
+    err = assert_error(env.post(path, body), status,
+                       "not_found_error" if status == 404 else "invalid_request_error", *words)
+    assert err["param"] == param
+
+
+def test_malformed_bodies(env: Env) -> None:
+    r = env.client.post("/v1/completions", content=b"{not json",
+                        headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_request_error", "not valid JSON")
+    r = env.client.post("/v1/completions", content=b"x" * 5000,
+                        headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_request_error", "--max-request-bytes 4096")
+    r = env.client.post("/v1/completions", json={"prompt": "x", "priority": 1},
+                        headers={"x-request-priority": "high"})
+    assert r.status_code == 200  # the body's priority wins; the header is not read
+    r = env.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                        headers={"x-request-priority": "high"})
+    assert_error(r, 400, "invalid_request_error", "x-request-priority")
+    r = env.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                        headers={"x-request-priority": "-5"})
+    assert r.status_code == 200 and env.pools[0].added[-1].priority == -5
+
+
+def test_pool_error_is_a_500_in_openai_shape(env: Env) -> None:
+    r = env.post("/v1/completions", {"prompt": "x", "user": "fail"})
+    assert_error(r, 500, "internal_error", "worker exploded")
+
+
+# --------------------------------------------------------------------------- admission
+
+
+def test_api_keys(make_env: Callable[..., Env]) -> None:
+    e = make_env(api_keys=("k1", "k2"))
+    assert_error(e.client.get("/v1/models"), 401, "authentication_error")
+    bad = {"Authorization": "Bearer k3"}
+    assert_error(e.post("/v1/completions", {"prompt": "x"}, headers=bad), 401,
+                 "authentication_error")
+    for key in ("k1", "k2"):
+        r = e.post("/v1/completions", {"prompt": "x", "max_tokens": 1},
+                   headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+    e.post("/v1/completions", {"model": "tiny-b", "prompt": "x", "max_tokens": 1},
+           headers={"Authorization": "Bearer k1"})  # both pools have reported
+    assert e.client.get("/health").status_code == 200  # probes need no key
+    assert e.client.get("/metrics").status_code == 200
+
+
+def test_rate_limits_per_key(make_env: Callable[..., Env]) -> None:
+    e = make_env(api_keys=("k1", "k2"), rate_limit_rpm=2, rate_limit_tpm=1000)
+    k1, k2 = ({"Authorization": f"Bearer {k}"} for k in ("k1", "k2"))
+    body = {"prompt": "x", "max_tokens": 1}
+    assert [e.post("/v1/completions", body, headers=k1).status_code for _ in range(2)] == [200] * 2
+    r = e.post("/v1/completions", body, headers=k1)
+    assert_error(r, 429, "rate_limit_error", "--rate-limit-rpm 2")
+    assert 1 <= int(r.headers["Retry-After"]) <= 30  # one request refills in 30 s
+    assert e.post("/v1/completions", body, headers=k2).status_code == 200  # per key
+    big = {"prompt": "x", "max_tokens": 30, "n": 40}
+    assert_error(e.post("/v1/completions", big, headers=k2), 429, "rate_limit_error",
+                 "--rate-limit-tpm")
+
+
+def test_shedding_refuses_sheddable_only(make_env: Callable[..., Env]) -> None:
+    e = make_env(shed_queue_time_s=1.0)
+    # Saturated: a full batch per worker waiting and no drain rate observed yet.
+    for p in e.pools:
+        p.stats = PoolStats(num_waiting=MAX_NUM_SEQS * LIVE_WORKERS, num_running=8,
+                            live_workers=LIVE_WORKERS)
+    e.post("/v1/completions", {"prompt": "x", "max_tokens": 1})  # critical traffic: stats on
+    body = {"prompt": "x", "max_tokens": 1}
+    r = e.post("/v1/completions", {**body, "priority": -1})
+    assert_error(r, 429, "rate_limit_error", "sheddable")
+    assert int(r.headers["Retry-After"]) >= 1
+    for priority in (0, 1):
+        assert e.post("/v1/completions", {**body, "priority": priority}).status_code == 200
+    metrics = e.client.get("/metrics").text
+    assert ('engine:requests_refused_total{model_name="tiny",priority_class="sheddable",'
+            'reason="shed"} 1.0') in metrics
+    for p in e.pools:  # pressure gone: admitted again
+        p.stats = None
+    e.post("/v1/completions", body)
+    assert wait_for(lambda: e.post("/v1/completions", {**body, "priority": -1}).status_code
+                    == 200)
+
+
+def test_queue_timeout_is_503_and_aborts(make_env: Callable[..., Env]) -> None:
+    e = make_env(max_queue_time_s=0.3)
+    for stream in (False, True):
+        r = e.post("/v1/completions", {"prompt": "x", "user": "hold", "stream": stream})
+        assert_error(r, 503, "service_unavailable", "--max-queue-time")
+        rid = e.pools[0].added[-1].request_id
+        assert wait_for(lambda rid=rid: rid in e.pools[0].aborted)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_aborts(env: Env, stream: bool) -> None:
+    n = len(env.pools[0].added)
+    with pytest.raises(httpx.ReadTimeout):
+        env.post("/v1/completions", {"prompt": "x", "user": "hold", "stream": stream},
+                 timeout=0.5)
+    assert wait_for(lambda: len(env.pools[0].added) > n)
+    rid = env.pools[0].added[-1].request_id
+    assert wait_for(lambda: rid in env.pools[0].aborted)
+
+
+def test_disconnect_mid_stream_aborts(env: Env) -> None:
+    body = {"prompt": "Hello world", "max_tokens": 25, "user": "slow", "stream": True}
+    with env.client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # one event arrived, then the client goes away
+    rid = env.pools[0].added[-1].request_id
+    assert wait_for(lambda: rid in env.pools[0].aborted, timeout=25 * SLOW_TOKEN_S + 5)

@@ -29,6 +29,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.chat import NoChatTemplate, chat_prompt_ids
@@ -648,14 +649,17 @@ def build_app(server: OpenAIServer) -> FastAPI:
             else None
         return bad_request("; ".join(parts) or "invalid request body", param or None).response()
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, _e: Exception) -> Response:
-        return ApiError(404, f"no route {request.url.path}", "not_found_error").response()
-
-    @app.exception_handler(405)
-    async def not_allowed(request: Request, _e: Exception) -> Response:
-        return ApiError(405, f"method {request.method} not allowed on {request.url.path}",
-                        "invalid_request_error").response()
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        # Starlette's own refusals (no route, wrong method, an unreadable body), reshaped.
+        if e.status_code == 404:
+            return ApiError(404, f"no route {request.url.path}", "not_found_error").response()
+        if e.status_code == 405:
+            return ApiError(405, f"method {request.method} not allowed on {request.url.path}",
+                            "invalid_request_error").response()
+        type_ = "invalid_request_error" if e.status_code < 500 else "internal_error"
+        return ApiError(e.status_code, str(e.detail), type_, headers=dict(e.headers or {})
+                        ).response()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

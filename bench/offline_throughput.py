@@ -23,12 +23,10 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
-import sys
 import time
 
+from bench.engine_server import launched_engine
 from bench.workload import chat_short
 from engine import LLM, SamplingParams
 
@@ -78,15 +76,7 @@ def run_grpc(requests, repeat: int, launch_args: list[str]) -> list[float]:
 
     from engine.frontend.proto import pb2, pb2_grpc
 
-    proc = subprocess.Popen([sys.executable, "-m", "engine.launch", "--grpc-port", "0",
-                             "--log-level", "WARNING", *launch_args],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        line = proc.stdout.readline()
-        if not line.startswith("engine ready:"):
-            raise RuntimeError(f"engine did not start: {line!r}")
-        port = int(line.rsplit(":", 1)[1])
-
+    with launched_engine(launch_args) as (_http_port, port):
         async def one(stub, r):
             n = 0
             req = pb2.GenerateRequest(prompt_token_ids=r.prompt_token_ids, max_tokens=r.max_tokens,
@@ -108,9 +98,6 @@ def run_grpc(requests, repeat: int, launch_args: list[str]) -> list[float]:
             return times
 
         return asyncio.run(all_requests())
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(30)
 
 
 def _cpu_name() -> str:

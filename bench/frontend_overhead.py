@@ -1,0 +1,115 @@
+"""The frontend's overhead per request and per streamed token: the same requests, one at a
+time, in-process (``engine.LLM``), over gRPC and over HTTP (streaming SSE), side by side.
+
+    python -m bench.frontend_overhead [--num-requests 20] [--max-tokens 64] [--json]
+
+Per request: the median latency of a 1-token request through each API minus in-process.
+Per token: the median of (latency of a ``--max-tokens`` request minus the 1-token latency)
+over the extra tokens, through each API against in-process. Requests are sequential, so the
+figures are the cost one request pays (tokenization, two process hops, detokenization, JSON
+or protobuf, the event loop), not throughput under load. Every request ignores EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import grpc
+import httpx
+
+from bench.engine_server import launched_engine
+from engine import LLM, SamplingParams
+from engine.frontend.proto import pb2, pb2_grpc
+
+PROMPT = "def read_config(path):"
+
+
+def timed(fn: Callable[[int], int], max_tokens: int, n: int) -> list[float]:
+    fn(max_tokens)  # warm-up
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        produced = fn(max_tokens)
+        times.append(time.perf_counter() - start)
+        assert produced == max_tokens, (produced, max_tokens)
+    return times
+
+
+def in_process(llm: LLM) -> Callable[[int], int]:
+    def run(max_tokens: int) -> int:
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return len(llm.generate([PROMPT], sp)[0].token_ids)
+    return run
+
+
+def over_grpc(port: int) -> Callable[[int], int]:
+    stub = pb2_grpc.EngineStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def run(max_tokens: int) -> int:
+        req = pb2.GenerateRequest(prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                                  ignore_eos=True)
+        return sum(len(m.token_ids) for m in stub.Generate(req, timeout=120))
+    return run
+
+
+def over_http(port: int) -> Callable[[int], int]:
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+
+    def run(max_tokens: int) -> int:
+        body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        usage = None
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    usage = json.loads(line[6:]).get("usage") or usage
+        assert usage is not None
+        return int(usage["completion_tokens"])
+    return run
+
+
+def measure(fn: Callable[[int], int], n: int, max_tokens: int) -> dict[str, float]:
+    one = statistics.median(timed(fn, 1, n))
+    many = statistics.median(timed(fn, max_tokens, n))
+    return {"request_ms": 1e3 * one, "per_token_ms": 1e3 * (many - one) / (max_tokens - 1)}
+
+
+def run(n: int, max_tokens: int, launch_args: list[str]) -> dict[str, dict[str, float]]:
+    results = {"in_process": measure(in_process(LLM()), n, max_tokens)}
+    with launched_engine(launch_args) as (http_port, grpc_port):
+        results["grpc"] = measure(over_grpc(grpc_port), n, max_tokens)
+        results["http"] = measure(over_http(http_port), n, max_tokens)
+    base = results["in_process"]
+    for api in ("grpc", "http"):
+        r = results[api]
+        r["request_overhead_ms"] = r["request_ms"] - base["request_ms"]
+        r["token_overhead_ms"] = r["per_token_ms"] - base["per_token_ms"]
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-requests", type=int, default=20, help="timed requests per case")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens of the long requests")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("launch_args", nargs="*", help="extra flags for engine.launch (after --)")
+    args = p.parse_args()
+    if args.max_tokens < 2:
+        p.error("--max-tokens must be >= 2")
+    results = run(args.num_requests, args.max_tokens, args.launch_args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{'api':<12}{'1-token request ms':>20}{'per token ms':>14}"
+          f"{'request overhead ms':>21}{'token overhead ms':>19}")
+    for api, r in results.items():
+        print(f"{api:<12}{r['request_ms']:>20.2f}{r['per_token_ms']:>14.3f}"
+              f"{r.get('request_overhead_ms', 0.0):>21.2f}{r.get('token_overhead_ms', 0.0):>19.3f}")
+
+
+if __name__ == "__main__":
+    main()

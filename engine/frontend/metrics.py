@@ -15,13 +15,13 @@ the latest ``PoolStats`` of each pool (gauges and the pool's cumulative counters
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engine.frontend.pool_client import PoolClient
 from engine.messages import EngineRequest, Explanation, PoolStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -103,12 +103,11 @@ class EngineMetrics:
         self._pools = _PoolCollector()
         self.registry.register(self._pools)
 
-    def add_pool(self, model_name: str, stats: Callable[[], PoolStats | None],
-                 listeners: list[Callable[[PoolStats], None]]) -> None:
-        """Export a pool's gauges (read from ``stats()`` at scrape time) and record its step
-        samples as they arrive (``listeners`` is the pool client's listener list)."""
-        self._pools.pools[model_name] = stats
-        listeners.append(lambda s: self.observe_steps(model_name, s))
+    def add_pool(self, model_name: str, pool: PoolClient) -> None:
+        """Export a pool's gauges (read from its latest stats at scrape time) and record its
+        step samples as they arrive."""
+        self._pools.pools[model_name] = pool
+        pool.stats_listeners.append(lambda s: self.observe_steps(model_name, s))
 
     def observe_steps(self, model_name: str, stats: PoolStats) -> None:
         for size in stats.step_batch_sizes:
@@ -178,7 +177,7 @@ class _PoolCollector(Collector):
     """Gauges and cumulative counters read from each pool's latest stats at scrape time."""
 
     def __init__(self) -> None:
-        self.pools: dict[str, Callable[[], PoolStats | None]] = {}
+        self.pools: dict[str, PoolClient] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []  # dynamic: collected at scrape time only
@@ -206,8 +205,8 @@ class _PoolCollector(Collector):
         worker_queue = GaugeMetricFamily("engine:worker_queue_depth",
                                          "Requests waiting on one worker.",
                                          labels=[*labels, "worker"])
-        for name, get in self.pools.items():
-            stats: Any = get()
+        for name, pool in self.pools.items():
+            stats = pool.stats
             if stats is None:
                 continue
             running.add_metric([name], stats.num_running)

@@ -52,7 +52,7 @@ async def _serve(cfg: EngineConfig, run_dir: str,
     models = ModelRegistry(connect_models(cfg, run_dir))
     metrics = EngineMetrics()
     for m in models:
-        metrics.add_pool(m.name, lambda pool=m.pool: pool.stats, m.pool.stats_listeners)
+        metrics.add_pool(m.name, m.pool)
     f = cfg.frontend
     try:
         grpc_server, grpc_port = await start_grpc_server(models, f.host, f.grpc_port, metrics)

@@ -16,6 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
+from frontend.fake_pool import (
+    CHAT_TEMPLATE,
+    EOS,
+    LIVE_WORKERS,
+    SLOW_TOKEN_S,
+    FakePool,
+    make_model_dir,
+)
 
 from engine import ipc
 from engine.config import FrontendConfig, ModelConfig
@@ -25,14 +33,6 @@ from engine.frontend.pool_client import PoolClient
 from engine.frontend.serving import ModelRegistry, ServedModel
 from engine.messages import PoolStats
 from engine.models.info import load_model_info
-from frontend.fake_pool import (
-    CHAT_TEMPLATE,
-    EOS,
-    LIVE_WORKERS,
-    SLOW_TOKEN_S,
-    FakePool,
-    make_model_dir,
-)
 
 MAX_NUM_SEQS = 4
 
@@ -62,7 +62,7 @@ class HttpFrontend:
             for i, info in enumerate(self.infos)])
         self.metrics = EngineMetrics()
         for m in self.models:
-            self.metrics.add_pool(m.name, lambda p=m.pool: p.stats, m.pool.stats_listeners)
+            self.metrics.add_pool(m.name, m.pool)
         self.api = OpenAIServer(self.models, self.cfg, MAX_NUM_SEQS, self.metrics)
         self.http = await start_http_server(self.api, "127.0.0.1", 0)
         return f"http://127.0.0.1:{self.http.port}"

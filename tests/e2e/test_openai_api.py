@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from e2e.engine_proc import launched
+from e2e.engine_proc import free_blocks, launched, wait_idle
 from engine.models.default import default_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -23,12 +23,17 @@ MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers.
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[str]:
+def launched_engine() -> Iterator[tuple[str, int]]:
     model = str(default_model_dir())
     with launched("--model", model, "--model", model, "--served-model-name", "a",
                   "--served-model-name", "b", "--api-key", KEY,
-                  "--rate-limit-tpm", "100000") as (proc, _grpc_port):
-        yield f"http://127.0.0.1:{proc.http_port}"
+                  "--rate-limit-tpm", "100000") as (proc, grpc_port):
+        yield f"http://127.0.0.1:{proc.http_port}", grpc_port
+
+
+@pytest.fixture(scope="module")
+def engine(launched_engine: tuple[str, int]) -> str:
+    return launched_engine[0]
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +106,18 @@ def test_typed_errors(engine: str, client: openai.OpenAI) -> None:
     with pytest.raises(openai.RateLimitError):  # 64 x 2000 tokens > 100000 per minute
         client.completions.create(model="a", prompt="x", n=64, max_tokens=2000)
     assert client.completions.create(model="a", prompt="x", max_tokens=1).choices
+
+
+def test_disconnect_frees_kv_at_once(launched_engine: tuple[str, int]) -> None:
+    url, grpc_port = launched_engine
+    idle = wait_idle(grpc_port, free_blocks(grpc_port))
+    body = {"model": "a", "prompt": "def f(x):" * 20, "max_tokens": 1500, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert free_blocks(grpc_port) != idle  # the request holds KV blocks now
+    start = time.time()
+    assert wait_idle(grpc_port, idle, timeout=10) == idle
+    assert time.time() - start < 5  # long before its 1500 tokens would have finished

@@ -327,6 +327,17 @@ def test_malformed_bodies(env: Env) -> None:
     assert r.status_code == 200 and env.pools[0].added[-1].priority == -5
 
 
+def test_unknown_fields_are_ignored_with_a_warning(env: Env,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="engine.frontend.http_server"):
+        r = env.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "frobnicate": 3,
+                                         "metadata": {"a": "b"}})
+    assert r.status_code == 200
+    warnings = [rec.getMessage() for rec in caplog.records]
+    assert any("frobnicate" in w for w in warnings), warnings
+    assert not any("metadata" in w for w in warnings)  # a known OpenAI field, no-op here
+
+
 def test_pool_error_is_a_500_in_openai_shape(env: Env) -> None:
     r = env.post("/v1/completions", {"prompt": "x", "user": "fail"})
     assert_error(r, 500, "internal_error", "worker exploded")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,11 @@ def test_defaults_serve_the_embedded_model_on_localhost():
     (["--model", "/no/such/dir"], "--model"),
     (["--served-model-name", "a", "--served-model-name", "b"], "--served-model-name"),
     (["--api-key", "has space"], "--api-key"),
+    (["--rate-limit-rpm", "0"], "--rate-limit-rpm"),
+    (["--shed-queue-time", "-1"], "--shed-queue-time"),
+    (["--max-queue-time", "0"], "--max-queue-time"),
+    (["--max-request-bytes", "10"], "--max-request-bytes"),
+    (["--api-key-file", "/no/such/file"], "--api-key-file"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=flag):
@@ -40,6 +46,19 @@ def test_toml_file_with_flags_winning(tmp_path):
     assert cfg.worker.num_workers == 2
     assert cfg.scheduler.max_num_batched_tokens == 128
     assert cfg.frontend.api_keys == ("k1",)
+
+
+def test_api_key_file_and_example_config(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# ops team\nk-one\n\n  k-two  \n")
+    cfg = config_from_args(["--api-key", "k0", "--api-key-file", str(keys)])
+    assert cfg.frontend.api_keys == ("k0", "k-one", "k-two")
+    keys.write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="--api-key-file: .* holds no key"):
+        config_from_args(["--api-key-file", str(keys)])
+    example = Path(__file__).resolve().parents[1] / "launch" / "example.toml"
+    cfg = config_from_args(["--config", str(example)])
+    assert (cfg.scheduler.policy, cfg.frontend.http_port) == ("priority", 8000)
 
 
 def test_toml_errors_name_the_key(tmp_path):

@@ -54,7 +54,7 @@ def test_api_key_file_and_example_config(tmp_path):
     cfg = config_from_args(["--api-key", "k0", "--api-key-file", str(keys)])
     assert cfg.frontend.api_keys == ("k0", "k-one", "k-two")
     keys.write_text("# nothing\n")
-    with pytest.raises(ConfigError, match="--api-key-file: .* holds no key"):
+    with pytest.raises(ConfigError, match=r"--api-key-file: .* holds no key"):
         config_from_args(["--api-key-file", str(keys)])
     example = Path(__file__).resolve().parents[1] / "launch" / "example.toml"
     cfg = config_from_args(["--config", str(example)])

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from e2e.engine_proc import launched
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from e2e.engine_proc import launched
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

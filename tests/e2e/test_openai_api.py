@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-
 from e2e.engine_proc import free_blocks, launched, wait_idle
+
 from engine.models.default import default_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

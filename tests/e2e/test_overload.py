@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-
 from e2e.engine_proc import free_blocks, launched, wait_idle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

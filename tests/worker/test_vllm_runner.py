@@ -1,602 +1,44 @@
-"""The vllm runner (vLLM's own worker driven by our StepPlans) against vLLM and the native runner.
+"""The vllm runner's own parts: what it builds inside vLLM, the version check, start-up
+errors, the lazy factory, the attention plugin and the plan translation's cost.
 
-vLLM's start-up on CPU costs seconds, so the module builds one VllmRunner and one NativeRunner
-(the default model, 32-token blocks: vLLM's CPU attention needs a multiple of 32) and every
-test shares them; each test drops its requests again. The scenario tests are parametrized
-over both runners and must give identical greedy tokens: prefix-cache hits, chunked prefill,
-preemption (drop, then re-add as new with the outputs), abort, penalties and min_tokens.
-
-``make test`` installs vLLM, so in CI (``CI`` set) a missing vLLM fails instead of skipping.
+What it must do exactly as the native runner (golden output against ``vllm.LLM.generate``,
+prefix hits, chunked prefill, preemption, abort, sampling, invalid plans) is in
+test_runner_contract.py; the shared runners are built in conftest.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from importlib import metadata
 
 import pytest
 import torch
 
-from engine.config import CacheConfig, ConfigError, ModelConfig, SchedulerConfig, WorkerConfig
-from engine.messages import (
-    CachedRequestData,
-    EngineRequest,
-    NewRequestData,
-    SamplingParams,
-    StepPlan,
-    StepResult,
-)
-from engine.models.default import default_model_dir
+from engine.config import CacheConfig, ConfigError, ModelConfig, WorkerConfig
+from engine.messages import CachedRequestData, NewRequestData, SamplingParams, StepPlan
 from engine.models.info import load_model_info
-from engine.scheduler.scheduler import Scheduler
 from engine.worker.vllm_plan import VLLM_VERSION, VllmVersionError, check_vllm_version
 
-if importlib.util.find_spec("vllm") is None:  # pragma: no cover - depends on the install
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must run the vllm runner's tests: `make test` installs vLLM "
-                           "(make install-vllm); it is missing")
-    pytest.skip("vLLM is not installed (make install-vllm)", allow_module_level=True)
+from .harness import BLOCK, NUM_BLOCKS, require_vllm
 
 pytestmark = pytest.mark.slow
 
-BLOCK = 32
-NUM_BLOCKS = 96
 INFO = load_model_info(ModelConfig())
-EOS = INFO.eos_token_ids
-GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-LONGER = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)  # long ones grow a block
-TEXTS = [
-    "Return a list of", "The default value is", "Raise ValueError if", "This module provides",
-    "Create a new", "If the file", "Return True if the", "Convert the string",
-]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
+@pytest.fixture
+def vllm_installed() -> None:
+    """For tests that import vLLM (CI fails without it, elsewhere they skip)."""
+    require_vllm()
 
-    return AutoTokenizer.from_pretrained(default_model_dir())
 
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer) -> list[list[int]]:
-    return [list(tokenizer.encode(t)) for t in TEXTS]
-
-
-@pytest.fixture(scope="module")
-def long_prompts(tokenizer) -> list[list[int]]:
-    """Four prompts sharing a 70-token prefix (two full blocks), each longer than 2 blocks."""
-    doc = ("Return the number of items in the container. If the container is empty, raise "
-           "ValueError. The default value is None, which means that the whole sequence is "
-           "used; otherwise only the first n items are counted and the rest are ignored. "
-           "Open the file and read the data from the socket until the timeout expires, then ")
-    prefix = list(tokenizer.encode(doc))[:70]
-    assert len(prefix) == 70
-    tails = ["the caller.", "this function when", "the iterator", "default, unless"]
-    return [prefix + list(tokenizer.encode(t)) for t in tails]
-
-
-@pytest.fixture(scope="module")
-def vllm_runner():
-    from engine.worker.vllm_runner import VllmRunner
-
-    runner = VllmRunner(ModelConfig(), CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS),
-                        WorkerConfig(num_threads=1))
-    yield runner
-    runner.close()
-
-
-@pytest.fixture(scope="module")
-def native_runner():
-    from engine.worker.native_runner import NativeRunner
-
-    runner = NativeRunner(ModelConfig(), CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS),
-                          WorkerConfig(num_threads=1))
-    yield runner
-    runner.close()
-
-
-@pytest.fixture(params=["native", "vllm"])
-def runner(request):
-    r = request.getfixturevalue(f"{request.param}_runner")
-    yield r
-    held = r.translator.requests if request.param == "vllm" else r.requests
-    assert not held, f"the test left requests on the shared {request.param} runner: {list(held)}"
-
-
-# --------------------------------------------------------------------------- references
-
-_LLM_SCRIPT = r"""
-import json, sys
-from vllm import LLM, SamplingParams
-args = json.loads(sys.argv[1])
-llm = LLM(model=args["model"], dtype="float32", block_size=args["block"], seed=0,
-          kv_cache_memory_bytes=64 << 20, enforce_eager=True, max_model_len=2048)
-out = {}
-for name, ignore_eos in (("ignore_eos", True), ("eos", False)):
-    sp = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=ignore_eos)
-    res = llm.generate([{"prompt_token_ids": p} for p in args["prompts"]], sp, use_tqdm=False)
-    out[name] = [list(r.outputs[0].token_ids) for r in res]
-print("RESULT " + json.dumps(out))
-"""
-
-
-@pytest.fixture(scope="module")
-def vllm_llm_process(prompts, long_prompts):
-    """``vllm.LLM.generate`` (greedy, float32, the same model) in a separate process: vLLM's
-    engine and our in-process worker would share torch.distributed and vLLM's globals. It
-    starts first and runs while the module's runners are built."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR",
-           "VLLM_NO_USAGE_STATS": "1", "OMP_NUM_THREADS": "1"}
-    args = {"model": str(default_model_dir()), "block": BLOCK, "max_tokens": GREEDY.max_tokens,
-            "prompts": prompts + long_prompts}
-    proc = subprocess.Popen([sys.executable, "-c", _LLM_SCRIPT, json.dumps(args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def vllm_llm_outputs(vllm_llm_process) -> dict[str, list[list[int]]]:
-    proc = vllm_llm_process
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, stderr[-4000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
-
-
-# --------------------------------------------------------------------------- scheduler loop
-
-
-@dataclass
-class EngineRun:
-    outputs: dict[str, list[int]]
-    reasons: dict[str, str | None]
-    scheduler: Scheduler
-    plans: list[StepPlan]
-
-
-def run_engine(runner, prompts: list[list[int]], sampling: SamplingParams = GREEDY, *,
-               num_blocks: int = NUM_BLOCKS, max_num_batched_tokens: int = 512,
-               abort_after: dict[str, int] | None = None, tag: str = "r") -> EngineRun:
-    """Our Scheduler driving one runner (as ``engine.LLM`` does), on at most ``num_blocks``
-    of its KV blocks. ``abort_after``: abort a request once it has that many tokens."""
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
-                      block_size=BLOCK, max_model_len=INFO.max_model_len)
-    sched.add_worker(0, num_blocks, 0.0)
-    outputs: dict[str, list[int]] = {}
-    reasons: dict[str, str | None] = {}
-    for i, p in enumerate(prompts):
-        rid = f"{tag}{i}"
-        outputs[rid], reasons[rid] = [], None
-        assert not sched.add(EngineRequest(request_id=rid, prompt_token_ids=tuple(p),
-                                           sampling=sampling, eos_token_ids=EOS), 0.0)
-    plans: list[StepPlan] = []
-    now = 0.0
-    while sched.num_unfinished:
-        now += 1.0
-        plan = sched.schedule(0, now)
-        assert plan is not None, "the scheduler stalled"
-        plans.append(plan)
-        outs = sched.update(plan, runner.step(plan), now) + sched.drain_outputs()
-        for o in outs:
-            outputs[o.request_id].extend(o.new_token_ids)
-            reasons[o.request_id] = o.finish_reason or reasons[o.request_id]
-        for rid, n in (abort_after or {}).items():
-            if rid in sched.requests and len(outputs[rid]) >= n:
-                sched.abort([rid], now)
-                reasons[rid] = "abort"
-    # hand the last finished ids to the worker: the shared runner must end up empty
-    ws = sched.workers[0]
-    runner.step(StepPlan(step_id=10**9, worker_id=0, finished_request_ids=ws.to_drop))
-    ws.to_drop = []
-    sched.check_integrity()
-    return EngineRun(outputs, reasons, sched, plans)
-
-
-# --------------------------------------------------------------------------- golden output
-
-
-def test_golden_greedy_equals_vllm_llm_and_native(vllm_llm_process, vllm_runner, native_runner,
-                                                  prompts, long_prompts,
-                                                  vllm_llm_outputs) -> None:
-    """The engine loop with the vllm runner gives vllm.LLM.generate's greedy tokens, and the
-    native runner's, with EOS ignored (every token compared) and with EOS stopping."""
-    all_prompts = prompts + long_prompts
-    for name, sampling in (("ignore_eos", GREEDY),
-                           ("eos", SamplingParams(temperature=0.0, max_tokens=24))):
-        want = vllm_llm_outputs[name]
-        got_vllm = run_engine(vllm_runner, all_prompts, sampling)
-        got_native = run_engine(native_runner, all_prompts, sampling)
-        for i, prompt in enumerate(all_prompts):
-            rid = f"r{i}"
-            assert got_vllm.outputs[rid] == want[i], (name, i, prompt)
-            assert got_native.outputs[rid] == want[i], (name, i, prompt)
-            if name == "eos" and want[i][-1] in EOS:
-                assert got_vllm.reasons[rid] == "stop"
-    assert any(EOS[0] in o for o in vllm_llm_outputs["eos"]), "no prompt stopped at EOS"
-
-
-def test_engine_under_pressure_prefix_hits_chunks_preemption_abort(runner, long_prompts,
-                                                                   prompts) -> None:
-    """Few KV blocks and a small token budget: prefills are chunked, the shared prefix is
-    reused from the prefix cache, decodes run out of blocks and preempt (the victims come
-    back as new requests with their outputs), one request is aborted; every other output is
-    what the same prompts give with room to spare."""
-    batch = long_prompts + prompts[:4]
-    ample = run_engine(runner, batch, LONGER, tag="a")
-    tight = run_engine(runner, batch, LONGER, num_blocks=7, max_num_batched_tokens=32,
-                       abort_after={"t5": 3}, tag="t")
-    stats = tight.scheduler.stats()
-    assert stats.num_preemptions > 0
-    assert stats.prefix_hit_tokens >= 2 * BLOCK
-    assert any(n.num_computed_tokens > 0 for p in tight.plans for n in p.new_requests)
-    assert any(n.num_computed_tokens + n.num_scheduled_tokens < len(n.token_ids)
-               for p in tight.plans for n in p.new_requests), "no chunked prefill"
-    resumed = [n for p in tight.plans for n in p.new_requests if n.num_output_tokens > 0]
-    assert resumed, "no preempted request came back"
-    assert tight.reasons["t5"] == "abort" and 3 <= len(tight.outputs["t5"]) < LONGER.max_tokens
-    for i in range(len(batch)):
-        if i != 5:
-            assert tight.outputs[f"t{i}"] == ample.outputs[f"a{i}"], i
-
-
-def test_runners_agree_under_pressure(vllm_runner, native_runner, long_prompts,
-                                      prompts) -> None:
-    """The same tight run, plan for plan: both runners sample the same tokens."""
-    kw = dict(num_blocks=6, max_num_batched_tokens=32)
-    a = run_engine(vllm_runner, long_prompts + prompts, LONGER, **kw)
-    b = run_engine(native_runner, long_prompts + prompts, LONGER, **kw)
-    assert a.scheduler.stats().num_preemptions > 0
-    assert a.outputs == b.outputs
-    assert [p.num_scheduled_tokens for p in a.plans] == [p.num_scheduled_tokens for p in b.plans]
-
-
-# --------------------------------------------------------------------------- hand-built plans
-
-
-@dataclass
-class _Req:
-    tokens: list[int]
-    sampling: SamplingParams
-    computed: int = 0
-    blocks: list[int] = field(default_factory=list)
-    new_blocks: list[int] = field(default_factory=list)
-    outputs: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    num_output_tokens: int = 0
-    sent: bool = False
-
-
-class Driver:
-    """A toy scheduler building plans by hand (as in test_native_runner.py): shuffled block
-    ids, shared prefix blocks, per-step budgets, drops."""
-
-    def __init__(self, runner, seed: int = 0) -> None:
-        self.runner = runner
-        self.free = list(range(runner.num_blocks))
-        random.Random(seed).shuffle(self.free)
-        self.reqs: dict[str, _Req] = {}
-        self.finished: list[str] = []
-        self.done: dict[str, _Req] = {}
-        self.step_id = 0
-
-    def add(self, rid: str, tokens: list[int], sampling: SamplingParams = GREEDY, *,
-            num_output_tokens: int = 0, shared_blocks: list[int] | None = None) -> None:
-        r = _Req(list(tokens), sampling, num_output_tokens=num_output_tokens)
-        if shared_blocks:
-            r.blocks = list(shared_blocks)
-            r.computed = len(shared_blocks) * BLOCK
-        self.reqs[rid] = r
-
-    def drop(self, rid: str) -> _Req:
-        r = self.reqs.pop(rid)
-        self.done[rid] = r
-        self.finished.append(rid)
-        in_use = {b for other in self.reqs.values() for b in other.blocks}
-        self.free.extend(b for b in r.blocks + r.new_blocks if b not in in_use)
-        return r
-
-    def step(self, budget: dict[str, int] | None = None) -> StepResult:
-        new, cached = [], []
-        for rid, r in self.reqs.items():
-            n = min((budget or {}).get(rid, 1 << 30), len(r.tokens) - r.computed)
-            if budget is not None and rid not in budget:
-                n = 0
-            need = -(-(r.computed + n) // BLOCK) - len(r.blocks) - len(r.new_blocks)
-            for _ in range(max(0, need)):
-                r.new_blocks.append(self.free.pop())
-            if not r.sent:
-                r.blocks += r.new_blocks
-                r.new_blocks = []
-                new.append(NewRequestData(
-                    request_id=rid, token_ids=list(r.tokens), sampling=r.sampling,
-                    block_ids=list(r.blocks), num_computed_tokens=r.computed,
-                    num_scheduled_tokens=n, num_output_tokens=r.num_output_tokens))
-                r.sent = True
-            elif n or r.new_blocks:
-                cached.append(CachedRequestData(request_id=rid, num_scheduled_tokens=n,
-                                                new_block_ids=r.new_blocks))
-                r.blocks += r.new_blocks
-                r.new_blocks = []
-            r.computed += n
-        plan = StepPlan(step_id=self.step_id, worker_id=0, new_requests=new,
-                        cached_requests=cached, finished_request_ids=self.finished)
-        self.step_id += 1
-        self.finished = []
-        result = self.runner.step(plan)
-        for i, (rid, tok) in enumerate(zip(result.request_ids, result.token_ids, strict=True)):
-            r = self.reqs[rid]
-            r.tokens.append(tok)
-            r.outputs.append(tok)
-            r.num_output_tokens += 1
-            if result.logprobs is not None:
-                r.logprobs.append(result.logprobs[i])
-        return result
-
-    def run_until(self, n_out: dict[str, int]) -> dict[str, list[int]]:
-        outs = {}
-        while True:
-            for rid in [rid for rid in self.reqs if rid in n_out]:
-                if len(self.reqs[rid].outputs) >= n_out[rid]:
-                    outs[rid] = self.drop(rid).outputs
-            if not any(rid in n_out for rid in self.reqs):
-                return outs
-            self.step()
-
-    def close(self) -> None:
-        for rid in list(self.reqs):
-            self.drop(rid)
-        self.runner.step(StepPlan(step_id=self.step_id, worker_id=0,
-                                  finished_request_ids=self.finished))
-        self.finished = []
-
-
-@pytest.fixture(scope="module")
-def plain(native_runner):
-    """Greedy tokens of a prompt run alone, all at once, on the native runner (which
-    test_native_runner.py checks against transformers)."""
-    memo: dict[tuple[tuple[int, ...], SamplingParams, int], list[int]] = {}
-
-    def generate(prompt: list[int], n: int, sampling: SamplingParams = GREEDY) -> list[int]:
-        key = (tuple(prompt), sampling, n)
-        if key not in memo:
-            d = Driver(native_runner)
-            d.add("plain", prompt, sampling)
-            memo[key] = d.run_until({"plain": n})["plain"]
-            d.close()
-        return memo[key]
-
-    return generate
-
-
-def test_staggered_arrivals_and_chunked_prefill(runner, plain, long_prompts, prompts) -> None:
-    """A long prompt prefilled 13 tokens per step (chunks end mid-block) while another
-    decodes; a late arrival."""
-    d = Driver(runner, seed=1)
-    long_prompt = long_prompts[0]
-    d.add("short", prompts[0])
-    d.step()
-    d.add("long", long_prompt)
-    while d.reqs["long"].computed < len(long_prompt):
-        res = d.step({"short": 1, "long": 13})
-        assert ("long" in res.request_ids) == (d.reqs["long"].computed == len(long_prompt))
-    d.add("late", prompts[3])
-    got = d.run_until({"short": 10, "long": 6, "late": 5})
-    d.close()
-    assert got["short"] == plain(prompts[0], 10)
-    assert got["long"] == plain(long_prompt, 6)
-    assert got["late"] == plain(prompts[3], 5)
-
-
-def test_prefix_cache_hit(runner, plain, long_prompts) -> None:
-    """B's first two blocks are A's (a 70-token shared prefix): B starts with 64 computed
-    tokens and those block ids while A keeps decoding."""
-    d = Driver(runner, seed=2)
-    a_prompt, b_prompt = long_prompts[0], long_prompts[1]
-    d.add("a", a_prompt)
-    d.step()
-    d.step()
-    d.add("b", b_prompt, shared_blocks=d.reqs["a"].blocks[:2])
-    res = d.step()
-    assert "b" in res.request_ids
-    got = d.run_until({"a": 6, "b": 6})
-    d.close()
-    assert got["a"] == plain(a_prompt, 6)
-    assert got["b"] == plain(b_prompt, 6)
-
-
-def test_preemption_and_resume(runner, plain, prompts, long_prompts) -> None:
-    """A is dropped after 4 tokens and comes back as a new request carrying them: its
-    remaining tokens continue exactly; B is undisturbed."""
-    d = Driver(runner, seed=3)
-    d.add("a", prompts[0])
-    d.add("b", long_prompts[2])
-    for _ in range(4):
-        d.step()
-    a = d.drop("a")
-    assert len(a.outputs) == 4
-    d.step()
-    d.step()
-    d.add("a", a.tokens, num_output_tokens=len(a.outputs))
-    got = d.run_until({"a": 4, "b": 9})
-    d.close()
-    assert a.outputs + got["a"] == plain(prompts[0], 8)
-    assert got["b"] == plain(long_prompts[2], 9)
-
-
-def test_abort_frees_blocks_for_others(runner, plain, prompts) -> None:
-    """An aborted request is dropped mid-decode; its blocks go to a new request at once
-    (stale KV in them must not leak into it)."""
-    d = Driver(runner, seed=4)
-    d.add("x", prompts[1])
-    d.add("y", prompts[2])
-    for _ in range(5):
-        d.step()
-    x = d.drop("x")
-    d.free.append(x.blocks[0])  # hand x's block out next
-    d.add("z", prompts[4])
-    got = d.run_until({"y": 9, "z": 7})
-    d.close()
-    assert d.done["z"].blocks[0] == x.blocks[0]
-    assert got["y"] == plain(prompts[2], 9)
-    assert got["z"] == plain(prompts[4], 7)
-
-
-def test_zero_token_steps_and_late_blocks(runner, plain, long_prompts) -> None:
-    """A new request registered with nothing to run, and block ids appended in a step that
-    does not run the request: both reach vLLM with the request's next scheduled step."""
-    d = Driver(runner, seed=5)
-    d.add("w", long_prompts[3])
-    d.step({})  # registered, 0 tokens
-    d.step({"w": 20})
-    d.reqs["w"].new_blocks.append(d.free.pop())  # pre-allocate ahead of need, 0 tokens
-    d.step({})
-    got = d.run_until({"w": 5})
-    d.close()
-    assert got["w"] == plain(long_prompts[3], 5)
-
-
-def test_greedy_processors_match(vllm_runner, native_runner, prompts) -> None:
-    """Deterministic sampling parameters map one to one: repetition penalty, min_tokens with
-    EOS (and a stop token) banned until then, top_k=1 at any temperature."""
-    cases = [
-        SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.3),
-        SamplingParams(temperature=0.0, max_tokens=12, min_tokens=10, stop_token_ids=(201,)),
-        SamplingParams(temperature=1.7, top_k=1, max_tokens=12, seed=5),
-    ]
-    for sp in cases:
-        outs = []
-        for r in (vllm_runner, native_runner):
-            d = Driver(r)
-            for i, p in enumerate(prompts[:4]):
-                d.add(f"p{i}", p, sp)
-            outs.append(d.run_until({f"p{i}": 12 for i in range(4)}))
-            d.close()
-        assert outs[0] == outs[1], sp
-
-
-def test_min_tokens_bans_eos_and_stop_ids(runner, prompts) -> None:
-    sp = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=8, stop_token_ids=(201,))
-    d = Driver(runner)
-    for i, p in enumerate(prompts):
-        d.add(f"m{i}", p, sp)
-    got = d.run_until({f"m{i}": 10 for i in range(len(prompts))})
-    d.close()
-    early = [t for o in got.values() for t in o[:8]]
-    assert not set(early) & {*EOS, 201}
-    # ... and without min_tokens those tokens do come early for some prompt
-    d = Driver(runner)
-    for i, p in enumerate(prompts):
-        d.add(f"n{i}", p, GREEDY)
-    free = d.run_until({f"n{i}": 8 for i in range(len(prompts))})
-    d.close()
-    assert {t for o in free.values() for t in o} & {*EOS, 201}
-
-
-def test_greedy_logprobs_match_native(vllm_runner, native_runner, prompts) -> None:
-    lps = []
-    for r in (vllm_runner, native_runner):
-        d = Driver(r)
-        d.add("lp", prompts[1], SamplingParams(temperature=0.0, logprobs=0, max_tokens=6))
-        d.add("plain", prompts[0])
-        res = d.step()
-        assert res.logprobs is not None and len(res.logprobs) == 2
-        assert res.logprobs[res.request_ids.index("plain")] == 0.0
-        d.drop("plain")
-        d.run_until({"lp": 6})
-        d.add("none", prompts[2])
-        assert d.step().logprobs is None
-        d.close()
-        lps.append((d.done["lp"].outputs, d.done["lp"].logprobs))
-    assert lps[0][0] == lps[1][0]
-    torch.testing.assert_close(torch.tensor(lps[0][1]), torch.tensor(lps[1][1]),
-                               atol=1e-4, rtol=1e-4)
-
-
-SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234, max_tokens=10)
-
-
-def test_seeded_sampling_is_reproducible_across_batches_and_preemption(vllm_runner,
-                                                                       prompts) -> None:
-    alone = Driver(vllm_runner, seed=4)
-    alone.add("x", prompts[0], SAMPLED)
-    ref = alone.run_until({"x": 10})["x"]
-    alone.close()
-
-    crowd = Driver(vllm_runner, seed=5)
-    crowd.add("g", prompts[1])
-    crowd.add("u", prompts[2], SamplingParams(temperature=1.0))
-    crowd.step()
-    crowd.add("x", prompts[0], SAMPLED)
-    crowd.add("y", prompts[3], SamplingParams(temperature=1.2, seed=99))
-    for _ in range(3):
-        crowd.step()
-    x = crowd.drop("x")
-    crowd.step()
-    crowd.add("x", x.tokens, SAMPLED, num_output_tokens=len(x.outputs))
-    got = crowd.run_until({"x": 7, "g": 1, "u": 1, "y": 1})
-    crowd.close()
-    assert x.outputs + got["x"] == ref
-
-    other = Driver(vllm_runner, seed=6)
-    other.add("x", prompts[0], SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=4321))
-    assert other.run_until({"x": 10})["x"] != ref
-    other.close()
-
-
-def _new(rid: str, tokens: list[int], blocks: list[int], computed: int = 0,
-         scheduled: int | None = None) -> NewRequestData:
-    return NewRequestData(request_id=rid, token_ids=tokens, sampling=GREEDY, block_ids=blocks,
-                          num_computed_tokens=computed,
-                          num_scheduled_tokens=len(tokens) - computed if scheduled is None else scheduled)
-
-
-@pytest.mark.parametrize(
-    ("plan", "match"),
-    [
-        (StepPlan(step_id=1, worker_id=0, cached_requests=[CachedRequestData("nope", 1)]),
-         "unknown to this worker"),
-        (StepPlan(step_id=1, worker_id=0, new_requests=[_new("a", [1, 2, 3], [0], scheduled=4)]),
-         "only 3 are known"),
-        (StepPlan(step_id=1, worker_id=0, new_requests=[_new("a", list(range(1, 40)), [0])]),
-         "too short"),
-        (StepPlan(step_id=1, worker_id=0, new_requests=[_new("a", [1, 2], [0]), _new("a", [1], [1])]),
-         "twice"),
-        (StepPlan(step_id=1, worker_id=0, new_requests=[_new("a", [1, 2], [NUM_BLOCKS])]),
-         "block ids"),
-        (StepPlan(step_id=1, worker_id=0, new_requests=[_new("a", [1, 5000], [0])]),
-         "token ids"),
-        (StepPlan(step_id=1, worker_id=0, new_requests=[_new("r", [1, 2], [3])]),
-         "already running"),
-        (StepPlan(step_id=1, worker_id=0, cached_requests=[CachedRequestData("r", 2)]),
-         "only 3 are known"),
-        (StepPlan(step_id=1, worker_id=0, cached_requests=[CachedRequestData("r", 1)],
-                  finished_request_ids=["r"]),
-         "unknown to this worker"),
-    ],
-)
-def test_invalid_plans_raise_and_change_nothing(runner, plan: StepPlan, match: str) -> None:
-    ok = runner.step(StepPlan(step_id=0, worker_id=0, new_requests=[_new("r", [1, 2], [0])]))
-    assert ok.request_ids == ["r"]
-    with pytest.raises(ValueError, match=match):
-        runner.step(plan)
-    res = runner.step(StepPlan(step_id=2, worker_id=0, cached_requests=[CachedRequestData("r", 1)]))
-    assert res.request_ids == ["r"]
-    runner.step(StepPlan(step_id=3, worker_id=0, finished_request_ids=["r"]))
+def _new(rid: str, tokens: list[int], blocks: list[int]) -> NewRequestData:
+    return NewRequestData(request_id=rid, token_ids=tokens,
+                          sampling=SamplingParams(temperature=0.0), block_ids=blocks,
+                          num_computed_tokens=0, num_scheduled_tokens=len(tokens))
 
 
 # --------------------------------------------------------------------------- construction
@@ -625,17 +67,42 @@ def test_version_check_names_what_is_needed() -> None:
             subprocess.run([sys.executable, "-c", f"import {name}"], check=True, timeout=120)
 
 
-def test_cpu_block_size_and_budget_errors() -> None:
+def test_factory_reports_a_version_mismatch_as_a_runner_error(monkeypatch) -> None:
+    """What a worker reports at start-up when vLLM is missing or another version: the flag,
+    what is needed, what is installed and how to install it (no vLLM needed to test it)."""
+    import engine.worker.vllm_plan as vp
+    from engine.worker.factory import make_runner
+
+    def old_vllm() -> str:
+        return check_vllm_version("0.31.0")
+
+    monkeypatch.setattr(vp, "check_vllm_version", old_vllm)
+    with pytest.raises(ConfigError, match=r"^--runner: --runner vllm needs vLLM 0\.32\.0 .*"
+                                          r"0\.31\.0 is installed; install it with `make "
+                                          r"install-vllm`"):
+        make_runner(ModelConfig(), CacheConfig(block_size=32), WorkerConfig(runner="vllm"))
+
+
+def test_cpu_block_size_error_names_the_flag_and_why(vllm_installed) -> None:
+    """On CPU, vLLM's attention kernel only runs blocks of a multiple of 32 tokens: a worker
+    started with --block-size 16 (a valid value for the native runner) fails before vLLM's
+    engine is configured, with an error that names the flag, the reason and the fix (the
+    launcher prints the worker's error as is: "worker-0-0 failed to start: ConfigError(...)")."""
+    from engine.worker.factory import make_runner
     from engine.worker.vllm_runner import VllmRunner
 
-    with pytest.raises(ConfigError, match=r"--block-size: .*multiple of 32"):
-        VllmRunner(ModelConfig(), CacheConfig(block_size=16, num_blocks=8), WorkerConfig())
-    with pytest.raises(ConfigError, match="--kv-cache-memory"):
-        VllmRunner(ModelConfig(), CacheConfig(block_size=32, kv_cache_memory_gib=1e-4),
-                   WorkerConfig())
+    want = (r"^--block-size: the vllm runner on CPU needs a multiple of 32 \(vLLM's CPU "
+            r"attention kernel\), got 16; use --block-size 32$")
+    with pytest.raises(ConfigError, match=want):
+        make_runner(ModelConfig(), CacheConfig(block_size=16, num_blocks=8),
+                    WorkerConfig(runner="vllm", device="cpu", num_threads=1))
+    for ok in (32, 64):  # multiples pass that check (and fail later, on the KV budget here)
+        with pytest.raises(ConfigError, match="--kv-cache-memory"):
+            VllmRunner(ModelConfig(), CacheConfig(block_size=ok, kv_cache_memory_gib=1e-4),
+                       WorkerConfig(device="cpu"))
 
 
-def test_factory_builds_vllm_lazily(monkeypatch) -> None:
+def test_factory_builds_vllm_lazily(vllm_installed, monkeypatch) -> None:
     """make_runner('vllm') hands the configs to VllmRunner; the native path never imports
     vLLM (checked in a fresh interpreter)."""
     import engine.worker.vllm_runner as vr
@@ -660,7 +127,7 @@ def test_factory_builds_vllm_lazily(monkeypatch) -> None:
 # --------------------------------------------------------------------------- the plugin
 
 
-def test_plugin_entry_point_registers_the_custom_backend() -> None:
+def test_plugin_entry_point_registers_the_custom_backend(vllm_installed) -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     from engine.worker import vllm_plugin
@@ -678,7 +145,7 @@ def test_plugin_entry_point_registers_the_custom_backend() -> None:
     assert backend.supports_dtype(torch.float32)
 
 
-def test_plugin_metadata_and_kv_views_on_cpu() -> None:
+def test_plugin_metadata_and_kv_views_on_cpu(vllm_installed) -> None:
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     from engine.worker.vllm_plugin import (
@@ -718,13 +185,13 @@ def test_plugin_metadata_and_kv_views_on_cpu() -> None:
                      torch.empty_like(q))
 
 
-def test_translation_cost_is_small(vllm_runner) -> None:
+def test_translation_cost_is_small(vllm_installed) -> None:
     """The adapter's own work per step (validate + build the SchedulerOutput) for a batch of
     64 decodes stays well under a millisecond-scale budget (docs/vllm.md has the figures)."""
     from engine.worker.vllm_plan import PlanTranslator
 
     t = PlanTranslator(num_blocks=4096, block_size=BLOCK, max_model_len=2048, vocab_size=4096,
-                       eos_token_ids=EOS)
+                       eos_token_ids=INFO.eos_token_ids)
     new = [_new(f"q{i}", list(range(1, 40)), list(range(8 * i, 8 * i + 8))) for i in range(64)]
     tr = t.translate(StepPlan(step_id=0, worker_id=0, new_requests=new))
     t.commit(tr)

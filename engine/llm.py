@@ -39,6 +39,8 @@ class CompletionOutput:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     logprobs: list[float] | None = None
+    #: Per token, the most likely tokens as (token id, logprob), best first (``logprobs=k``).
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str = ""
 
 
@@ -123,6 +125,10 @@ class LLM:
             res.num_cached_tokens = max(res.num_cached_tokens, o.num_cached_tokens)
             if o.logprobs is not None:
                 res.logprobs = (res.logprobs or []) + o.logprobs
+            if o.top_token_ids is not None and o.top_logprobs is not None:
+                res.top_logprobs = (res.top_logprobs or []) + [
+                    list(zip(ids, lps, strict=True))
+                    for ids, lps in zip(o.top_token_ids, o.top_logprobs, strict=True)]
             _, stopped = detoks[o.request_id].append(o.new_token_ids)
             if stopped:
                 res.finish_reason = "stop"

@@ -42,6 +42,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     """How to pick each next token, and when to stop.
 
     ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    ``logprobs``: None returns no logprobs; ``k >= 0`` returns each sampled token's logprob
+    and the ``k`` most likely tokens with theirs (from the raw logits, before penalties and
+    temperature, as vLLM's default).
     ``seed`` makes sampling reproducible per request, independent of batch composition, of
     the worker that runs it, and of preemption (the n-th token uses a generator seeded from
     ``(seed, n)``). ``stop`` strings are matched by the frontend on detokenized text; token
@@ -118,6 +121,8 @@ class RequestOutput(_Msg):
     logprobs: list[float] | None = None
     error: str = ""
     explanation: Explanation | None = None
+    top_token_ids: list[list[int]] | None = None  # per new token, as in StepResult
+    top_logprobs: list[list[float]] | None = None
 
 
 class PoolStats(_Msg):
@@ -211,6 +216,10 @@ class StepResult(_Msg, tag=True):
     token_ids: list[int]
     logprobs: list[float] | None = None
     execute_time_s: float = 0.0
+    # Per sampled row, the request's ``logprobs`` most likely tokens and their logprobs, best
+    # first (empty rows for requests that asked for none); None when no row asked.
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
 
 
 class WorkerReady(_Msg, tag=True):

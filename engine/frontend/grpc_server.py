@@ -123,6 +123,9 @@ class EngineServicer:
                                             finish_reason=delta.finish_reason or "")
                 if delta.logprobs:
                     resp.logprobs.extend(delta.logprobs)
+                for top in delta.top_logprobs or ():
+                    resp.top_logprobs.add(token_ids=[t for t, _ in top],
+                                          logprobs=[lp for _, lp in top])
                 if delta.usage is not None:
                     resp.usage.prompt_tokens = delta.usage.prompt_tokens
                     resp.usage.completion_tokens = delta.usage.completion_tokens

@@ -107,6 +107,7 @@ class Choice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -116,6 +117,8 @@ class Choice:
         self.token_ids += d.token_ids
         if d.logprobs:
             self.logprobs += d.logprobs
+        if d.top_logprobs:
+            self.top_logprobs += d.top_logprobs
         if d.finish_reason is not None:
             self.finish_reason = d.finish_reason
         if d.usage is not None:
@@ -321,8 +324,6 @@ class OpenAIServer:
         check(body.suffix is None, "suffix is not supported", "suffix")
         check(body.logprobs is None or 0 <= body.logprobs <= 5,
               f"logprobs must be in [0, 5], got {body.logprobs}", "logprobs")
-        check(not body.logprobs, "top logprobs (logprobs > 0) are not supported yet; "
-              "logprobs=0 returns each sampled token's logprob", "logprobs")
         prompts, texts = self._prompts(body.prompt, model)
         priority = self._priority(body, request)
         choices = self._choices(body, model, prompts, body.max_tokens, "max_tokens",
@@ -358,8 +359,8 @@ class OpenAIServer:
         check(not body.tools, "tools are not supported", "tools")
         check(body.top_logprobs is None or 0 <= body.top_logprobs <= 20,
               f"top_logprobs must be in [0, 20], got {body.top_logprobs}", "top_logprobs")
-        check(not body.top_logprobs, "top_logprobs > 0 is not supported yet; logprobs=true "
-              "returns each sampled token's logprob", "top_logprobs")
+        check(not body.top_logprobs or body.logprobs,
+              "top_logprobs needs logprobs: true", "top_logprobs")
         check(body.max_tokens is None or body.max_completion_tokens is None
               or body.max_tokens == body.max_completion_tokens,
               "max_tokens and max_completion_tokens differ; give one", "max_completion_tokens")
@@ -377,7 +378,8 @@ class OpenAIServer:
         max_tokens = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         choices = self._choices(body, model, [ids], max_tokens, param,
-                                0 if body.logprobs else None, priority, "chatcmpl")
+                                (body.top_logprobs or 0) if body.logprobs else None, priority,
+                                "chatcmpl")
         self._admit(key, model, choices, priority)
         return await self._respond(request, body, model, choices, "chat")
 
@@ -517,11 +519,14 @@ class _TextFormat(_Format):
         super().__init__(rid, created, model, body)
         self.head["object"] = "text_completion"
 
-    def _logprobs(self, c: Choice, ids: Sequence[int], lps: Sequence[float]) -> Any:
+    def _logprobs(self, ids: Sequence[int], lps: Sequence[float],
+                  top: Sequence[Sequence[tuple[int, float]]] | None) -> Any:
         if not self.logprobs:
             return None
+        tops: list[Any] = ([{self.token(t): lp for t, lp in row} for row in top] if top
+                           else [None] * len(ids))
         return {"tokens": [self.token(t) for t in ids], "token_logprobs": list(lps),
-                "top_logprobs": [None] * len(ids), "text_offset": []}
+                "top_logprobs": tops, "text_offset": []}
 
     def opening(self, choices: Sequence[Choice]) -> list[dict[str, Any]]:
         echo = [c for c in choices if c.prompt_text]
@@ -532,7 +537,7 @@ class _TextFormat(_Format):
     def chunk(self, c: Choice, d: Delta) -> dict[str, Any]:
         return {**self.head, "choices": [{
             "index": c.index, "text": d.text,
-            "logprobs": self._logprobs(c, d.token_ids, d.logprobs or []),
+            "logprobs": self._logprobs(d.token_ids, d.logprobs or [], d.top_logprobs),
             "finish_reason": d.finish_reason}]}
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
@@ -541,7 +546,7 @@ class _TextFormat(_Format):
     def full(self, choices: Sequence[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         return {**self.head, "choices": [{
             "index": c.index, "text": (c.prompt_text or "") + "".join(c.text),
-            "logprobs": self._logprobs(c, c.token_ids, c.logprobs),
+            "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
             "finish_reason": c.finish_reason} for c in choices], "usage": usage}
 
 
@@ -553,15 +558,18 @@ class _ChatFormat(_Format):
         self.head["object"] = "chat.completion"
         self.chunk_head = {**self.head, "object": "chat.completion.chunk"}
 
-    def _logprobs(self, ids: Sequence[int], lps: Sequence[float]) -> Any:
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _logprobs(self, ids: Sequence[int], lps: Sequence[float],
+                  top: Sequence[Sequence[tuple[int, float]]] | None) -> Any:
         if not self.logprobs:
             return None
-        content = []
-        for t, lp in zip(ids, lps, strict=False):
-            text = self.token(t)
-            content.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
-                            "top_logprobs": []})
-        return {"content": content}
+        rows = top or [()] * len(ids)
+        return {"content": [{**self._entry(t, lp),
+                             "top_logprobs": [self._entry(a, b) for a, b in row]}
+                            for t, lp, row in zip(ids, lps, rows, strict=False)]}
 
     def opening(self, choices: Sequence[Choice]) -> list[dict[str, Any]]:
         return [{**self.chunk_head, "choices": [{
@@ -571,7 +579,7 @@ class _ChatFormat(_Format):
     def chunk(self, c: Choice, d: Delta) -> dict[str, Any]:
         return {**self.chunk_head, "choices": [{
             "index": c.index, "delta": {"content": d.text} if d.text else {},
-            "logprobs": self._logprobs(d.token_ids, d.logprobs or []),
+            "logprobs": self._logprobs(d.token_ids, d.logprobs or [], d.top_logprobs),
             "finish_reason": d.finish_reason}]}
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
@@ -580,7 +588,7 @@ class _ChatFormat(_Format):
     def full(self, choices: Sequence[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         return {**self.head, "choices": [{
             "index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-            "logprobs": self._logprobs(c.token_ids, c.logprobs),
+            "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
             "finish_reason": c.finish_reason} for c in choices], "usage": usage}
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.frontend.pool_client import PoolClient
-from engine.messages import EngineRequest, Explanation, SamplingParams
+from engine.messages import EngineRequest, Explanation, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo
 
 if TYPE_CHECKING:
@@ -205,6 +205,8 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[float] | None = None
+    #: Per new token, the most likely tokens as (token id, logprob), best first.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     #: "stop", "length" or "abort" on the last delta, else None.
     finish_reason: str | None = None
     usage: Usage | None = None
@@ -256,13 +258,20 @@ async def generate(model: ServedModel, request: EngineRequest,
                     log.debug("request %s explanation: %s", request.request_id, out.explanation)
                 if timer:
                     timer.finish(finish, completion, out.explanation, cached)
-                yield Delta(text, list(out.new_token_ids), out.logprobs, finish, usage,
-                            out.explanation)
+                yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out), finish,
+                            usage, out.explanation)
                 return
             if text or out.new_token_ids:
-                yield Delta(text, list(out.new_token_ids), out.logprobs)
+                yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out))
     finally:
         if not done:  # closed early: the client went away, a timeout, the server stopping
             model.pool.abort([request.request_id])
             if timer:
                 timer.finish("abort", completion, None)
+
+
+def _top(out: RequestOutput) -> list[list[tuple[int, float]]] | None:
+    if out.top_token_ids is None or out.top_logprobs is None:
+        return None
+    return [list(zip(ids, lps, strict=True))
+            for ids, lps in zip(out.top_token_ids, out.top_logprobs, strict=True)]

@@ -128,8 +128,8 @@ class NativeRunner(ModelRunner):
         scheduled = [s for s in scheduled if s[2] > 0]
 
         token_ids: list[int] = []
-        logprobs: list[float] | None = None
         sampling_ids: list[str] = []
+        out = None
         if scheduled:
             batch = self._prepare(scheduled)
             with torch.inference_mode():
@@ -143,12 +143,14 @@ class NativeRunner(ModelRunner):
                 for req, tok in zip(rows, out.token_ids, strict=True):
                     req.token_ids.append(tok)
                     req.num_output_tokens += 1
-                token_ids, logprobs = out.token_ids, out.logprobs
+                token_ids = out.token_ids
             sampling_ids = batch.sampling_ids
         return StepResult(
             step_id=plan.step_id, worker_id=plan.worker_id, request_ids=sampling_ids,
-            token_ids=token_ids, logprobs=logprobs,
+            token_ids=token_ids, logprobs=out.logprobs if out else None,
             execute_time_s=time.perf_counter() - start,
+            top_token_ids=out.top_token_ids if out else None,
+            top_logprobs=out.top_logprobs if out else None,
         )
 
     def _prepare(self, scheduled: list[tuple[str, _Request, int]]) -> _Batch:

@@ -47,6 +47,10 @@ class SamplerOutput:
     token_ids: list[int]
     #: The chosen tokens' logprobs (0.0 for rows that did not ask), or None if no row asked.
     logprobs: list[float] | None
+    #: Per row, its ``logprobs`` most likely tokens and their logprobs (empty for rows that
+    #: asked for none), or None if no row asked for any.
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
 
 
 def seed_for_token(seed: int, n: int) -> int:
@@ -90,12 +94,19 @@ class Sampler:
             sampled = self._sample(logits, rows, greedy)
             tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, sampled)
 
-        logprobs: list[float] | None = None
-        if raw_logprobs is not None:
-            chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-            logprobs = [lp if p.logprobs is not None else 0.0
-                        for lp, p in zip(chosen, params, strict=True)]
-        return SamplerOutput(tokens.tolist(), logprobs)
+        if raw_logprobs is None:
+            return SamplerOutput(tokens.tolist(), None)
+        chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        logprobs = [lp if p.logprobs is not None else 0.0
+                    for lp, p in zip(chosen, params, strict=True)]
+        ks = [p.logprobs or 0 for p in params]
+        if not any(ks):
+            return SamplerOutput(tokens.tolist(), logprobs)
+        top_lps, top_ids = raw_logprobs.topk(min(max(ks), raw_logprobs.shape[-1]), dim=-1)
+        top_ids_rows, top_lps_rows = top_ids.tolist(), top_lps.tolist()
+        return SamplerOutput(tokens.tolist(), logprobs,
+                             [ids[:k] for ids, k in zip(top_ids_rows, ks, strict=True)],
+                             [lps[:k] for lps, k in zip(top_lps_rows, ks, strict=True)])
 
     def _sample(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]

@@ -266,7 +266,7 @@ class PlanTranslator:
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
             min_tokens=min(max(0, p.min_tokens - done), max_tokens), max_tokens=max_tokens,
             repetition_penalty=p.repetition_penalty,
-            logprobs=0 if p.logprobs is not None else None,
+            logprobs=p.logprobs,
             stop_token_ids=stops, ignore_eos=True, detokenize=False,
         )
 

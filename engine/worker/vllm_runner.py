@@ -269,14 +269,22 @@ class VllmRunner(ModelRunner):
         request_ids: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] | None = None
+        top_ids: list[list[int]] | None = None
+        top_lps: list[list[float]] | None = None
         if t.scheduled:
             index = result.req_id_to_index
             sampled = result.sampled_token_ids
             want_logprobs = result.logprobs is not None and any(
                 req.sampling.logprobs is not None for _, req, _ in t.scheduled)
             lp_rows = result.logprobs.logprobs if want_logprobs else None
+            # Row i: the sampled token, then the request's k best (vLLM's layout).
+            id_rows = result.logprobs.logprob_token_ids if want_logprobs else None
             if want_logprobs:
                 logprobs = []
+                ks = {rid: self.translator.requests[rid].sampling.logprobs or 0
+                      for rid in t.sampling_ids}
+                if any(ks.values()):
+                    top_ids, top_lps = [], []
             for rid in t.sampling_ids:
                 i = index[rid]
                 toks = sampled[i]
@@ -288,6 +296,10 @@ class VllmRunner(ModelRunner):
                 if logprobs is not None:
                     wants = self.translator.requests[rid].sampling.logprobs is not None
                     logprobs.append(float(lp_rows[i][0]) if wants else 0.0)
+                if top_ids is not None and top_lps is not None:
+                    k = ks[rid]
+                    top_ids.append([int(x) for x in id_rows[i][1:k + 1]])
+                    top_lps.append([float(x) for x in lp_rows[i][1:k + 1]])
         self.translator.commit(t)
         end = time.perf_counter()
         # the adapter's own cost: plan -> SchedulerOutput, and vLLM's output -> StepResult
@@ -296,6 +308,7 @@ class VllmRunner(ModelRunner):
         return StepResult(
             step_id=plan.step_id, worker_id=plan.worker_id, request_ids=request_ids,
             token_ids=token_ids, logprobs=logprobs, execute_time_s=end - start,
+            top_token_ids=top_ids, top_logprobs=top_lps,
         )
 
     def close(self) -> None:

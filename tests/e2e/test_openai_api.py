@@ -121,3 +121,18 @@ def test_disconnect_frees_kv_at_once(launched_engine: tuple[str, int]) -> None:
     start = time.time()
     assert wait_idle(grpc_port, idle, timeout=10) == idle
     assert time.time() - start < 5  # long before its 1500 tokens would have finished
+
+
+def test_chat_top_logprobs_equal_in_process(client: openai.OpenAI) -> None:
+    from engine import LLM, SamplingParams
+
+    reply = client.chat.completions.create(model="a", messages=MESSAGES, max_tokens=5,
+                                           temperature=0, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    expected = LLM().chat(MESSAGES, SamplingParams(max_tokens=5, temperature=0, logprobs=3))
+    assert len(content) == len(expected.token_ids) == 5
+    for entry, lp, top in zip(content, expected.logprobs, expected.top_logprobs, strict=True):
+        assert entry.logprob == pytest.approx(lp, abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            [v for _, v in top], abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy took the best

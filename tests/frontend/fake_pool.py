@@ -1,5 +1,6 @@
 """A fake pool for frontend tests: it binds the real pool sockets and answers each request
-by echoing its prompt tokens cyclically, one token per output, then finish "length"; it
+by echoing its prompt tokens cyclically, one token per output, then finish "length" (with
+made-up logprobs when asked: -0.5 for the echoed token, top-k ``token + j`` at ``-0.5 - j``); it
 records what it receives. Tenants steer it: "fail" gets an error, "slow" one token per
 ``SLOW_TOKEN_S``, "hold" nothing until aborted. ``stats`` overrides the pool's reported
 pressure (for admission tests)."""
@@ -122,9 +123,17 @@ class FakePool:
                 last = a.sent >= a.req.sampling.max_tokens
                 if last:
                     del active[rid]
-                send(RequestOutput(request_id=rid, new_token_ids=[prompt[(a.sent - 1) % len(prompt)]],
-                                   finish_reason="length" if last else None,
-                                   num_prompt_tokens=len(prompt), num_cached_tokens=3))
+                token = prompt[(a.sent - 1) % len(prompt)]
+                out = RequestOutput(request_id=rid, new_token_ids=[token],
+                                    finish_reason="length" if last else None,
+                                    num_prompt_tokens=len(prompt), num_cached_tokens=3)
+                k = a.req.sampling.logprobs
+                if k is not None:  # the echoed token at -0.5, then tokens after it
+                    out.logprobs = [-0.5]
+                    if k:
+                        out.top_token_ids = [[token + j for j in range(k)]]
+                        out.top_logprobs = [[-0.5 - j for j in range(k)]]
+                send(out)
         pull.close()
         push.close()
         ctx.term()

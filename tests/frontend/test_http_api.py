@@ -217,6 +217,27 @@ def test_echo_and_logprobs(env: Env) -> None:
     assert env.pools[0].added[-1].sampling.logprobs == 0
 
 
+def test_top_logprobs_in_both_shapes(env: Env) -> None:
+    ids = env.encode("Hello world")
+    r = env.post("/v1/completions", {"prompt": ids, "max_tokens": 2, "logprobs": 2})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == [-0.5, -0.5]
+    assert lp["tokens"] == [env.decode([t]) for t in ids[:2]]
+    assert lp["top_logprobs"][0] == {env.decode([ids[0]]): -0.5, env.decode([ids[0] + 1]): -1.5}
+    assert env.pools[0].added[-1].sampling.logprobs == 2
+    r = env.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                          "max_tokens": 2, "logprobs": True, "top_logprobs": 3})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 2 and all(len(c["top_logprobs"]) == 3 for c in content)
+    first = content[0]
+    assert first["logprob"] == -0.5 and first["top_logprobs"][0]["token"] == first["token"]
+    assert [t["logprob"] for t in first["top_logprobs"]] == [-0.5, -1.5, -2.5]
+    assert first["bytes"] == list(first["token"].encode())
+    r = env.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                          "top_logprobs": 3})
+    assert_error(r, 400, "invalid_request_error", "logprobs: true")
+
+
 def test_stop_string_ends_stream_and_aborts(env: Env) -> None:
     prompt = "Hello world, hello again."
     r = env.post("/v1/completions", {"prompt": prompt, "max_tokens": 30, "stop": ", hello"})

@@ -286,6 +286,32 @@ def test_greedy_logprobs(runner, hf_greedy, prompts) -> None:
                                atol=1e-5, rtol=1e-5)
 
 
+def test_top_logprobs(runner, hf_model, prompts) -> None:
+    """The k most likely tokens and their logprobs at each sampled position, as transformers
+    computes them (raw logits), best first; k is each request's own; empty rows for requests
+    of the step that asked for none."""
+    d = Driver(runner)
+    d.add("top", prompts[3], SamplingParams(temperature=0.0, logprobs=3))
+    d.add("plain", prompts[0], SamplingParams(temperature=0.0, logprobs=0))
+    tops = []
+    for _ in range(4):
+        res = d.step()
+        assert res.top_token_ids is not None and res.top_logprobs is not None
+        assert res.top_token_ids[res.request_ids.index("plain")] == []
+        i = res.request_ids.index("top")
+        tops.append((res.top_token_ids[i], res.top_logprobs[i]))
+    tokens = d.drop("top").tokens
+    d.close()
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([tokens])).logits[0].float()
+    start = len(prompts[3]) - 1
+    for pos, (ids, lps) in enumerate(tops):
+        want = torch.log_softmax(logits[start + pos], -1).topk(3)
+        assert ids == want.indices.tolist(), f"position {pos}"
+        assert ids[0] == tokens[start + pos + 1]  # greedy: the best one was sampled
+        torch.testing.assert_close(torch.tensor(lps), want.values, atol=1e-5, rtol=1e-5)
+
+
 SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234, max_tokens=10)
 
 

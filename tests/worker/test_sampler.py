@@ -45,6 +45,20 @@ def test_logprobs_aligned_and_raw() -> None:
     assert out.logprobs[1] == 0.0
 
 
+def test_top_logprobs_per_row_k() -> None:
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    rows = [Row(SamplingParams(temperature=0.0, logprobs=4)), Row(G),
+            Row(SamplingParams(temperature=0.0, logprobs=0))]
+    out = Sampler()(x.clone(), rows)
+    want = torch.log_softmax(x[0], -1).topk(4)
+    assert out.top_token_ids is not None and out.top_logprobs is not None
+    assert out.top_token_ids[0] == want.indices.tolist()
+    torch.testing.assert_close(torch.tensor(out.top_logprobs[0]), want.values)
+    assert out.top_token_ids[1:] == [[], []] and out.top_logprobs[1:] == [[], []]
+    only_k0 = Sampler()(x[2:].clone(), rows[2:])
+    assert only_k0.logprobs is not None and only_k0.top_token_ids is None
+
+
 def test_repetition_penalty_divides_positive_multiplies_negative() -> None:
     x = logits_of([2.0, 1.5, -1.0, -1.2])
     s = Sampler()

@@ -1,4 +1,5 @@
-"""Admission control in the frontend: API keys, per-key rate limits, and load shedding.
+"""Admission control in the frontend: API keys, per-key rate limits, and load shedding,
+shared by the HTTP and gRPC APIs (``Admission``).
 
 Shedding keeps critical traffic fast under overload. Each pool's pressure is estimated from
 what the frontend sees at once (its own count of requests in flight, the pool's latest
@@ -22,10 +23,12 @@ import hmac
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from engine.config import FrontendConfig
 from engine.frontend.pool_client import PoolClient
+from engine.frontend.serving import ServedModel
 from engine.messages import PoolStats
 
 #: Seconds of history behind a pool's drain rate.
@@ -196,3 +199,21 @@ class Shedder:
                        f"{'unknown' if math.isinf(wait) else f'{wait:.1f} s'} > "
                        f"--shed-queue-time {self.shed_queue_time_s} s) and this request is "
                        f"sheddable (priority {priority}); retry later", retry_after_s=retry)
+
+
+class Admission:
+    """The admission state of one frontend, shared by its APIs: a request is charged to its
+    API key's rate limit and refused if sheddable and its pool is saturated."""
+
+    def __init__(self, models: Iterable[ServedModel], cfg: FrontendConfig,
+                 max_num_seqs: int) -> None:
+        self.keys = ApiKeys(cfg.api_keys)
+        self.limiter = RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm)
+        self.shedder = Shedder(cfg.shed_queue_time_s)
+        self.loads = {m.name: PoolLoad(m.pool, max_num_seqs) for m in models}
+
+    def admit(self, key: str, model_name: str, priority: int, num_tokens: int) -> Refusal | None:
+        """Charge ``num_tokens`` (prompt + max_tokens of every choice) to ``key`` unless the
+        request is refused; say why it is."""
+        return self.limiter.admit(key, num_tokens) or self.shedder.admit(
+            self.loads[model_name], priority)

@@ -36,6 +36,7 @@ from engine.frontend.serving import (
 from engine.messages import EngineRequest, Explanation
 
 if TYPE_CHECKING:
+    from engine.frontend.admission import Admission
     from engine.frontend.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,43 @@ def fill_explanation(target: Any, e: Explanation) -> None:
 
 
 class EngineServicer:
-    def __init__(self, models: ModelRegistry, metrics: EngineMetrics | None = None) -> None:
+    """The service. With an ``Admission``, Generate, Abort and ListModels need the API key
+    (metadata ``authorization: Bearer KEY``; UNAUTHENTICATED otherwise), and Generate is
+    charged to the key's rate limit and shed like HTTP requests (RESOURCE_EXHAUSTED, with
+    the seconds to wait in the trailing metadata ``retry-after``)."""
+
+    def __init__(self, models: ModelRegistry, metrics: EngineMetrics | None = None,
+                 admission: Admission | None = None) -> None:
         self.models = models
         self.metrics = metrics
+        self.admission = admission
         self._running: dict[str, tuple[ServedModel, str]] = {}  # client id -> (model, engine id)
 
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
+        if self.admission is None:
+            return ""
+        metadata = dict(context.invocation_metadata() or ())
+        key = self.admission.keys.check(metadata.get("authorization"))
+        if key is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing API key: "
+                                "send metadata 'authorization: Bearer KEY'")
+        return key or ""
+
+    async def _admit(self, key: str, model: ServedModel, ereq: EngineRequest,
+                     context: grpc.aio.ServicerContext) -> None:
+        if self.admission is None:
+            return
+        cost = len(ereq.prompt_token_ids) + ereq.sampling.max_tokens
+        refusal = self.admission.admit(key, model.name, ereq.priority, cost)
+        if refusal is not None:
+            if self.metrics is not None:
+                self.metrics.count_refused(model.name, refusal.reason, ereq.priority)
+            if refusal.retry_after is not None:
+                context.set_trailing_metadata((("retry-after", refusal.retry_after),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message)
+
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        key = await self._authenticate(context)
         try:
             if isinstance(request, _Unparsable):
                 raise InvalidRequest(request.message)
@@ -115,6 +147,7 @@ class EngineServicer:
         if client_id in self._running:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request id {client_id!r} is already running")
+        await self._admit(key, model, ereq, context)
         self._running[client_id] = (model, ereq.request_id)
         try:
             async for delta in generate(model, ereq, self.metrics):
@@ -140,6 +173,7 @@ class EngineServicer:
             self._running.pop(client_id, None)
 
     async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._authenticate(context)
         if isinstance(request, _Unparsable):
             await context.abort(INVALID, request.message)
         entry = self._running.get(request.request_id)
@@ -166,6 +200,7 @@ class EngineServicer:
         return resp
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._authenticate(context)
         return pb2.ListModelsResponse(models=[
             pb2.ModelCard(name=m.name, max_model_len=m.info.max_model_len,
                           vocab_size=m.info.vocab_size)
@@ -196,11 +231,13 @@ def host_port(host: str, port: int) -> str:
 
 
 async def start_grpc_server(models: Sequence[ServedModel] | ModelRegistry, host: str, port: int,
-                            metrics: EngineMetrics | None = None) -> tuple[grpc.aio.Server, int]:
+                            metrics: EngineMetrics | None = None,
+                            admission: Admission | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the port actually bound (``port=0`` picks one)."""
     registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models)
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((generic_handler(EngineServicer(registry, metrics)),))
+    servicer = EngineServicer(registry, metrics, admission)
+    server.add_generic_rpc_handlers((generic_handler(servicer),))
     bound = server.add_insecure_port(host_port(host, port))
     if not bound:
         raise OSError(f"cannot bind gRPC to {host_port(host, port)}")

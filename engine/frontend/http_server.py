@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.chat import NoChatTemplate, chat_prompt_ids
 from engine.config import FrontendConfig
-from engine.frontend.admission import ApiKeys, PoolLoad, RateLimiter, Refusal, Shedder
+from engine.frontend.admission import Admission, Refusal
 from engine.frontend.metrics import CONTENT_TYPE, EngineMetrics
 from engine.frontend.openai_protocol import (
     KNOWN_NO_OPS,
@@ -174,20 +175,17 @@ class Merged:
 class OpenAIServer:
     """Request handling, independent of the ASGI wiring (``build_app``)."""
 
-    def __init__(self, models: ModelRegistry, cfg: FrontendConfig, max_num_seqs: int,
+    def __init__(self, models: ModelRegistry, cfg: FrontendConfig, admission: Admission,
                  metrics: EngineMetrics) -> None:
         self.models = models
         self.cfg = cfg
         self.metrics = metrics
-        self.keys = ApiKeys(cfg.api_keys)
-        self.limiter = RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm)
-        self.shedder = Shedder(cfg.shed_queue_time_s)
-        self.loads = {m.name: PoolLoad(m.pool, max_num_seqs) for m in models}
+        self.admission = admission
 
     # -- admission
 
     def authenticate(self, request: Request) -> str:
-        key = self.keys.check(request.headers.get("authorization"))
+        key = self.admission.keys.check(request.headers.get("authorization"))
         if key is None:
             raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
                            "authentication_error", "invalid_api_key")
@@ -216,8 +214,7 @@ class OpenAIServer:
                priority: int) -> None:
         cost = sum(len(c.request.prompt_token_ids) + c.request.sampling.max_tokens
                    for c in choices)
-        refusal = self.limiter.admit(key, cost) or self.shedder.admit(
-            self.loads[model.name], priority)
+        refusal = self.admission.admit(key, model.name, priority, cost)
         if refusal is not None:
             self.metrics.count_refused(model.name, refusal.reason, priority)
             raise refusal_error(refusal)
@@ -257,8 +254,6 @@ class OpenAIServer:
             for i in range(body.n):
                 s = sampling
                 if s.seed is not None and body.n > 1:  # n distinct samples, reproducibly
-                    import msgspec
-
                     s = msgspec.structs.replace(s, seed=s.seed + i)
                 req = engine_request(model, f"{base_id}-{p}-{i}", ids, s, limit,
                                      priority=priority, tenant=body.user or "",
@@ -399,7 +394,7 @@ class OpenAIServer:
             pools[m.name] = {"live_workers": live,
                              "num_waiting": stats.num_waiting if stats else 0,
                              "num_running": stats.num_running if stats else 0,
-                             "predicted_wait_s": _finite(self.loads[m.name].predicted_wait())}
+                             "predicted_wait_s": _finite(self.admission.loads[m.name].predicted_wait())}
             ok = ok and live > 0
         return JSONResponse({"status": "ok" if ok else "unavailable", "pools": pools},
                             status_code=200 if ok else 503)

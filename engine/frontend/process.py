@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from engine import ipc
 from engine.config import EngineConfig
+from engine.frontend.admission import Admission
 from engine.frontend.grpc_server import start_grpc_server
 from engine.frontend.http_server import OpenAIServer, start_http_server
 from engine.frontend.metrics import EngineMetrics
@@ -54,10 +55,12 @@ async def _serve(cfg: EngineConfig, run_dir: str,
     for m in models:
         metrics.add_pool(m.name, m.pool)
     f = cfg.frontend
+    admission = Admission(models, f, cfg.scheduler.max_num_seqs)
     try:
-        grpc_server, grpc_port = await start_grpc_server(models, f.host, f.grpc_port, metrics)
-        http = await start_http_server(
-            OpenAIServer(models, f, cfg.scheduler.max_num_seqs, metrics), f.host, f.http_port)
+        grpc_server, grpc_port = await start_grpc_server(models, f.host, f.grpc_port, metrics,
+                                                         admission)
+        http = await start_http_server(OpenAIServer(models, f, admission, metrics), f.host,
+                                       f.http_port)
         on_ready({"grpc_port": grpc_port, "http_port": http.port})
         log.info("frontend ready: http port %d, grpc port %d, models %s", http.port, grpc_port,
                  [m.name for m in models])

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from engine.detokenizer import IncrementalDetokenizer
 from engine.frontend.pool_client import PoolClient
 from engine.messages import EngineRequest, Explanation, RequestOutput, SamplingParams
@@ -174,8 +176,6 @@ def engine_request(model: ServedModel, request_id: str, prompt_ids: Sequence[int
                    tenant: str = "", cache_salt: str = "") -> EngineRequest:
     """The request as the pool receives it, under a fresh engine id (``<id>.<random>``) so
     that a client id reused right after its request ended never receives old outputs."""
-    import msgspec
-
     check(sampling.min_tokens <= max_tokens,
           f"min_tokens ({sampling.min_tokens}) must be <= max_tokens ({max_tokens})",
           "min_tokens")

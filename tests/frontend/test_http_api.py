@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from frontend.fake_pool import (
@@ -27,9 +28,12 @@ from frontend.fake_pool import (
 
 from engine import ipc
 from engine.config import FrontendConfig, ModelConfig
+from engine.frontend.admission import Admission
+from engine.frontend.grpc_server import start_grpc_server
 from engine.frontend.http_server import OpenAIServer, start_http_server
 from engine.frontend.metrics import EngineMetrics
 from engine.frontend.pool_client import PoolClient
+from engine.frontend.proto import pb2, pb2_grpc
 from engine.frontend.serving import ModelRegistry, ServedModel
 from engine.messages import PoolStats
 from engine.models.info import load_model_info
@@ -63,11 +67,15 @@ class HttpFrontend:
         self.metrics = EngineMetrics()
         for m in self.models:
             self.metrics.add_pool(m.name, m.pool)
-        self.api = OpenAIServer(self.models, self.cfg, MAX_NUM_SEQS, self.metrics)
+        self.admission = Admission(self.models, self.cfg, MAX_NUM_SEQS)
+        self.api = OpenAIServer(self.models, self.cfg, self.admission, self.metrics)
         self.http = await start_http_server(self.api, "127.0.0.1", 0)
+        self.grpc, self.grpc_port = await start_grpc_server(self.models, "127.0.0.1", 0,
+                                                            self.metrics, self.admission)
         return f"http://127.0.0.1:{self.http.port}"
 
     async def _stop(self) -> None:
+        await self.grpc.stop(0)
         await self.http.stop(1)
         for m in self.models:
             await m.pool.close()
@@ -447,3 +455,35 @@ def test_disconnect_mid_stream_aborts(env: Env) -> None:
         next(r.iter_lines())  # one event arrived, then the client goes away
     rid = env.pools[0].added[-1].request_id
     assert wait_for(lambda: rid in env.pools[0].aborted, timeout=25 * SLOW_TOKEN_S + 5)
+
+
+def test_grpc_shares_keys_limits_and_shedding(make_env: Callable[..., Env]) -> None:
+    e = make_env(api_keys=("k1",), rate_limit_rpm=3, shed_queue_time_s=1.0)
+    with grpc.insecure_channel(f"127.0.0.1:{e.fe.grpc_port}") as channel:
+        stub = pb2_grpc.EngineStub(channel)
+        auth = (("authorization", "Bearer k1"),)
+
+        def generate(priority: int = 0, metadata: Any = auth) -> list[Any]:
+            req = pb2.GenerateRequest(prompt="Hello", max_tokens=1, priority=priority)
+            return list(stub.Generate(req, metadata=metadata, timeout=10))
+
+        with pytest.raises(grpc.RpcError) as err:
+            generate(metadata=(("authorization", "Bearer nope"),))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListModels(pb2.ListModelsRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Health(pb2.HealthRequest(), timeout=10)  # probes need no key
+        assert generate()[-1].finish_reason == "length"
+        for p in e.pools:  # saturated: far more waiting than the fake drains in a second
+            p.stats = PoolStats(num_waiting=10_000, num_running=8, live_workers=LIVE_WORKERS)
+        assert generate(priority=1)[-1].finish_reason == "length"  # critical: served
+        with pytest.raises(grpc.RpcError) as err:
+            generate(priority=-1)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "sheddable" in err.value.details()
+        assert int(dict(err.value.trailing_metadata())["retry-after"]) >= 1
+        # The key's third request in a minute went to the shedder; HTTP shares the bucket.
+        r = e.post("/v1/completions", {"prompt": "x", "max_tokens": 1},
+                   headers={"Authorization": "Bearer k1"})
+        assert_error(r, 429, "rate_limit_error", "--rate-limit-rpm 3")

@@ -100,7 +100,7 @@ def refusal_error(r: Refusal) -> ApiError:
 
 @dataclass
 class Choice:
-    """One generation of a response: prompt ``prompt_index``, sample ``index``."""
+    """One generation of a response; ``index`` is ``prompt * n + sample``, OpenAI's order."""
 
     index: int
     request: EngineRequest
@@ -110,7 +110,6 @@ class Choice:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_tokens: int = 0
     cached_tokens: int = 0
 
     def add(self, d: Delta) -> None:
@@ -123,7 +122,6 @@ class Choice:
         if d.finish_reason is not None:
             self.finish_reason = d.finish_reason
         if d.usage is not None:
-            self.prompt_tokens = d.usage.prompt_tokens
             self.cached_tokens = d.usage.cached_tokens
 
 
@@ -136,8 +134,7 @@ class Merged:
 
     def __init__(self, model: ServedModel, choices: Sequence[Choice],
                  metrics: EngineMetrics) -> None:
-        self._queue: asyncio.Queue[tuple[Choice, Delta | BaseException | None]] = (
-            asyncio.Queue())
+        self._queue: asyncio.Queue[tuple[Choice, Delta | Exception | None]] = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._pump(model, c, metrics)) for c in choices]
         self._open = len(choices)
 
@@ -146,9 +143,7 @@ class Merged:
             async for delta in generate(model, choice.request, metrics):
                 self._queue.put_nowait((choice, delta))
             self._queue.put_nowait((choice, None))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:  # delivered to the consumer
+        except Exception as e:  # delivered to the consumer (cancellation propagates)
             self._queue.put_nowait((choice, e))
 
     async def next(self) -> tuple[Choice, Delta] | None:
@@ -158,7 +153,7 @@ class Merged:
             if item is None:
                 self._open -= 1
                 continue
-            if isinstance(item, BaseException):
+            if isinstance(item, Exception):
                 raise item
             return choice, item
         return None

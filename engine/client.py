@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,12 +65,18 @@ def target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The metadata an engine started with ``--api-key`` wants."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 def stream(prompt: str | Sequence[int], *, host: str = DEFAULT_HOST,
            port: int = DEFAULT_GRPC_PORT, timeout: float | None = None,
-           **kw: Any) -> Iterator[Any]:
+           api_key: str | None = None, **kw: Any) -> Iterator[Any]:
     """Yield the ``GenerateResponse`` messages as they arrive; raises ``grpc.RpcError``."""
     with grpc.insecure_channel(target(host, port)) as channel:
-        call = pb2_grpc.EngineStub(channel).Generate(build_request(prompt, **kw), timeout=timeout)
+        call = pb2_grpc.EngineStub(channel).Generate(build_request(prompt, **kw), timeout=timeout,
+                                                     metadata=auth_metadata(api_key))
         try:
             yield from call
         finally:
@@ -83,10 +90,11 @@ def generate(prompt: str | Sequence[int], **kw: Any) -> Completion:
 
 async def agenerate(prompt: str | Sequence[int], *, host: str = DEFAULT_HOST,
                     port: int = DEFAULT_GRPC_PORT, timeout: float | None = None,
-                    **kw: Any) -> Completion:
+                    api_key: str | None = None, **kw: Any) -> Completion:
     """The whole completion, from asyncio code."""
     async with grpc.aio.insecure_channel(target(host, port)) as channel:
-        call = pb2_grpc.EngineStub(channel).Generate(build_request(prompt, **kw), timeout=timeout)
+        call = pb2_grpc.EngineStub(channel).Generate(build_request(prompt, **kw), timeout=timeout,
+                                                     metadata=auth_metadata(api_key))
         out = Completion()
         async for resp in call:
             out.add(resp)
@@ -119,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON line (text, token_ids, usage, finish_reason) at the end")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline for the request")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("ENGINE_API_KEY"),
+                   help="API key of an engine started with --api-key (default: $ENGINE_API_KEY)")
     return p
 
 
@@ -128,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               top_p=a.top_p, top_k=a.top_k, seed=a.seed, stop=a.stop, priority=a.priority)
     out = Completion()
     try:
-        for resp in stream(a.prompt, host=a.host, port=a.grpc_port, timeout=a.timeout, **kw):
+        for resp in stream(a.prompt, host=a.host, port=a.grpc_port, timeout=a.timeout,
+                           api_key=a.api_key, **kw):
             out.add(resp)
             if not a.json and resp.text:
                 sys.stdout.write(resp.text)

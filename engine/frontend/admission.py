@@ -214,6 +214,6 @@ class Admission:
 
     def admit(self, key: str, model_name: str, priority: int, num_tokens: int) -> Refusal | None:
         """Charge ``num_tokens`` (prompt + max_tokens of every choice) to ``key`` unless the
-        request is refused; say why it is."""
-        return self.limiter.admit(key, num_tokens) or self.shedder.admit(
-            self.loads[model_name], priority)
+        request is refused; say why it is. A shed request costs the key nothing."""
+        return self.shedder.admit(self.loads[model_name], priority) or self.limiter.admit(
+            key, num_tokens)

@@ -27,6 +27,7 @@ from frontend.fake_pool import (
 )
 
 from engine import ipc
+from engine.client import generate as client_generate
 from engine.config import FrontendConfig, ModelConfig
 from engine.frontend.admission import Admission
 from engine.frontend.grpc_server import start_grpc_server
@@ -475,6 +476,8 @@ def test_grpc_shares_keys_limits_and_shedding(make_env: Callable[..., Env]) -> N
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert stub.Health(pb2.HealthRequest(), timeout=10)  # probes need no key
         assert generate()[-1].finish_reason == "length"
+        done = client_generate("Hello", port=e.fe.grpc_port, api_key="k1", max_tokens=1)
+        assert done.finish_reason == "length"  # the bundled client sends the key too
         for p in e.pools:  # saturated: far more waiting than the fake drains in a second
             p.stats = PoolStats(num_waiting=10_000, num_running=8, live_workers=LIVE_WORKERS)
         assert generate(priority=1)[-1].finish_reason == "length"  # critical: served
@@ -483,7 +486,8 @@ def test_grpc_shares_keys_limits_and_shedding(make_env: Callable[..., Env]) -> N
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "sheddable" in err.value.details()
         assert int(dict(err.value.trailing_metadata())["retry-after"]) >= 1
-        # The key's third request in a minute went to the shedder; HTTP shares the bucket.
+        # A shed request costs nothing: the key's fourth charged request, over HTTP (which
+        # shares the bucket), is the one over the limit.
         r = e.post("/v1/completions", {"prompt": "x", "max_tokens": 1},
                    headers={"Authorization": "Bearer k1"})
         assert_error(r, 429, "rate_limit_error", "--rate-limit-rpm 3")

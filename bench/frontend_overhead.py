@@ -7,7 +7,9 @@ Per request: the median latency of a 1-token request through each API minus in-p
 Per token: the median of (latency of a ``--max-tokens`` request minus the 1-token latency)
 over the extra tokens, through each API against in-process. Requests are sequential, so the
 figures are the cost one request pays (tokenization, two process hops, detokenization, JSON
-or protobuf, the event loop), not throughput under load. Every request ignores EOS.
+or protobuf, the event loop), not throughput under load. Every request ignores EOS. The
+APIs take turns request by request, so load from other jobs on a shared machine falls on
+all of them alike.
 """
 
 from __future__ import annotations
@@ -28,15 +30,12 @@ from engine.frontend.proto import pb2, pb2_grpc
 PROMPT = "def read_config(path):"
 
 
-def timed(fn: Callable[[int], int], max_tokens: int, n: int) -> list[float]:
-    fn(max_tokens)  # warm-up
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        produced = fn(max_tokens)
-        times.append(time.perf_counter() - start)
-        assert produced == max_tokens, (produced, max_tokens)
-    return times
+def one(fn: Callable[[int], int], max_tokens: int) -> float:
+    start = time.perf_counter()
+    produced = fn(max_tokens)
+    elapsed = time.perf_counter() - start
+    assert produced == max_tokens, (produced, max_tokens)
+    return elapsed
 
 
 def in_process(llm: LLM) -> Callable[[int], int]:
@@ -72,17 +71,23 @@ def over_http(port: int) -> Callable[[int], int]:
     return run
 
 
-def measure(fn: Callable[[int], int], n: int, max_tokens: int) -> dict[str, float]:
-    one = statistics.median(timed(fn, 1, n))
-    many = statistics.median(timed(fn, max_tokens, n))
-    return {"request_ms": 1e3 * one, "per_token_ms": 1e3 * (many - one) / (max_tokens - 1)}
-
-
 def run(n: int, max_tokens: int, launch_args: list[str]) -> dict[str, dict[str, float]]:
-    results = {"in_process": measure(in_process(LLM()), n, max_tokens)}
+    llm = LLM()
     with launched_engine(launch_args) as (http_port, grpc_port):
-        results["grpc"] = measure(over_grpc(grpc_port), n, max_tokens)
-        results["http"] = measure(over_http(http_port), n, max_tokens)
+        apis = {"in_process": in_process(llm), "grpc": over_grpc(grpc_port),
+                "http": over_http(http_port)}
+        times: dict[str, dict[int, list[float]]] = {api: {1: [], max_tokens: []} for api in apis}
+        for fn in apis.values():  # warm-up
+            one(fn, max_tokens)
+        for _ in range(n):
+            for length in (1, max_tokens):
+                for api, fn in apis.items():
+                    times[api][length].append(one(fn, length))
+    results = {}
+    for api, by_length in times.items():
+        short, long = (statistics.median(by_length[k]) for k in (1, max_tokens))
+        results[api] = {"request_ms": 1e3 * short,
+                        "per_token_ms": 1e3 * (long - short) / (max_tokens - 1)}
     base = results["in_process"]
     for api in ("grpc", "http"):
         r = results[api]

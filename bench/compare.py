@@ -1,0 +1,717 @@
+"""Serving benchmarks side by side: this engine against ``vllm serve``, or this engine's own
+configurations against each other, driven by exactly the same requests.
+
+    # this engine against vLLM, 1 worker each, chat-short (lengths / 8) at three rates
+    python -m bench.compare --workload chat-short --duration 30 --scale 8 --rates 2 4 8 -o out/
+
+    # shared-prefix on 2 workers: cache-aware and round-robin placement, and vLLM's DP
+    python -m bench.compare --workload shared-prefix --groups 16 --scale 8 --rates 8 \\
+        --workers 2 --engine-configs placement=cache-aware placement=round-robin -o out/
+
+    # a saved workload file, this engine only, two scheduling policies
+    python -m bench.compare --workload-file w.jsonl --servers engine \\
+        --engine-configs policy=fcfs policy=priority -o out/
+
+For each server (each ``--engine-configs`` entry is one server of kind ``engine``) it starts
+the server (``bench.servers``: same model, ``--workers`` workers, ``--kv-cache-gib`` GiB of KV
+per worker; vLLM with ``--data-parallel-size`` and ``VLLM_CPU_KVCACHE_SPACE``), waits until it
+is ready, sends a few warm-up requests (not measured; random prompts that share no prefix
+with the workload), replays the workload once per ``--rates`` entry with ``bench.loadgen``
+(arrival times rescaled; without ``--rates``: the file's own), stops the server (SIGINT to
+its process group; no process may be left) and goes to the next server. A server's prefix
+cache outlives one rate's replay, so at the k-th rate every prompt token id is shifted by
+k x 7919 (modulo the workload's vocabulary): the same lengths, arrivals and prefix structure,
+no prompt that an earlier rate already cached, and every server gets the same shifted
+requests. ``--restart-per-rate`` starts a fresh server for each rate instead. Rescaling keeps
+the number of requests, so a file written for a high rate lasts long at a low one:
+``--max-duration S`` replays, at each rate, only the requests that arrive in its first S
+seconds.
+
+Both servers get the same scheduler limits (``--max-num-seqs``, ``--max-num-batched-tokens``:
+by default this engine's own defaults, 64 and 512; vLLM's CPU defaults would be 128 and 2048)
+and the same compute threads: ``--threads-per-worker`` (default 1) torch threads per engine
+worker (``--num-threads``) and as many CPUs bound to each vLLM engine core
+(``VLLM_CPU_OMP_THREADS_BIND``, ``--vllm-omp-bind matched``). Each keeps
+its own default KV block size (this engine 16, vLLM CPU 128) unless passed through
+``--engine-args`` / ``--vllm-args``, which come last and win.
+
+Priorities: this engine serves higher values first and gets the workload's as they are; vLLM
+serves lower values first, so with ``--scheduling-policy priority`` in ``--vllm-args`` it gets
+them negated, and without it none (``--vllm-send-priority`` overrides).
+
+Output in ``-o DIR``: ``workload.jsonl`` (when generated), ``results/LABEL@RATE.json`` (one
+``bench.loadgen`` result each, plus the server's command and environment), ``logs/LABEL.log``
+(each server's output), ``compare.md`` (the side-by-side tables, also printed) and ``plots/``
+(``bench.loadgen.plots``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen.client import PRIORITY_MODES, ClientConfig
+from bench.loadgen.metrics import parse_slo, summarize
+from bench.loadgen.plots import plot_all
+from bench.loadgen.replay import check_dependencies, offered_rate, replay, rescale
+from bench.servers import (
+    DEFAULT_MODEL,
+    KINDS,
+    Server,
+    ServerError,
+    ServerSpec,
+    session_cpu_seconds,
+    vllm_kv_space,
+)
+from engine.sim.workloads import (
+    BASE_WORKLOADS,
+    WORKLOADS,
+    SimRequest,
+    WorkloadConfig,
+    make_workload,
+    read_jsonl,
+    write_jsonl,
+)
+
+PROG = "python -m bench.compare"
+SCALE_NOTE = "2-core shared CPU machine, lengths scaled by 1/{scale}"
+# What bench.compare's generated workloads default to (WorkloadConfig's are for hour-long runs).
+WORKLOAD_DEFAULTS = {"duration": 30.0, "scale": 8.0}
+
+
+# --------------------------------------------------------------------------- configurations
+
+
+def parse_engine_config(text: str) -> tuple[str, list[str]]:
+    """``"placement=round-robin,policy=priority"`` -> (its label, the engine flags
+    ``["--placement", "round-robin", "--policy", "priority"]``); ``""`` or ``"default"``:
+    the engine's defaults. Keys are ``python -m engine.launch`` flags without ``--``
+    (``_`` or ``-``); ValueError for anything else."""
+    text = text.strip()
+    if text in ("", "default"):
+        return "engine", []
+    known = _engine_flags()
+    args: list[str] = []
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip().replace("_", "-"), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"--engine-configs: expected KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        if known and f"--{key}" not in known:
+            raise ValueError(f"--engine-configs: {key!r} is not a flag of python -m "
+                             f"engine.launch (see its --help)")
+        args += [f"--{key}", value]
+    return f"engine[{','.join(item.strip() for item in text.split(','))}]", args
+
+
+def _engine_flags() -> set[str]:
+    try:
+        from engine.config import build_parser
+    except ImportError:  # pragma: no cover - the engine is part of this repository
+        return set()
+    return {s for action in build_parser()._actions for s in action.option_strings}
+
+
+def vllm_priority_mode(vllm_args: Sequence[str], requested: str = "auto") -> str:
+    """How priorities are sent to vLLM: ``negate`` when it schedules by priority (lower
+    first), else ``omit``; an explicit mode wins."""
+    if requested != "auto":
+        return requested
+    args = list(vllm_args)
+    policy = "fcfs"
+    for i, a in enumerate(args):  # the last one wins, as in argparse
+        if a.startswith("--scheduling-policy="):
+            policy = a.split("=", 1)[1]
+        elif a == "--scheduling-policy" and i + 1 < len(args):
+            policy = args[i + 1]
+    return "negate" if policy == "priority" else "omit"
+
+
+def build_specs(args: argparse.Namespace) -> list[tuple[ServerSpec, str]]:
+    """(server spec, the priority mode its requests are sent with), in run order."""
+    kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"--servers: unknown {kind!r}; known: {','.join(KINDS)}")
+    if not kinds:
+        raise ValueError("--servers: name at least one of " + ",".join(KINDS))
+    if "vllm" in kinds:
+        vllm_kv_space(args.kv_cache_gib)
+    engine_args = shlex.split(args.engine_args)
+    vllm_args = shlex.split(args.vllm_args)
+    common = dict(model=args.model, served_model_name=args.served_model_name,
+                  workers=args.workers, kv_cache_gib=args.kv_cache_gib,
+                  max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  threads_per_worker=args.threads_per_worker or None, nice=args.server_nice)
+    specs: list[tuple[ServerSpec, str]] = []
+    for kind in kinds:
+        if kind == "engine":
+            configs = [parse_engine_config(c) for c in (args.engine_configs or [""])]
+            labels = [label for label, _ in configs]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"--engine-configs: the same configuration twice: {labels}")
+            specs += [(ServerSpec("engine", label, extra_args=(*flags, *engine_args),
+                                  **common), "as-is")  # type: ignore[arg-type]
+                      for label, flags in configs]
+        else:
+            specs.append((ServerSpec("vllm", "vllm", extra_args=tuple(vllm_args),
+                                     vllm_omp_bind=args.vllm_omp_bind,
+                                     **common),  # type: ignore[arg-type]
+                          vllm_priority_mode(vllm_args, args.vllm_send_priority)))
+    return specs
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def load_workload(args: argparse.Namespace, outdir: Path) -> tuple[Path, list[SimRequest],
+                                                                   dict[str, Any]]:
+    """The workload file (written into ``outdir`` when generated from flags), its requests and
+    what describes it (the generator's description, or the file's path)."""
+    if args.workload_file:
+        path = Path(args.workload_file)
+        requests = list(read_jsonl(path).requests())
+        description: dict[str, Any] = {"file": str(path)}
+    else:
+        cfg = WorkloadConfig(**{f.name: getattr(args, f.name)
+                                for f in dataclasses.fields(WorkloadConfig)})
+        workload = make_workload(cfg)
+        path = outdir / "workload.jsonl"
+        write_jsonl(workload.requests(), path)
+        requests = list(read_jsonl(path).requests())
+        description = dict(workload.description)
+    if not requests:
+        raise ValueError(f"--workload-file: {path} holds no request")
+    check_dependencies(requests)
+    return path, requests, description
+
+
+def prefix_hit_ceiling(requests: Iterable[SimRequest]) -> float:
+    """The workload's own prefix-hit ceiling: over all prompt tokens, the share that repeats a
+    prefix of some earlier prompt (an unbounded cache, any block size, one worker). For
+    shared-prefix it is (1 - 1/R) x S / (S + Q): the first request of each group misses."""
+    root: dict[int, Any] = {}
+    hits = total = 0
+    for req in requests:
+        node, matching = root, True
+        for tok in req.prompt_token_ids:
+            child = node.get(tok)
+            if child is None:
+                matching = False
+                child = node[tok] = {}
+            elif matching:
+                hits += 1
+            node = child
+        total += len(req.prompt_token_ids)
+    return hits / total if total else 0.0
+
+
+def shift_prompts(requests: Sequence[SimRequest], epoch: int, vocab: int) -> list[SimRequest]:
+    """The same requests with every prompt token id shifted by ``epoch * 7919`` modulo
+    ``vocab``: the same lengths, arrivals and prefix structure, but no prompt that repeats a
+    prefix of an earlier epoch's (a server's prefix cache outlives one rate's replay). Epoch 0
+    is the workload itself."""
+    if epoch == 0:
+        return list(requests)
+    shift = epoch * 7919 % vocab
+    return [dataclasses.replace(r, prompt_token_ids=tuple((t + shift) % vocab
+                                                          for t in r.prompt_token_ids))
+            for r in requests]
+
+
+def truncate(requests: Sequence[SimRequest], max_duration: float | None) -> list[SimRequest]:
+    """The requests that arrive within ``max_duration`` seconds (all with None), and the later
+    turns of the conversations they start."""
+    if max_duration is None:
+        return list(requests)
+    kept: set[str] = set()
+    out = []
+    for r in requests:
+        if (r.after in kept) if r.after else r.arrival_time < max_duration:
+            kept.add(r.request_id)
+            out.append(r)
+    return out
+
+
+def vocab_bound(requests: Sequence[SimRequest]) -> int:
+    """One more than the largest token id of the workload (at most the model's vocabulary)."""
+    return max((max(r.prompt_token_ids, default=0) for r in requests), default=0) + 1
+
+
+def warmup_requests(requests: Sequence[SimRequest], n: int) -> list[SimRequest]:
+    """``n`` short requests that share no prefix with the workload (their first token is one
+    no workload prompt starts with, when there is one), sent before measuring."""
+    vocab = vocab_bound(requests)
+    firsts = {r.prompt_token_ids[0] for r in requests if r.prompt_token_ids}
+    first = next((t for t in range(vocab) if t not in firsts), vocab - 1)
+    out = []
+    for i in range(n):
+        prompt = tuple([first] + [(7919 * (i + 1) * (k + 3)) % vocab for k in range(31)])
+        out.append(SimRequest(f"warmup-{i}", 0.0, prompt, 8))
+    return out
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_workload(server_url: str, model: str, requests: Sequence[SimRequest], *,
+                 label: str, workload_file: str, priority_mode: str,
+                 slo: Mapping[str, float], timeout_s: float,
+                 max_concurrency: int | None, progress: bool,
+                 server_sid: int | None = None) -> dict[str, Any]:
+    """Replay ``requests`` (already at their rate) and return the result object that
+    ``python -m bench.loadgen run --json`` writes, plus the CPU time the server's processes
+    (session ``server_sid``) and this client used during the run."""
+    cfg = ClientConfig(server_url, model, None, timeout_s, priority_mode)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    load = os.getloadavg()[0]
+    server_cpu = session_cpu_seconds(server_sid) if server_sid else None
+    client_cpu = sum(os.times()[:2])
+    run = asyncio.run(replay(requests, cfg, max_concurrency=max_concurrency, progress=progress))
+    client_cpu = sum(os.times()[:2]) - client_cpu
+    if server_sid:
+        server_cpu = session_cpu_seconds(server_sid) - (server_cpu or 0.0)
+    rate = offered_rate(requests)
+    return {
+        "label": label, "url": server_url, "model": model, "workload_file": workload_file,
+        "request_rate": "inf" if math.isinf(rate) else rate,
+        "max_concurrency": max_concurrency, "timeout_s": timeout_s,
+        "send_priority": priority_mode, "slo": dict(slo), "started": started,
+        "client_host": platform.node(), "client_python": sys.version.split()[0],
+        "loadavg_1min_before": load, "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
+        **summarize(run.records, run.duration_s, dict(slo)),
+        "requests": [r.to_json() for r in run.records],
+    }
+
+
+def run_all(args: argparse.Namespace, outdir: Path) -> list[dict[str, Any]]:
+    path, requests, description = load_workload(args, outdir)
+    rates: list[float | None] = list(args.rates) if args.rates else [None]
+    specs = build_specs(args)
+    source = source_state()
+    progress = not args.no_progress and sys.stderr.isatty()
+    results: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for spec, mode in specs:
+        indexed = list(enumerate(rates))
+        groups = [indexed] if not args.restart_per_rate else [[ir] for ir in indexed]
+        for group in groups:
+            log_name = _file_name(spec.label) + (f"@{group[0][0]}" if args.restart_per_rate
+                                                 else "")
+            log = outdir / "logs" / f"{log_name}.log"
+            _say(f"{spec.label}: starting ({shlex.join(spec.command(0))})")
+            with Server(spec, log, ready_timeout_s=args.ready_timeout) as server:
+                _say(f"{spec.label}: ready at {server.url} after {server.startup_s:.1f} s")
+                if args.warmup:
+                    warm = run_workload(server.url, spec.served_model_name,
+                                        warmup_requests(requests, args.warmup),
+                                        label="warmup", workload_file="", priority_mode="omit",
+                                        slo={}, timeout_s=args.timeout, max_concurrency=None,
+                                        progress=False)
+                    if warm["num_completed"] != warm["num_requests"]:
+                        raise ServerError(f"{spec.label}: warm-up failed: {warm['errors']}")
+                for epoch, rate in group:  # the same shift for every server
+                    reqs = shift_prompts(requests, epoch, vocab_bound(requests))
+                    reqs = truncate(reqs if rate is None else rescale(reqs, rate),
+                                    args.max_duration)
+                    if not reqs:
+                        raise ValueError(f"--max-duration {args.max_duration:g}: no request "
+                                         f"arrives that early at rate {rate}")
+                    result = run_workload(
+                        server.url, spec.served_model_name, reqs, label=spec.label,
+                        workload_file=str(path), priority_mode=mode, slo=dict(args.slo),
+                        timeout_s=args.timeout, max_concurrency=args.max_concurrency,
+                        progress=progress, server_sid=server.sid)
+                    result.update(server=spec.description(), startup_s=server.startup_s,
+                                  workload=description,
+                                  prefix_hit_ceiling=prefix_hit_ceiling(reqs),
+                                  prompt_shift_epoch=epoch, engine_source=source,
+                                  scale=_scale(args, description))
+                    results.append(result)
+                    name = f"{_file_name(spec.label)}@{_rate_name(result['request_rate'])}"
+                    name = name if name not in names else f"{name}-{epoch}"
+                    names.add(name)
+                    (outdir / "results").mkdir(parents=True, exist_ok=True)
+                    (outdir / "results" / f"{name}.json").write_text(
+                        json.dumps(result, indent=1) + "\n", encoding="utf-8")
+                    _say(f"{spec.label} @ {_rate_text(result['request_rate'])}: "
+                         f"{result['num_completed']}/{result['num_requests']} completed, "
+                         f"{result['num_429']} 429, {result['num_errors']} errors, "
+                         f"{result['num_timeouts']} timeouts in {result['duration_s']:.1f} s")
+            _say(f"{spec.label}: stopped, no process left")
+    return results
+
+
+def source_state() -> str:
+    """The commit of this checkout, and how many files under engine/ differ from it: the
+    engine a run measures is the working tree's."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine"], cwd=root,
+                               text=True, capture_output=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head}" + (f" + uncommitted changes in {len(dirty)} files under engine/"
+                        if dirty else "")
+
+
+def _scale(args: argparse.Namespace, description: Mapping[str, Any]) -> float | None:
+    if args.workload_file:
+        return args.scale_note
+    return float(description.get("scale", args.scale))
+
+
+def _file_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label).strip("_")
+
+
+def _rate_name(rate: Any) -> str:
+    return "inf" if rate == "inf" else f"{float(rate):g}"
+
+
+def _say(message: str) -> None:
+    print(f"[bench.compare {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+_MAIN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("out tok/s", "throughput_tok_s"), ("req/s", "request_throughput"),
+    ("TTFT p50", "ttft_p50"), ("TTFT p90", "ttft_p90"), ("TTFT p99", "ttft_p99"),
+    ("TPOT p50", "tpot_p50"), ("ITL p50", "itl_p50"), ("E2E p99", "e2e_p99"),
+)
+_RATIO_COLUMNS = (("out tok/s", "throughput_tok_s"), ("TTFT p50", "ttft_p50"),
+                  ("TTFT p90", "ttft_p90"), ("TTFT p99", "ttft_p99"), ("TPOT p50", "tpot_p50"))
+_TIMES = {"ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "itl_p50", "e2e_p99"}
+
+
+def format_tables(results: Sequence[Mapping[str, Any]], *, title: str = "",
+                  notes: Sequence[str] = ()) -> str:
+    """Markdown: one row per (server, rate) with outcomes, throughput and latencies (ms); when
+    several servers ran, the ratio of each to the first at the same rate; when the workload
+    has priority classes, one row per class, with TTFT p99 against the same server's at its
+    lowest rate (the unloaded reference when the lowest rate is light)."""
+    lines = [f"## {title}", ""] if title else []
+    lines += [f"- {n}" for n in notes]
+    if notes:
+        lines.append("")
+    lines += _main_table(results)
+    labels = list(dict.fromkeys(str(r["label"]) for r in results))
+    if len(labels) > 1:
+        lines += ["", f"Ratios to `{labels[0]}` at the same rate (throughput: higher is "
+                  "better; latencies: lower is better):", "", *_ratio_table(results, labels[0])]
+    if any(set(r.get("per_priority", {})) - {"normal"} for r in results):
+        lines += ["", "Per priority class:", "", *_priority_table(results)]
+    return "\n".join(lines) + "\n"
+
+
+def _main_table(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    heads = ["server", "rate (req/s)", "done/sent", "429", "errors", "timeouts",
+             *(h for h, _ in _MAIN_COLUMNS), "prefix hit", "CPU s server/client", "load"]
+    rows = []
+    for r in results:
+        cells = [f"`{r['label']}`", _rate_text(r["request_rate"], unit=False),
+                 f"{r['num_completed']}/{r['num_requests']}", str(r["num_429"]),
+                 str(r["num_errors"]), str(r["num_timeouts"])]
+        cells += [_cell(r.get(key), key) for _, key in _MAIN_COLUMNS]
+        cells.append(_hit(r))
+        cpu = (r.get("server_cpu_s"), r.get("client_cpu_s"))
+        cells.append("-" if None in cpu else f"{cpu[0]:.1f}/{cpu[1]:.1f}")
+        load = r.get("loadavg_1min_before")
+        cells.append("-" if load is None else f"{load:.1f}")
+        rows.append(cells)
+    return _markdown(heads, rows, note="times in ms; CPU s: CPU seconds the server's processes "
+                     "and the load generator used during the run; load: 1-min load average "
+                     "before the run")
+
+
+def _ratio_table(results: Sequence[Mapping[str, Any]], baseline: str) -> list[str]:
+    base = {_rate_key(r): r for r in results if r["label"] == baseline}
+    heads = ["server", "rate (req/s)", *(h for h, _ in _RATIO_COLUMNS), "prefix hit"]
+    rows = []
+    for r in results:
+        ref = base.get(_rate_key(r))
+        if r["label"] == baseline or ref is None:
+            continue
+        cells = [f"`{r['label']}`", _rate_text(r["request_rate"], unit=False)]
+        cells += [_ratio(r.get(k), ref.get(k)) for _, k in _RATIO_COLUMNS]
+        cells.append(_ratio(r.get("prefix_hit_rate"), ref.get("prefix_hit_rate")))
+        rows.append(cells)
+    return _markdown(heads, rows, note=f"value / `{baseline}`'s value")
+
+
+def _priority_table(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    lowest: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for r in sorted(results, key=lambda r: _rate_key(r)):
+        for cls, m in r.get("per_priority", {}).items():
+            lowest.setdefault((str(r["label"]), cls), m)
+    heads = ["server", "rate (req/s)", "class", "done/sent", "429", "429 rate", "errors",
+             "TTFT p50", "TTFT p90", "TTFT p99", "TTFT p99 / lowest rate's", "TPOT p50"]
+    rows = []
+    for r in results:
+        for cls, m in r.get("per_priority", {}).items():
+            ref = lowest[(str(r["label"]), cls)]
+            rows.append([f"`{r['label']}`", _rate_text(r["request_rate"], unit=False), cls,
+                         f"{m['num_completed']}/{m['num_requests']}", str(m["num_429"]),
+                         f"{m['rate_429']:.0%}", str(m["num_errors"] + m["num_timeouts"]),
+                         _cell(m.get("ttft_p50"), "ttft_p50"), _cell(m.get("ttft_p90"), "ttft_p90"),
+                         _cell(m.get("ttft_p99"), "ttft_p99"),
+                         "-" if m is ref else _ratio(m.get("ttft_p99"), ref.get("ttft_p99")),
+                         _cell(m.get("tpot_p50"), "tpot_p50")])
+    return _markdown(heads, rows, note="times in ms; errors include timeouts")
+
+
+def _markdown(heads: Sequence[str], rows: Sequence[Sequence[str]], note: str = "") -> list[str]:
+    out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    if note:
+        out += ["", f"({note})"]
+    return out
+
+
+def _cell(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if key in _TIMES:
+        ms = value * 1e3
+        return f"{ms:.1f}" if ms < 100 else f"{ms:,.0f}"
+    return f"{value:,.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _hit(r: Mapping[str, Any]) -> str:
+    hit = r.get("prefix_hit_rate")
+    if hit is None:
+        return "not reported"
+    ceiling = r.get("prefix_hit_ceiling")
+    if ceiling and ceiling >= 0.05:
+        return f"{hit:.1%} ({hit / ceiling:.0%} of {ceiling:.1%})"
+    return f"{hit:.1%}"
+
+
+def _ratio(value: Any, ref: Any) -> str:
+    if value is None or ref is None:
+        return "-"
+    if ref == 0:
+        return "-" if value == 0 else "inf"
+    return f"{value / ref:.2f}x"
+
+
+def _rate_key(r: Mapping[str, Any]) -> float:
+    rate = r["request_rate"]
+    return math.inf if rate == "inf" else round(float(rate), 6)
+
+
+def _rate_text(rate: Any, unit: bool = True) -> str:
+    if rate == "inf":
+        return "inf"
+    return f"{float(rate):.3g}" + (" req/s" if unit else "")
+
+
+def describe(results: Sequence[Mapping[str, Any]], args: argparse.Namespace | None = None
+             ) -> list[str]:
+    """The notes above the tables: machine, scale, workload, servers, commands."""
+    notes = []
+    scale = next((r.get("scale") for r in results if r.get("scale")), None)
+    cpu = _cpu_model()
+    notes.append(f"{SCALE_NOTE.format(scale=f'{scale:g}' if scale else '?')}: {cpu}, "
+                 f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {_vllm_version()}")
+    if results:
+        r0 = results[0]
+        wl = r0.get("workload", {})
+        notes.append(f"workload `{r0.get('workload_file')}`: {r0['num_requests']} requests; "
+                     f"{json.dumps(wl, separators=(', ', ': '))}")
+        if r0.get("engine_source"):
+            notes.append(f"engine source: {r0['engine_source']}")
+        ceiling = r0.get("prefix_hit_ceiling")
+        if ceiling:
+            notes.append(f"prefix-hit ceiling of the workload (unbounded cache, one worker): "
+                         f"{ceiling:.1%} of prompt tokens")
+    seen = set()
+    for r in results:
+        server = r.get("server")
+        if server and server["label"] not in seen:
+            seen.add(server["label"])
+            env = " ".join(f"{k}={v}" for k, v in server.get("env", {}).items())
+            notes.append(f"`{server['label']}` (ready in {r.get('startup_s', 0):.0f} s, priorities "
+                         f"sent {r.get('send_priority')}): `{(env + ' ') if env else ''}"
+                         f"{_short_command(server['command'])}`")
+    if args is not None and args.command_line:
+        notes.append(f"command: `{args.command_line}`")
+    return notes
+
+
+def _short_command(command: str) -> str:
+    """The command without the interpreter's absolute path, paths relative to the cwd."""
+    parts = shlex.split(command)
+    exe = 3 if parts[:1] == ["nice"] else 0
+    if len(parts) > exe and parts[exe] == sys.executable:
+        parts[exe] = "python"
+    cwd = str(Path.cwd()) + os.sep
+    return shlex.join(p[len(cwd):] if p.startswith(cwd) else p for p in parts)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _vllm_version() -> str:
+    from importlib import metadata
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "vLLM not installed"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("-o", "--outdir", required=True, help="directory for the results, logs, tables, plots")
+    a("--servers", default="engine,vllm", help="comma-separated, in run order: engine, vllm "
+      "(default engine,vllm)")
+    a("--engine-configs", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]", help="one engine server "
+      "per entry, KEY an engine.launch flag without --, e.g. placement=round-robin "
+      "policy=priority; 'default' for none (default: one engine with its defaults)")
+    a("--workers", type=int, default=1, help="workers per server (vLLM: --data-parallel-size)")
+    a("--kv-cache-gib", type=float, default=1.0, help="KV cache per worker in GiB: the engine's "
+      "--kv-cache-memory, vLLM's VLLM_CPU_KVCACHE_SPACE (whole GiB) (default 1)")
+    a("--max-num-seqs", type=int, default=64, help="for both servers (default 64, the engine's)")
+    a("--max-num-batched-tokens", type=int, default=512,
+      help="for both servers (default 512, the engine's)")
+    a("--model", default=str(DEFAULT_MODEL), help="HF model directory (default: the embedded "
+      "tiny_stdlib_llama)")
+    a("--served-model-name", default="default", help="the name both servers serve it as")
+    a("--engine-args", default="", help="more python -m engine.launch flags, one string")
+    a("--vllm-args", default="", help="more vLLM server flags, one string, e.g. "
+      "'--scheduling-policy priority'")
+    a("--vllm-send-priority", choices=("auto", *PRIORITY_MODES), default="auto",
+      help="auto: negate with --scheduling-policy priority in --vllm-args, else omit")
+    a("--threads-per-worker", type=int, default=1, help="compute threads per worker: the "
+      "engine's --num-threads, and as many CPUs bound to each vLLM engine core; 0: the "
+      "engine's default, cores / workers (default 1: on a shared 2-core machine two torch "
+      "threads per worker collapse when other processes want the CPU)")
+    a("--server-nice", type=int, default=0, metavar="N", help="start the servers at niceness N "
+      "(e.g. 5), so that the load generator, which shares the CPUs, is not starved by them")
+    a("--vllm-omp-bind", default="matched", help="VLLM_CPU_OMP_THREADS_BIND: matched (engine "
+      "core i gets CPUs i*T..i*T+T-1, T = --threads-per-worker), auto (vLLM's default: one "
+      "core per engine core, one reserved; with --data-parallel-size 2 on 2 CPUs it binds "
+      "both engine cores to CPU 0), or a value of its own (default matched)")
+    a("--rates", type=_rate, nargs="+", metavar="REQ_PER_S", help="replay the workload at each "
+      "rate (arrival times rescaled); inf: all at once (default: the file's own rate)")
+    a("--max-duration", type=float, metavar="SECONDS", help="at each rate, replay only the "
+      "requests that arrive in the first SECONDS (the same leading part of the file for every "
+      "server), so that a low rate does not take forever on a file written for a high one")
+    a("--restart-per-rate", action="store_true", help="a fresh server for every rate (cold "
+      "prefix cache each time)")
+    a("--warmup", type=int, default=4, help="warm-up requests before measuring (default 4)")
+    a("--slo", type=_slo, action="append", default=[], metavar="METRIC=SECONDS",
+      help="for goodput, as bench.loadgen run --slo")
+    a("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    a("--max-concurrency", type=int, help="at most this many requests in flight")
+    a("--ready-timeout", type=float, default=300.0, help="seconds for a server to get ready")
+    a("--title", default="", help="heading of compare.md (default: from the workload)")
+    a("--no-plots", action="store_true")
+    a("--no-progress", action="store_true")
+    a("--scale-note", type=float, help="with --workload-file: the scale its lengths were "
+      "divided by, for the table's note")
+    g = p.add_argument_group("workload generation (without --workload-file; the fields of "
+                             "engine.sim.workloads.WorkloadConfig, as bench.loadgen write)")
+    g.add_argument("--workload-file", metavar="JSONL", help="replay this file instead")
+    hints = typing.get_type_hints(WorkloadConfig)
+    choices = {"name": WORKLOADS, "base": BASE_WORKLOADS}
+    for f in dataclasses.fields(WorkloadConfig):
+        flag = "--workload" if f.name == "name" else "--" + f.name.replace("_", "-")
+        default = WORKLOAD_DEFAULTS.get(f.name, f.default)
+        g.add_argument(flag, dest=f.name, type=_scalar_type(hints[f.name]), default=default,
+                       choices=choices.get(f.name), help=f"(default {default})")
+    return p
+
+
+def _scalar_type(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a rate must be > 0 or inf, got {text}")
+    return value
+
+
+def _slo(text: str) -> tuple[str, float]:
+    try:
+        return parse_slo(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = shlex.join([*PROG.split(), *argv])
+    if args.workers < 1:
+        return _error("--workers: must be >= 1")
+    outdir = Path(args.outdir)
+    try:
+        build_specs(args)  # fail on a bad flag before anything is written or started
+        outdir.mkdir(parents=True, exist_ok=True)
+        results = run_all(args, outdir)
+    except (ValueError, ServerError) as e:
+        return _error(str(e))
+    title = args.title or _default_title(results, args)
+    text = format_tables(results, title=title, notes=describe(results, args))
+    (outdir / "compare.md").write_text(text, encoding="utf-8")
+    print(text)
+    if not args.no_plots:
+        for path in plot_all(results, outdir / "plots"):
+            _say(f"wrote {path}")
+    _say(f"wrote {outdir / 'compare.md'}")
+    return 0
+
+
+def _default_title(results: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> str:
+    name = (results[0].get("workload", {}).get("name") if results else None) or "workload"
+    labels = " vs ".join(dict.fromkeys(str(r["label"]) for r in results))
+    return f"{name}, {args.workers} worker{'s' if args.workers > 1 else ''}: {labels}"
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,6 +67,8 @@ class PoolClient:
         self.stats_listeners: list[Callable[[PoolStats], None]] = []
         #: Requests the pool reported finished (any reason), cumulative: its drain rate.
         self.num_finished = 0
+        #: Set once the pool's first stats arrived (it then has its live workers).
+        self.has_stats = asyncio.Event()
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._push = ipc.make_socket(self._ctx, zmq.PUSH, addresses.requests, bind=False)
         self._pull = cast(zmq.asyncio.Socket,
@@ -140,6 +142,7 @@ class PoolClient:
             stream._put(out)
         if msg.stats is not None:  # after the outputs, so listeners see them counted
             self.stats = msg.stats
+            self.has_stats.set()
             for listener in self.stats_listeners:
                 listener(msg.stats)
 

@@ -57,6 +57,10 @@ async def _serve(cfg: EngineConfig, run_dir: str,
     f = cfg.frontend
     admission = Admission(models, f, cfg.scheduler.max_num_seqs)
     try:
+        # Ready means /health says so: every pool has reported its workers (pools report
+        # every STATS_INTERVAL_S; the launcher starts the frontend after all workers).
+        await asyncio.wait_for(asyncio.gather(*(m.pool.has_stats.wait() for m in models)),
+                               cfg.launch.ready_timeout_s)
         grpc_server, grpc_port = await start_grpc_server(models, f.host, f.grpc_port, metrics,
                                                          admission)
         http = await start_http_server(OpenAIServer(models, f, admission, metrics), f.host,

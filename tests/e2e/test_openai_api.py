@@ -28,7 +28,11 @@ def launched_engine() -> Iterator[tuple[str, int]]:
     with launched("--model", model, "--model", model, "--served-model-name", "a",
                   "--served-model-name", "b", "--api-key", KEY,
                   "--rate-limit-tpm", "100000") as (proc, grpc_port):
-        yield f"http://127.0.0.1:{proc.http_port}", grpc_port
+        url = f"http://127.0.0.1:{proc.http_port}"
+        health = httpx.get(f"{url}/health")  # healthy as soon as the ready line is out
+        assert health.status_code == 200, health.text
+        assert set(health.json()["pools"]) == {"a", "b"}
+        yield url, grpc_port
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ MAX_MODEL_LEN = 64
 EOS = 1
 LIVE_WORKERS = 2
 SLOW_TOKEN_S = 0.05  # per-token delay for requests with tenant "slow"
+STATS_INTERVAL_S = 0.5
 
 
 def make_model_dir(path: Path) -> Path:
@@ -96,7 +97,11 @@ class FakePool:
             stats = self.stats or PoolStats(num_running=len(active), live_workers=LIVE_WORKERS)
             push.send(ipc.encode(PoolOutputs(outputs=list(outs), stats=stats)))
 
+        last_stats = 0.0
         while not self._stop.is_set():
+            if time.monotonic() - last_stats > STATS_INTERVAL_S:  # as a real pool, idle or not
+                send()
+                last_stats = time.monotonic()
             if pull.poll(1):
                 msg = ipc.FRONTEND_TO_POOL.decode(pull.recv())
                 if isinstance(msg, AddRequest):

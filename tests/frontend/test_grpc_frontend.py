@@ -340,7 +340,7 @@ def test_client_cli(env: Env) -> None:
 def _launch_frontend(run_dir: str, model_dir: Path) -> subprocess.Popen[str]:
     code = ("import sys; from engine.config import *; from engine.frontend.process import "
             "run_frontend; run_frontend(EngineConfig(models=(ModelConfig(path=sys.argv[1]),), "
-            "frontend=FrontendConfig(grpc_port=0)), sys.argv[2])")
+            "frontend=FrontendConfig(grpc_port=0, http_port=0)), sys.argv[2])")
     return subprocess.Popen([sys.executable, "-c", code, str(model_dir), run_dir],
                             env=_env_vars(), text=True)
 
@@ -357,7 +357,7 @@ def test_frontend_process_ready_and_sigterm(env: Env) -> None:
         msg = ipc.TO_LAUNCHER.decode(launcher.recv())
         assert isinstance(msg, ProcessReady) and msg.name == "frontend", msg
         port = msg.info["grpc_port"]
-        assert port > 0
+        assert port > 0 and msg.info["http_port"] > 0
         out = generate("Hello", port=port, max_tokens=3, timeout=10)
         assert out.text == "HelloHelloHello"
         proc.send_signal(signal.SIGTERM)

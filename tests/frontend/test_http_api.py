@@ -408,11 +408,9 @@ def test_rate_limits_per_key(make_env: Callable[..., Env]) -> None:
 
 def test_shedding_refuses_sheddable_only(make_env: Callable[..., Env]) -> None:
     e = make_env(shed_queue_time_s=1.0)
-    # Saturated: a full batch per worker waiting and no drain rate observed yet.
-    for p in e.pools:
-        p.stats = PoolStats(num_waiting=MAX_NUM_SEQS * LIVE_WORKERS, num_running=8,
-                            live_workers=LIVE_WORKERS)
-    e.post("/v1/completions", {"prompt": "x", "max_tokens": 1})  # critical traffic: stats on
+    for p in e.pools:  # saturated: far more waiting than the fake drains in a second
+        p.stats = PoolStats(num_waiting=10_000, num_running=8, live_workers=LIVE_WORKERS)
+    e.post("/v1/completions", {"prompt": "x", "max_tokens": 1})  # normal traffic: stats on
     body = {"prompt": "x", "max_tokens": 1}
     r = e.post("/v1/completions", {**body, "priority": -1})
     assert_error(r, 429, "rate_limit_error", "sheddable")

@@ -68,6 +68,9 @@ class BlockManager:
         self.num_hit_queries = 0
         self.num_hit_tokens = 0
         self.num_query_tokens = 0
+        #: Bumped by every change that can alter what ``match_prefix`` answers (blocks
+        #: reallocated, registered or forgotten), so callers can keep an answer until then.
+        self.version = 0
 
     # ------------------------------------------------------------------ capacity
 
@@ -107,6 +110,7 @@ class BlockManager:
                 self._hash[b] = None
                 self._key[b] = None
             self._generation[b] += 1
+            self.version += 1
             self._ref_counts[b] = 1
             out.append(b)
         return out
@@ -136,19 +140,21 @@ class BlockManager:
         bs = self.block_size
         limit = len(hashes) if max_blocks is None else min(max_blocks, len(hashes))
         out: list[int] = []
-        parent = -1
+        # Placement probes every worker per request, mostly missing at the first block: the
+        # loop binds the tables once and tracks the parent's generation as it goes.
+        cached, keys, generation = self._cached, self._key, self._generation
+        parent, parent_gen = -1, 0
         for i in range(limit):
-            b = self._cached.get(hashes[i])
+            b = cached.get(hashes[i])
             if b is None:
                 break
-            key = self._key[b]
-            assert key is not None
-            parent_gen = self._generation[parent] if parent >= 0 else 0
+            key = keys[b]
+            assert key is not None  # a cached block has a key
             if (key[0] != parent or key[1] != parent_gen or key[3] != extra
                     or key[2] != tokens.token_slice(i * bs, (i + 1) * bs)):
                 break  # a hash collision: not our prefix
             out.append(b)
-            parent = b
+            parent, parent_gen = b, generation[b]
         return out
 
     def num_unreferenced(self, block_ids: Sequence[int]) -> int:
@@ -183,6 +189,7 @@ class BlockManager:
         if self._hash[block_id] is not None:  # already caches other content
             return block_id if self._key[block_id] == key else None
         self._cached[block_hash] = block_id
+        self.version += 1
         self._hash[block_id] = block_hash
         self._key[block_id] = key
         return block_id
@@ -202,6 +209,7 @@ class BlockManager:
             self._hash[b] = None
             self._key[b] = None
             self._free.move_to_end(b, last=False)
+        self.version += 1
         return len(dropped)
 
     # ------------------------------------------------------------------ checks

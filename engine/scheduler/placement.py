@@ -16,6 +16,7 @@ Built in (``--placement``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -24,7 +25,7 @@ from engine.scheduler.request import Request
 
 
 class WorkerLoad(Protocol):
-    """What placement may read about a worker (``engine.scheduler.scheduler.WorkerState``)."""
+    """What placement may read about a worker (``engine.scheduler.worker_state.WorkerState``)."""
 
     worker_id: int
 
@@ -54,7 +55,10 @@ class Placement:
     def choose(self, req: Request, workers: Sequence[WorkerLoad]) -> tuple[int, dict[int, float]]:
         """The chosen worker id and every worker's score (kept for the explanation)."""
         scores = self.scores(req, workers)
-        best = max(scores, key=lambda w: (scores[w], -w))
+        best, best_score = -1, -math.inf
+        for w, score in scores.items():  # once per request per worker: no key function
+            if score > best_score or (score == best_score and w < best):
+                best, best_score = w, score
         return best, scores
 
 
@@ -92,15 +96,15 @@ class CacheAware(Placement):
         return w.num_queued_tokens + self.decode_weight * w.num_running
 
     def scores(self, req: Request, workers: Sequence[WorkerLoad]) -> dict[int, float]:
-        loads = {w.worker_id: self.load(w) for w in workers}
-        coolest = min(loads.values())
+        loads = [self.load(w) for w in workers]
+        hot_above = self.hot_ratio * min(loads) + self.hot_slack
+        prefix_w, queue_w = self.prefix_weight, self.queue_weight
+        decode_w, kv_w = self.decode_weight, self.kv_weight
         out = {}
-        for w in workers:
-            load = loads[w.worker_id]
-            hot = load > self.hot_ratio * coolest + self.hot_slack
-            cached = 0 if hot else w.cached_prefix_tokens(req)
-            out[w.worker_id] = (self.prefix_weight * cached - self.queue_weight * w.num_queued_tokens
-                                - self.decode_weight * w.num_running - self.kv_weight * w.kv_usage)
+        for w, load in zip(workers, loads, strict=True):
+            cached = w.cached_prefix_tokens(req) if load <= hot_above else 0
+            out[w.worker_id] = (prefix_w * cached - queue_w * w.num_queued_tokens
+                                - decode_w * w.num_running - kv_w * w.kv_usage)
         return out
 
 

@@ -8,7 +8,8 @@ Built in:
 
 - ``fcfs``: first come, first served; never preempts to admit.
 - ``priority``: higher ``priority`` first, then arrival; a waiting request may preempt running
-  requests of strictly lower priority when it cannot otherwise be admitted.
+  requests of strictly lower priority when it cannot otherwise be admitted, and a step that
+  computes its prompt leaves them out (``exclusive_prefill``).
 - ``sjf``: shortest prompt first; ``sjf-max-tokens`` uses the request's ``max_tokens`` as
   the predicted output length (subclass and set ``predict`` for a learned predictor).
 - ``fair``: fair share across tenants, as in the Virtual Token Counter (VTC): the tenant
@@ -27,7 +28,7 @@ from engine.scheduler.request import Request
 
 
 class WorkerView(Protocol):
-    """What a policy may read about a worker (``engine.scheduler.scheduler.WorkerState``)."""
+    """What a policy may read about a worker (``engine.scheduler.worker_state.WorkerState``)."""
 
     worker_id: int
 
@@ -42,6 +43,10 @@ class Policy:
     dynamic = False
     #: True: a waiting request may preempt running ones for which ``may_preempt`` holds.
     preemptive = False
+    #: True: in a step where a request computes prompt tokens, the requests it may preempt
+    #: sit out (running ones keep their blocks), so that step is short and its first token
+    #: comes sooner. The price: those requests lose that step.
+    exclusive_prefill = False
 
     def queue_key(self, req: Request) -> tuple[float, ...]:
         """Sort key of a worker's waiting queue (smaller first), fixed while the request waits."""
@@ -66,6 +71,7 @@ class Policy:
 class PriorityPolicy(Policy):
     name = "priority"
     preemptive = True
+    exclusive_prefill = True
 
     def queue_key(self, req: Request) -> tuple[float, ...]:
         return (-req.priority, req.arrival_time)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from engine.messages import EngineRequest, SamplingParams
+from engine.messages import CachedRequestData, EngineRequest, SamplingParams
 from engine.scheduler.block_manager import ROOT_HASH, chain_hash
 
 
@@ -29,6 +29,7 @@ class Request:
         "block_ids",
         "cache_parent",
         "cache_salt",
+        "decode_delta",
         "eos_token_ids",
         "finish_reason",
         "first_scheduled_time",
@@ -84,6 +85,9 @@ class Request:
         self.block_hashes: list[int] = []
         self.num_registered_blocks: int = 0
         self.cache_parent: int = -1
+        # A decode's step delta (one token, no new block) is the same every step: built once
+        # and reused by every plan (plans are read-only to the workers and the pool).
+        self.decode_delta = CachedRequestData(request_id=self.request_id, num_scheduled_tokens=1)
         self.admitted_seq: int = 0  # order of (re)admission on its worker, for victim choice
         # Explanation of the scheduler's choices, returned with the final output.
         self.placement_scores: dict[int, float] = {}
@@ -106,14 +110,22 @@ class Request:
         return self.prompt_token_ids[start:] + tuple(self.output_token_ids[:end - n])
 
     def full_block_hashes(self, block_size: int) -> list[int]:
-        """Chain hashes of every full block of the known tokens (computed once per block)."""
+        """Chain hashes of every full block of the known tokens, each computed once per
+        request: placement's probes of every worker, admission and registration all read
+        this one list."""
         hashes = self.block_hashes
         num_full = self.num_tokens // block_size
         if len(hashes) < num_full:
             parent = hashes[-1] if hashes else ROOT_HASH
+            prompt, salt = self.prompt_token_ids, self.cache_salt
+            # Blocks inside the prompt are sliced from it directly (most of them, at add).
+            in_prompt = min(num_full, len(prompt) // block_size)
+            for start in range(len(hashes) * block_size, in_prompt * block_size, block_size):
+                parent = chain_hash(parent, prompt[start:start + block_size], salt)
+                hashes.append(parent)
             for i in range(len(hashes), num_full):
                 parent = chain_hash(parent, self.token_slice(i * block_size, (i + 1) * block_size),
-                                    self.cache_salt)
+                                    salt)
                 hashes.append(parent)
         return hashes
 

@@ -19,13 +19,16 @@ Each worker has at most one plan in flight. A step for one worker:
    prefix, while the token budget, the sequence cap and the blocks allow (prompts are chunked
    to fit; nothing is admitted in a step whose decodes had to preempt).
 
+With a policy that has ``exclusive_prefill`` (``priority``), a step in which a request computes
+prompt tokens leaves out the requests that request outranks (they keep their blocks and run
+in the next step), so the step is short and the important request's first token comes soon.
+
 A preempted request loses its blocks (its full blocks stay cached until evicted), is placed
 again (it may move) and is recomputed later; its stream stays open and no token repeats.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable
 
 from engine.config import SchedulerConfig
@@ -39,44 +42,10 @@ from engine.messages import (
     StepPlan,
     StepResult,
 )
-from engine.scheduler.block_manager import BlockManager
 from engine.scheduler.placement import Placement, get_placement
 from engine.scheduler.policy import Policy, get_policy
 from engine.scheduler.request import Request, RequestStatus
-
-Entry = tuple[tuple[float, ...], int, Request]  # (policy key, sequence, request)
-
-
-class WorkerState:
-    """One worker's queue, running set, KV blocks and in-flight plan."""
-
-    def __init__(self, worker_id: int, num_blocks: int, block_size: int) -> None:
-        self.worker_id = worker_id
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.waiting: list[Entry] = []  # sorted by (key, sequence)
-        self.running: list[Request] = []  # in admission order
-        self.in_flight: StepPlan | None = None
-        self.to_drop: list[str] = []  # ids the worker must forget in its next plan
-        self.num_queued_tokens = 0  # uncomputed tokens of waiting requests
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.waiting) + len(self.running)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def kv_usage(self) -> float:
-        return self.blocks.usage
-
-    def cached_prefix_tokens(self, req: Request) -> int:
-        """Prompt tokens of ``req`` this worker's cache holds now (full blocks)."""
-        bs = self.blocks.block_size
-        hashes = req.full_block_hashes(bs)
-        max_blocks = (req.num_tokens - 1) // bs  # at least one token is always computed
-        return len(self.blocks.match_prefix(hashes, req, req.cache_salt, max_blocks)) * bs
+from engine.scheduler.worker_state import WorkerState
 
 
 class Scheduler:
@@ -186,66 +155,135 @@ class Scheduler:
         ws = self.workers.get(worker_id)
         if ws is None or ws.in_flight is not None or not (ws.running or ws.waiting):
             return None
-        budget = self.config.max_num_batched_tokens
-        max_seqs = self.config.max_num_seqs
-        waiting = [r for _, _, r in ws.waiting]
-        if self.policy.dynamic:
-            waiting = self.policy.order(waiting, ws)
-        if self.policy.preemptive and waiting and ws.running:
-            self._preempt_for_waiting(ws, waiting)
-
-        # 2. Running requests: decodes first, then unfinished prefill chunks.
+        waiting: list[Request] = []
+        if ws.waiting:
+            waiting = [r for _, _, r in ws.waiting]
+            if self.policy.dynamic:
+                waiting = self.policy.order(waiting, ws)
+            if self.policy.preemptive and ws.running:  # 1. priority preemption
+                self._preempt_for_waiting(ws, waiting)
+        running = tuple(ws.running)  # a copy: scheduling may preempt requests
+        deferred: list[Request] = []
+        urgent = self._urgent(ws, waiting) if self.policy.exclusive_prefill else None
+        if urgent is not None:
+            may_preempt = self.policy.may_preempt
+            kept: list[Request] = []
+            for r in running:
+                (deferred if may_preempt(urgent, r) else kept).append(r)
+            running = tuple(kept)
+        # The step being built: deltas of running requests and new ones, in plan order.
         cached: list[CachedRequestData] = []
-        scheduled: set[str] = set()
-        preempted = False
-        bs = self.block_size
-        decodes: list[Request] = []
-        chunks: list[Request] = []
-        for r in ws.running:
-            (decodes if r.num_computed_tokens + 1 >= r.num_tokens else chunks).append(r)
-        for req in decodes + chunks if chunks else decodes:
-            if budget <= 0 or len(scheduled) >= max_seqs:
-                break
-            if req.status is not RequestStatus.RUNNING:
-                continue  # preempted by an earlier request of this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            grown: list[int] = []  # most steps fit in the blocks the request holds
-            if req.num_computed_tokens + n > len(req.block_ids) * bs:
-                maybe = self._grow(ws, req, n, scheduled)
-                if maybe is None:
-                    preempted = True
-                    continue
-                grown = maybe
-            cached.append(CachedRequestData(request_id=req.request_id, num_scheduled_tokens=n,
-                                            new_block_ids=grown))
-            scheduled.add(req.request_id)
-            budget -= n
-
-        # 3. Waiting requests, in policy order, while budget, sequence cap and blocks allow.
+        scheduled: list[Request] = []  # the requests of ``cached``
         new: list[NewRequestData] = []
-        if not preempted:
-            for req in waiting:
-                if budget <= 0 or len(scheduled) >= max_seqs:
-                    break
-                if req.status is not RequestStatus.WAITING or req.worker_id != ws.worker_id:
-                    continue  # re-placed by a preemption of this step
-                data = self._admit(ws, req, budget, now)
-                if data is None:
-                    if req.request_id not in self.requests:
-                        continue  # could never fit: failed, the next one may
-                    break
-                new.append(data)
-                scheduled.add(req.request_id)
-                budget -= data.num_scheduled_tokens
-
-        if not scheduled:
+        admitted: list[Request] = []  # the requests of ``new``
+        # 2. running requests, 3. waiting ones (nothing new after a preemption: no thrash).
+        budget, ok = self._schedule_running(ws, running, self.config.max_num_batched_tokens,
+                                            cached, scheduled, admitted)
+        if ok and waiting:
+            budget = self._admit_waiting(ws, waiting, budget, new, admitted, len(scheduled),
+                                         now, urgent)
+        if deferred and urgent not in scheduled and urgent not in admitted:
+            # Nothing outranked them after all.
+            self._schedule_running(ws, deferred, budget, cached, scheduled, admitted)
+        if not scheduled and not admitted:
             return None
         plan = StepPlan(step_id=self._next_step_id, worker_id=worker_id, new_requests=new,
                         cached_requests=cached, finished_request_ids=ws.to_drop)
         self._next_step_id += 1
         ws.to_drop = []
         ws.in_flight = plan
+        ws.in_flight_requests = admitted + scheduled if admitted else scheduled
         return plan
+
+    def _schedule_running(self, ws: WorkerState, requests: Iterable[Request], budget: int,
+                          cached: list[CachedRequestData], scheduled: list[Request],
+                          admitted: list[Request]) -> tuple[int, bool]:
+        """Add running ``requests`` to the step (``cached``, ``scheduled``; ``admitted`` holds
+        its new requests): decodes first, then unfinished prefill chunks, so a long prompt
+        never stalls decodes. Returns the budget left, and False if a request needing a
+        block had to preempt.
+
+        The loop runs once per running request per step, so the common decode (one token,
+        within the blocks it holds) costs a few attribute reads and reuses the request's
+        fixed delta."""
+        running = RequestStatus.RUNNING
+        bs = self.block_size
+        chunks: list[Request] = []
+        ok = True
+        max_seqs = self.config.max_num_seqs - len(admitted)
+        room = min(budget, max_seqs - len(scheduled))  # a decode: one token, one sequence
+        num_decodes = 0
+        for req in requests:
+            computed = req.num_computed_tokens
+            if computed + 1 < req.num_tokens:
+                chunks.append(req)
+                continue
+            if num_decodes >= room:
+                break
+            if req.status is not running:
+                continue  # preempted by an earlier request of this loop
+            if computed < len(req.block_ids) * bs:
+                cached.append(req.decode_delta)
+            else:
+                delta = self._continue(ws, req, 1, scheduled, admitted)
+                if delta is None:
+                    ok = False
+                    continue
+                cached.append(delta)
+            scheduled.append(req)
+            num_decodes += 1
+        budget -= num_decodes
+        for req in chunks:
+            if budget <= 0 or len(scheduled) >= max_seqs:
+                break
+            if req.status is not running:
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            delta = self._continue(ws, req, n, scheduled, admitted)
+            if delta is None:
+                ok = False
+                continue
+            cached.append(delta)
+            scheduled.append(req)
+            budget -= n
+        return budget, ok
+
+    def _admit_waiting(self, ws: WorkerState, waiting: list[Request], budget: int,
+                       new: list[NewRequestData], admitted: list[Request], num_running: int,
+                       now: float, urgent: Request | None) -> int:
+        """Admit waiting requests in policy order while budget, sequence cap (``num_running``
+        are in the step already) and blocks allow, none that ``urgent`` outranks (see
+        ``_urgent``). Returns the budget left."""
+        max_seqs = self.config.max_num_seqs - num_running
+        for req in waiting:
+            if budget <= 0 or len(admitted) >= max_seqs:
+                break
+            if req.status is not RequestStatus.WAITING or req.worker_id != ws.worker_id:
+                continue  # re-placed by a preemption of this step
+            if urgent is not None and self.policy.may_preempt(urgent, req):
+                break
+            data = self._admit(ws, req, budget, now)
+            if data is None:
+                if req.request_id not in self.requests:
+                    continue  # could never fit: failed, the next one may
+                break
+            new.append(data)
+            admitted.append(req)
+            budget -= data.num_scheduled_tokens
+        return budget
+
+    def _urgent(self, ws: WorkerState, waiting: list[Request]) -> Request | None:
+        """For policies with ``exclusive_prefill``: of the requests with prompt tokens to
+        compute in this step (running chunks and the next waiting request), the first by the
+        policy's queue key. The running requests it may preempt sit the step out, keeping their
+        blocks, and so do waiting ones: the step holds only work it does not outrank and is
+        as short as it can be, so the urgent request's first token comes sooner."""
+        candidates = [r for r in ws.running if r.num_computed_tokens + 1 < r.num_tokens]
+        for req in waiting:
+            if req.status is RequestStatus.WAITING and req.worker_id == ws.worker_id:
+                candidates.append(req)
+                break
+        return min(candidates, key=self.policy.queue_key) if candidates else None
 
     def update(self, plan: StepPlan, result: StepResult, now: float) -> list[RequestOutput]:
         """Apply a worker's result to the plan it answers; stale results are ignored."""
@@ -253,42 +291,60 @@ class Scheduler:
         if ws is None or ws.in_flight is not plan or result.step_id != plan.step_id:
             return []
         ws.in_flight = None
+        reqs, ws.in_flight_requests = ws.in_flight_requests, []
         # Hot path: one pass per scheduled request, one per sampled token; locals bound once.
+        # The plan's requests are known by object (``in_flight_requests``), so the common
+        # case needs no lookup by id.
         bs = self.block_size
-        get = self.requests.get
         running = RequestStatus.RUNNING
-        wid = ws.worker_id
         served = self.policy.on_served if self._policy_counts_service else None
-        for items in (plan.new_requests, plan.cached_requests):
-            for item in items:
-                req = get(item.request_id)
-                if req is None or req.status is not running or req.worker_id != wid:
-                    continue  # aborted while the step ran
-                before = req.num_computed_tokens
-                req.num_computed_tokens = computed = before + item.num_scheduled_tokens
-                if computed // bs > req.num_registered_blocks:
-                    self._register_blocks(ws, req)
-                if served is not None and before < req.num_prompt_tokens:
-                    served(req, min(computed, req.num_prompt_tokens) - before, 0)
+        items: list[NewRequestData | CachedRequestData] = [*plan.new_requests,
+                                                           *plan.cached_requests]
+        sampling: list[Request | None] = []  # requests whose every known token is now computed
+        for req, item in zip(reqs, items, strict=True):
+            if req.status is not running:
+                continue  # aborted while the step ran
+            before = req.num_computed_tokens
+            req.num_computed_tokens = computed = before + item.num_scheduled_tokens
+            if computed // bs > req.num_registered_blocks:
+                ws.register_blocks(req)
+            if computed == req.num_tokens:
+                sampling.append(req)
+            if served is not None and before < req.num_prompt_tokens:
+                served(req, min(computed, req.num_prompt_tokens) - before, 0)
         outputs: list[RequestOutput] = []
+        rids = result.request_ids
         logprobs = result.logprobs
-        for i, (rid, token) in enumerate(zip(result.request_ids, result.token_ids, strict=True)):
-            req = get(rid)
-            if req is None or req.status is not running or req.worker_id != wid:
-                continue
+        if len(sampling) != len(rids):  # tokens of aborted requests, or a worker's own order
+            sampling = [None] * len(rids)
+        get = self.requests.get
+        wid = ws.worker_id
+        for i, (expected, rid, token) in enumerate(zip(sampling, rids, result.token_ids,
+                                                       strict=True)):
+            if expected is not None and expected.request_id == rid:
+                req = expected
+            else:  # not in plan order: look it up
+                found = get(rid)
+                if found is None or found.status is not running or found.worker_id != wid:
+                    continue
+                req = found
             first = not req.output_token_ids
             reason = req.append_output(token)
             if served is not None:
                 served(req, 0, 1)
-            out = RequestOutput(
-                request_id=rid,
-                new_token_ids=[token],
-                finish_reason=reason,
-                num_prompt_tokens=req.num_prompt_tokens if first else 0,
-                num_cached_tokens=req.num_cached_tokens if first else 0,
-                logprobs=None if logprobs is None else [logprobs[i]],
-            )
+            if first:
+                out = RequestOutput(request_id=rid, new_token_ids=[token],
+                                    num_prompt_tokens=req.num_prompt_tokens,
+                                    num_cached_tokens=req.num_cached_tokens)
+            else:
+                out = RequestOutput(request_id=rid, new_token_ids=[token])
+            if logprobs is not None:
+                out.logprobs = [logprobs[i]]
+                if result.top_token_ids is not None and result.top_logprobs is not None:
+                    out.top_token_ids = [result.top_token_ids[i]]
+                    out.top_logprobs = [result.top_logprobs[i]]
             if reason is not None:
+                out.finish_reason = reason
                 self._finish(req, reason)
                 out.explanation = self._explain(req, now)
             outputs.append(out)
@@ -300,6 +356,7 @@ class Scheduler:
         if ws is None or ws.in_flight is not plan:
             return []
         ws.in_flight = None
+        ws.in_flight_requests = []
         outputs = []
         for rid, _ in plan.scheduled():
             req = self.requests.get(rid)
@@ -326,7 +383,7 @@ class Scheduler:
         need = blocks.blocks_needed(num_hit + n, len(hit))
         if not blocks.can_allocate(need + blocks.num_unreferenced(hit)):
             return None
-        self._unqueue(ws, req)
+        ws.unqueue(req)
         blocks.acquire(hit)
         req.block_ids = hit + blocks.allocate(need)
         req.num_computed_tokens = num_hit
@@ -386,39 +443,29 @@ class Scheduler:
             reserved_blocks = need
             reserved_seqs += 1
 
-    def _grow(self, ws: WorkerState, req: Request, n: int, scheduled: set[str]) -> list[int] | None:
-        """Allocate the blocks ``req`` needs for ``n`` more tokens, preempting victims that
-        are not yet in this step. Returns the new block ids, or None if ``req`` itself had
-        to be preempted (or, alone on the worker, ran out of KV and was finished)."""
-        need = ws.blocks.blocks_needed(req.num_computed_tokens + n, len(req.block_ids))
-        if need == 0:
-            return []
-        while not ws.blocks.can_allocate(need):
-            candidates = [r for r in ws.running if r.request_id not in scheduled]
-            victim = min(candidates, key=self.policy.victim_key)
-            if victim is req and len(ws.running) == 1:
-                # Alone on the worker and out of blocks: the whole cache cannot hold it.
-                self._finish(req, "length", "")
-                return None
-            self._preempt(ws, victim)
-            if victim is req:
-                return None
-        new_block_ids = ws.blocks.allocate(need)
+    def _continue(self, ws: WorkerState, req: Request, n: int, scheduled: list[Request],
+                  admitted: list[Request]) -> CachedRequestData | None:
+        """The delta running ``n`` more tokens of ``req``, with the blocks they need; when
+        none are free, victims not yet in the step (``scheduled``, ``admitted``) are
+        preempted. None if ``req`` itself had to be preempted (or, alone on the worker, ran
+        out of KV and was finished)."""
+        blocks = ws.blocks
+        need = blocks.blocks_needed(req.num_computed_tokens + n, len(req.block_ids))
+        if not blocks.can_allocate(need):
+            taken = {*scheduled, *admitted}
+            while not blocks.can_allocate(need):
+                victim = min((r for r in ws.running if r not in taken), key=self.policy.victim_key)
+                if victim is req and len(ws.running) == 1:
+                    # Alone on the worker and out of blocks: the whole cache cannot hold it.
+                    self._finish(req, "length", "")
+                    return None
+                self._preempt(ws, victim)
+                if victim is req:
+                    return None
+        new_block_ids = blocks.allocate(need) if need else []
         req.block_ids.extend(new_block_ids)
-        return new_block_ids
-
-    def _register_blocks(self, ws: WorkerState, req: Request) -> None:
-        """Cache the request's blocks that became full and computed in this step."""
-        bs = self.block_size
-        num_full = req.num_computed_tokens // bs
-        hashes = req.full_block_hashes(bs)
-        for i in range(req.num_registered_blocks, num_full):
-            if req.cache_parent == -2:
-                break
-            canon = ws.blocks.register(req.block_ids[i], hashes[i], req.cache_parent,
-                                       req.token_slice(i * bs, (i + 1) * bs), req.cache_salt)
-            req.cache_parent = -2 if canon is None else canon
-        req.num_registered_blocks = num_full
+        return CachedRequestData(request_id=req.request_id, num_scheduled_tokens=n,
+                                 new_block_ids=new_block_ids)
 
     # ------------------------------------------------------------------ internals
 
@@ -431,20 +478,8 @@ class Scheduler:
         req.worker_id = worker_id
         req.placement_scores = scores
         req.predicted_cached_tokens = ws.cached_prefix_tokens(req)
-        self._enqueue(ws, req)
-
-    def _enqueue(self, ws: WorkerState, req: Request) -> None:
         self._seq += 1
-        bisect.insort(ws.waiting, (self.policy.queue_key(req), self._seq, req))
-        ws.num_queued_tokens += req.num_tokens - req.num_computed_tokens
-
-    def _unqueue(self, ws: WorkerState, req: Request) -> None:
-        for i, entry in enumerate(ws.waiting):
-            if entry[2] is req:
-                del ws.waiting[i]
-                ws.num_queued_tokens -= req.num_tokens - req.num_computed_tokens
-                return
-        raise AssertionError(f"{req} is not queued on worker {ws.worker_id}")
+        ws.enqueue(req, self.policy.queue_key(req), self._seq)
 
     def _reset_kv(self, req: Request) -> None:
         req.block_ids = []
@@ -454,9 +489,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
 
     def _preempt(self, ws: WorkerState, req: Request) -> None:
-        ws.blocks.free(req.block_ids)
-        ws.running.remove(req)
-        ws.to_drop.append(req.request_id)
+        ws.release(req)
         self._reset_kv(req)
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -470,11 +503,9 @@ class Scheduler:
                                                finish_reason=reason, error=error))
         ws = self.workers.get(req.worker_id) if req.worker_id is not None else None
         if req.status is RequestStatus.RUNNING and ws is not None:
-            ws.blocks.free(req.block_ids)
-            ws.running.remove(req)
-            ws.to_drop.append(req.request_id)
+            ws.release(req)
         elif ws is not None:
-            self._unqueue(ws, req)
+            ws.unqueue(req)
         elif req in self.unplaced:
             self.unplaced.remove(req)
         req.block_ids = []
@@ -512,25 +543,11 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         """Assert every invariant of requests, queues and block pools."""
-        seen: set[str] = set()
+        seen: list[str] = []
         for ws in self.workers.values():
-            ws.blocks.check_integrity([r.block_ids for r in ws.running])
-            keys = [(k, s) for k, s, _ in ws.waiting]
-            assert keys == sorted(keys), "waiting queue out of order"
-            queued = sum(r.num_tokens - r.num_computed_tokens for _, _, r in ws.waiting)
-            assert queued == ws.num_queued_tokens, "queued token count drifted"
-            for req in ws.running:
-                assert req.status is RequestStatus.RUNNING and req.worker_id == ws.worker_id
-                assert req.block_ids, f"{req} runs without blocks"
-                need = ws.blocks.blocks_needed(req.num_computed_tokens, 0)
-                assert len(req.block_ids) >= need, f"{req} holds too few blocks"
-                assert req.num_computed_tokens < req.num_tokens, f"{req} has nothing to compute"
-                seen.add(req.request_id)
-            for _, _, req in ws.waiting:
-                assert req.status is RequestStatus.WAITING and req.worker_id == ws.worker_id
-                assert not req.block_ids and req.num_computed_tokens == 0, f"{req} waits holding KV"
-                seen.add(req.request_id)
+            seen += ws.check_integrity()
         for req in self.unplaced:
             assert req.status is RequestStatus.WAITING and not req.block_ids
-            seen.add(req.request_id)
-        assert seen == set(self.requests), "a request is lost or queued twice"
+            seen.append(req.request_id)
+        assert len(seen) == len(set(seen)), "a request is queued twice"
+        assert set(seen) == set(self.requests), "a request is lost"

@@ -75,6 +75,49 @@ def test_no_preemption_when_it_could_not_admit_the_request():
     assert sched2.num_preemptions == 0, "preempting 'low' alone cannot make room: don't"
 
 
+def test_a_critical_prefill_step_holds_only_work_it_does_not_outrank():
+    """``priority`` has ``exclusive_prefill``: lower-priority requests sit out the step of a
+    critical prompt (keeping their blocks) and resume in the next one, unharmed."""
+    sched, workers = build(policy="priority")
+    reqs = [make_request("peer", prompt_len=5, max_tokens=20, seed=1, priority=10),
+            make_request("normal", prompt_len=5, max_tokens=20, seed=2, priority=0),
+            *(make_request(f"low{i}", prompt_len=5, max_tokens=20, seed=3 + i, priority=-1)
+              for i in range(3))]
+    for r in reqs:
+        sched.add(r, 0.0)
+    out: dict[str, list[int]] = {}
+    for _ in range(4):  # admitted one priority level per step, then everyone decodes
+        plan, _ = step(sched, workers, out=out)
+    assert plan.num_requests == len(reqs)
+    held = {rid: list(sched.requests[rid].block_ids) for rid in ("normal", "low0")}
+    crit = make_request("crit", prompt_len=9, max_tokens=5, seed=99, priority=10)
+    sched.add(crit, 1.0)
+    plan, _ = step(sched, workers, now=1.0, out=out)
+    assert [n.request_id for n in plan.new_requests] == ["crit"]
+    assert [c.request_id for c in plan.cached_requests] == ["peer"], "equals are not deferred"
+    assert {rid: sched.requests[rid].block_ids for rid in held} == held
+    plan, _ = step(sched, workers, now=1.1, out=out)
+    assert {c.request_id for c in plan.cached_requests} == {r.request_id for r in [*reqs, crit]}
+    assert sched.num_preemptions == 0
+    rest = run_to_completion(sched, workers)
+    for r in [*reqs, crit]:
+        assert out[r.request_id] + rest.get(r.request_id, []) == reference_output(r)
+
+
+def test_requests_are_not_deferred_for_a_prompt_that_cannot_start():
+    """When the outranking request cannot be admitted (and preempting would not help),
+    the step runs everyone else as usual: deferral never stalls a worker."""
+    sched, workers = build(num_blocks=8, policy="priority")
+    sched.add(make_request("mid", prompt_len=6, max_tokens=40, priority=5), 0.0)
+    sched.add(make_request("low", prompt_len=6, max_tokens=40, priority=-1, seed=1), 0.0)
+    step(sched, workers)
+    step(sched, workers)
+    sched.add(make_request("big", prompt_len=30, max_tokens=2, priority=3, seed=3), 0.0)
+    plan, _ = step(sched, workers)
+    assert not plan.new_requests and sched.num_preemptions == 0
+    assert {c.request_id for c in plan.cached_requests} == {"mid", "low"}
+
+
 def test_sjf_orders_by_prompt_length_and_by_max_tokens():
     for policy, expect in (("sjf", ["short", "mid", "long"]), ("sjf-max-tokens", ["long", "mid", "short"])):
         sched, workers = build(max_num_seqs=1, policy=policy)
@@ -127,9 +170,10 @@ def test_cache_aware_placement_follows_the_prefix_and_avoids_hot_spots():
         sched.add(make_request(f"bulk{i}", prompt_len=100, max_tokens=1, seed=10 + i), 0.0)
         ws = sched.workers[sched.requests[f"bulk{i}"].worker_id]
         if ws.worker_id != home:  # force the bulk onto the home worker for the test
-            sched._unqueue(ws, sched.requests[f"bulk{i}"])
-            sched.requests[f"bulk{i}"].worker_id = home
-            sched._enqueue(sched.workers[home], sched.requests[f"bulk{i}"])
+            bulk = sched.requests[f"bulk{i}"]
+            ws.unqueue(bulk)
+            bulk.worker_id = home
+            sched.workers[home].enqueue(bulk, sched.policy.queue_key(bulk), 1000 + i)
     sched.add(make_request("late", prompt_len=3, max_tokens=1, prefix=shared, seed=2), 0.0)
     assert sched.requests["late"].worker_id != home
     sched.check_integrity()

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from engine.scheduler import block_manager as bm
 from engine.scheduler.block_manager import BlockManager, TokenTuple
+from engine.scheduler.request import Request
 
 
 def hashes_of(tokens, bs=4, extra=""):
@@ -153,3 +154,22 @@ def test_preempted_request_resumes_from_its_cached_blocks():
     assert sched.num_preemptions > 0 and resumed_with_hits
     for r in reqs:
         assert out[r.request_id] == reference_output(r)
+
+
+def test_a_workers_prefix_answer_follows_every_change_of_its_cache():
+    """``cached_prefix_tokens`` keeps its last answer only while the cache is unchanged."""
+    sched = make_scheduler(block_size=4)
+    worker = FakeWorker(0, 16, 4)
+    sched.add_worker(0, 16, 0.0)
+    ws = sched.workers[0]
+    shared = tuple(range(300, 312))  # 3 full blocks
+    req = Request(make_request("probe", prompt_len=2, prefix=shared, seed=5), 256)
+    assert ws.cached_prefix_tokens(req) == 0
+    sched.add(make_request("a", prompt_len=1, max_tokens=2, prefix=shared, seed=1), 0.0)
+    plan = sched.schedule(0, 0.0)  # allocates the blocks of "a"
+    assert ws.cached_prefix_tokens(req) == 0
+    sched.update(plan, worker.step(plan), 0.0)  # registers them, full of the shared prefix
+    assert ws.cached_prefix_tokens(req) == 12
+    run_to_completion(sched, {0: worker})  # "a" lets go: its blocks stay cached, evictable
+    ws.blocks.allocate(ws.blocks.num_free_blocks)  # evicts every cached block
+    assert ws.cached_prefix_tokens(req) == 0

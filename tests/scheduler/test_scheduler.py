@@ -159,3 +159,25 @@ def test_stale_or_mismatched_results_are_ignored():
     assert sched.schedule(0, 0.0) is None, "the real plan is still in flight"
     sched.update(plan, workers[0].step(plan), 0.0)
     sched.check_integrity()
+
+
+def test_tokens_in_the_workers_own_order_reach_their_requests():
+    """``update`` matches tokens to requests by plan order first; a worker that answers in
+    another order (or with tokens of requests aborted meanwhile) is matched by id."""
+    sched, workers = setup(max_num_batched_tokens=8)
+    reqs = [make_request(f"r{i}", prompt_len=3 + i, max_tokens=4 + i, seed=i) for i in range(4)]
+    for r in reqs:
+        sched.add(r, 0.0)
+    out: dict[str, list[int]] = {}
+    while sched.num_unfinished:
+        plan = sched.schedule(0, 0.0)
+        result = workers[0].step(plan)
+        result.request_ids.reverse()
+        result.token_ids.reverse()
+        for o in sched.update(plan, result, 0.0):
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        sched.check_integrity()
+        for rid, req in sched.requests.items():  # each token went to its own request
+            assert req.output_token_ids == out.get(rid, [])
+    for r in reqs:
+        assert out[r.request_id] == reference_output(r)

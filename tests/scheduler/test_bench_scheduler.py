@@ -1,0 +1,29 @@
+"""``python -m bench.scheduler``: our scheduler's cost per request-step, and vLLM's beside it."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import scheduler as bench
+
+
+def test_bench_reports_cost_per_request_step_and_per_add():
+    result = bench.run(16, 2, steps=5)
+    assert result["running"] == 16 and result["workers"] == 2
+    assert result["us_per_step"] > 0
+    assert result["us_per_add_hit"] > 0 and result["us_per_add_miss"] > 0
+    assert result["us_per_request_step"] == pytest.approx(result["us_per_step"] / 16, abs=0.01)
+
+
+@pytest.mark.slow
+def test_vllm_scheduler_runs_the_same_requests():
+    pytest.importorskip("vllm")
+    result = bench.run_vllm(16, 2, steps=5)
+    assert result["vllm_version"] == "0.32.0"
+    assert result["vllm_us_per_request_step"] > 0
+    assert result["vllm_us_per_add_hit"] > 0 and result["vllm_us_per_add_miss"] > 0
+
+
+def test_vllm_comparison_refuses_runs_longer_than_the_models_context():
+    with pytest.raises(ValueError, match="--steps"):
+        bench.run_vllm(16, 2, steps=bench.VLLM_MAX_MODEL_LEN)

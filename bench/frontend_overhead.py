@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -56,7 +57,11 @@ def over_grpc(port: int) -> Callable[[int], int]:
 
 
 def over_http(port: int) -> Callable[[int], int]:
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    # TCP_NODELAY as curl and asyncio set it: httpx's sync transport writes headers and body
+    # separately, and Nagle's algorithm against the server's delayed ACK adds ~40 ms.
+    transport = httpx.HTTPTransport(
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, transport=transport)
 
     def run(max_tokens: int) -> int:
         body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
@@ -72,7 +77,9 @@ def over_http(port: int) -> Callable[[int], int]:
 
 
 def run(n: int, max_tokens: int, launch_args: list[str]) -> dict[str, dict[str, float]]:
-    llm = LLM()
+    threads = launch_args[launch_args.index("--num-threads") + 1] if (
+        "--num-threads" in launch_args) else None
+    llm = LLM(num_threads=int(threads)) if threads else LLM()  # as the engine's worker
     with launched_engine(launch_args) as (http_port, grpc_port):
         apis = {"in_process": in_process(llm), "grpc": over_grpc(grpc_port),
                 "http": over_http(http_port)}

@@ -708,7 +708,10 @@ class HttpServer:
 async def start_http_server(server: OpenAIServer, host: str, port: int) -> HttpServer:
     """Bind (``port=0`` picks one) and serve on the running loop."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and
+    # without it Nagle's algorithm holds a response's body behind its headers until the
+    # client's delayed ACK (~40 ms per keep-alive request).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -114,6 +114,25 @@ def _one_sequence(
     return o[0].transpose(0, 1).to(q.dtype)
 
 
+#: A decode bucket grows while its padded size stays within this factor of its real size.
+_MAX_PADDING = 1.25
+
+
+def _decode_buckets(decodes: list[int], lens: list[int]) -> list[list[int]]:
+    """The decodes sorted by context length and cut into buckets whose padding to their
+    longest context wastes at most ``_MAX_PADDING`` - 1 of the keys read."""
+    buckets: list[list[int]] = []
+    total = 0
+    for i in sorted(decodes, key=lambda d: lens[d]):
+        if buckets and (len(buckets[-1]) + 1) * lens[i] <= _MAX_PADDING * (total + lens[i]):
+            buckets[-1].append(i)
+            total += lens[i]
+        else:
+            buckets.append([i])
+            total = lens[i]
+    return buckets
+
+
 def _decode_batch(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -125,33 +144,57 @@ def _decode_batch(
     decodes: list[int],
     scale: float,
 ) -> None:
-    """All single-token sequences in one SDPA call, contexts padded to the longest.
+    """Single-token sequences in a few SDPA calls, one per bucket of similar context lengths.
 
-    On CPU a decode step is dominated by per-call overhead, not FLOPs: one batched gather and
-    one SDPA over ``[n, H, 1, L_max]`` replaces ``n`` small calls. Padding costs
-    ``sum(L_max - L_i)`` wasted key reads, fine while lengths are similar.
+    On CPU a decode step is dominated by per-call overhead and memory traffic, not FLOPs: one
+    gather and one SDPA over ``[n, H, 1, L_max]`` per bucket replaces ``n`` small calls, and
+    bucketing by length keeps the padding (keys read for nothing) under 25% however mixed
+    the batch's lengths are.
     """
+    for bucket in _decode_buckets(decodes, lens):
+        if len(bucket) == 1:
+            i = bucket[0]
+            out[starts[i]:starts[i] + 1] = _one_sequence(
+                query[starts[i]:starts[i] + 1], k_cache, v_cache, block_tables[i], lens[i],
+                scale)
+        else:
+            _decode_bucket(out, query, k_cache, v_cache, starts, lens, block_tables, bucket,
+                           scale)
+
+
+def _decode_bucket(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    starts: list[int],
+    lens: list[int],
+    block_tables: torch.Tensor,
+    decodes: list[int],
+    scale: float,
+) -> None:
     device = query.device
-    num_blocks, block_size = k_cache.shape[:2]
-    idx = torch.tensor(decodes, device=device)
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    n = len(decodes)
     ctx = torch.tensor([lens[i] for i in decodes], device=device)
     max_len = max(lens[i] for i in decodes)
-    max_blocks = -(-max_len // block_size)
-    # Padding entries of a block table may hold anything; clamp so the gather stays in range
-    # (those positions are masked below).
-    table = block_tables[idx, :max_blocks].long().clamp_(0, num_blocks - 1)
-    valid = torch.arange(max_blocks * block_size, device=device)[None, :] < ctx[:, None]
-    # [n, L, Hkv, D]. Zero the padding so stale NaN/inf in unused cache slots cannot leak
-    # through 0 * NaN in the weighted sum; a boolean index_put writes only the padding rows
-    # (a broadcast masked_fill would rewrite all of K and V).
-    k = k_cache[table].flatten(1, 2).float()
-    v = v_cache[table].flatten(1, 2).float()
-    pad = ~valid
-    k[pad] = 0.0
-    v[pad] = 0.0
+    # The slot of every valid (sequence, position); only those are read from the cache, into
+    # zeroed padded buffers (stale NaN/inf in unused cache slots never enter: 0 * NaN would
+    # leak through the weighted sum).
+    pos = torch.arange(max_len, device=device)
+    valid = pos[None, :] < ctx[:, None]  # [n, L]
+    table = block_tables[torch.tensor(decodes, device=device)].long()
+    blocks = table.gather(1, (pos // block_size).expand(n, -1).clamp(max=table.shape[1] - 1))
+    slots = (blocks * block_size + pos % block_size)[valid]
+    dst = valid.flatten().nonzero().squeeze(1)
+    k = torch.zeros(n * max_len, num_kv_heads, head_dim, device=device, dtype=torch.float32)
+    v = torch.zeros_like(k)
+    k[dst] = k_cache.flatten(0, 1)[slots].float()
+    v[dst] = v_cache.flatten(0, 1)[slots].float()
+    k = k.view(n, max_len, num_kv_heads, head_dim)
+    v = v.view(n, max_len, num_kv_heads, head_dim)
     rows = torch.tensor([starts[i] for i in decodes], device=device)
-    n, num_heads, head_dim = len(decodes), query.shape[1], query.shape[2]
-    num_kv_heads = k_cache.shape[2]
+    num_heads = query.shape[1]
     # GQA folded into the query length: query head h reads kv head h // group, so the group
     # of one kv head becomes `group` query rows against that head's keys. K/V stay
     # un-replicated (no repeat_interleave) and the fused kernel sees [n, Hkv, group, L].

@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kernels import paged_attention, write_kv
-from kernels.reference import paged_attention_ref, write_kv_ref
+from kernels.reference import _MAX_PADDING, _decode_buckets, paged_attention_ref, write_kv_ref
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -91,7 +93,11 @@ def test_paged_attention_matches_dense(dtype: torch.dtype, group: int, block_siz
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("seqs", [[(7, 1)], [(7, 1), (3, 1), (30, 1)], [(12, 12)], [(12, 4)]])
+@pytest.mark.parametrize("seqs", [
+    [(7, 1)], [(7, 1), (3, 1), (30, 1)], [(12, 12)], [(12, 4)],
+    # decodes in several length buckets (equal lengths, near ones, singletons far apart)
+    [(L, 1) for L in (1, 2, 9, 9, 10, 11, 33, 34, 35, 64, 65, 130, 7, 8)],
+])
 def test_single_kinds(seqs: list[tuple[int, int]]) -> None:
     """Only decodes (batched path, and a lone decode), only a prefill, only an extend."""
     b = build_batch(seqs, num_heads=4, num_kv_heads=2, head_dim=8, block_size=4,
@@ -162,3 +168,13 @@ def test_checks_raise_value_error() -> None:
     with pytest.raises(ValueError, match="contiguous"):
         nc = torch.zeros(4, 2, 4, 8).transpose(1, 2)
         paged_attention(torch.zeros(3, 4, 8), nc, nc, qsl, lens, tables, 1.0)
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=80))
+def test_decode_buckets_cover_every_decode_and_bound_padding(lens: list[int]) -> None:
+    decodes = list(range(len(lens)))
+    buckets = _decode_buckets(decodes, lens)
+    assert sorted(i for b in buckets for i in b) == decodes
+    for b in buckets:
+        real = sum(lens[i] for i in b)
+        assert len(b) * max(lens[i] for i in b) <= _MAX_PADDING * real + 1e-9

@@ -8,8 +8,9 @@ Built in:
 
 - ``fcfs``: first come, first served; never preempts to admit.
 - ``priority``: higher ``priority`` first, then arrival; a waiting request may preempt running
-  requests of strictly lower priority when it cannot otherwise be admitted, and a step that
-  computes its prompt leaves them out (``exclusive_prefill``).
+  requests of strictly lower priority when it cannot otherwise be admitted, a step that
+  computes its prompt leaves them out (``exclusive_prefill``), and while it is on a worker
+  they may fill at most 45% of the batch (``outranked_seq_share``).
 - ``sjf``: shortest prompt first; ``sjf-max-tokens`` uses the request's ``max_tokens`` as
   the predicted output length (subclass and set ``predict`` for a learned predictor).
 - ``fair``: fair share across tenants, as in the Virtual Token Counter (VTC): the tenant
@@ -47,6 +48,14 @@ class Policy:
     #: sit out (running ones keep their blocks), so that step is short and its first token
     #: comes sooner. The price: those requests lose that step.
     exclusive_prefill = False
+    #: A fraction of ``max_num_seqs``, or None: while a request that may preempt others is on
+    #: a worker (running or first in its queue), the requests it outranks may hold at most
+    #: this share of the batch's sequences; beyond it none of them is admitted (running ones
+    #: are never evicted for it). The rest of the batch is kept for the higher class, and
+    #: its steps stay short: a step a higher-priority arrival waits for, and each step of its
+    #: prompt, carries at most that many outranked decodes. The price: outranked requests
+    #: queue longer while the batch would otherwise be full of them.
+    outranked_seq_share: float | None = None
 
     def queue_key(self, req: Request) -> tuple[float, ...]:
         """Sort key of a worker's waiting queue (smaller first), fixed while the request waits."""
@@ -72,6 +81,7 @@ class PriorityPolicy(Policy):
     name = "priority"
     preemptive = True
     exclusive_prefill = True
+    outranked_seq_share = 0.45
 
     def queue_key(self, req: Request) -> tuple[float, ...]:
         return (-req.priority, req.arrival_time)

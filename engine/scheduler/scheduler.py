@@ -22,6 +22,9 @@ Each worker has at most one plan in flight. A step for one worker:
 With a policy that has ``exclusive_prefill`` (``priority``), a step in which a request computes
 prompt tokens leaves out the requests that request outranks (they keep their blocks and run
 in the next step), so the step is short and the important request's first token comes soon.
+With ``outranked_seq_share`` (``priority``: 0.45), while a request is on a worker, the requests
+it outranks are admitted only up to that share of ``max_num_seqs``: the batch keeps room for
+the higher class, and its steps stay short.
 
 A preempted request loses its blocks (its full blocks stay cached until evicted), is placed
 again (it may move) and is recomputed later; its stream stays open and no token repeats.
@@ -64,6 +67,13 @@ class Scheduler:
         self.policy = policy if policy is not None else get_policy(config.policy)
         self.placement = placement if placement is not None else get_placement(config.placement)
         self._policy_counts_service = type(self.policy).on_served is not Policy.on_served
+        share = self.policy.outranked_seq_share
+        if share is not None and not 0.0 < share <= 1.0:
+            raise ValueError(f"--policy: {self.policy.name}: outranked_seq_share must be in "
+                             f"(0, 1], got {share}")
+        # Sequences the requests outranked by a worker's top request may hold (None: all).
+        self._outranked_max_seqs = (None if share is None
+                                    else max(1, int(share * config.max_num_seqs)))
         self.requests: dict[str, Request] = {}
         self.workers: dict[int, WorkerState] = {}
         self.unplaced: list[Request] = []  # waiting for any live worker
@@ -253,15 +263,28 @@ class Scheduler:
                        now: float, urgent: Request | None) -> int:
         """Admit waiting requests in policy order while budget, sequence cap (``num_running``
         are in the step already) and blocks allow, none that ``urgent`` outranks (see
-        ``_urgent``). Returns the budget left."""
+        ``_urgent``), and, with the policy's ``outranked_seq_share``, none beyond the
+        sequences allowed to the requests that the worker's top request outranks (see
+        ``_outranked_seats``). Returns the budget left."""
         max_seqs = self.config.max_num_seqs - num_running
+        may_preempt = self.policy.may_preempt
+        limit = self._outranked_max_seqs
+        top: Request | None = None
+        seats = 0  # outranked requests that may still join (with ``limit``, once ``top`` is known)
         for req in waiting:
             if budget <= 0 or len(admitted) >= max_seqs:
                 break
             if req.status is not RequestStatus.WAITING or req.worker_id != ws.worker_id:
                 continue  # re-placed by a preemption of this step
-            if urgent is not None and self.policy.may_preempt(urgent, req):
+            if urgent is not None and may_preempt(urgent, req):
                 break
+            outranked = False
+            if limit is not None:
+                if top is None:  # once per step, and only when something could be admitted
+                    top, seats = self._outranked_seats(ws, req, limit)
+                outranked = may_preempt(top, req)
+                if outranked and seats <= 0:
+                    break
             data = self._admit(ws, req, budget, now)
             if data is None:
                 if req.request_id not in self.requests:
@@ -270,7 +293,20 @@ class Scheduler:
             new.append(data)
             admitted.append(req)
             budget -= data.num_scheduled_tokens
+            if outranked:
+                seats -= 1
         return budget
+
+    def _outranked_seats(self, ws: WorkerState, head: Request, limit: int) -> tuple[Request, int]:
+        """The worker's top request by the policy's queue key (running, or ``head``: the
+        first waiting request that could be admitted) and how many more of the requests it
+        outranks may join the batch: ``limit`` less those running (deferred ones included)."""
+        key = self.policy.queue_key
+        top = min(ws.running, key=key, default=head)
+        if key(head) < key(top):
+            top = head
+        may_preempt = self.policy.may_preempt
+        return top, limit - sum(1 for r in ws.running if may_preempt(top, r))
 
     def _urgent(self, ws: WorkerState, waiting: list[Request]) -> Request | None:
         """For policies with ``exclusive_prefill``: of the requests with prompt tokens to

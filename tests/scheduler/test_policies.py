@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from fakes import FakeWorker, make_request, make_scheduler, reference_output, run_to_completion
 
+from engine.config import SchedulerConfig
 from engine.scheduler.placement import CacheAware, get_placement
 from engine.scheduler.policy import Policy, get_policy
+from engine.scheduler.scheduler import Scheduler
 
 
 def build(num_workers=1, num_blocks=64, **kw):
@@ -77,8 +79,9 @@ def test_no_preemption_when_it_could_not_admit_the_request():
 
 def test_a_critical_prefill_step_holds_only_work_it_does_not_outrank():
     """``priority`` has ``exclusive_prefill``: lower-priority requests sit out the step of a
-    critical prompt (keeping their blocks) and resume in the next one, unharmed."""
-    sched, workers = build(policy="priority")
+    critical prompt (keeping their blocks) and resume in the next one, unharmed. (16
+    sequences: the outranked requests stay within their share of the batch.)"""
+    sched, workers = build(policy="priority", max_num_seqs=16)
     reqs = [make_request("peer", prompt_len=5, max_tokens=20, seed=1, priority=10),
             make_request("normal", prompt_len=5, max_tokens=20, seed=2, priority=0),
             *(make_request(f"low{i}", prompt_len=5, max_tokens=20, seed=3 + i, priority=-1)
@@ -102,6 +105,63 @@ def test_a_critical_prefill_step_holds_only_work_it_does_not_outrank():
     rest = run_to_completion(sched, workers)
     for r in [*reqs, crit]:
         assert out[r.request_id] + rest.get(r.request_id, []) == reference_output(r)
+
+
+def test_outranked_requests_fill_at_most_their_share_of_the_batch():
+    """``priority`` has ``outranked_seq_share`` 0.45: while a critical request is on the worker,
+    sheddable ones are admitted only up to 45% of ``max_num_seqs`` (4 of 10); the rest of the
+    batch stays free, and with no critical request they fill it."""
+    sched, workers = build(policy="priority", max_num_seqs=10, max_num_batched_tokens=128)
+    crit = make_request("crit", prompt_len=5, max_tokens=12, seed=99, priority=10)
+    low = [make_request(f"low{i}", prompt_len=5, max_tokens=30, seed=i, priority=-1)
+           for i in range(8)]
+    for r in [crit, *low]:
+        sched.add(r, 0.0)
+    out: dict[str, list[int]] = {}
+    plan, _ = step(sched, workers, out=out)
+    assert [n.request_id for n in plan.new_requests] == ["crit"]  # exclusive prefill
+    for _ in range(5):
+        plan, _ = step(sched, workers, out=out)
+        assert plan.num_requests == 5, "critical + 4 sheddable: 5 of 10 sequences stay free"
+    while "crit" in sched.requests:
+        step(sched, workers, out=out)
+    plan, _ = step(sched, workers, out=out)
+    assert plan.num_requests == 8, "no critical request left: sheddable ones fill the batch"
+    rest = run_to_completion(sched, workers)
+    for r in [crit, *low]:
+        assert out[r.request_id] + rest.get(r.request_id, []) == reference_output(r)
+
+
+def test_the_outranked_share_never_evicts_and_other_policies_have_none():
+    # Sheddable requests already running keep running past their share when a critical
+    # request comes; new ones wait until they are under it.
+    sched, workers = build(policy="priority", max_num_seqs=10, max_num_batched_tokens=128)
+    for i in range(8):
+        sched.add(make_request(f"low{i}", prompt_len=5, max_tokens=30, seed=i, priority=-1), 0.0)
+    step(sched, workers)
+    sched.add(make_request("crit", prompt_len=5, max_tokens=30, seed=99, priority=10), 1.0)
+    sched.add(make_request("late", prompt_len=5, max_tokens=30, seed=50, priority=-1), 1.0)
+    step(sched, workers, now=1.0)  # the critical prompt's exclusive step
+    for _ in range(3):
+        plan, _ = step(sched, workers, now=1.1)
+        assert plan.num_requests == 9 and "late" not in {c.request_id for c in plan.new_requests}
+    assert sched.num_preemptions == 0
+    # fcfs (and every other built-in policy) admits up to max_num_seqs whatever the priorities.
+    for name in ("fcfs", "sjf", "fair", "lpm"):
+        assert get_policy(name).outranked_seq_share is None
+    sched, workers = build(policy="fcfs", max_num_seqs=10, max_num_batched_tokens=128)
+    sched.add(make_request("crit", prompt_len=5, max_tokens=30, seed=99, priority=10), 0.0)
+    for i in range(8):
+        sched.add(make_request(f"low{i}", prompt_len=5, max_tokens=30, seed=i, priority=-1), 0.0)
+    plan, _ = step(sched, workers)
+    assert plan.num_requests == 9
+
+
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+def test_an_outranked_share_outside_0_to_1_is_refused(share):
+    policy = type("Bad", (Policy,), {"outranked_seq_share": share})()
+    with pytest.raises(ValueError, match="outranked_seq_share"):
+        Scheduler(SchedulerConfig(), block_size=4, max_model_len=256, policy=policy)
 
 
 def test_requests_are_not_deferred_for_a_prompt_that_cannot_start():

@@ -63,8 +63,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen.cli import slo_arg
 from bench.loadgen.client import PRIORITY_MODES, ClientConfig
-from bench.loadgen.metrics import parse_slo, summarize
+from bench.loadgen.metrics import summarize
 from bench.loadgen.plots import plot_all
 from bench.loadgen.replay import check_dependencies, offered_rate, replay, rescale
 from bench.servers import (
@@ -636,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--restart-per-rate", action="store_true", help="a fresh server for every rate (cold "
       "prefix cache each time)")
     a("--warmup", type=int, default=4, help="warm-up requests before measuring (default 4)")
-    a("--slo", type=_slo, action="append", default=[], metavar="METRIC=SECONDS",
+    a("--slo", type=slo_arg, action="append", default=[], metavar="METRIC=SECONDS",
       help="for goodput, as bench.loadgen run --slo")
     a("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     a("--max-concurrency", type=int, help="at most this many requests in flight")
@@ -669,13 +670,6 @@ def _rate(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"a rate must be > 0 or inf, got {text}")
     return value
-
-
-def _slo(text: str) -> tuple[str, float]:
-    try:
-        return parse_slo(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,7 +80,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     a("--max-concurrency", type=int, help="at most this many requests in flight")
     a("--timeout", type=float, default=600.0, help="seconds per request before it counts as a "
       "timeout (600)")
-    a("--slo", type=_slo, action="append", default=[], metavar="METRIC=SECONDS",
+    a("--slo", type=slo_arg, action="append", default=[], metavar="METRIC=SECONDS",
       help="for goodput: ttft, tpot or e2e bound, e.g. --slo ttft=0.5 --slo tpot=0.05")
     a("--send-priority", choices=PRIORITY_MODES, default="as-is", help="as-is (this engine: "
       "higher is more urgent), negate (vllm serve: lower is served first), omit (a server "
@@ -90,7 +90,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     a("--no-progress", action="store_true", help="no progress bar (off anyway without a tty)")
 
 
-def _slo(text: str) -> tuple[str, float]:
+def slo_arg(text: str) -> tuple[str, float]:
+    """``--slo METRIC=SECONDS`` for argparse (shared with bench.compare)."""
     try:
         return parse_slo(text)
     except ValueError as e:

@@ -39,6 +39,17 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def fail_start() -> SystemExit:
+    """The exception a child raises when it could not start (after telling the launcher).
+
+    The launcher answers a failed start by stopping everything, so its SIGTERM may arrive
+    while this process already runs its exit handlers (vLLM registers some); ignoring it
+    from here on keeps a second SystemExit out of them.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return SystemExit(1)
+
+
 def die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return

@@ -173,7 +173,7 @@ class PoolService:
 
 def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str) -> None:
     """Process entry point of a pool's scheduler."""
-    from engine.process import init_process
+    from engine.process import fail_start, init_process
 
     name = f"pool-{pool_index}"
     init_process(f"engine-{name}", cfg.launch.log_level)
@@ -182,7 +182,7 @@ def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str) -> None:
     except Exception as e:
         log.exception("pool %d failed to start", pool_index)
         ipc.notify_launcher(run_dir, m.ProcessFailed(name=name, message=repr(e)))
-        raise SystemExit(1) from e
+        raise fail_start() from e
     ipc.notify_launcher(run_dir, m.ProcessReady(name=name))
     try:
         service.run()

@@ -43,7 +43,7 @@ def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int) -> None:
 def run_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int,
                run_dir: str) -> None:
     """Process entry point of one worker of one pool."""
-    from engine.process import init_process
+    from engine.process import fail_start, init_process
     from engine.worker.factory import make_runner
 
     name = f"worker-{pool_index}-{worker_id}"
@@ -53,7 +53,7 @@ def run_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: 
     except Exception as e:
         log.exception("%s failed to start", name)
         ipc.notify_launcher(run_dir, m.ProcessFailed(name=name, message=repr(e)))
-        raise SystemExit(1) from e
+        raise fail_start() from e
     ctx: zmq.Context[Any] = zmq.Context()
     sock = ipc.make_socket(ctx, zmq.DEALER, ipc.pool_addresses(run_dir, pool_index).workers,
                            bind=False, identity=ipc.worker_identity(worker_id))

@@ -14,8 +14,9 @@ from engine import ipc
 from engine.config import EngineConfig
 from engine.frontend.admission import Admission
 from engine.frontend.grpc_server import start_grpc_server
-from engine.frontend.http_server import OpenAIServer, start_http_server
+from engine.frontend.http_server import start_http_server
 from engine.frontend.metrics import EngineMetrics
+from engine.frontend.openai_server import OpenAIServer
 from engine.frontend.pool_client import PoolClient
 from engine.frontend.serving import ModelRegistry, ServedModel
 from engine.messages import ProcessFailed, ProcessReady

@@ -32,8 +32,9 @@ from engine.client import generate as client_generate
 from engine.config import FrontendConfig, ModelConfig
 from engine.frontend.admission import Admission
 from engine.frontend.grpc_server import start_grpc_server
-from engine.frontend.http_server import OpenAIServer, start_http_server
+from engine.frontend.http_server import start_http_server
 from engine.frontend.metrics import EngineMetrics
+from engine.frontend.openai_server import OpenAIServer
 from engine.frontend.pool_client import PoolClient
 from engine.frontend.proto import pb2, pb2_grpc
 from engine.frontend.serving import ModelRegistry, ServedModel
@@ -368,7 +369,7 @@ def test_malformed_bodies(env: Env) -> None:
 
 def test_unknown_fields_are_ignored_with_a_warning(env: Env,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="engine.frontend.http_server"):
+    with caplog.at_level("WARNING", logger="engine.frontend.openai_server"):
         r = env.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "frobnicate": 3,
                                          "metadata": {"a": "b"}})
     assert r.status_code == 200

@@ -1,0 +1,187 @@
+"""The OpenAI API's wire shapes: errors, the choices of a response, and the bodies of
+``/v1/completions`` and ``/v1/chat/completions`` responses and stream chunks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from engine.frontend.admission import Refusal
+from engine.frontend.serving import Delta, GenerationFailed, ServedModel
+from engine.messages import EngineRequest
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error response."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.param, self.headers = param, headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", None, param)
+
+
+def refusal_error(r: Refusal) -> ApiError:
+    headers = {"Retry-After": r.retry_after} if r.retry_after else {}
+    if r.status == 429:
+        return ApiError(429, r.message, "rate_limit_error", "rate_limit_exceeded",
+                        headers=headers)
+    return ApiError(r.status, r.message, "service_unavailable", r.reason, headers=headers)
+
+
+
+@dataclass
+class Choice:
+    """One generation of a response; ``index`` is ``prompt * n + sample``, OpenAI's order."""
+
+    index: int
+    request: EngineRequest
+    prompt_text: str | None = None
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+
+    def add(self, d: Delta) -> None:
+        self.text.append(d.text)
+        self.token_ids += d.token_ids
+        if d.logprobs:
+            self.logprobs += d.logprobs
+        if d.top_logprobs:
+            self.top_logprobs += d.top_logprobs
+        if d.finish_reason is not None:
+            self.finish_reason = d.finish_reason
+        if d.usage is not None:
+            self.cached_tokens = d.usage.cached_tokens
+
+
+
+def failed_error(e: GenerationFailed) -> ApiError:
+    if e.unavailable:
+        return ApiError(503, str(e), "service_unavailable", "pool_unavailable",
+                        headers={"Retry-After": "1"})
+    return ApiError(500, f"the engine failed the request: {e}", "internal_error")
+
+
+
+def usage(choices: Sequence[Choice]) -> dict[str, Any]:
+    # Every choice of one prompt shares the prompt: count it once per prompt.
+    prompts: dict[tuple[int, ...], Choice] = {}
+    for c in choices:
+        prompts.setdefault(c.request.prompt_token_ids, c)
+    prompt = sum(len(p) for p in prompts)
+    cached = sum(c.cached_tokens for c in prompts.values())
+    completion = sum(len(c.token_ids) for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+
+def sse_event(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class Format:
+    def __init__(self, rid: str, created: int, model: ServedModel, body: Any) -> None:
+        self.head = {"id": rid, "object": "", "created": created, "model": model.name}
+        self.tokenizer = model.tokenizer
+        self.logprobs = body.logprobs is not None and body.logprobs is not False
+
+    def token(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
+
+
+class TextFormat(Format):
+    """``/v1/completions`` response bodies."""
+
+    def __init__(self, rid: str, created: int, model: ServedModel, body: Any) -> None:
+        super().__init__(rid, created, model, body)
+        self.head["object"] = "text_completion"
+
+    def _logprobs(self, ids: Sequence[int], lps: Sequence[float],
+                  top: Sequence[Sequence[tuple[int, float]]] | None) -> Any:
+        if not self.logprobs:
+            return None
+        tops: list[Any] = ([{self.token(t): lp for t, lp in row} for row in top] if top
+                           else [None] * len(ids))
+        return {"tokens": [self.token(t) for t in ids], "token_logprobs": list(lps),
+                "top_logprobs": tops, "text_offset": []}
+
+    def opening(self, choices: Sequence[Choice]) -> list[dict[str, Any]]:
+        echo = [c for c in choices if c.prompt_text]
+        return [{**self.head, "choices": [{"index": c.index, "text": c.prompt_text,
+                                           "logprobs": None, "finish_reason": None}]}
+                for c in echo]
+
+    def chunk(self, c: Choice, d: Delta) -> dict[str, Any]:
+        return {**self.head, "choices": [{
+            "index": c.index, "text": d.text,
+            "logprobs": self._logprobs(d.token_ids, d.logprobs or [], d.top_logprobs),
+            "finish_reason": d.finish_reason}]}
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {**self.head, "choices": [], "usage": usage}
+
+    def full(self, choices: Sequence[Choice], usage: dict[str, Any]) -> dict[str, Any]:
+        return {**self.head, "choices": [{
+            "index": c.index, "text": (c.prompt_text or "") + "".join(c.text),
+            "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
+            "finish_reason": c.finish_reason} for c in choices], "usage": usage}
+
+
+class ChatFormat(Format):
+    """``/v1/chat/completions`` response bodies."""
+
+    def __init__(self, rid: str, created: int, model: ServedModel, body: Any) -> None:
+        super().__init__(rid, created, model, body)
+        self.head["object"] = "chat.completion"
+        self.chunk_head = {**self.head, "object": "chat.completion.chunk"}
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _logprobs(self, ids: Sequence[int], lps: Sequence[float],
+                  top: Sequence[Sequence[tuple[int, float]]] | None) -> Any:
+        if not self.logprobs:
+            return None
+        rows = top or [()] * len(ids)
+        return {"content": [{**self._entry(t, lp),
+                             "top_logprobs": [self._entry(a, b) for a, b in row]}
+                            for t, lp, row in zip(ids, lps, rows, strict=False)]}
+
+    def opening(self, choices: Sequence[Choice]) -> list[dict[str, Any]]:
+        return [{**self.chunk_head, "choices": [{
+            "index": c.index, "delta": {"role": "assistant", "content": ""},
+            "logprobs": None, "finish_reason": None}]} for c in choices]
+
+    def chunk(self, c: Choice, d: Delta) -> dict[str, Any]:
+        return {**self.chunk_head, "choices": [{
+            "index": c.index, "delta": {"content": d.text} if d.text else {},
+            "logprobs": self._logprobs(d.token_ids, d.logprobs or [], d.top_logprobs),
+            "finish_reason": d.finish_reason}]}
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {**self.chunk_head, "choices": [], "usage": usage}
+
+    def full(self, choices: Sequence[Choice], usage: dict[str, Any]) -> dict[str, Any]:
+        return {**self.head, "choices": [{
+            "index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
+            "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
+            "finish_reason": c.finish_reason} for c in choices], "usage": usage}

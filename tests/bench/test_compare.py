@@ -14,7 +14,6 @@ from bench import compare
 from bench.compare import (
     build_parser,
     build_specs,
-    format_tables,
     parse_engine_config,
     prefix_hit_ceiling,
     shift_prompts,
@@ -22,6 +21,7 @@ from bench.compare import (
     vllm_priority_mode,
     warmup_requests,
 )
+from bench.compare_report import format_tables
 from bench.loadgen.client import COMPLETED, RATE_LIMITED, RequestRecord
 from bench.loadgen.metrics import summarize
 from bench.servers import Server, ServerSpec, omp_bind, session_processes, vllm_kv_space

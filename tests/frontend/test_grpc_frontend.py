@@ -233,7 +233,8 @@ def test_abort_rpc_ends_stream(env: Env) -> None:
     got += list(call)
     assert got[-1].finish_reason == "abort"
     assert got[-1].usage.completion_tokens == sum(len(m.token_ids) for m in got) < 60
-    assert engine_id(env.pools[0], "ab1") in env.pools[0].aborted
+    rid = engine_id(env.pools[0], "ab1")
+    assert wait_for(lambda: rid in env.pools[0].aborted)  # the pool hears of it a bit later
     assert not env.stub.Abort(pb2.AbortRequest(request_id="ab1")).found
 
 

@@ -7,16 +7,20 @@ pressure (for admission tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine import ipc
+from engine.frontend.pool_client import PoolClient
+from engine.frontend.serving import ServedModel
 from engine.messages import (
     AbortRequests,
     AddRequest,
@@ -144,3 +148,45 @@ class FakePool:
         ctx.term()
 
 
+
+
+class BackgroundFrontend:
+    """Servers and their pool clients on an event loop in a background thread, connected to
+    the pools of ``run_dir`` (one per ``infos`` entry). Subclasses start their servers in
+    ``_serve`` and stop them in ``_unserve``; ``self.models`` holds the served models."""
+
+    def __init__(self, run_dir: str, model_dir: Path, infos: list[Any]) -> None:
+        from transformers import AutoTokenizer
+
+        self.infos = infos
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.run_dir = run_dir
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._call(self._start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    async def _start(self) -> None:
+        self.models = [ServedModel(info, self.tokenizer,
+                                   PoolClient(ipc.pool_addresses(self.run_dir, i), info.name))
+                       for i, info in enumerate(self.infos)]
+        await self._serve()
+
+    async def _serve(self) -> None:
+        raise NotImplementedError
+
+    async def _unserve(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        await self._unserve()
+        for m in self.models:
+            await m.pool.close()
+
+    def close(self) -> None:
+        self._call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

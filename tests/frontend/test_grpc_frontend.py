@@ -4,7 +4,6 @@ one token per output, then finish "length". The fake pools record what they rece
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from frontend.fake_pool import (
     EOS,
     LIVE_WORKERS,
     MAX_MODEL_LEN,
+    BackgroundFrontend,
     FakePool,
     make_model_dir,
 )
@@ -34,9 +34,7 @@ from engine import ipc
 from engine.client import generate, stream
 from engine.config import ModelConfig
 from engine.frontend.grpc_server import start_grpc_server
-from engine.frontend.pool_client import PoolClient
 from engine.frontend.proto import pb2, pb2_grpc
-from engine.frontend.serving import ServedModel
 from engine.messages import (
     ProcessFailed,
     ProcessReady,
@@ -46,43 +44,21 @@ from engine.models.info import load_model_info
 REPO = Path(__file__).resolve().parents[2]
 
 
-class Frontend:
-    """The gRPC server and its pool clients on an event loop in a background thread."""
+class Frontend(BackgroundFrontend):
+    """The gRPC server over two fake pools (the second with a shorter context)."""
 
     def __init__(self, run_dir: str, model_dir: Path) -> None:
-        self.infos = [
+        super().__init__(run_dir, model_dir, [
             load_model_info(ModelConfig(path=str(model_dir), served_name="tiny")),
             load_model_info(ModelConfig(path=str(model_dir), served_name="tiny-b",
                                         max_model_len=32)),
-        ]
-        from transformers import AutoTokenizer
+        ])
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.run_dir = run_dir
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.port = self._call(self._start())
+    async def _serve(self) -> None:
+        self.server, self.port = await start_grpc_server(self.models, "127.0.0.1", 0)
 
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    async def _start(self) -> int:
-        self.models = [ServedModel(info, self.tokenizer,
-                                   PoolClient(ipc.pool_addresses(self.run_dir, i), info.name))
-                       for i, info in enumerate(self.infos)]
-        self.server, port = await start_grpc_server(self.models, "127.0.0.1", 0)
-        return port
-
-    async def _stop(self) -> None:
+    async def _unserve(self) -> None:
         await self.server.stop(0)
-        for m in self.models:
-            await m.pool.close()
-
-    def close(self) -> None:
-        self._call(self._stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @dataclass

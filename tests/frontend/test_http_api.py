@@ -4,12 +4,10 @@ OpenAI's shape, API keys, rate limits, shedding, queue timeouts, disconnects, me
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,11 +21,11 @@ from frontend.fake_pool import (
     EOS,
     LIVE_WORKERS,
     SLOW_TOKEN_S,
+    BackgroundFrontend,
     FakePool,
     make_model_dir,
 )
 
-from engine import ipc
 from engine.client import generate as client_generate
 from engine.config import FrontendConfig, ModelConfig
 from engine.frontend.admission import Admission
@@ -35,58 +33,38 @@ from engine.frontend.grpc_server import start_grpc_server
 from engine.frontend.http_server import start_http_server
 from engine.frontend.metrics import EngineMetrics
 from engine.frontend.openai_server import OpenAIServer
-from engine.frontend.pool_client import PoolClient
 from engine.frontend.proto import pb2, pb2_grpc
-from engine.frontend.serving import ModelRegistry, ServedModel
+from engine.frontend.serving import ModelRegistry
 from engine.messages import PoolStats
 from engine.models.info import load_model_info
 
 MAX_NUM_SEQS = 4
 
 
-class HttpFrontend:
-    """The HTTP server and its pool clients on an event loop in a background thread."""
+class HttpFrontend(BackgroundFrontend):
+    """The HTTP and gRPC servers, sharing one admission state, over two fake pools."""
 
     def __init__(self, run_dir: str, model_dir: Path, cfg: FrontendConfig) -> None:
-        from transformers import AutoTokenizer
+        self.cfg = cfg
+        super().__init__(run_dir, model_dir, [
+            load_model_info(ModelConfig(path=str(model_dir), served_name=name))
+            for name in ("tiny", "tiny-b")])
+        self.url = f"http://127.0.0.1:{self.http.port}"
 
-        self.infos = [load_model_info(ModelConfig(path=str(model_dir), served_name="tiny")),
-                      load_model_info(ModelConfig(path=str(model_dir), served_name="tiny-b"))]
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.run_dir, self.cfg = run_dir, cfg
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.url = self._call(self._start())
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    async def _start(self) -> str:
-        self.models = ModelRegistry([
-            ServedModel(info, self.tokenizer,
-                        PoolClient(ipc.pool_addresses(self.run_dir, i), info.name))
-            for i, info in enumerate(self.infos)])
+    async def _serve(self) -> None:
+        registry = ModelRegistry(self.models)
         self.metrics = EngineMetrics()
-        for m in self.models:
+        for m in registry:
             self.metrics.add_pool(m.name, m.pool)
-        self.admission = Admission(self.models, self.cfg, MAX_NUM_SEQS)
-        self.api = OpenAIServer(self.models, self.cfg, self.admission, self.metrics)
+        self.admission = Admission(registry, self.cfg, MAX_NUM_SEQS)
+        self.api = OpenAIServer(registry, self.cfg, self.admission, self.metrics)
         self.http = await start_http_server(self.api, "127.0.0.1", 0)
-        self.grpc, self.grpc_port = await start_grpc_server(self.models, "127.0.0.1", 0,
+        self.grpc, self.grpc_port = await start_grpc_server(registry, "127.0.0.1", 0,
                                                             self.metrics, self.admission)
-        return f"http://127.0.0.1:{self.http.port}"
 
-    async def _stop(self) -> None:
+    async def _unserve(self) -> None:
         await self.grpc.stop(0)
         await self.http.stop(1)
-        for m in self.models:
-            await m.pool.close()
-
-    def close(self) -> None:
-        self._call(self._stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 class Env:

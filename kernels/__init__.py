@@ -45,7 +45,7 @@ import torch
 
 from kernels.reference import paged_attention_ref, write_kv_ref
 
-__all__ = ["BACKENDS", "Backend", "paged_attention", "write_kv"]
+__all__ = ["BACKENDS", "Backend", "graph_safe", "paged_attention", "write_kv"]
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
@@ -166,6 +166,16 @@ def paged_attention(
     return paged_attention_ref(
         query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, float(scale)
     )
+
+
+def graph_safe(device: torch.device, head_dim: int) -> bool:
+    """Whether ``backend="auto"`` serves ``device`` with the Triton kernels, whose launches
+    depend on tensor sizes alone and can be captured in a CUDA graph (the torch reference
+    reads lengths on the host, which a capture forbids)."""
+    if device.type != "cuda":
+        return False
+    supported = 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    return supported and _triton_available()
 
 
 # --------------------------------------------------------------------------- dispatch

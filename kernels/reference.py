@@ -31,8 +31,12 @@ def write_kv_ref(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into the caches
-    at ``slot_mapping`` (int64 ``[num_tokens]``, every slot valid), in place."""
+    at ``slot_mapping`` (int64 ``[num_tokens]``), in place. A negative slot marks a padding
+    token (a padded CUDA-graph batch) and is skipped."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     # A view of the contiguous cache as [slots, heads, dim]: one index_copy_ per cache, no
     # per-token Python and no temporary the size of the cache.
     k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
@@ -53,12 +57,13 @@ def paged_attention_ref(
     """Causal attention of a ragged batch of new tokens over their paged contexts.
 
     Returns ``[num_tokens, num_heads, head_dim]`` in ``query``'s dtype. Arithmetic is done in
-    float32 (a no-op for float32 inputs) so that the reference is the accurate one.
+    float32 (a no-op for float32 inputs) so that the reference is the accurate one. A
+    sequence with ``seq_len == 0`` (a padding row of a CUDA-graph batch) outputs zeros.
     """
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1 and lens[i] > 0]
     if len(decodes) > 1:
         _decode_batch(out, query, k_cache, v_cache, starts, lens, block_tables, decodes, scale)
         done = set(decodes)
@@ -67,6 +72,9 @@ def paged_attention_ref(
     for i, seq_len in enumerate(lens):
         q_start, q_end = starts[i], starts[i + 1]
         if i in done or q_end == q_start:
+            continue
+        if seq_len == 0:
+            out[q_start:q_end] = 0
             continue
         out[q_start:q_end] = _one_sequence(
             query[q_start:q_end], k_cache, v_cache, block_tables[i], seq_len, scale

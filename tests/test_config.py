@@ -33,10 +33,19 @@ def test_defaults_serve_the_embedded_model_on_localhost():
     (["--max-queue-time", "0"], "--max-queue-time"),
     (["--max-request-bytes", "10"], "--max-request-bytes"),
     (["--api-key-file", "/no/such/file"], "--api-key-file"),
+    (["--cuda-graph-max-batch", "0"], "--cuda-graph-max-batch"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=flag):
         config_from_args(argv)
+
+
+def test_cuda_graph_flags():
+    cfg = config_from_args([])
+    assert not cfg.worker.enforce_eager and cfg.worker.cuda_graph_max_batch == 64
+    assert config_from_args(["--max-num-seqs", "512"]).worker.cuda_graph_max_batch == 256
+    cfg = config_from_args(["--enforce-eager", "--cuda-graph-max-batch", "24"])
+    assert cfg.worker.enforce_eager and cfg.worker.cuda_graph_max_batch == 24
 
 
 def test_toml_file_with_flags_winning(tmp_path):

@@ -6,6 +6,10 @@ seed index) and the sampling parameters. A step applies the plan's deltas, packs
 scheduled tokens of all requests into one flat ragged batch, runs one forward pass, samples
 for the requests whose known tokens are now all computed and appends those tokens.
 
+On CUDA, batches of one new token per request (decode steps) replay CUDA graphs captured at
+padded batch sizes (``engine/worker/cuda_graphs.py``) unless ``--enforce-eager``; every other
+batch, and decode batches above ``--cuda-graph-max-batch``, run eagerly.
+
 Batch preparation is vectorised with numpy over the flat batch (a ragged ``arange`` for the
 positions, one fancy-index for the slots) so its Python-level work is per request, not per
 token: a 4k-token prefill chunk costs little more bookkeeping than one decode.
@@ -13,20 +17,25 @@ token: a 4k-token prefill chunk costs little more bookkeeping than one decode.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+import kernels
 from engine.config import CacheConfig, ModelConfig, WorkerConfig, default_num_threads
 from engine.messages import SamplingParams, StepPlan, StepResult
 from engine.models.info import load_model_info
 from engine.models.layers import AttentionMetadata
 from engine.models.loader import load_model, resolve_dtype
+from engine.worker.cuda_graphs import DecodeGraphs
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
 from engine.worker.runner import ModelRunner
 from engine.worker.sampler import Sampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,14 +48,22 @@ class _Request:
 
 
 @dataclass
-class _Batch:
-    """The flat tensors of one forward pass and who samples."""
+class _HostBatch:
+    """One forward pass's flat batch, on the host (numpy), and who samples."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    block_tables: np.ndarray
+    logits_indices: np.ndarray  # rows of the flat batch whose logits are sampled
     sampling_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per request: a batch the decode graphs can run."""
+        return len(self.input_ids) == len(self.seq_lens)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -104,6 +121,30 @@ class NativeRunner(ModelRunner):
         ]
         self.sampler = Sampler(self.info.eos_token_ids, seed=model_config.seed)
         self.requests: dict[str, _Request] = {}
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not worker_config.enforce_eager:
+            if kernels.graph_safe(self.device, cfg.head_dim):
+                try:
+                    self.enable_decode_graphs(max_batch=worker_config.cuda_graph_max_batch)
+                except RuntimeError:  # a capture that fails is a bug; serve, but say so
+                    log.exception("CUDA graph capture failed; decode steps run eagerly "
+                                  "(--enforce-eager hides this message)")
+                    torch.cuda.synchronize(self.device)
+            else:
+                log.warning("no CUDA graphs: the attention of head_dim %d runs the torch "
+                            "reference, which syncs with the host", cfg.head_dim)
+
+    def enable_decode_graphs(self, *, max_batch: int, capture: bool = True) -> None:
+        """Run decode batches of up to ``max_batch`` requests through static padded buffers,
+        replayed from CUDA graphs (``capture=False``: the same padded path run eagerly, for
+        testing it without a GPU)."""
+        graphs = DecodeGraphs(
+            self.model, self.kv_caches, max_batch=max_batch,
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size), device=self.device,
+            capture=capture,
+        )
+        graphs.capture()
+        self.graphs = graphs
 
     # ------------------------------------------------------------------ step
 
@@ -133,8 +174,7 @@ class NativeRunner(ModelRunner):
         if scheduled:
             batch = self._prepare(scheduled)
             with torch.inference_mode():
-                logits = self.model(batch.input_ids, batch.positions, batch.meta,
-                                    self.kv_caches, batch.logits_indices)
+                logits = self._forward(batch)
                 rows = [self.requests[rid] for rid in batch.sampling_ids]
                 out = self.sampler(logits, rows) if rows else None
             for _, req, n in scheduled:
@@ -153,7 +193,7 @@ class NativeRunner(ModelRunner):
             top_logprobs=out.top_logprobs if out else None,
         )
 
-    def _prepare(self, scheduled: list[tuple[str, _Request, int]]) -> _Batch:
+    def _prepare(self, scheduled: list[tuple[str, _Request, int]]) -> _HostBatch:
         bs = self.block_size
         q_lens = np.fromiter((n for _, _, n in scheduled), dtype=np.int64, count=len(scheduled))
         starts = np.fromiter((r.num_computed_tokens for _, r, _ in scheduled), dtype=np.int64,
@@ -178,22 +218,37 @@ class NativeRunner(ModelRunner):
                 logits_indices.append(int(cu[i + 1]) - 1)
                 sampling_ids.append(rid)
         slots = tables[req_of_token, positions // bs] * bs + positions % bs
-
-        def to_dev(a: np.ndarray | list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.as_tensor(a, dtype=dtype).to(self.device, non_blocking=True)
-
-        return _Batch(
-            input_ids=to_dev(input_ids, torch.int64),
-            positions=to_dev(positions, torch.int64),
-            meta=AttentionMetadata(
-                slot_mapping=to_dev(slots, torch.int64),
-                query_start_loc=to_dev(cu, torch.int32),
-                seq_lens=to_dev(seq_lens, torch.int32),
-                block_tables=to_dev(tables, torch.int32),
-            ),
-            logits_indices=to_dev(logits_indices, torch.int64),
+        return _HostBatch(
+            input_ids=np.asarray(input_ids, dtype=np.int64), positions=positions,
+            slot_mapping=slots, query_start_loc=cu, seq_lens=seq_lens, block_tables=tables,
+            logits_indices=np.asarray(logits_indices, dtype=np.int64),
             sampling_ids=sampling_ids,
         )
+
+    def _forward(self, b: _HostBatch) -> torch.Tensor:
+        """Float32 logits of the batch's sampling rows."""
+        graphs = self.graphs
+        if graphs is not None and b.is_decode and graphs.padded_size(len(b.seq_lens)):
+            logits = graphs.run(b.input_ids, b.positions, b.slot_mapping, b.seq_lens,
+                                b.block_tables)
+            if len(b.logits_indices) == len(b.seq_lens):
+                return logits
+            return logits[torch.from_numpy(b.logits_indices).to(self.device)]
+
+        def to_dev(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(a).to(self.device, dtype, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=to_dev(b.slot_mapping, torch.int64),
+            query_start_loc=to_dev(b.query_start_loc, torch.int32),
+            seq_lens=to_dev(b.seq_lens, torch.int32),
+            block_tables=to_dev(b.block_tables, torch.int32),
+        )
+        logits: torch.Tensor = self.model(
+            to_dev(b.input_ids, torch.int64), to_dev(b.positions, torch.int64), meta,
+            self.kv_caches, to_dev(b.logits_indices, torch.int64),
+        )
+        return logits
 
     # ------------------------------------------------------------------ checks
 
@@ -210,6 +265,7 @@ class NativeRunner(ModelRunner):
 
     def close(self) -> None:
         self.requests.clear()
+        self.graphs = None
         self.kv_caches = []
         del self.model
         if self.device.type == "cuda":

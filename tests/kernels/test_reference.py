@@ -178,3 +178,45 @@ def test_decode_buckets_cover_every_decode_and_bound_padding(lens: list[int]) ->
     for b in buckets:
         real = sum(lens[i] for i in b)
         assert len(b) * max(lens[i] for i in b) <= _MAX_PADDING * real + 1e-9
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_reference_padding_rows_like_a_cuda_graph_batch(backend: str) -> None:
+    """The reference follows the kernels' padding conventions, which a padded CUDA-graph
+    decode batch relies on: a negative slot is not written, and a ``seq_len == 0`` row
+    outputs zeros without disturbing the real rows (in either decode path: the bucketed
+    batch of several decodes, or a single decode)."""
+    b = build_batch([(20, 1), (9, 1), (33, 1)], num_heads=4, num_kv_heads=2, head_dim=16,
+                    block_size=4, dtype=torch.float32, seed=3)
+    args = [b[k] for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens",
+                           "block_tables")]
+    want = paged_attention(*args, 0.25, backend="torch")
+    # Pad the batch to 5 rows: a padding row in the middle of the real ones and one at the end.
+    order = [0, None, 1, 2, None]
+    pad = lambda t, fill: torch.stack([t[i] if i is not None else fill for i in order])  # noqa: E731
+    query = pad(b["query"], torch.full_like(b["query"][0], 7.0))
+    seq_lens = torch.tensor([b["seq_lens"][i] if i is not None else 0 for i in order],
+                            dtype=torch.int32)
+    tables = pad(b["block_tables"], torch.zeros_like(b["block_tables"][0]))
+    qsl = torch.arange(6, dtype=torch.int32)
+    out = paged_attention(query, b["k_cache"], b["v_cache"], qsl, seq_lens, tables, 0.25,
+                          backend=backend)  # type: ignore[arg-type]
+    assert torch.equal(out[[1, 4]], torch.zeros_like(out[[1, 4]]))
+    torch.testing.assert_close(out[[0, 2, 3]], want, atol=0, rtol=0)
+    # One real decode beside one padding row takes the single-sequence path.
+    one = paged_attention(query[:2], b["k_cache"], b["v_cache"], qsl[:3], seq_lens[:2],
+                          tables[:2], 0.25, backend=backend)  # type: ignore[arg-type]
+    assert torch.equal(one[1], torch.zeros_like(one[1]))
+    torch.testing.assert_close(one[0], want[0])  # another SDPA call: rounding differs
+
+    k_cache = torch.zeros(4, 4, 2, 16)
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.randn(3, 2, 16)
+    slots = torch.tensor([5, -1, 2])
+    write_kv(key, -key, k_cache, v_cache, slots, backend=backend)  # type: ignore[arg-type]
+    flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    assert torch.equal(flat_k[5], key[0]) and torch.equal(flat_k[2], key[2])
+    assert torch.equal(flat_v[2], -key[2])
+    written = torch.zeros(16, dtype=torch.bool)
+    written[[2, 5]] = True
+    assert not flat_k[~written].any() and not flat_v[~written].any()

@@ -174,6 +174,7 @@ class EngineRun:
     reasons: dict[str, str | None]
     scheduler: Scheduler
     plans: list[StepPlan]
+    logprobs: dict[str, list[float]] = field(default_factory=dict)  # when sampling asks
 
 
 def run_engine(runner, prompts: list[list[int]], sampling: SamplingParams = GREEDY, *,
@@ -188,6 +189,7 @@ def run_engine(runner, prompts: list[list[int]], sampling: SamplingParams = GREE
     eos = tuple(runner.info.eos_token_ids)
     outputs: dict[str, list[int]] = {}
     reasons: dict[str, str | None] = {}
+    logprobs: dict[str, list[float]] = {}
     for i, p in enumerate(prompts):
         rid = f"{tag}{i}"
         outputs[rid], reasons[rid] = [], None
@@ -203,6 +205,8 @@ def run_engine(runner, prompts: list[list[int]], sampling: SamplingParams = GREE
         outs = sched.update(plan, runner.step(plan), now) + sched.drain_outputs()
         for o in outs:
             outputs[o.request_id].extend(o.new_token_ids)
+            if o.logprobs is not None:
+                logprobs.setdefault(o.request_id, []).extend(o.logprobs)
             reasons[o.request_id] = o.finish_reason or reasons[o.request_id]
         for rid, n in (abort_after or {}).items():
             if rid in sched.requests and len(outputs[rid]) >= n:
@@ -213,4 +217,4 @@ def run_engine(runner, prompts: list[list[int]], sampling: SamplingParams = GREE
     runner.step(StepPlan(step_id=10**9, worker_id=0, finished_request_ids=ws.to_drop))
     ws.to_drop = []
     sched.check_integrity()
-    return EngineRun(outputs, reasons, sched, plans)
+    return EngineRun(outputs, reasons, sched, plans, logprobs)

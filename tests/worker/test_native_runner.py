@@ -16,6 +16,7 @@ import torch
 
 from engine.config import CacheConfig, ModelConfig, WorkerConfig
 from engine.messages import SamplingParams
+from engine.worker.cuda_graphs import capture_sizes
 from engine.worker.factory import make_runner
 from engine.worker.native_runner import NativeRunner
 
@@ -112,3 +113,143 @@ def test_capacity_threads_eos_and_factory(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="at least 2 are needed"):
         NativeRunner(ModelConfig(path=str(model_dir)), CacheConfig(kv_cache_memory_gib=1e-6),
                      WorkerConfig(num_threads=1))
+
+
+# --------------------------------------------------------------------------- decode graphs
+
+
+def test_capture_sizes() -> None:
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(5) == [1, 2, 4, 5]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(64)[-3:] == [48, 56, 64]
+
+
+def test_padded_decode_path_matches_hf(model_dir: Path, hf_greedy,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-graph decode path without the graphs (``capture=False``): decode batches go
+    through the static buffers padded to the next size (1, 2, 4, 5), larger ones and every
+    prefill run eagerly, and under the scheduler's preemption and chunked prefill every
+    output is still transformers'."""
+    runner = make(model_dir)
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        runner.enable_decode_graphs(max_batch=4)
+    runner.enable_decode_graphs(max_batch=5, capture=False)
+    graphs = runner.graphs
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 5]
+    seen: list[tuple[int, int]] = []  # (rows, padded size) of each graph-path step
+    real_run = graphs.run
+
+    def spy(input_ids, *args):
+        seen.append((len(input_ids), graphs.padded_size(len(input_ids))))
+        return real_run(input_ids, *args)
+
+    monkeypatch.setattr(graphs, "run", spy)
+    prompts = [*PROMPTS, [*PROMPTS[1][:12], 60, 61, 62], list(range(30, 53)), [3, 4]]
+    tight = run_engine(runner, prompts, GREEDY, num_blocks=14, max_num_batched_tokens=8)
+    assert tight.scheduler.stats().num_preemptions > 0
+    for i, p in enumerate(prompts):
+        assert tight.outputs[f"r{i}"] == hf_greedy(p, 8), f"prompt {i}"
+    # Hand-built decode batches of 3 (padded to 4), 5, 7 (above the graphs: eager), and one
+    # with a prompt's first token beside the decodes (one new token that samples nothing).
+    d = Driver(runner)
+    for i, p in enumerate(prompts):
+        d.add(f"d{i}", p)
+    d.step()  # the prompts, eagerly
+    ids = [f"d{i}" for i in range(len(prompts))]
+    for subset in (ids[:3], ids[2:7], ids, ids[1:4], ids[:2]):
+        d.step(dict.fromkeys(subset, 1))
+    d.add("late", PROMPTS[1])
+    d.step({"late": 1, **dict.fromkeys(ids[:3], 1)})
+    d.step({"late": len(PROMPTS[1]) - 1})
+    assert (3, 4) in seen and (5, 5) in seen and (4, 4) in seen, seen
+    assert all(n != 7 for n, _ in seen), "a batch above the largest graph took the graph path"
+    for i, p in enumerate(prompts):
+        got = d.reqs[f"d{i}"].outputs
+        assert got == hf_greedy(p, len(got)), f"prompt {i}"
+    assert d.reqs["late"].outputs == hf_greedy(PROMPTS[1], 1)
+    d.close()
+    assert held_request_ids(runner) == []
+    runner.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_equal_eager_on_gpu(model_dir: Path, hf_greedy, dtype: str) -> None:
+    """On a GPU: decode steps replayed from CUDA graphs give the eager runner's tokens and
+    logprobs (bitwise: the same kernels run), and in float32 transformers' greedy tokens."""
+    pytest.importorskip("triton")
+    sampling = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+    outputs = {}
+    for eager in (True, False):
+        runner = NativeRunner(ModelConfig(path=str(model_dir), dtype=dtype),
+                              CacheConfig(block_size=16, num_blocks=64),
+                              WorkerConfig(device="cuda", enforce_eager=eager,
+                                           cuda_graph_max_batch=8))
+        assert (runner.graphs is None) == eager
+        outputs[eager] = run_engine(runner, PROMPTS * 2, sampling, num_blocks=64,
+                                    max_num_batched_tokens=64)
+        runner.close()
+    assert outputs[True].outputs == outputs[False].outputs
+    assert outputs[True].logprobs == outputs[False].logprobs
+    if dtype == "float32":
+        for i, p in enumerate(PROMPTS * 2):
+            assert outputs[False].outputs[f"r{i}"] == hf_greedy(p, 8), f"prompt {i}"
+
+
+def _larger_llama(path: Path) -> Path:
+    """A random Llama with Llama-3's attention shapes in small: head_dim 128, 4 query heads
+    per KV head, llama3 rope; ~175M parameters (made only where a GPU test runs)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+        max_position_embeddings=4096, initializer_range=0.05, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 1024},
+    )
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("which", ["default", "larger-llama"])
+def test_gpu_greedy_matches_transformers(which: str, dtype: str, tmp_path: Path) -> None:
+    """On a GPU, the native runner (Triton kernels, CUDA graphs, chunked prefill across
+    steps) generates transformers' greedy tokens. Checked teacher-forced: transformers runs
+    each prompt with our output appended, and at every position our token must be its
+    argmax (float32: exactly; bfloat16: within 0.1 of the top logit, since the two sides
+    round differently and random weights give near-ties)."""
+    from engine.models.default import default_model_dir
+
+    path = default_model_dir() if which == "default" else _larger_llama(tmp_path / "llama")
+    runner = NativeRunner(ModelConfig(path=str(path), dtype=dtype),
+                          CacheConfig(block_size=16, num_blocks=512),
+                          WorkerConfig(device="cuda", cuda_graph_max_batch=16))
+    assert runner.graphs is not None
+    gen = torch.Generator().manual_seed(1)
+    vocab = runner.info.vocab_size
+    lengths = [3, 17, 64, 200, 333, 15, 1, 90]
+    prompts = [torch.randint(vocab, (n,), generator=gen).tolist() for n in lengths]
+    sampling = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    run = run_engine(runner, prompts, sampling, max_num_batched_tokens=128)
+    runner.close()
+    torch_dtype = getattr(torch, dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    hf = hf.to("cuda").eval()
+    for i, prompt in enumerate(prompts):
+        out = run.outputs[f"r{i}"]
+        assert len(out) == 24
+        with torch.inference_mode():
+            logits = hf(torch.tensor([prompt + out], device="cuda")).logits[0].float()
+        logits = logits[len(prompt) - 1 : -1]
+        ours = torch.tensor(out, device="cuda")
+        if dtype == "float32":
+            assert out == logits.argmax(-1).tolist(), f"prompt {i}"
+        else:
+            gap = logits.max(-1).values - logits.gather(1, ours[:, None])[:, 0]
+            assert gap.max().item() <= 0.1, f"prompt {i}: {gap.tolist()}"

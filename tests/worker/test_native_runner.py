@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import CacheConfig, ModelConfig, WorkerConfig
 from engine.messages import SamplingParams
@@ -253,3 +254,96 @@ def test_gpu_greedy_matches_transformers(which: str, dtype: str, tmp_path: Path)
         else:
             gap = logits.max(-1).values - logits.gather(1, ours[:, None])[:, 0]
             assert gap.max().item() <= 0.1, f"prompt {i}: {gap.tolist()}"
+
+
+class _HostSyncProbe(TorchDispatchMode):
+    """Records what a CUDA-graph capture forbids: reading a tensor's values on the host
+    (``.item()``, ``bool()``, ``.tolist()``, ``.numpy()``, and ops whose output size depends
+    on values), outside the Triton kernels themselves (which the interpreter runs on the
+    host, and which on a GPU are plain launches)."""
+
+    SYNC_OPS = frozenset({"item", "_local_scalar_dense", "is_nonzero", "equal", "nonzero",
+                          "masked_select", "unique", "_unique2", "unique_consecutive"})
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.found: list[str] = []
+        self.in_kernel = 0
+        from triton.runtime.interpreter import InterpretedFunction
+
+        real_run = InterpretedFunction.run
+
+        def run(fn_self, *args, **kwargs):
+            self.in_kernel += 1
+            try:
+                return real_run(fn_self, *args, **kwargs)
+            finally:
+                self.in_kernel -= 1
+
+        monkeypatch.setattr(InterpretedFunction, "run", run)
+        for name in ("tolist", "numpy"):
+            real = getattr(torch.Tensor, name)
+
+            def read(t, *a, _real=real, _name=name, **kw):
+                if self.active and not self.in_kernel:
+                    self.found.append(_name)
+                return _real(t, *a, **kw)
+
+            monkeypatch.setattr(torch.Tensor, name, read)
+        self.active = False
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_kernel and func.overloadpacket.__name__ in self.SYNC_OPS:
+            self.found.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, the gpu tests capture")
+def test_decode_forward_reads_no_tensor_on_the_host(model_dir: Path, hf_greedy,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capture's precondition, checked without a GPU: the forward pass the decode graphs
+    record (the model, the kernels' wrappers, the Triton kernels under the interpreter) never
+    reads a tensor's values on the host, so its launches depend on sizes alone. The torch
+    reference does read them (its decode buckets) and the probe sees that, which shows the
+    probe can fail."""
+    pytest.importorskip("triton")
+    import kernels
+
+    probe = _HostSyncProbe(monkeypatch)
+    runner = make(model_dir)
+    runner.enable_decode_graphs(max_batch=4, capture=False)
+    graphs = runner.graphs
+    assert graphs is not None
+    d = Driver(runner)
+    for i, p in enumerate(PROMPTS[:3]):
+        d.add(f"h{i}", p)
+    d.step()  # prefills, on the reference
+    recorded: list[list[str]] = []
+    real_forward = graphs._forward
+
+    def forward(size: int) -> torch.Tensor:
+        with probe:
+            out = real_forward(size)
+        recorded.append(list(probe.found))
+        probe.found.clear()
+        return out
+
+    monkeypatch.setattr(graphs, "_forward", forward)
+    d.step(dict.fromkeys(["h0", "h1", "h2"], 1))  # the torch reference: reads lengths
+    assert "tolist" in recorded[-1], recorded
+    monkeypatch.setenv("ENGINE_TRITON_INTERPRET", "1")
+    if not kernels._triton_kernels().interpreted:
+        pytest.skip("triton was imported for a GPU before the interpreter could be enabled")
+    d.step(dict.fromkeys(["h0", "h1", "h2"], 1))  # Triton, padded 3 -> 4
+    assert recorded[-1] == [], f"host reads in the captured forward: {recorded[-1]}"
+    for i, p in enumerate(PROMPTS[:3]):  # and the interpreted kernels computed the right thing
+        assert d.reqs[f"h{i}"].outputs == hf_greedy(p, 3), f"prompt {i}"
+    d.close()

@@ -104,6 +104,12 @@ class LaunchConfig:
     ready_timeout_s: float = 180.0
     log_level: str = "INFO"
     max_worker_restarts: int = 10
+    #: Set by engine.torchrun, not a flag: the pools' worker sockets and the launcher's inbox
+    #: also listen on TCP at this address, for workers on other ranks to dial in.
+    listen_host: str | None = None
+    #: Set by engine.torchrun: the launcher starts workers ``0..num_local_workers-1`` itself;
+    #: the rest of ``--workers`` dial in from other ranks (None: all are local).
+    num_local_workers: int | None = None
 
 
 @dataclass(frozen=True)

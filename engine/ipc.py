@@ -2,8 +2,9 @@
 
 The codec lives here and only here: a ``Sender`` encodes a message into one MessagePack
 frame, a ``Receiver`` decodes and validates one frame into the channel's message union.
-Addresses are ``ipc://`` paths in the engine's run directory for one machine, or
-``tcp://host:port`` when workers dial in from other nodes (torchrun).
+Addresses are ``ipc://`` paths in the engine's run directory on one machine. Under torchrun
+(``engine/torchrun.py``) the pool's worker socket and the launcher's inbox also listen on
+TCP, on ports chosen when they bind, and workers on other ranks dial ``tcp://host:port``.
 
 Topology of one pool (``P`` = pool index, files under the run directory):
 
@@ -101,10 +102,20 @@ def worker_identity(worker_id: int) -> bytes:
     return f"w{worker_id}".encode()
 
 
-def notify_launcher(run_dir: str | Path, msg: m.ToLauncher) -> None:
-    """Send one message to the launcher (ready or failed) from any process."""
+def bind_tcp(sock: zmq.Socket[Any], host: str) -> int:
+    """Bind ``sock`` also on TCP at ``host`` (``0.0.0.0``: every interface), on a free port,
+    which is returned."""
+    return int(sock.bind_to_random_port(f"tcp://{host}"))
+
+
+def notify_launcher(run_dir_or_address: str | Path, msg: m.ToLauncher) -> None:
+    """Send one message to the launcher (ready or failed) from any process: given the run
+    directory on the launcher's machine, or the launcher's ``tcp://`` address from another."""
+    addr = str(run_dir_or_address)
+    if not addr.startswith("tcp://"):
+        addr = launcher_address(addr)
     ctx: zmq.Context[Any] = zmq.Context.instance()
-    sock = make_socket(ctx, zmq.PUSH, launcher_address(run_dir), bind=False)
+    sock = make_socket(ctx, zmq.PUSH, addr, bind=False)
     sock.setsockopt(zmq.LINGER, 2000)  # let this one frame out before close
     sock.send(encode(msg))
     sock.close()

@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -57,12 +57,28 @@ class LaunchError(RuntimeError):
 
 
 class Launcher:
-    def __init__(self, cfg: EngineConfig) -> None:
+    """``publish``: under torchrun, called once every pool is up with the TCP ports that
+    workers on other ranks dial (``{"launcher_port": int, "worker_ports": [int per pool]}``);
+    those workers count towards readiness like the launcher's own."""
+
+    def __init__(self, cfg: EngineConfig,
+                 publish: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.cfg = cfg
         self.run_dir = tempfile.mkdtemp(prefix="engine-")
         self.mp = mp.get_context("spawn")
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.inbox = ipc.make_socket(self.ctx, zmq.PULL, ipc.launcher_address(self.run_dir), bind=True)
+        self.publish = publish
+        self.launcher_port: int | None = None
+        if cfg.launch.listen_host is not None:
+            self.launcher_port = ipc.bind_tcp(self.inbox, cfg.launch.listen_host)
+        num_workers = cfg.worker.num_workers
+        local = cfg.launch.num_local_workers
+        self.num_local_workers = num_workers if local is None else min(local, num_workers)
+        #: Workers that dial in from other ranks: ready when they say so, not supervised.
+        self.remote_workers = [f"worker-{i}-{w}" for i in range(len(cfg.models))
+                               for w in range(self.num_local_workers, num_workers)]
+        self.worker_ports: dict[int, int] = {}
         self.children: dict[str, Child] = {}
         self.pool_controls = [
             ipc.make_socket(self.ctx, zmq.PUSH, ipc.pool_addresses(self.run_dir, i).control, bind=False)
@@ -99,7 +115,7 @@ class Launcher:
     def _start_all(self) -> None:
         for i in range(len(self.cfg.models)):
             self._spawn(f"pool-{i}", run_pool, (self.cfg, i, self.run_dir), pool_index=i)
-            for w in range(self.cfg.worker.num_workers):
+            for w in range(self.num_local_workers):
                 self._start_worker(i, w, incarnation=0)
         self._spawn("frontend", run_frontend, (self.cfg, self.run_dir))
 
@@ -116,7 +132,7 @@ class Launcher:
                     pool_index=pool_index, worker_id=worker_id, incarnation=incarnation)
 
     def _wait_ready(self) -> None:
-        pending = set(self.children)
+        pending = set(self.children) | set(self.remote_workers)
         deadline = time.monotonic() + self.cfg.launch.ready_timeout_s
         while pending:
             if self.stop_signal is not None:
@@ -132,11 +148,21 @@ class Launcher:
                 match msg:
                     case m.ProcessReady(name=name, info=info):
                         pending.discard(name)
+                        if "worker_port" in info:
+                            self._on_pool_port(self.children[name].pool_index,
+                                               int(info["worker_port"]))
                         if name == "frontend":
                             self.grpc_port = int(info.get("grpc_port", self.grpc_port))
                             self.http_port = int(info.get("http_port", self.http_port))
                     case m.ProcessFailed(name=name, message=text):
                         raise LaunchError(f"{name} failed to start: {text}")
+
+    def _on_pool_port(self, pool_index: int, port: int) -> None:
+        self.worker_ports[pool_index] = port
+        if self.publish is not None and len(self.worker_ports) == len(self.cfg.models):
+            self.publish({"launcher_port": self.launcher_port,
+                          "worker_ports": [self.worker_ports[i] for i in range(len(self.cfg.models))]})
+            self.publish = None
 
     def _supervise(self) -> int:
         while self.stop_signal is None:

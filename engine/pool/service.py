@@ -7,6 +7,7 @@ It blocks in ``poll`` only when no worker can be given work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -40,6 +41,10 @@ class PoolService:
         self.requests = ipc.make_socket(self.ctx, zmq.PULL, addrs.requests, bind=True)
         self.outputs = ipc.make_socket(self.ctx, zmq.PUSH, addrs.outputs, bind=True)
         self.workers = ipc.make_socket(self.ctx, zmq.ROUTER, addrs.workers, bind=True)
+        # Under torchrun, workers on other ranks dial in over TCP.
+        self.worker_port: int | None = None
+        if cfg.launch.listen_host is not None:
+            self.worker_port = ipc.bind_tcp(self.workers, cfg.launch.listen_host)
         self.control = ipc.make_socket(self.ctx, zmq.PULL, addrs.control, bind=True)
         self.poller = zmq.Poller()
         for sock in (self.requests, self.workers, self.control):
@@ -69,7 +74,13 @@ class PoolService:
             self._flush(now)
 
     def close(self) -> None:
-        self.ctx.destroy(linger=0)
+        """Tell every worker to stop (the launcher also signals the workers it started;
+        workers that dialed in from other ranks only hear this), then close the sockets."""
+        for w in self.scheduler.workers:
+            with contextlib.suppress(zmq.ZMQError):  # not connected: nothing to tell
+                self.workers.send_multipart([ipc.worker_identity(w), ipc.encode(m.Shutdown())],
+                                            zmq.NOBLOCK)
+        self.ctx.destroy(linger=500 if self.worker_port is not None else 0)
 
     def _drain(self, sock: zmq.Socket[Any], codec: ipc.Codec[Any], handle: Callable[[Any], None]) -> None:
         while True:
@@ -183,7 +194,8 @@ def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str) -> None:
         log.exception("pool %d failed to start", pool_index)
         ipc.notify_launcher(run_dir, m.ProcessFailed(name=name, message=repr(e)))
         raise fail_start() from e
-    ipc.notify_launcher(run_dir, m.ProcessReady(name=name))
+    info = {} if service.worker_port is None else {"worker_port": service.worker_port}
+    ipc.notify_launcher(run_dir, m.ProcessReady(name=name, info=info))
     try:
         service.run()
     finally:

@@ -42,24 +42,35 @@ def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int) -> None:
 
 def run_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int,
                run_dir: str) -> None:
-    """Process entry point of one worker of one pool."""
+    """Process entry point of one worker of one pool, started by the launcher."""
+    serve_worker(cfg, pool_index, worker_id, incarnation,
+                 pool_address=ipc.pool_addresses(run_dir, pool_index).workers,
+                 launcher=run_dir)
+
+
+def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int, *,
+                 pool_address: str, launcher: str, device: str | None = None) -> None:
+    """Load the model, dial the pool at ``pool_address``, say ready (to the pool, and to the
+    launcher: its run directory, or its ``tcp://`` address from another node), then serve
+    plans until the pool says stop. ``device`` overrides ``--device`` (a torchrun rank's
+    own GPU)."""
     from engine.process import fail_start, init_process
     from engine.worker.factory import make_runner
 
     name = f"worker-{pool_index}-{worker_id}"
     init_process(f"engine-{name}", cfg.launch.log_level)
     try:
-        runner = make_runner(cfg.models[pool_index], cfg.cache, cfg.worker)
+        runner = make_runner(cfg.models[pool_index], cfg.cache, cfg.worker, device=device)
     except Exception as e:
         log.exception("%s failed to start", name)
-        ipc.notify_launcher(run_dir, m.ProcessFailed(name=name, message=repr(e)))
+        ipc.notify_launcher(launcher, m.ProcessFailed(name=name, message=repr(e)))
         raise fail_start() from e
     ctx: zmq.Context[Any] = zmq.Context()
-    sock = ipc.make_socket(ctx, zmq.DEALER, ipc.pool_addresses(run_dir, pool_index).workers,
-                           bind=False, identity=ipc.worker_identity(worker_id))
+    sock = ipc.make_socket(ctx, zmq.DEALER, pool_address, bind=False,
+                           identity=ipc.worker_identity(worker_id))
     sock.send(ipc.encode(m.WorkerReady(worker_id=worker_id, num_blocks=runner.num_blocks,
                                        block_size=runner.block_size, incarnation=incarnation)))
-    ipc.notify_launcher(run_dir, m.ProcessReady(name=name, info={"num_blocks": runner.num_blocks}))
+    ipc.notify_launcher(launcher, m.ProcessReady(name=name, info={"num_blocks": runner.num_blocks}))
     log.info("%s ready: %d KV blocks of %d tokens", name, runner.num_blocks, runner.block_size)
     try:
         serve(runner, sock, worker_id)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import grpc
@@ -17,13 +17,16 @@ from engine.frontend.proto import pb2, pb2_grpc
 
 
 @contextmanager
-def launched(*args: str, timeout: float = 180.0) -> Iterator[tuple[subprocess.Popen, int]]:
+def launched(*args: str, timeout: float = 180.0, command: Sequence[str] | None = None,
+             env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """``python -m engine.launch --grpc-port 0 --http-port 0 ARGS`` in its own session; yields
     (process, bound gRPC port), with the bound HTTP port as ``process.http_port``, and kills
-    whatever is left afterwards."""
-    cmd = [sys.executable, "-m", "engine.launch", "--grpc-port", "0", "--http-port", "0",
-           "--log-level", "WARNING", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    whatever is left afterwards. ``command`` replaces ``python -m engine.launch`` (torchrun);
+    ``env`` is added to the environment."""
+    cmd = [*(command or (sys.executable, "-m", "engine.launch")), "--grpc-port", "0",
+           "--http-port", "0", "--log-level", "WARNING", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     try:
         deadline = time.time() + timeout
         line = ""

@@ -1,0 +1,93 @@
+"""torchrun: two ranks on this machine form one engine, serve, and stop together.
+
+``NPROC=2 launch/torchrun.sh`` (``torchrun --standalone --nproc-per-node 2 -m
+engine.torchrun``): rank 0 runs the
+launcher, pool and frontend and its own worker; rank 1 is a worker that dials the pool over
+TCP. Both workers must hold running requests at once (the scheduler places across ranks),
+every stream completes, no KV block leaks, and SIGTERM to torchrun leaves no process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from e2e.engine_proc import free_blocks, launched, wait_idle
+
+from engine import torchrun
+from engine.models.default import default_model_dir
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_BLOCKS = 48
+
+
+def _stream(base: str, prompt: str, out: dict[str, str]) -> None:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+    text = []
+    for chunk in client.completions.create(model="default", prompt=prompt, max_tokens=160,
+                                           stream=True, extra_body={"ignore_eos": True}):
+        text.append(chunk.choices[0].text if chunk.choices else "")
+    out[prompt] = "".join(text)
+
+
+def test_two_ranks_serve_together_and_stop_on_sigterm() -> None:
+    with launched("--num-kv-blocks", str(NUM_BLOCKS), "--max-num-batched-tokens", "64",
+                  command=("bash", str(REPO / "launch" / "torchrun.sh")),
+                  env={"NPROC": "2", "PYTHON": sys.executable}) as (proc, port):
+        assert free_blocks(port) == [NUM_BLOCKS, NUM_BLOCKS], "two workers, one per rank"
+        base = f"http://127.0.0.1:{proc.http_port}"
+        outs: dict[str, str] = {}
+        threads = [threading.Thread(target=_stream, args=(base, p, outs))
+                   for p in ("The first story begins", "A different tale starts")]
+        for t in threads:
+            t.start()
+        busy_both = False
+        deadline = time.time() + 60
+        while time.time() < deadline and any(t.is_alive() for t in threads):
+            free = free_blocks(port)
+            if all(f < NUM_BLOCKS for f in free):
+                busy_both = True
+                break
+            time.sleep(0.05)
+        for t in threads:
+            t.join(timeout=120)
+        assert busy_both, "the two requests never ran on both ranks at once"
+        assert len(outs) == 2 and all(outs.values()), outs
+        assert wait_idle(port, [NUM_BLOCKS, NUM_BLOCKS]) == [NUM_BLOCKS, NUM_BLOCKS]
+        proc.send_signal(signal.SIGTERM)  # what a job scheduler does to torchrun
+        proc.wait(timeout=60)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("processes of the torchrun session outlived it")
+
+
+def test_flag_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert torchrun.main([]) == 2
+    assert "run under torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert torchrun.main(["--workers", "3"]) == 2
+    assert "--workers: under torchrun every rank is a worker" in capsys.readouterr().err
+    model = str(default_model_dir())
+    assert torchrun.main(["--model", model, "--model", model, "--served-model-name", "a",
+                          "--served-model-name", "b"]) == 2
+    assert "--model: torchrun serves one model" in capsys.readouterr().err
+    cfg = torchrun.torchrun_config(["--workers", "2"], world_size=2, local_world_size=2)
+    assert cfg.worker.num_workers == 2 and cfg.launch.num_local_workers == 1
+    assert cfg.launch.listen_host == "0.0.0.0"

@@ -75,6 +75,8 @@ class WorkerConfig:
     runner: str = "native"
     device: str = "auto"
     num_threads: int | None = None
+    #: Ranks one worker's model is split over (Megatron-style; torchrun launches only).
+    tensor_parallel_size: int = 1
     #: CUDA only: run every step eagerly instead of replaying decode steps from CUDA graphs.
     enforce_eager: bool = False
     #: CUDA only: decode batches up to this many requests replay a captured graph (padded
@@ -153,6 +155,8 @@ class EngineConfig:
         _check(w.device in DEVICES, "--device", f"must be one of {DEVICES}, got {w.device!r}")
         if w.num_threads is not None:
             _check(w.num_threads >= 1, "--num-threads", f"must be >= 1, got {w.num_threads}")
+        _check(w.tensor_parallel_size >= 1, "--tensor-parallel-size",
+               f"must be >= 1, got {w.tensor_parallel_size}")
         _check(w.cuda_graph_max_batch >= 1, "--cuda-graph-max-batch",
                f"must be >= 1, got {w.cuda_graph_max_batch}")
         f = self.frontend
@@ -215,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICES, help="worker device (default auto)")
     g.add_argument("--num-threads", type=int, metavar="N",
                    help="torch threads per CPU worker (default: cores / workers)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, metavar="N",
+                   help="split each worker's model over N ranks (under torchrun: "
+                   "launch/torchrun.sh; default 1)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every step eagerly, no CUDA graphs")
     g.add_argument("--cuda-graph-max-batch", type=int, metavar="N",
@@ -340,6 +347,7 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 runner=str(v.get("runner", "native")),
                 device=str(v.get("device", "auto")),
                 num_threads=v.get("num_threads"),
+                tensor_parallel_size=int(v.get("tensor_parallel_size", 1)),
                 enforce_eager=bool(v.get("enforce_eager", False)),
                 cuda_graph_max_batch=int(v.get(
                     "cuda_graph_max_batch", min(256, int(v.get("max_num_seqs", 64))))),

@@ -225,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model in cfg.models:
             load_model_info(model)
         get_policy(cfg.scheduler.policy)
+        if cfg.worker.tensor_parallel_size > 1:
+            raise ConfigError("--tensor-parallel-size: ranks of a tensor-parallel group are "
+                              "started by torchrun: launch/torchrun.sh")
     except (ConfigError, ValueError) as e:
         print(f"python -m engine.launch: error: {e}", file=sys.stderr)
         return 2

@@ -1,38 +1,46 @@
 """``torchrun ... -m engine.torchrun [engine flags]``: one engine across GPUs and nodes.
 
-Every torchrun rank is one worker of the pool (on ``cuda:LOCAL_RANK``, or the CPU without
-a GPU). Rank 0 is also the launcher: it starts the pool's scheduler, its own worker and the
-frontend exactly as ``python -m engine.launch`` does, except that the pool's worker socket and
-the launcher's inbox also listen on TCP. The other ranks learn those two addresses from rank
-0 through torchrun's rendezvous (a gloo process group, used for that one broadcast and then
-closed), load the model, dial the pool, and serve step plans until the pool tells them to
-stop. The scheduler sees ``WORLD_SIZE`` workers, places requests across all of them and owns
-every worker's block table, as on one machine.
+Every torchrun rank runs one model shard on ``cuda:LOCAL_RANK`` (the CPU without a GPU).
+Ranks form tensor-parallel groups of ``--tensor-parallel-size`` consecutive ranks (default
+1); each group is one worker of the pool, led by its first rank, so the pool has
+``WORLD_SIZE / tp`` data-parallel workers. Rank 0 also starts the engine's control plane
+in a child process: the launcher, the pool's scheduler and the frontend, as ``python -m
+engine.launch`` would, with the pool's worker socket and the launcher's inbox also listening
+on TCP. The other ranks learn those addresses through torchrun's rendezvous (one broadcast
+over the process group), each group leader dials the pool like any worker, and the other
+ranks of a group run the forward passes their leader sends them. The scheduler sees
+ordinary workers: it places requests across all of them and owns every block table.
 
     torchrun --standalone --nproc-per-node 8 -m engine.torchrun --model /models/llama
+    torchrun --standalone --nproc-per-node 8 -m engine.torchrun --model ... -tp 2
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
         -m engine.torchrun --model /models/llama --host 0.0.0.0
 
-(``launch/torchrun.sh`` wraps these.) Details and decisions: docs/architecture.md, "torchrun".
+(``launch/torchrun.sh`` wraps these.) Decisions: docs/architecture.md, "torchrun".
 
-- ``--workers`` is the world size (giving another number is an error); one ``--model`` per
-  launch. Each rank is a data-parallel worker: tensor parallelism inside a group of ranks is
-  not built yet.
+- ``--workers`` is ``WORLD_SIZE / --tensor-parallel-size`` (giving another number is an
+  error); one ``--model`` per launch.
 - Rank 0's address, as the other ranks dial it: ``ENGINE_ADVERTISE_HOST`` if set, else
   ``MASTER_ADDR`` (which torchrun sets to rank 0's host).
-- Lifecycle follows torchrun's: the ranks live and die together. Ctrl-C or SIGTERM stops
-  rank 0's engine, its pool tells every worker to stop, and every rank exits 0. A rank that
-  dies makes torchrun stop the rest (or restart all of them, with ``--max-restarts``); the
-  launcher restarts only the worker it started itself.
+- Lifecycle follows torchrun's: the ranks live and die together. Ctrl-C or SIGTERM stops the
+  control plane, its pool tells every worker to stop, each leader tells its group, and
+  every rank exits. A rank that dies makes torchrun stop the rest (or restart them all, with
+  ``--max-restarts``).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from engine.config import ConfigError, EngineConfig, config_from_args, replace
@@ -42,6 +50,12 @@ from engine.scheduler.policy import get_policy
 log = logging.getLogger("engine.torchrun")
 
 PROG = "python -m engine.torchrun"
+#: Collectives wait this long at most: a group's other ranks wait in one for their leader's
+#: next step however long the engine stays idle.
+IDLE_TIMEOUT = timedelta(days=365)
+#: After the control plane ends cleanly, how long rank 0 waits for the pool's stop message
+#: before stopping its own worker anyway.
+STOP_GRACE_S = 10.0
 
 
 def rank_env() -> tuple[int, int, int, int]:
@@ -57,19 +71,24 @@ def rank_env() -> tuple[int, int, int, int]:
 
 def torchrun_config(argv: Sequence[str] | None, world_size: int,
                     local_world_size: int) -> EngineConfig:
-    """The engine's flags, checked, with the workers set to the world size and rank 0's
-    sockets listening on TCP."""
+    """The engine's flags, checked, with the workers set from the world size and the
+    control plane's sockets listening on TCP for every worker."""
     cfg = config_from_args(argv)
     if len(cfg.models) != 1:
         raise ConfigError(f"--model: torchrun serves one model per launch, got {len(cfg.models)}")
-    if cfg.worker.num_workers not in (1, world_size):
-        raise ConfigError(f"--workers: under torchrun every rank is a worker, so --workers is "
-                          f"the world size ({world_size}), got {cfg.worker.num_workers}")
+    tp = cfg.worker.tensor_parallel_size
+    if world_size % tp:
+        raise ConfigError(f"--tensor-parallel-size: the world size ({world_size}) must be a "
+                          f"multiple of it, got {tp}")
+    workers = world_size // tp
+    if cfg.worker.num_workers not in (1, workers):
+        raise ConfigError(f"--workers: under torchrun it is the world size over "
+                          f"--tensor-parallel-size ({workers}), got {cfg.worker.num_workers}")
     load_model_info(cfg.models[0])
     get_policy(cfg.scheduler.policy)
     threads = cfg.worker.num_threads or max(1, (os.cpu_count() or 1) // local_world_size)
-    return replace(cfg, worker={"num_workers": world_size, "num_threads": threads},
-                   launch={"listen_host": "0.0.0.0", "num_local_workers": 1})
+    return replace(cfg, worker={"num_workers": workers, "num_threads": threads},
+                   launch={"listen_host": "0.0.0.0", "num_local_workers": 0})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,42 +100,109 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=cfg.launch.log_level, stream=sys.stderr,
                         format=f"%(asctime)s rank {rank} %(levelname)s: %(message)s")
+    import torch
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", timeout=timedelta(seconds=cfg.launch.ready_timeout_s + 60))
-    if rank == 0:
-        return _run_rank0(cfg, dist)
-    box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=0)  # waits until rank 0's pool listens
-    dist.destroy_process_group()
-    addresses: dict[str, str] = box[0]
-    log.info("dialing the pool at %s", addresses["pool"])
-    import torch
+    from engine.models.parallel import TensorParallel
 
+    use_cuda = cfg.worker.device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    # CPU tensors (addresses, each step's batch) go over gloo; GPU all-reduces over NCCL.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=IDLE_TIMEOUT)
+    size = cfg.worker.tensor_parallel_size
+    tp = None
+    if size > 1:
+        for first in range(0, world, size):  # every rank creates every group, in order
+            group = dist.new_group(list(range(first, first + size)))
+            if first <= rank < first + size:
+                tp = TensorParallel(rank=rank - first, size=size, group=group)
+
+    control: BaseProcess | None = None
+    box: list[Any] = [None]
+    if rank == 0:
+        control, box[0] = _start_control_plane(cfg)
+    dist.broadcast_object_list(box, src=0)  # the others wait here until the pool listens
+    addresses: dict[str, str] | None = box[0]
+    if addresses is None:  # the control plane failed to start (it said why)
+        return _exit_code(control) or 1 if rank == 0 else 1
+    if control is not None:
+        _watch(control)
     from engine.worker.process import serve_worker
 
-    device = None
-    if cfg.worker.device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
-    serve_worker(cfg, 0, rank, 0, pool_address=addresses["pool"],
-                 launcher=addresses["launcher"], device=device)
-    return 0
+    try:
+        serve_worker(cfg, 0, rank // size, 0, pool_address=addresses["pool"],
+                     launcher=addresses["launcher"], device=f"cuda:{local_rank}" if use_cuda else None,
+                     tp=tp)
+    finally:
+        if control is not None:
+            _stop(control)
+    return _exit_code(control) if control is not None else 0
 
 
-def _run_rank0(cfg: EngineConfig, dist: Any) -> int:
-    from engine.launch import Launcher
+# --------------------------------------------------------------------------- rank 0
 
+
+def _start_control_plane(cfg: EngineConfig) -> tuple[BaseProcess, dict[str, str] | None]:
+    """Start launcher, pool and frontend in a child; return it and the addresses workers
+    dial, or None if it stopped before its pool listened."""
     host = os.environ.get("ENGINE_ADVERTISE_HOST") or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_control_plane, args=(cfg, send), name="engine-launcher")
+    proc.start()
+    send.close()
+    deadline = time.monotonic() + cfg.launch.ready_timeout_s
+    while proc.is_alive() and time.monotonic() < deadline:
+        if receive.poll(0.2):
+            ports = receive.recv()
+            addresses = {"launcher": f"tcp://{host}:{ports['launcher_port']}",
+                         "pool": f"tcp://{host}:{ports['worker_ports'][0]}"}
+            log.info("pool listening for workers at %s", addresses["pool"])
+            return proc, addresses
+    if proc.is_alive():
+        log.error("the control plane did not start within --ready-timeout")
+        _stop(proc)
+    return proc, None
 
-    def publish(ports: dict[str, Any]) -> None:
-        addresses = {"launcher": f"tcp://{host}:{ports['launcher_port']}",
-                     "pool": f"tcp://{host}:{ports['worker_ports'][0]}"}
-        log.info("pool listening for workers at %s", addresses["pool"])
-        dist.broadcast_object_list([addresses], src=0)
-        dist.destroy_process_group()
 
-    return Launcher(cfg, publish=publish).run()
+def _control_plane(cfg: EngineConfig, send: Connection) -> None:
+    """Child of rank 0: ``python -m engine.launch`` without workers of its own."""
+    from engine.launch import Launcher
+    from engine.process import die_with_parent
+
+    die_with_parent()
+    logging.basicConfig(level=cfg.launch.log_level, stream=sys.stderr,
+                        format="%(asctime)s launcher %(levelname)s: %(message)s")
+    sys.exit(Launcher(cfg, publish=send.send).run())
+
+
+def _watch(control: BaseProcess) -> None:
+    """Stop this rank's worker when the control plane ends: at once if it failed, after a
+    grace period (the pool's stop message normally comes first) if it ended cleanly."""
+    def wait() -> None:
+        control.join()
+        if control.exitcode:
+            log.error("the control plane exited with code %s", control.exitcode)
+            os._exit(control.exitcode if control.exitcode > 0 else 1)
+        time.sleep(STOP_GRACE_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="control-plane-watch", daemon=True).start()
+
+
+def _stop(control: BaseProcess) -> None:
+    if control.exitcode is None:
+        control.terminate()  # SIGTERM: the launcher shuts its children down
+    control.join(30)
+    if control.exitcode is None:
+        control.kill()
+        control.join()
+
+
+def _exit_code(control: BaseProcess | None) -> int:
+    code = control.exitcode if control is not None else 0
+    return 0 if code is None else (code if code >= 0 else 1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.models.parallel import TensorParallel, row_parallel_linear
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,10 @@ class Attention(nn.Module):
 
     q, k and v come from one fused projection (one GEMM reading the activations once instead
     of three); the loader fills its row slices from the checkpoint's q/k/v weights.
+
+    Under tensor parallelism (``tp`` of size > 1) ``num_heads`` and ``num_kv_heads`` are this
+    rank's share: ``qkv_proj`` is column-parallel (this rank's q, k and v rows), ``o_proj``
+    row-parallel (its input columns), summed over the group (see ``engine.models.parallel``).
     """
 
     def __init__(
@@ -145,8 +150,10 @@ class Attention(nn.Module):
         qk_norm_eps: float | None,
         dtype: torch.dtype,
         device: Any = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
+        self.tp = tp
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5
@@ -179,18 +186,22 @@ class Attention(nn.Module):
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
             self.scale,
         )
-        out: torch.Tensor = self.o_proj(o.reshape(n, self.q_size))
-        return out
+        return row_parallel_linear(self.o_proj, o.reshape(n, self.q_size), self.tp)
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))`` with gate and up fused into one GEMM."""
+    """``down(silu(gate(x)) * up(x))`` with gate and up fused into one GEMM.
+
+    Under tensor parallelism ``intermediate_size`` is this rank's share: ``gate_up_proj`` is
+    column-parallel, ``down_proj`` row-parallel, summed over the group.
+    """
 
     def __init__(
         self, hidden_size: int, intermediate_size: int, *, bias: bool, dtype: torch.dtype,
-        device: Any = None,
+        device: Any = None, tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
+        self.tp = tp
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, **kw)
@@ -198,5 +209,4 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
-        return out
+        return row_parallel_linear(self.down_proj, F.silu(gate) * up, self.tp)

@@ -8,6 +8,10 @@ The family differs only in small switches, read from the checkpoint's ``config.j
 ``forward`` runs a flat ragged batch (see ``engine.models.layers``) and returns logits only
 for ``logits_indices``: the LM head is the largest GEMM of a decode step for small models and
 a prefill needs logits for one token per sequence, not for every prompt token.
+
+With a ``TensorParallel`` of size > 1 the model is one rank's shard (Megatron layout, see
+``engine.models.parallel``): its ``cfg`` is the per-rank config and every rank returns the
+same full logits.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from engine.models.layers import (
     RotaryEmbedding,
     SwiGLU,
 )
+from engine.models.parallel import TensorParallel, shard_config
 
 #: ``architectures[0]`` of the checkpoints this module runs.
 SUPPORTED_ARCHITECTURES = (
@@ -118,17 +123,22 @@ def _rope_params(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype: torch.dtype, device: Any = None) -> None:
+    """``cfg``: this rank's config (``shard_config``) under tensor parallelism ``tp``."""
+
+    def __init__(
+        self, cfg: LlamaConfig, *, dtype: torch.dtype, device: Any = None,
+        tp: TensorParallel | None = None,
+    ) -> None:
         super().__init__()
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias,
-            qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None, **kw,
+            qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None, tp=tp, **kw,
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, **kw)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, tp=tp, **kw)
 
     def forward(
         self,
@@ -145,11 +155,18 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype: torch.dtype, device: Any = None) -> None:
+    """``cfg``: this rank's config (``shard_config``) under tensor parallelism ``tp``."""
+
+    def __init__(
+        self, cfg: LlamaConfig, *, dtype: torch.dtype, device: Any = None,
+        tp: TensorParallel | None = None,
+    ) -> None:
         super().__init__()
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, tp=tp, **kw) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
 
@@ -159,6 +176,11 @@ class LlamaForCausalLM(nn.Module):
 
     Construct on ``device="meta"`` to skip weight initialisation, then ``to_empty`` and
     ``init_rotary`` on the real device before loading weights (the loader does this).
+
+    ``cfg`` is the checkpoint's config; with ``tp`` of size > 1 the module is this rank's
+    shard: ``self.cfg`` is then the per-rank config (``shard_config``: this rank's heads, KV
+    heads and intermediate features, which size its KV cache) and ``self.full_cfg`` the
+    checkpoint's. Unsharded (``tp`` None or of size 1) both are ``cfg``.
     """
 
     def __init__(
@@ -168,12 +190,15 @@ class LlamaForCausalLM(nn.Module):
         max_positions: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: Any = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.full_cfg = cfg
+        self.cfg = cfg = shard_config(cfg, tp)
+        self.tp = tp
         self.dtype = dtype
         self.max_positions = max_positions or cfg.max_position_embeddings
-        self.model = LlamaModel(cfg, dtype=dtype, device=device)
+        self.model = LlamaModel(cfg, dtype=dtype, device=device, tp=tp)
         # Tied embeddings reuse embed_tokens.weight in forward rather than sharing one
         # Parameter between two modules, which to_empty() would silently untie.
         self.lm_head = (

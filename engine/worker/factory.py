@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from engine.config import RUNNERS, CacheConfig, ConfigError, ModelConfig, WorkerConfig
 from engine.worker.runner import ModelRunner
+
+if TYPE_CHECKING:
+    from engine.models.parallel import TensorParallel
 
 
 def make_runner(
@@ -12,16 +17,21 @@ def make_runner(
     worker_config: WorkerConfig,
     *,
     device: str | None = None,
+    tp: TensorParallel | None = None,
 ) -> ModelRunner:
     """The runner named by ``worker_config.runner``; ``device`` (e.g. ``"cuda:1"``) overrides
-    ``worker_config.device`` for workers pinned to one GPU. Runners import lazily: each pulls
+    ``worker_config.device`` for workers pinned to one GPU; ``tp``: this process's place in a
+    tensor-parallel group. Runners import lazily: each pulls
     in heavy dependencies (torch, vLLM) that only its own worker needs."""
     runner = worker_config.runner
     if runner == "native":
         from engine.worker.native_runner import NativeRunner
 
-        return NativeRunner(model_config, cache_config, worker_config, device=device)
+        return NativeRunner(model_config, cache_config, worker_config, device=device, tp=tp)
     if runner == "vllm":
+        if tp is not None and tp.size > 1:
+            raise ConfigError("--tensor-parallel-size: only the native runner splits a model "
+                              "over ranks so far")
         from engine.worker.vllm_plan import VllmVersionError, check_vllm_version
 
         try:

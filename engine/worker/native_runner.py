@@ -17,9 +17,10 @@ token: a 4k-token prefill chunk costs little more bookkeeping than one decode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ from engine.messages import SamplingParams, StepPlan, StepResult
 from engine.models.info import load_model_info
 from engine.models.layers import AttentionMetadata
 from engine.models.loader import load_model, resolve_dtype
+from engine.models.parallel import TensorParallel
 from engine.worker.cuda_graphs import DecodeGraphs
+from engine.worker.host_batch import HostBatch, tp_recv, tp_send
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
 from engine.worker.runner import ModelRunner
 from engine.worker.sampler import Sampler
@@ -45,25 +48,6 @@ class _Request:
     block_ids: list[int]
     num_computed_tokens: int
     num_output_tokens: int
-
-
-@dataclass
-class _HostBatch:
-    """One forward pass's flat batch, on the host (numpy), and who samples."""
-
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    query_start_loc: np.ndarray
-    seq_lens: np.ndarray
-    block_tables: np.ndarray
-    logits_indices: np.ndarray  # rows of the flat batch whose logits are sampled
-    sampling_ids: list[str] = field(default_factory=list)
-
-    @property
-    def is_decode(self) -> bool:
-        """One new token per request: a batch the decode graphs can run."""
-        return len(self.input_ids) == len(self.seq_lens)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -83,8 +67,13 @@ class NativeRunner(ModelRunner):
         worker_config: WorkerConfig,
         *,
         device: str | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         self.device = resolve_device(device if device is not None else worker_config.device)
+        #: Tensor parallelism: rank 0 of the group (the leader) is the worker the pool sees;
+        #: it sends each step's batch to the other ranks (``follow``), which run the same
+        #: forward pass on their shards.
+        self.tp = tp if tp is not None and tp.size > 1 else None
         # Intra-op threads of this process (CPU matmuls/attention): the worker's share of cores.
         torch.set_num_threads(
             worker_config.num_threads or default_num_threads(worker_config.num_workers)
@@ -93,7 +82,7 @@ class NativeRunner(ModelRunner):
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.model = load_model(
             self.info.path, dtype=self.dtype, device=self.device,
-            max_positions=self.info.max_model_len,
+            max_positions=self.info.max_model_len, **({"tp": self.tp} if self.tp else {}),
         )
         cfg = self.model.cfg
         # Without sliding-window attention, a Mistral-v0.1-style model is only exact up to
@@ -104,6 +93,7 @@ class NativeRunner(ModelRunner):
             self.num_blocks = cache_config.num_blocks
         else:
             per_block = self.info.kv_bytes_per_block(self.block_size, self.dtype.itemsize)
+            per_block //= self.tp.size if self.tp else 1  # each rank holds its KV heads
             self.num_blocks = int(cache_config.kv_cache_memory_gib * (1 << 30)) // per_block
         if self.num_blocks < 2:
             raise ValueError(
@@ -122,7 +112,9 @@ class NativeRunner(ModelRunner):
         self.sampler = Sampler(self.info.eos_token_ids, seed=model_config.seed)
         self.requests: dict[str, _Request] = {}
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not worker_config.enforce_eager:
+        if self.device.type == "cuda" and self.tp is not None:
+            log.info("tensor parallel: decode steps run eagerly (no CUDA graphs yet)")
+        elif self.device.type == "cuda" and not worker_config.enforce_eager:
             if kernels.graph_safe(self.device, cfg.head_dim):
                 try:
                     self.enable_decode_graphs(max_batch=worker_config.cuda_graph_max_batch)
@@ -193,7 +185,7 @@ class NativeRunner(ModelRunner):
             top_logprobs=out.top_logprobs if out else None,
         )
 
-    def _prepare(self, scheduled: list[tuple[str, _Request, int]]) -> _HostBatch:
+    def _prepare(self, scheduled: list[tuple[str, _Request, int]]) -> HostBatch:
         bs = self.block_size
         q_lens = np.fromiter((n for _, _, n in scheduled), dtype=np.int64, count=len(scheduled))
         starts = np.fromiter((r.num_computed_tokens for _, r, _ in scheduled), dtype=np.int64,
@@ -218,15 +210,20 @@ class NativeRunner(ModelRunner):
                 logits_indices.append(int(cu[i + 1]) - 1)
                 sampling_ids.append(rid)
         slots = tables[req_of_token, positions // bs] * bs + positions % bs
-        return _HostBatch(
+        return HostBatch(
             input_ids=np.asarray(input_ids, dtype=np.int64), positions=positions,
             slot_mapping=slots, query_start_loc=cu, seq_lens=seq_lens, block_tables=tables,
             logits_indices=np.asarray(logits_indices, dtype=np.int64),
             sampling_ids=sampling_ids,
         )
 
-    def _forward(self, b: _HostBatch) -> torch.Tensor:
+    def _forward(self, b: HostBatch) -> torch.Tensor:
         """Float32 logits of the batch's sampling rows."""
+        if self.tp is not None:
+            tp_send(self.tp, b)
+        return self._forward_local(b)
+
+    def _forward_local(self, b: HostBatch) -> torch.Tensor:
         graphs = self.graphs
         if graphs is not None and b.is_decode and graphs.padded_size(len(b.seq_lens)):
             logits = graphs.run(b.input_ids, b.positions, b.slot_mapping, b.seq_lens,
@@ -263,7 +260,20 @@ class NativeRunner(ModelRunner):
             return None
         return req.num_computed_tokens, len(req.token_ids), len(req.block_ids)
 
+    def follow(self) -> None:
+        """A tensor-parallel rank other than the leader: run every batch the leader sends
+        (the same forward pass, on this rank's shards; the logits are the leader's to
+        sample) until it says stop."""
+        assert self.tp is not None and self.tp.rank != 0, "follow() is for ranks 1.. of a group"
+        with torch.inference_mode():
+            while (b := tp_recv(self.tp)) is not None:
+                b.logits_indices = b.logits_indices[:0]  # no logits needed here
+                self._forward_local(b)
+
     def close(self) -> None:
+        if self.tp is not None and self.tp.rank == 0:
+            with contextlib.suppress(Exception):  # followers already gone: nothing to stop
+                tp_send(self.tp, None)
         self.requests.clear()
         self.graphs = None
         self.kv_caches = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -17,6 +17,9 @@ from engine import ipc
 from engine import messages as m
 from engine.config import EngineConfig
 from engine.worker.runner import ModelRunner
+
+if TYPE_CHECKING:
+    from engine.models.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +52,33 @@ def run_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: 
 
 
 def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int, *,
-                 pool_address: str, launcher: str, device: str | None = None) -> None:
+                 pool_address: str, launcher: str, device: str | None = None,
+                 tp: TensorParallel | None = None) -> None:
     """Load the model, dial the pool at ``pool_address``, say ready (to the pool, and to the
     launcher: its run directory, or its ``tcp://`` address from another node), then serve
     plans until the pool says stop. ``device`` overrides ``--device`` (a torchrun rank's
-    own GPU)."""
+    own GPU). With ``tp``, rank 0 of the group does all that and the other ranks only run
+    the forward passes it sends them (``NativeRunner.follow``)."""
     from engine.process import fail_start, init_process
     from engine.worker.factory import make_runner
 
     name = f"worker-{pool_index}-{worker_id}"
+    if tp is not None and tp.rank > 0:
+        name += f"-tp{tp.rank}"
     init_process(f"engine-{name}", cfg.launch.log_level)
     try:
-        runner = make_runner(cfg.models[pool_index], cfg.cache, cfg.worker, device=device)
+        runner = make_runner(cfg.models[pool_index], cfg.cache, cfg.worker, device=device, tp=tp)
     except Exception as e:
         log.exception("%s failed to start", name)
         ipc.notify_launcher(launcher, m.ProcessFailed(name=name, message=repr(e)))
         raise fail_start() from e
+    if tp is not None and tp.rank > 0:
+        log.info("%s ready: following rank 0 of its tensor-parallel group", name)
+        try:
+            runner.follow()  # type: ignore[attr-defined]
+        finally:
+            runner.close()
+        return
     ctx: zmq.Context[Any] = zmq.Context()
     sock = ipc.make_socket(ctx, zmq.DEALER, pool_address, bind=False,
                            identity=ipc.worker_identity(worker_id))

@@ -1,4 +1,5 @@
-"""torchrun: two ranks on this machine form one engine, serve, and stop together.
+"""torchrun: two ranks on this machine form one engine, serve, and stop together; as two
+data-parallel workers, and as one worker split over both ranks (tensor parallel).
 
 ``NPROC=2 launch/torchrun.sh`` (``torchrun --standalone --nproc-per-node 2 -m
 engine.torchrun``): rank 0 runs the
@@ -62,17 +63,48 @@ def test_two_ranks_serve_together_and_stop_on_sigterm() -> None:
         assert busy_both, "the two requests never ran on both ranks at once"
         assert len(outs) == 2 and all(outs.values()), outs
         assert wait_idle(port, [NUM_BLOCKS, NUM_BLOCKS]) == [NUM_BLOCKS, NUM_BLOCKS]
-        proc.send_signal(signal.SIGTERM)  # what a job scheduler does to torchrun
-        proc.wait(timeout=60)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("processes of the torchrun session outlived it")
+        _stop_and_check_gone(proc)
+
+
+def _stop_and_check_gone(proc) -> None:
+    proc.send_signal(signal.SIGTERM)  # what a job scheduler does to torchrun
+    proc.wait(timeout=60)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail("processes of the torchrun session outlived it")
+
+
+def test_tensor_parallel_group_generates_what_one_process_does() -> None:
+    """Two ranks, ``-tp 2``: one worker whose model is split over both ranks (heads and MLP
+    features; the pool sees one worker). Greedy completions equal the unsharded model's in
+    this process, streamed and not."""
+    from engine import LLM, SamplingParams
+
+    prompts = ["Once upon a time", "def main():\n    ", "The list of files"]
+    llm = LLM(num_kv_blocks=64)
+    want = [o.text for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24,
+                                                                 ignore_eos=True))]
+    with launched("-tp", "2", "--num-kv-blocks", str(NUM_BLOCKS),
+                  command=("bash", str(REPO / "launch" / "torchrun.sh")),
+                  env={"NPROC": "2", "PYTHON": sys.executable}) as (proc, port):
+        assert free_blocks(port) == [NUM_BLOCKS], "one worker: the group of both ranks"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{proc.http_port}/v1", api_key="x",
+                               max_retries=0, timeout=120)
+        got = client.completions.create(model="default", prompt=prompts, max_tokens=24,
+                                        temperature=0.0, extra_body={"ignore_eos": True})
+        assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
+        streamed = "".join(
+            c.choices[0].text for c in client.completions.create(
+                model="default", prompt=prompts[0], max_tokens=24, temperature=0.0,
+                stream=True, extra_body={"ignore_eos": True}) if c.choices)
+        assert streamed == want[0]
+        assert wait_idle(port, [NUM_BLOCKS]) == [NUM_BLOCKS]
+        _stop_and_check_gone(proc)
 
 
 def test_flag_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,11 +115,16 @@ def test_flag_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert torchrun.main(["--workers", "3"]) == 2
-    assert "--workers: under torchrun every rank is a worker" in capsys.readouterr().err
+    assert "--workers: under torchrun it is the world size" in capsys.readouterr().err
+    assert torchrun.main(["-tp", "3"]) == 2
+    assert "--tensor-parallel-size: the world size (2) must be a multiple" in \
+        capsys.readouterr().err
     model = str(default_model_dir())
     assert torchrun.main(["--model", model, "--model", model, "--served-model-name", "a",
                           "--served-model-name", "b"]) == 2
     assert "--model: torchrun serves one model" in capsys.readouterr().err
     cfg = torchrun.torchrun_config(["--workers", "2"], world_size=2, local_world_size=2)
-    assert cfg.worker.num_workers == 2 and cfg.launch.num_local_workers == 1
+    assert cfg.worker.num_workers == 2 and cfg.launch.num_local_workers == 0
     assert cfg.launch.listen_host == "0.0.0.0"
+    cfg = torchrun.torchrun_config(["-tp", "2"], world_size=4, local_world_size=4)
+    assert cfg.worker.num_workers == 2 and cfg.worker.tensor_parallel_size == 2

@@ -157,6 +157,8 @@ class EngineConfig:
             _check(w.num_threads >= 1, "--num-threads", f"must be >= 1, got {w.num_threads}")
         _check(w.tensor_parallel_size >= 1, "--tensor-parallel-size",
                f"must be >= 1, got {w.tensor_parallel_size}")
+        _check(w.tensor_parallel_size == 1 or w.runner == "native", "--tensor-parallel-size",
+               "only the native runner splits a model over ranks so far")
         _check(w.cuda_graph_max_batch >= 1, "--cuda-graph-max-batch",
                f"must be >= 1, got {w.cuda_graph_max_batch}")
         f = self.frontend

@@ -46,6 +46,7 @@ class Child:
     pool_index: int = -1
     worker_id: int = -1
     incarnation: int = 0
+    tp_rank: int = 0  # a worker's rank in its tensor-parallel group (0: the leader)
 
     @property
     def is_worker(self) -> bool:
@@ -127,9 +128,13 @@ class Launcher:
         return child
 
     def _start_worker(self, pool_index: int, worker_id: int, incarnation: int) -> None:
-        self._spawn(f"worker-{pool_index}-{worker_id}", run_worker,
-                    (self.cfg, pool_index, worker_id, incarnation, self.run_dir),
-                    pool_index=pool_index, worker_id=worker_id, incarnation=incarnation)
+        """One worker: one process, or one per rank of its tensor-parallel group."""
+        for rank in range(self.cfg.worker.tensor_parallel_size):
+            name = f"worker-{pool_index}-{worker_id}" + (f"-tp{rank}" if rank else "")
+            self._spawn(name, run_worker,
+                        (self.cfg, pool_index, worker_id, incarnation, self.run_dir, rank),
+                        pool_index=pool_index, worker_id=worker_id, incarnation=incarnation,
+                        tp_rank=rank)
 
     def _wait_ready(self) -> None:
         pending = set(self.children) | set(self.remote_workers)
@@ -188,6 +193,14 @@ class Launcher:
         log.warning("%s exited with code %s; restarting it", child.name, code)
         self.pool_controls[child.pool_index].send(ipc.encode(
             m.WorkerDied(worker_id=child.worker_id, incarnation=child.incarnation)))
+        # The rest of its tensor-parallel group cannot go on without it (they may be blocked
+        # in a collective, deaf to SIGTERM): the group restarts as one.
+        for other in [c for c in self.children.values() if c is not child and c.is_worker
+                      and (c.pool_index, c.worker_id) == (child.pool_index, child.worker_id)]:
+            other.proc.kill()
+            other.proc.join()
+            other.proc.close()
+            del self.children[other.name]
         child.proc.close()
         self._start_worker(child.pool_index, child.worker_id, child.incarnation + 1)
 
@@ -225,9 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model in cfg.models:
             load_model_info(model)
         get_policy(cfg.scheduler.policy)
-        if cfg.worker.tensor_parallel_size > 1:
-            raise ConfigError("--tensor-parallel-size: ranks of a tensor-parallel group are "
-                              "started by torchrun: launch/torchrun.sh")
     except (ConfigError, ValueError) as e:
         print(f"python -m engine.launch: error: {e}", file=sys.stderr)
         return 2

@@ -128,8 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(control) or 1 if rank == 0 else 1
     if control is not None:
         _watch(control)
-    from engine.worker.process import serve_worker
+    from engine.process import init_process
+    from engine.worker.process import serve_worker, worker_name
 
+    init_process(f"engine-{worker_name(0, rank // size, rank % size)}", cfg.launch.log_level)
     try:
         serve_worker(cfg, 0, rank // size, 0, pool_address=addresses["pool"],
                      launcher=addresses["launcher"], device=f"cuda:{local_rank}" if use_cuda else None,

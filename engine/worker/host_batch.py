@@ -19,6 +19,8 @@ import torch
 from engine.models.parallel import TensorParallel
 
 _STOP, _BATCH = 0, 1
+
+
 _HEADER = 5  # kind, tokens, sequences, block-table width, logits rows
 
 

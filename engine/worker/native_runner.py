@@ -35,7 +35,7 @@ from engine.models.parallel import TensorParallel
 from engine.worker.cuda_graphs import DecodeGraphs
 from engine.worker.host_batch import HostBatch, tp_recv, tp_send
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
-from engine.worker.runner import ModelRunner
+from engine.worker.runner import GroupError, ModelRunner
 from engine.worker.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,13 @@ class NativeRunner(ModelRunner):
 
     def _forward(self, b: HostBatch) -> torch.Tensor:
         """Float32 logits of the batch's sampling rows."""
-        if self.tp is not None:
+        if self.tp is None:
+            return self._forward_local(b)
+        try:
             tp_send(self.tp, b)
-        return self._forward_local(b)
+            return self._forward_local(b)
+        except Exception as e:
+            raise GroupError(f"tensor-parallel step failed: {e}") from e
 
     def _forward_local(self, b: HostBatch) -> torch.Tensor:
         graphs = self.graphs

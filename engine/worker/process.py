@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -16,12 +17,16 @@ import zmq
 from engine import ipc
 from engine import messages as m
 from engine.config import EngineConfig
-from engine.worker.runner import ModelRunner
+from engine.worker.runner import GroupError, ModelRunner
 
 if TYPE_CHECKING:
     from engine.models.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
+
+#: A tensor-parallel group's other ranks wait in a collective for their leader's next step
+#: however long the engine stays idle.
+TP_TIMEOUT = timedelta(days=365)
 
 
 def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int) -> None:
@@ -32,6 +37,10 @@ def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int) -> None:
                 start = time.perf_counter()
                 try:
                     result = runner.step(msg)
+                except GroupError:
+                    log.exception("step %d broke the tensor-parallel group; exiting so the "
+                                  "group restarts", msg.step_id)
+                    raise
                 except Exception as e:
                     log.exception("step %d failed", msg.step_id)
                     sock.send(ipc.encode(m.WorkerError(step_id=msg.step_id, worker_id=worker_id,
@@ -44,11 +53,45 @@ def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int) -> None:
 
 
 def run_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int,
-               run_dir: str) -> None:
-    """Process entry point of one worker of one pool, started by the launcher."""
+               run_dir: str, tp_rank: int = 0) -> None:
+    """Process entry point of one worker of one pool (or of rank ``tp_rank`` of its
+    tensor-parallel group), started by the launcher."""
+    from engine.process import init_process
+
+    name = worker_name(pool_index, worker_id, tp_rank)
+    init_process(f"engine-{name}", cfg.launch.log_level)
+    size = cfg.worker.tensor_parallel_size
+    device = local_device(cfg, (pool_index * cfg.worker.num_workers + worker_id) * size + tp_rank)
+    tp = None
+    if size > 1:
+        # The group meets through a file in the run directory, new for each incarnation.
+        import torch.distributed as dist
+
+        from engine.models.parallel import TensorParallel
+
+        store = f"file://{run_dir}/tp-{pool_index}-{worker_id}-{incarnation}"
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device else "gloo", init_method=store,
+                                rank=tp_rank, world_size=size, timeout=TP_TIMEOUT)
+        tp = TensorParallel(rank=tp_rank, size=size, group=dist.group.WORLD)
     serve_worker(cfg, pool_index, worker_id, incarnation,
                  pool_address=ipc.pool_addresses(run_dir, pool_index).workers,
-                 launcher=run_dir)
+                 launcher=run_dir, device=device, tp=tp)
+
+
+def worker_name(pool_index: int, worker_id: int, tp_rank: int = 0) -> str:
+    return f"worker-{pool_index}-{worker_id}" + (f"-tp{tp_rank}" if tp_rank else "")
+
+
+def local_device(cfg: EngineConfig, index: int) -> str | None:
+    """The GPU of this machine's ``index``-th worker process (round robin over the GPUs),
+    or None for the CPU / ``--device``'s default."""
+    if cfg.worker.device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return f"cuda:{index % torch.cuda.device_count()}"
 
 
 def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int, *,
@@ -58,14 +101,12 @@ def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation
     launcher: its run directory, or its ``tcp://`` address from another node), then serve
     plans until the pool says stop. ``device`` overrides ``--device`` (a torchrun rank's
     own GPU). With ``tp``, rank 0 of the group does all that and the other ranks only run
-    the forward passes it sends them (``NativeRunner.follow``)."""
-    from engine.process import fail_start, init_process
+    the forward passes it sends them (``NativeRunner.follow``). The caller has set the
+    process up (``engine.process.init_process``) and, with ``tp``, its process group."""
+    from engine.process import fail_start
     from engine.worker.factory import make_runner
 
-    name = f"worker-{pool_index}-{worker_id}"
-    if tp is not None and tp.rank > 0:
-        name += f"-tp{tp.rank}"
-    init_process(f"engine-{name}", cfg.launch.log_level)
+    name = worker_name(pool_index, worker_id, tp.rank if tp is not None else 0)
     try:
         runner = make_runner(cfg.models[pool_index], cfg.cache, cfg.worker, device=device, tp=tp)
     except Exception as e:
@@ -73,6 +114,7 @@ def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation
         ipc.notify_launcher(launcher, m.ProcessFailed(name=name, message=repr(e)))
         raise fail_start() from e
     if tp is not None and tp.rank > 0:
+        ipc.notify_launcher(launcher, m.ProcessReady(name=name))
         log.info("%s ready: following rank 0 of its tensor-parallel group", name)
         try:
             runner.follow()  # type: ignore[attr-defined]

@@ -31,3 +31,10 @@ class ModelRunner(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory; the runner is not used afterwards."""
+
+
+class GroupError(RuntimeError):
+    """A tensor-parallel step failed once its batch had gone to the group (a rank died, a
+    collective broke): the ranks are out of step, so the group must restart as one. The
+    worker process exits on it; the launcher restarts the group and the pool recomputes the
+    worker's requests, as for any dead worker."""

@@ -88,12 +88,14 @@ def wait_idle(port: int, expected: list[int], timeout: float = 20.0) -> list[int
 
 
 def assert_ctrl_c_leaves_nothing(proc: subprocess.Popen, num_workers: int = 2,
-                                 timeout: float = 30.0) -> None:
-    """SIGINT to the process group (what Ctrl-C does): the launcher exits 0, no child lives."""
+                                 timeout: float = 30.0,
+                                 worker_names: list[str] | None = None) -> None:
+    """SIGINT to the process group (what Ctrl-C does): the launcher exits 0, no child lives.
+    ``worker_names``: the worker processes expected (default ``num_workers`` of pool 0)."""
     rows = children(proc.pid)
     names = sorted(args for _, args in rows if args.startswith("engine-"))
-    assert names == ["engine-frontend", "engine-pool-0",
-                     *(f"engine-worker-0-{w}" for w in range(num_workers))]
+    workers = worker_names or [f"engine-worker-0-{w}" for w in range(num_workers)]
+    assert names == ["engine-frontend", "engine-pool-0", *workers]
     pids = [pid for pid, _ in rows]  # with multiprocessing's resource tracker
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=timeout) == 0

@@ -1,0 +1,75 @@
+"""``python -m engine.launch -tp 2``: one worker split over two processes on this machine.
+
+Greedy completions equal the unsharded model's; killing the group's second rank mid-stream
+restarts the whole group (the leader cannot go on alone) and every stream still completes
+with the same text; no KV block leaks; Ctrl-C leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import openai
+import pytest
+from e2e.engine_proc import (
+    assert_ctrl_c_leaves_nothing,
+    free_blocks,
+    launched,
+    wait_idle,
+    worker_pids,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+NUM_BLOCKS = 64
+PROMPTS = ["Once upon a time", "def main():\n    ", "The list of files"]
+MAX_TOKENS = 160
+
+
+def _complete(base: str, prompt: str, stream: bool) -> str:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+    kw = dict(model="default", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+              extra_body={"ignore_eos": True})
+    if not stream:
+        return client.completions.create(**kw).choices[0].text
+    return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw)
+                   if c.choices)
+
+
+def test_tensor_parallel_worker_serves_restarts_and_stops() -> None:
+    from engine import LLM, SamplingParams
+
+    want = [o.text for o in LLM(num_kv_blocks=64).generate(
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))]
+    with launched("-tp", "2", "--num-kv-blocks", str(NUM_BLOCKS), "--num-threads", "1") as (
+            proc, port):
+        assert free_blocks(port) == [NUM_BLOCKS], "one worker: the group of two processes"
+        base = f"http://127.0.0.1:{proc.http_port}"
+        assert [_complete(base, p, stream=False) for p in PROMPTS] == want
+
+        before = worker_pids(proc.pid)
+        assert sorted(before) == ["engine-worker-0-0", "engine-worker-0-0-tp1"]
+        got: dict[str, str] = {}
+        threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, _complete(base, p, True)))
+                   for p in PROMPTS]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert all(t.is_alive() for t in threads), "the streams ended before the kill"
+        os.kill(before["engine-worker-0-0-tp1"], signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=180)
+        assert [got.get(p) for p in PROMPTS] == want, "a stream lost or changed by the restart"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            after = worker_pids(proc.pid)
+            if sorted(after) == sorted(before) and all(after[n] != before[n] for n in before):
+                break
+            time.sleep(0.2)
+        assert sorted(after) == sorted(before)
+        assert all(after[n] != before[n] for n in before), "the group was not restarted whole"
+        assert wait_idle(port, [NUM_BLOCKS], timeout=60) == [NUM_BLOCKS]
+        assert_ctrl_c_leaves_nothing(proc, worker_names=sorted(before))

@@ -65,7 +65,11 @@ def run_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: 
     tp = None
     if size > 1:
         # The group meets through a file in the run directory, new for each incarnation.
+        import torch
         import torch.distributed as dist
+
+        if device is not None:
+            torch.cuda.set_device(device)  # NCCL works on the current device
 
         from engine.models.parallel import TensorParallel
 

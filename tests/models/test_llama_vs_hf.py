@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from models.paged import ragged_logits
 
-from engine.models.layers import AttentionMetadata
-from engine.models.llama import LlamaForCausalLM
 from engine.models.loader import load_model, read_config
 
 transformers = pytest.importorskip("transformers")
@@ -47,37 +46,6 @@ def save_random_model(kind: str, path: Path, seed: int = 0, **save_kw: object) -
     return path
 
 
-def native_logits(model: LlamaForCausalLM, prompts: list[list[int]], block_size: int = 4) -> list[torch.Tensor]:
-    """All-position logits of ``prompts`` run as one ragged prefill through shuffled blocks."""
-    cfg = model.cfg
-    blocks = [-(-len(p) // block_size) for p in prompts]
-    num_blocks = sum(blocks) + 1
-    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
-              for _ in range(cfg.num_layers)]
-    tables = torch.zeros(len(prompts), max(blocks), dtype=torch.int32)
-    slots, positions = [], []
-    for i, p in enumerate(prompts):
-        ids = [perm.pop() for _ in range(blocks[i])]
-        tables[i, : len(ids)] = torch.tensor(ids)
-        pos = torch.arange(len(p))
-        positions.append(pos)
-        slots.append(torch.tensor(ids)[pos // block_size] * block_size + pos % block_size)
-    lens = [len(p) for p in prompts]
-    meta = AttentionMetadata(
-        slot_mapping=torch.cat(slots),
-        query_start_loc=torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32),
-        seq_lens=torch.tensor(lens, dtype=torch.int32),
-        block_tables=tables,
-    )
-    n = sum(lens)
-    with torch.inference_mode():
-        logits = model(torch.tensor([t for p in prompts for t in p]), torch.cat(positions), meta,
-                       caches, torch.arange(n))
-    return list(logits.split(lens))
-
-
 def hf_logits(path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.inference_mode():
@@ -91,7 +59,7 @@ PROMPTS = [[5, 9, 2, 33, 71, 8, 1, 0, 64], [3], list(range(40, 90)), [96, 95, 94
 def test_logits_match_hf(kind: str, tmp_path: Path) -> None:
     path = save_random_model(kind, tmp_path / kind)
     model = load_model(path, dtype=torch.float32)
-    got = native_logits(model, PROMPTS)
+    got = ragged_logits(model, PROMPTS)
     want = hf_logits(path, PROMPTS)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
@@ -110,7 +78,7 @@ def test_sharded_checkpoint_and_legacy_config(tmp_path: Path) -> None:
     cfg["rope_scaling"] = rope
     (path / "config.json").write_text(json.dumps(cfg))
     assert read_config(path).rope_scaling == {**rope}
-    got = native_logits(load_model(path, dtype=torch.float32), PROMPTS[:2])
+    got = ragged_logits(load_model(path, dtype=torch.float32), PROMPTS[:2])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
 
@@ -122,7 +90,7 @@ def test_low_precision_dtypes(dtype: torch.dtype, tmp_path: Path) -> None:
     want = hf_logits(path, PROMPTS[:1])[0]
     model = load_model(path, dtype=dtype)
     assert all(p.dtype == dtype for p in model.parameters())
-    got = native_logits(model, PROMPTS[:1])[0]
+    got = ragged_logits(model, PROMPTS[:1])[0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
 

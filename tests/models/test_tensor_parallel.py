@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from models.paged import ragged_logits
 
-from engine.models.layers import AttentionMetadata
-from engine.models.llama import LlamaConfig, LlamaForCausalLM
+from engine.models.llama import LlamaConfig
 from engine.models.loader import load_model, read_config
 from engine.models.parallel import TensorParallel, shard_config
 
@@ -25,39 +25,6 @@ from engine.models.parallel import TensorParallel, shard_config
 KINDS = ["llama", "llama-bias", "qwen2-tied", "qwen3"]
 PROMPTS = [[5, 9, 2, 33, 71, 8, 1, 0, 64], [3], list(range(40, 90)), [96, 95, 94, 4, 4, 4, 4]]
 MISSING = "model.layers.1.mlp.up_proj.weight"
-
-
-def ragged_logits(model: LlamaForCausalLM, prompts: list[list[int]], block_size: int = 4) -> list[torch.Tensor]:
-    """All-position logits of ``prompts`` as one ragged prefill through shuffled KV blocks,
-    the cache sized from ``model.cfg`` (this rank's KV heads). Same as
-    ``test_llama_vs_hf.native_logits``, which ranks do not import: it would import
-    transformers in each spawned process."""
-    cfg = model.cfg
-    blocks = [-(-len(p) // block_size) for p in prompts]
-    num_blocks = sum(blocks) + 1
-    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
-              for _ in range(cfg.num_layers)]
-    tables = torch.zeros(len(prompts), max(blocks), dtype=torch.int32)
-    slots, positions = [], []
-    for i, p in enumerate(prompts):
-        ids = torch.tensor([perm.pop() for _ in range(blocks[i])])
-        tables[i, : len(ids)] = ids
-        pos = torch.arange(len(p))
-        positions.append(pos)
-        slots.append(ids[pos // block_size] * block_size + pos % block_size)
-    lens = [len(p) for p in prompts]
-    meta = AttentionMetadata(
-        slot_mapping=torch.cat(slots),
-        query_start_loc=torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32),
-        seq_lens=torch.tensor(lens, dtype=torch.int32),
-        block_tables=tables,
-    )
-    with torch.inference_mode():
-        logits = model(torch.tensor([t for p in prompts for t in p]), torch.cat(positions), meta,
-                       caches, torch.arange(sum(lens)))
-    return list(logits.split(lens))
 
 
 @pytest.fixture(scope="module")

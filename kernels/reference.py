@@ -19,6 +19,8 @@ No argument checking here: the public wrappers in ``kernels/__init__.py`` do it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -61,25 +63,65 @@ def paged_attention_ref(
     sequence with ``seq_len == 0`` (a padding row of a CUDA-graph batch) outputs zeros.
     """
     out = torch.empty_like(query)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1 and lens[i] > 0]
-    if len(decodes) > 1:
-        _decode_batch(out, query, k_cache, v_cache, starts, lens, block_tables, decodes, scale)
-        done = set(decodes)
-    else:
-        done = set()
-    for i, seq_len in enumerate(lens):
+    plan = _attention_plan(query_start_loc, seq_lens, block_tables, k_cache.shape[1])
+    for bucket in plan.buckets:
+        _decode_bucket(out, query, k_cache, v_cache, bucket, scale)
+    starts, lens = plan.starts, plan.lens
+    for i in plan.others:
         q_start, q_end = starts[i], starts[i + 1]
-        if i in done or q_end == q_start:
-            continue
-        if seq_len == 0:
+        if lens[i] == 0:
             out[q_start:q_end] = 0
             continue
         out[q_start:q_end] = _one_sequence(
-            query[q_start:q_end], k_cache, v_cache, block_tables[i], seq_len, scale
+            query[q_start:q_end], k_cache, v_cache, block_tables[i], lens[i], scale
         )
     return out
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Decodes of similar context length, attended in one SDPA call."""
+
+    rows: torch.Tensor  # their query rows
+    slots: torch.Tensor  # [n * max_len] the cache slot of every (sequence, position)
+    valid: torch.Tensor  # [n, max_len] which positions are context, not padding
+
+
+@dataclass(frozen=True)
+class _Plan:
+    starts: list[int]
+    lens: list[int]
+    buckets: list[_Bucket]
+    others: list[int]  # sequences attended one by one (prefills, extends, lone decodes)
+
+
+#: The last plan and copies of what it was made from: every layer of a forward pass attends
+#: over the same metadata, so the host reads and the index arithmetic are done once per step.
+#: A plan depends only on the metadata's values, so comparing values is a complete check.
+_last_plan: tuple[tuple[torch.Tensor, ...], int, _Plan] | None = None
+
+
+def _attention_plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                    block_tables: torch.Tensor, block_size: int) -> _Plan:
+    global _last_plan
+    key = (query_start_loc, seq_lens, block_tables)
+    if _last_plan is not None and _last_plan[1] == block_size and all(
+            a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+            for a, b in zip(_last_plan[0], key, strict=True)):
+        return _last_plan[2]
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1 and lens[i] > 0]
+    buckets: list[_Bucket] = []
+    bucketed: set[int] = set()
+    for group in _decode_buckets(decodes, lens) if len(decodes) > 1 else []:
+        if len(group) > 1:
+            buckets.append(_make_bucket(group, starts, lens, block_tables, block_size))
+            bucketed.update(group)
+    others = [i for i in range(len(lens)) if i not in bucketed and starts[i + 1] > starts[i]]
+    plan = _Plan(starts, lens, buckets, others)
+    _last_plan = (tuple(t.clone() for t in key), block_size, plan)
+    return plan
 
 
 def _gather_context(
@@ -141,33 +183,21 @@ def _decode_buckets(decodes: list[int], lens: list[int]) -> list[list[int]]:
     return buckets
 
 
-def _decode_batch(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    starts: list[int],
-    lens: list[int],
-    block_tables: torch.Tensor,
-    decodes: list[int],
-    scale: float,
-) -> None:
-    """Single-token sequences in a few SDPA calls, one per bucket of similar context lengths.
-
-    On CPU a decode step is dominated by per-call overhead and memory traffic, not FLOPs: one
-    gather and one SDPA over ``[n, H, 1, L_max]`` per bucket replaces ``n`` small calls, and
-    bucketing by length keeps the padding (keys read for nothing) under 25% however mixed
-    the batch's lengths are.
-    """
-    for bucket in _decode_buckets(decodes, lens):
-        if len(bucket) == 1:
-            i = bucket[0]
-            out[starts[i]:starts[i] + 1] = _one_sequence(
-                query[starts[i]:starts[i] + 1], k_cache, v_cache, block_tables[i], lens[i],
-                scale)
-        else:
-            _decode_bucket(out, query, k_cache, v_cache, starts, lens, block_tables, bucket,
-                           scale)
+def _make_bucket(decodes: list[int], starts: list[int], lens: list[int],
+                 block_tables: torch.Tensor, block_size: int) -> _Bucket:
+    """Where a bucket's keys are. Every (sequence, position) gets a slot: a padding position
+    reads its sequence's last context slot again (written, so finite) and the mask gives it
+    weight 0. (Unused cache slots may hold NaN or inf, which a zero weight would still leak
+    into the sum, so padding never reads them.)"""
+    device = block_tables.device
+    ctx = torch.tensor([lens[i] for i in decodes], device=device)
+    pos = torch.arange(max(lens[i] for i in decodes), device=device)
+    valid = pos[None, :] < ctx[:, None]  # [n, L]
+    pos = torch.minimum(pos[None, :], ctx[:, None] - 1)
+    table = block_tables[torch.tensor(decodes, device=device)].long()
+    slots = table.gather(1, pos // block_size) * block_size + pos % block_size
+    rows = torch.tensor([starts[i] for i in decodes], device=device)
+    return _Bucket(rows=rows, slots=slots.flatten(), valid=valid)
 
 
 def _decode_bucket(
@@ -175,43 +205,32 @@ def _decode_bucket(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    starts: list[int],
-    lens: list[int],
-    block_tables: torch.Tensor,
-    decodes: list[int],
+    bucket: _Bucket,
     scale: float,
 ) -> None:
-    device = query.device
-    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    n = len(decodes)
-    ctx = torch.tensor([lens[i] for i in decodes], device=device)
-    max_len = max(lens[i] for i in decodes)
-    # The slot of every valid (sequence, position); only those are read from the cache, into
-    # zeroed padded buffers (stale NaN/inf in unused cache slots never enter: 0 * NaN would
-    # leak through the weighted sum).
-    pos = torch.arange(max_len, device=device)
-    valid = pos[None, :] < ctx[:, None]  # [n, L]
-    table = block_tables[torch.tensor(decodes, device=device)].long()
-    blocks = table.gather(1, (pos // block_size).expand(n, -1).clamp(max=table.shape[1] - 1))
-    slots = (blocks * block_size + pos % block_size)[valid]
-    dst = valid.flatten().nonzero().squeeze(1)
-    k = torch.zeros(n * max_len, num_kv_heads, head_dim, device=device, dtype=torch.float32)
-    v = torch.zeros_like(k)
-    k[dst] = k_cache.flatten(0, 1)[slots].float()
-    v[dst] = v_cache.flatten(0, 1)[slots].float()
+    """Single-token sequences of similar context lengths in one SDPA call.
+
+    On CPU a decode step is dominated by per-call overhead and memory traffic, not FLOPs: one
+    gather per cache and one SDPA over ``[n, H, 1, L_max]`` per bucket replaces ``n`` small
+    calls, and bucketing by length keeps the padding (keys read for nothing) under 25%
+    however mixed the batch's lengths are.
+    """
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    n, max_len = bucket.valid.shape
+    k = k_cache.flatten(0, 1).index_select(0, bucket.slots).float()
+    v = v_cache.flatten(0, 1).index_select(0, bucket.slots).float()
     k = k.view(n, max_len, num_kv_heads, head_dim)
     v = v.view(n, max_len, num_kv_heads, head_dim)
-    rows = torch.tensor([starts[i] for i in decodes], device=device)
     num_heads = query.shape[1]
     # GQA folded into the query length: query head h reads kv head h // group, so the group
     # of one kv head becomes `group` query rows against that head's keys. K/V stay
     # un-replicated (no repeat_interleave) and the fused kernel sees [n, Hkv, group, L].
-    q = query[rows].float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    q = query[bucket.rows].float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
     o = F.scaled_dot_product_attention(
         q,
         k.transpose(1, 2),  # [n, Hkv, L, D]
         v.transpose(1, 2),
-        attn_mask=valid[:, None, None, :],
+        attn_mask=bucket.valid[:, None, None, :],
         scale=scale,
     )
-    out[rows] = o.reshape(n, num_heads, head_dim).to(out.dtype)
+    out[bucket.rows] = o.reshape(n, num_heads, head_dim).to(out.dtype)

@@ -220,3 +220,24 @@ def test_reference_padding_rows_like_a_cuda_graph_batch(backend: str) -> None:
     written = torch.zeros(16, dtype=torch.bool)
     written[[2, 5]] = True
     assert not flat_k[~written].any() and not flat_v[~written].any()
+
+
+def test_reference_reuses_its_plan_only_for_the_same_metadata() -> None:
+    """The reference plans a step's decode buckets once and reuses the plan while the
+    metadata's values stay the same (every layer of a forward pass). Changing them in place,
+    as a static CUDA-graph buffer is changed between steps, must give a new plan."""
+    b = build_batch([(20, 1), (9, 1), (33, 1), (12, 1)], num_heads=4, num_kv_heads=2,
+                    head_dim=16, block_size=4, dtype=torch.float32, seed=5)
+    args = [b[k] for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens",
+                           "block_tables")]
+    first = paged_attention_ref(*args, 0.25)
+    assert torch.equal(paged_attention_ref(*args, 0.25), first)  # the plan reused
+    # Swap two sequences' contexts in place: same tensors, new values.
+    tables, lens = b["block_tables"], b["seq_lens"]
+    tables[[0, 1]] = tables[[1, 0]].clone()
+    lens[[0, 1]] = lens[[1, 0]].clone()
+    swapped = paged_attention_ref(*args, 0.25)
+    for row, ctx in ((0, 1), (1, 0)):
+        k, v = b["contexts"][ctx]
+        want = naive_attention(b["queries"][row], k, v, 0.25)
+        torch.testing.assert_close(swapped[row].double(), want[0], atol=1e-5, rtol=1e-5)

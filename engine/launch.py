@@ -32,6 +32,7 @@ from engine.frontend.process import run_frontend
 from engine.models.info import load_model_info
 from engine.pool.service import run_pool
 from engine.scheduler.policy import get_policy
+from engine.worker.factory import check_runner_config
 from engine.worker.process import run_worker
 
 log = logging.getLogger("engine.launch")
@@ -238,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model in cfg.models:
             load_model_info(model)
         get_policy(cfg.scheduler.policy)
+        check_runner_config(cfg.cache, cfg.worker)
     except (ConfigError, ValueError) as e:
         print(f"python -m engine.launch: error: {e}", file=sys.stderr)
         return 2

@@ -106,6 +106,11 @@ def test_cli_errors_exit_2_with_the_flag_named():
     res = subprocess.run([sys.executable, "-m", "engine.launch", "--policy", "nope"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--policy" in res.stderr
+    # Refused before any process starts (and before vLLM's slow import), when on CPU.
+    res = subprocess.run([sys.executable, "-m", "engine.launch", "--runner", "vllm",
+                          "--device", "cpu", "--block-size", "16"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--block-size: the vllm runner on CPU needs a multiple of 32" \
+        in res.stderr
 
 
 def test_kubernetes_manifest_flags_and_probes(tmp_path):

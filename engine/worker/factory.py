@@ -42,3 +42,26 @@ def make_runner(
 
         return VllmRunner(model_config, cache_config, worker_config, device=device)
     raise ConfigError(f"--runner: must be one of {RUNNERS}, got {runner!r}")
+
+
+#: vLLM's CPU attention kernel needs blocks of a multiple of this many tokens.
+VLLM_CPU_BLOCK_MULTIPLE = 32
+
+
+def check_runner_config(cache_config: CacheConfig, worker_config: WorkerConfig) -> None:
+    """What can be said about a runner's configuration before any worker starts (a vLLM
+    import alone takes seconds): raises ConfigError naming the flag."""
+    if worker_config.runner != "vllm":
+        return
+    device = worker_config.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and cache_config.block_size % VLLM_CPU_BLOCK_MULTIPLE:
+        raise ConfigError(
+            f"--block-size: the vllm runner on CPU needs a multiple of "
+            f"{VLLM_CPU_BLOCK_MULTIPLE} (vLLM's CPU attention kernel), got "
+            f"{cache_config.block_size}; use --block-size {VLLM_CPU_BLOCK_MULTIPLE}"
+        )
+

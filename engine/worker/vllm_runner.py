@@ -22,6 +22,7 @@ explicit (``kv_cache_memory_bytes``), so ``VLLM_CPU_KVCACHE_SPACE`` is not neede
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -30,13 +31,12 @@ from typing import Any
 from engine.config import CacheConfig, ConfigError, ModelConfig, WorkerConfig, default_num_threads
 from engine.messages import StepPlan, StepResult
 from engine.models.info import load_model_info
+from engine.worker.factory import check_runner_config
 from engine.worker.runner import ModelRunner
 from engine.worker.vllm_plan import PlanTranslator, check_vllm_version
 
 log = logging.getLogger(__name__)
 
-#: vLLM's CPU attention (CPU_ATTN) only runs blocks of a multiple of this many tokens.
-CPU_BLOCK_MULTIPLE = 32
 #: vLLM sizes its persistent buffers by these; our scheduler's per-step limits are not
 #: passed to runners, so the defaults are generous and each plan is checked against them.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
@@ -82,6 +82,8 @@ class VllmRunner(ModelRunner):
         from engine.worker.native_runner import resolve_device
 
         self.device = resolve_device(device if device is not None else worker_config.device)
+        # Before importing vLLM (seconds): what can be refused without it.
+        check_runner_config(cache_config, dataclasses.replace(worker_config, device=self.device.type))
         from vllm.platforms import current_platform
 
         if self.device.type == "cpu" and not current_platform.is_cpu():
@@ -92,12 +94,6 @@ class VllmRunner(ModelRunner):
         self.info = load_model_info(model_config)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.block_size = cache_config.block_size
-        if self.device.type == "cpu" and self.block_size % CPU_BLOCK_MULTIPLE:
-            raise ConfigError(
-                f"--block-size: the vllm runner on CPU needs a multiple of "
-                f"{CPU_BLOCK_MULTIPLE} (vLLM's CPU attention kernel), got {self.block_size}; "
-                f"use --block-size {CPU_BLOCK_MULTIPLE}"
-            )
         per_block = self.info.kv_bytes_per_block(self.block_size, self.dtype.itemsize)
         if cache_config.num_blocks is not None:
             num_blocks = cache_config.num_blocks

@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         for model in cfg.models:
-            load_model_info(model)
+            load_model_info(model).check_tensor_parallel(cfg.worker.tensor_parallel_size)
         get_policy(cfg.scheduler.policy)
         check_runner_config(cfg.cache, cfg.worker)
     except (ConfigError, ValueError) as e:

@@ -84,7 +84,7 @@ def torchrun_config(argv: Sequence[str] | None, world_size: int,
     if cfg.worker.num_workers not in (1, workers):
         raise ConfigError(f"--workers: under torchrun it is the world size over "
                           f"--tensor-parallel-size ({workers}), got {cfg.worker.num_workers}")
-    load_model_info(cfg.models[0])
+    load_model_info(cfg.models[0]).check_tensor_parallel(tp)
     get_policy(cfg.scheduler.policy)
     threads = cfg.worker.num_threads or max(1, (os.cpu_count() or 1) // local_world_size)
     return replace(cfg, worker={"num_workers": workers, "num_threads": threads},

@@ -34,6 +34,8 @@ def test_defaults_serve_the_embedded_model_on_localhost():
     (["--max-request-bytes", "10"], "--max-request-bytes"),
     (["--api-key-file", "/no/such/file"], "--api-key-file"),
     (["--cuda-graph-max-batch", "0"], "--cuda-graph-max-batch"),
+    (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+    (["--runner", "vllm", "-tp", "2"], "--tensor-parallel-size"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=flag):
@@ -106,6 +108,9 @@ def test_cli_errors_exit_2_with_the_flag_named():
     res = subprocess.run([sys.executable, "-m", "engine.launch", "--policy", "nope"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--policy" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "engine.launch", "-tp", "3"],
+                         capture_output=True, text=True)  # the default model: 4 heads
+    assert res.returncode == 2 and "--tensor-parallel-size: 3 does not divide" in res.stderr
     # Refused before any process starts (and before vLLM's slow import), when on CPU.
     res = subprocess.run([sys.executable, "-m", "engine.launch", "--runner", "vllm",
                           "--device", "cpu", "--block-size", "16"], capture_output=True, text=True)

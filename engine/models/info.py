@@ -21,6 +21,18 @@ class ModelInfo:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    num_heads: int = 0
+    intermediate_size: int = 0
+
+    def check_tensor_parallel(self, size: int) -> None:
+        """Refuse a tensor-parallel size that does not split the heads and the MLP evenly
+        (before any worker starts), naming the flag."""
+        bad = [f"{what} ({n})" for what, n in (
+            ("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
+            ("intermediate_size", self.intermediate_size)) if n % size]
+        if bad:
+            raise ConfigError(f"--tensor-parallel-size: {size} does not divide the model's "
+                              f"{' and '.join(bad)}")
 
     def kv_bytes_per_block(self, block_size: int, dtype_bytes: int) -> int:
         """Keys and values of ``block_size`` tokens across every layer."""
@@ -69,4 +81,6 @@ def load_model_info(cfg: ModelConfig) -> ModelInfo:
         num_layers=int(hf["num_hidden_layers"]),
         num_kv_heads=int(hf.get("num_key_value_heads", num_heads)),
         head_dim=int(hf.get("head_dim") or hf["hidden_size"] // num_heads),
+        num_heads=num_heads,
+        intermediate_size=int(hf.get("intermediate_size", 0)),
     )

@@ -175,6 +175,10 @@ class Launcher:
             for msg in self._recv(timeout_ms=200):
                 if isinstance(msg, m.ProcessReady):
                     log.info("%s ready", msg.name)
+                elif isinstance(msg, m.WorkerDied):  # a torchrun rank restarts its worker
+                    log.warning("worker %d (incarnation %d) on another rank died; its "
+                                "requests are recomputed", msg.worker_id, msg.incarnation)
+                    self.pool_controls[0].send(ipc.encode(msg))
             for child in list(self.children.values()):
                 code = child.proc.exitcode
                 if code is None:

@@ -12,7 +12,7 @@ Channels (see docs/architecture.md):
     pool      -> worker    PoolToWorker     StepPlan | Shutdown
     worker    -> pool      WorkerToPool     WorkerReady | StepResult | WorkerError
     launcher  -> pool      LauncherToPool   WorkerDied | Shutdown
-    any       -> launcher  ToLauncher       ProcessReady | ProcessFailed
+    any       -> launcher  ToLauncher       ProcessReady | ProcessFailed | WorkerDied (torchrun)
 
 Workers are stateful, like vLLM's: a request's tokens and sampling parameters reach a worker
 once (``NewRequestData``); afterwards each ``StepPlan`` carries only deltas
@@ -241,7 +241,9 @@ class WorkerError(_Msg, tag=True):
 
 
 class WorkerDied(_Msg, tag=True):
-    """The launcher saw this incarnation of a worker exit; a new one is being started."""
+    """This incarnation of a worker exited; a new one is being started. From the launcher to
+    the pool; under torchrun, from the rank that restarts it to the launcher, which passes
+    it on."""
 
     worker_id: int
     incarnation: int = 0
@@ -266,4 +268,4 @@ PoolToFrontend: TypeAlias = PoolOutputs
 PoolToWorker: TypeAlias = StepPlan | Shutdown
 WorkerToPool: TypeAlias = WorkerReady | StepResult | WorkerError
 LauncherToPool: TypeAlias = WorkerDied | Shutdown
-ToLauncher: TypeAlias = ProcessReady | ProcessFailed
+ToLauncher: TypeAlias = ProcessReady | ProcessFailed | WorkerDied

@@ -22,10 +22,12 @@ ordinary workers: it places requests across all of them and owns every block tab
   error); one ``--model`` per launch.
 - Rank 0's address, as the other ranks dial it: ``ENGINE_ADVERTISE_HOST`` if set, else
   ``MASTER_ADDR`` (which torchrun sets to rank 0's host).
-- Lifecycle follows torchrun's: the ranks live and die together. Ctrl-C or SIGTERM stops the
-  control plane, its pool tells every worker to stop, each leader tells its group, and
-  every rank exits. A rank that dies makes torchrun stop the rest (or restart them all, with
-  ``--max-restarts``).
+- Ctrl-C or SIGTERM stops the control plane, its pool tells every worker to stop, each
+  leader tells its group, and every rank exits.
+- Without tensor parallelism a rank runs its worker in a child that it restarts if it dies
+  (telling the launcher, so the pool recomputes the worker's requests): no request is lost.
+  A tensor-parallel rank runs its shard in its own process, and its group follows
+  torchrun's gang semantics (one dies, torchrun stops or restarts them all).
 """
 
 from __future__ import annotations
@@ -106,11 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine.models.parallel import TensorParallel
 
     use_cuda = cfg.worker.device in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
+    device = f"cuda:{local_rank}" if use_cuda else None
+    size = cfg.worker.tensor_parallel_size
+    if use_cuda and size > 1:
         torch.cuda.set_device(local_rank)
     # CPU tensors (addresses, each step's batch) go over gloo; GPU all-reduces over NCCL.
-    dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=IDLE_TIMEOUT)
-    size = cfg.worker.tensor_parallel_size
+    dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda and size > 1 else "gloo",
+                            timeout=IDLE_TIMEOUT)
     tp = None
     if size > 1:
         for first in range(0, world, size):  # every rank creates every group, in order
@@ -126,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     addresses: dict[str, str] | None = box[0]
     if addresses is None:  # the control plane failed to start (it said why)
         return _exit_code(control) or 1 if rank == 0 else 1
+    if size == 1:
+        dist.destroy_process_group()
+        return _supervise_rank(cfg, rank, device, addresses, control)
+    # A tensor-parallel rank runs its shard in this process: the group is torchrun's gang.
     if control is not None:
         _watch(control)
     from engine.process import init_process
@@ -134,12 +142,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_process(f"engine-{worker_name(0, rank // size, rank % size)}", cfg.launch.log_level)
     try:
         serve_worker(cfg, 0, rank // size, 0, pool_address=addresses["pool"],
-                     launcher=addresses["launcher"], device=f"cuda:{local_rank}" if use_cuda else None,
-                     tp=tp)
+                     launcher=addresses["launcher"], device=device, tp=tp)
     finally:
         if control is not None:
             _stop(control)
     return _exit_code(control) if control is not None else 0
+
+
+# --------------------------------------------------------------------------- a worker rank
+
+
+def _supervise_rank(cfg: EngineConfig, rank: int, device: str | None,
+                    addresses: dict[str, str], control: BaseProcess | None) -> int:
+    """A data-parallel rank: its worker runs in a child that this process restarts when it
+    dies, as the launcher restarts the workers it starts. The launcher hears of each death
+    (``WorkerDied``, over TCP) and has the pool recompute the worker's requests elsewhere,
+    so a dead worker loses no request here either. Returns when the pool stops the worker
+    (exit 0), on SIGTERM, or when the control plane (rank 0) ends."""
+    from engine import ipc
+    from engine import messages as m
+    from engine.process import die_with_parent
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the control plane
+    die_with_parent()
+    ctx = mp.get_context("spawn")
+    incarnation = restarts = 0
+    code = 0
+    while True:
+        child = ctx.Process(target=_rank_worker, name=f"worker-{rank}",
+                            args=(cfg, rank, incarnation, addresses, device))
+        child.start()
+        while child.exitcode is None and not stopping.is_set() and (
+                control is None or control.exitcode is None):
+            child.join(0.2)
+        if child.exitcode is None:  # stopping, or the control plane ended
+            if control is not None and control.exitcode == 0:
+                child.join(STOP_GRACE_S)  # the pool's stop message is on its way
+            _stop(child)
+            break
+        if child.exitcode == 0:  # the pool said stop
+            break
+        restarts += 1
+        if restarts > cfg.launch.max_worker_restarts:
+            log.error("worker %d exited with code %s; restart limit (%d) reached", rank,
+                      child.exitcode, cfg.launch.max_worker_restarts)
+            code = 1
+            break
+        log.warning("worker %d exited with code %s; restarting it", rank, child.exitcode)
+        ipc.notify_launcher(addresses["launcher"],
+                            m.WorkerDied(worker_id=rank, incarnation=incarnation))
+        incarnation += 1
+    if control is not None:
+        _stop(control)
+        code = code or _exit_code(control)
+    return code
+
+
+def _rank_worker(cfg: EngineConfig, rank: int, incarnation: int, addresses: dict[str, str],
+                 device: str | None) -> None:
+    from engine.process import init_process
+    from engine.worker.process import serve_worker, worker_name
+
+    init_process(f"engine-{worker_name(0, rank)}", cfg.launch.log_level)
+    serve_worker(cfg, 0, rank, incarnation, pool_address=addresses["pool"],
+                 launcher=addresses["launcher"], device=device)
 
 
 # --------------------------------------------------------------------------- rank 0

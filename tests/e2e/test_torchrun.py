@@ -1,5 +1,6 @@
-"""torchrun: two ranks on this machine form one engine, serve, and stop together; as two
-data-parallel workers, and as one worker split over both ranks (tensor parallel).
+"""torchrun: two ranks on this machine form one engine, serve, survive a dead worker and stop
+together; as two data-parallel workers, and as one worker split over both ranks (tensor
+parallel).
 
 ``NPROC=2 launch/torchrun.sh`` (``torchrun --standalone --nproc-per-node 2 -m
 engine.torchrun``): rank 0 runs the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from e2e.engine_proc import free_blocks, launched, wait_idle
+from e2e.engine_proc import alive, free_blocks, launched, wait_idle
 
 from engine import torchrun
 from engine.models.default import default_model_dir
@@ -30,16 +32,50 @@ REPO = Path(__file__).resolve().parents[2]
 NUM_BLOCKS = 48
 
 
+PROMPTS = ("The first story begins", "A different tale starts", "def read(path):")
+MAX_TOKENS = 160
+
+
 def _stream(base: str, prompt: str, out: dict[str, str]) -> None:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
     text = []
-    for chunk in client.completions.create(model="default", prompt=prompt, max_tokens=160,
-                                           stream=True, extra_body={"ignore_eos": True}):
+    for chunk in client.completions.create(model="default", prompt=prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0.0, stream=True,
+                                           extra_body={"ignore_eos": True}):
         text.append(chunk.choices[0].text if chunk.choices else "")
     out[prompt] = "".join(text)
 
 
-def test_two_ranks_serve_together_and_stop_on_sigterm() -> None:
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> title of every process below ``pid`` (torchrun starts each rank in a session
+    of its own, so the process group does not hold them)."""
+    rows = [r.split(None, 2) for r in subprocess.run(
+        ["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()]
+    children: dict[int, list[tuple[int, str]]] = {}
+    for r in rows:
+        children.setdefault(int(r[1]), []).append((int(r[0]), r[2].strip() if len(r) > 2 else ""))
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        for child, title in children.get(todo.pop(), []):
+            found[child] = title
+            todo.append(child)
+    return found
+
+
+def _named(proc, name: str) -> list[int]:
+    return [p for p, title in _descendants(proc.pid).items() if title == name]
+
+
+def test_two_ranks_serve_together_survive_a_dead_worker_and_stop_on_sigterm() -> None:
+    """Both ranks hold running requests at once; then rank 1's worker is SIGKILLed
+    mid-stream: its rank restarts it, the pool recomputes its requests, every stream ends
+    with the unsharded model's greedy text."""
+    from engine import LLM, SamplingParams
+
+    want = {p: o.text for p, o in zip(PROMPTS, LLM(num_kv_blocks=64).generate(
+        list(PROMPTS), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)),
+        strict=True)}
     with launched("--num-kv-blocks", str(NUM_BLOCKS), "--max-num-batched-tokens", "64",
                   command=("bash", str(REPO / "launch" / "torchrun.sh")),
                   env={"NPROC": "2", "PYTHON": sys.executable}) as (proc, port):
@@ -61,22 +97,37 @@ def test_two_ranks_serve_together_and_stop_on_sigterm() -> None:
         for t in threads:
             t.join(timeout=120)
         assert busy_both, "the two requests never ran on both ranks at once"
-        assert len(outs) == 2 and all(outs.values()), outs
+        assert outs == {p: want[p] for p in PROMPTS[:2]}
+        assert wait_idle(port, [NUM_BLOCKS, NUM_BLOCKS]) == [NUM_BLOCKS, NUM_BLOCKS]
+
+        (victim,) = _named(proc, "engine-worker-0-1")
+        outs.clear()
+        threads = [threading.Thread(target=_stream, args=(base, p, outs)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert all(t.is_alive() for t in threads), "the streams ended before the kill"
+        os.kill(victim, signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=120)
+        assert outs == want, "a stream was lost or changed by the restart"
+        deadline = time.time() + 60
+        while time.time() < deadline and _named(proc, "engine-worker-0-1") in ([], [victim]):
+            time.sleep(0.2)
+        assert len(_named(proc, "engine-worker-0-1")) == 1
         assert wait_idle(port, [NUM_BLOCKS, NUM_BLOCKS]) == [NUM_BLOCKS, NUM_BLOCKS]
         _stop_and_check_gone(proc)
 
 
 def _stop_and_check_gone(proc) -> None:
+    below = _descendants(proc.pid)
+    assert len([t for t in below.values() if t.startswith("engine-")]) >= 3, below
     proc.send_signal(signal.SIGTERM)  # what a job scheduler does to torchrun
     proc.wait(timeout=60)
     deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
+    while time.time() < deadline and any(alive(p) for p in below):
         time.sleep(0.2)
-    pytest.fail("processes of the torchrun session outlived it")
+    assert not [t for p, t in below.items() if alive(p)], "processes outlived torchrun"
 
 
 def test_tensor_parallel_group_generates_what_one_process_does() -> None:

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist.broadcast_object_list(box, src=0)  # the others wait here until the pool listens
     addresses: dict[str, str] | None = box[0]
     if addresses is None:  # the control plane failed to start (it said why)
-        return _exit_code(control) or 1 if rank == 0 else 1
+        return (_exit_code(control) or 1) if rank == 0 else 1
     if size == 1:
         dist.destroy_process_group()
         return _supervise_rank(cfg, rank, device, addresses, control)

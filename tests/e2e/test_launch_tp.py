@@ -29,14 +29,21 @@ PROMPTS = ["Once upon a time", "def main():\n    ", "The list of files"]
 MAX_TOKENS = 160
 
 
-def _complete(base: str, prompt: str, stream: bool) -> str:
+def _complete(base: str, prompt: str, stream: bool,
+              started: threading.Semaphore | None = None) -> str:
+    """The completion's text; ``started`` is released at the first streamed token."""
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
     kw = dict(model="default", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
               extra_body={"ignore_eos": True})
     if not stream:
         return client.completions.create(**kw).choices[0].text
-    return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw)
-                   if c.choices)
+    text = []
+    for chunk in client.completions.create(stream=True, **kw):
+        if chunk.choices:
+            if not text and started is not None:
+                started.release()
+            text.append(chunk.choices[0].text)
+    return "".join(text)
 
 
 def test_tensor_parallel_worker_serves_restarts_and_stops() -> None:
@@ -53,11 +60,14 @@ def test_tensor_parallel_worker_serves_restarts_and_stops() -> None:
         before = worker_pids(proc.pid)
         assert sorted(before) == ["engine-worker-0-0", "engine-worker-0-0-tp1"]
         got: dict[str, str] = {}
-        threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, _complete(base, p, True)))
-                   for p in PROMPTS]
+        started = threading.Semaphore(0)
+        threads = [threading.Thread(
+            target=lambda p=p: got.__setitem__(p, _complete(base, p, True, started)))
+            for p in PROMPTS]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        for _ in PROMPTS:  # every stream has its first token
+            assert started.acquire(timeout=60)
         assert all(t.is_alive() for t in threads), "the streams ended before the kill"
         os.kill(before["engine-worker-0-0-tp1"], signal.SIGKILL)
         for t in threads:

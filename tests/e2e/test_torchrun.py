@@ -36,13 +36,18 @@ PROMPTS = ("The first story begins", "A different tale starts", "def read(path):
 MAX_TOKENS = 160
 
 
-def _stream(base: str, prompt: str, out: dict[str, str]) -> None:
+def _stream(base: str, prompt: str, out: dict[str, str],
+            started: threading.Semaphore | None = None) -> None:
+    """Stream a greedy completion into ``out``; release ``started`` at its first token."""
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
     text = []
     for chunk in client.completions.create(model="default", prompt=prompt, max_tokens=MAX_TOKENS,
                                            temperature=0.0, stream=True,
                                            extra_body={"ignore_eos": True}):
-        text.append(chunk.choices[0].text if chunk.choices else "")
+        if chunk.choices:
+            if not text and started is not None:
+                started.release()
+            text.append(chunk.choices[0].text)
     out[prompt] = "".join(text)
 
 
@@ -102,11 +107,15 @@ def test_two_ranks_serve_together_survive_a_dead_worker_and_stop_on_sigterm() ->
 
         (victim,) = _named(proc, "engine-worker-0-1")
         outs.clear()
-        threads = [threading.Thread(target=_stream, args=(base, p, outs)) for p in PROMPTS]
+        started = threading.Semaphore(0)
+        threads = [threading.Thread(target=_stream, args=(base, p, outs, started))
+                   for p in PROMPTS]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        for _ in PROMPTS:  # every stream has its first token
+            assert started.acquire(timeout=60)
         assert all(t.is_alive() for t in threads), "the streams ended before the kill"
+        assert free_blocks(port)[1] < NUM_BLOCKS, "no stream on the worker about to die"
         os.kill(victim, signal.SIGKILL)
         for t in threads:
             t.join(timeout=120)

@@ -178,7 +178,7 @@ class Launcher:
                 elif isinstance(msg, m.WorkerDied):  # a torchrun rank restarts its worker
                     log.warning("worker %d (incarnation %d) on another rank died; its "
                                 "requests are recomputed", msg.worker_id, msg.incarnation)
-                    self.pool_controls[0].send(ipc.encode(msg))
+                    self.pool_controls[msg.pool_index].send(ipc.encode(msg))
             for child in list(self.children.values()):
                 code = child.proc.exitcode
                 if code is None:

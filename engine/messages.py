@@ -247,6 +247,7 @@ class WorkerDied(_Msg, tag=True):
 
     worker_id: int
     incarnation: int = 0
+    pool_index: int = 0  # read by the launcher (the pool knows its own)
 
 
 class Shutdown(_Msg, tag=True):

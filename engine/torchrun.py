@@ -18,8 +18,10 @@ ordinary workers: it places requests across all of them and owns every block tab
 
 (``launch/torchrun.sh`` wraps these.) Decisions: docs/architecture.md, "torchrun".
 
-- ``--workers`` is ``WORLD_SIZE / --tensor-parallel-size`` (giving another number is an
-  error); one ``--model`` per launch.
+- With several ``--model``s the ranks are split evenly between them, in order: model ``p``
+  (pool ``p``) gets ranks ``p * W/M`` to ``(p + 1) * W/M - 1``. ``--workers`` is therefore
+  ``WORLD_SIZE / (models x --tensor-parallel-size)`` per pool (giving another number is an
+  error).
 - Rank 0's address, as the other ranks dial it: ``ENGINE_ADVERTISE_HOST`` if set, else
   ``MASTER_ADDR`` (which torchrun sets to rank 0's host).
 - Ctrl-C or SIGTERM stops the control plane, its pool tells every worker to stop, each
@@ -76,17 +78,19 @@ def torchrun_config(argv: Sequence[str] | None, world_size: int,
     """The engine's flags, checked, with the workers set from the world size and the
     control plane's sockets listening on TCP for every worker."""
     cfg = config_from_args(argv)
-    if len(cfg.models) != 1:
-        raise ConfigError(f"--model: torchrun serves one model per launch, got {len(cfg.models)}")
     tp = cfg.worker.tensor_parallel_size
-    if world_size % tp:
+    pools = len(cfg.models)
+    if world_size % (pools * tp):
+        what = f"{pools} models x " if pools > 1 else ""
         raise ConfigError(f"--tensor-parallel-size: the world size ({world_size}) must be a "
-                          f"multiple of it, got {tp}")
-    workers = world_size // tp
+                          f"multiple of {what}it, got {tp}")
+    workers = world_size // (pools * tp)
     if cfg.worker.num_workers not in (1, workers):
         raise ConfigError(f"--workers: under torchrun it is the world size over "
-                          f"--tensor-parallel-size ({workers}), got {cfg.worker.num_workers}")
-    load_model_info(cfg.models[0]).check_tensor_parallel(tp)
+                          f"--tensor-parallel-size and the models ({workers}), got "
+                          f"{cfg.worker.num_workers}")
+    for model in cfg.models:
+        load_model_info(model).check_tensor_parallel(tp)
     get_policy(cfg.scheduler.policy)
     threads = cfg.worker.num_threads or max(1, (os.cpu_count() or 1) // local_world_size)
     return replace(cfg, worker={"num_workers": workers, "num_threads": threads},
@@ -110,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_cuda = cfg.worker.device in ("auto", "cuda") and torch.cuda.is_available()
     device = f"cuda:{local_rank}" if use_cuda else None
     size = cfg.worker.tensor_parallel_size
+    per_pool = world // len(cfg.models)  # ranks per model: pool p holds ranks p*per_pool..
+    pool_index, worker_id = rank // per_pool, rank % per_pool // size
     if use_cuda and size > 1:
         torch.cuda.set_device(local_rank)
     # CPU tensors (addresses, each step's batch) go over gloo; GPU all-reduces over NCCL.
@@ -127,21 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank == 0:
         control, box[0] = _start_control_plane(cfg)
     dist.broadcast_object_list(box, src=0)  # the others wait here until the pool listens
-    addresses: dict[str, str] | None = box[0]
+    addresses: dict[str, Any] | None = box[0]
     if addresses is None:  # the control plane failed to start (it said why)
         return (_exit_code(control) or 1) if rank == 0 else 1
     if size == 1:
         dist.destroy_process_group()
-        return _supervise_rank(cfg, rank, device, addresses, control)
+        return _supervise_rank(cfg, pool_index, worker_id, device, addresses, control)
     # A tensor-parallel rank runs its shard in this process: the group is torchrun's gang.
     if control is not None:
         _watch(control)
     from engine.process import init_process
     from engine.worker.process import serve_worker, worker_name
 
-    init_process(f"engine-{worker_name(0, rank // size, rank % size)}", cfg.launch.log_level)
+    init_process(f"engine-{worker_name(pool_index, worker_id, rank % size)}",
+                 cfg.launch.log_level)
     try:
-        serve_worker(cfg, 0, rank // size, 0, pool_address=addresses["pool"],
+        serve_worker(cfg, pool_index, worker_id, 0, pool_address=addresses["pools"][pool_index],
                      launcher=addresses["launcher"], device=device, tp=tp)
     finally:
         if control is not None:
@@ -152,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- a worker rank
 
 
-def _supervise_rank(cfg: EngineConfig, rank: int, device: str | None,
-                    addresses: dict[str, str], control: BaseProcess | None) -> int:
+def _supervise_rank(cfg: EngineConfig, pool_index: int, worker_id: int, device: str | None,
+                    addresses: dict[str, Any], control: BaseProcess | None) -> int:
     """A data-parallel rank: its worker runs in a child that this process restarts when it
     dies, as the launcher restarts the workers it starts. The launcher hears of each death
     (``WorkerDied``, over TCP) and has the pool recompute the worker's requests elsewhere,
@@ -171,8 +178,8 @@ def _supervise_rank(cfg: EngineConfig, rank: int, device: str | None,
     incarnation = restarts = 0
     code = 0
     while True:
-        child = ctx.Process(target=_rank_worker, name=f"worker-{rank}",
-                            args=(cfg, rank, incarnation, addresses, device))
+        child = ctx.Process(target=_rank_worker, name=f"worker-{pool_index}-{worker_id}",
+                            args=(cfg, pool_index, worker_id, incarnation, addresses, device))
         child.start()
         while child.exitcode is None and not stopping.is_set() and (
                 control is None or control.exitcode is None):
@@ -186,13 +193,13 @@ def _supervise_rank(cfg: EngineConfig, rank: int, device: str | None,
             break
         restarts += 1
         if restarts > cfg.launch.max_worker_restarts:
-            log.error("worker %d exited with code %s; restart limit (%d) reached", rank,
+            log.error("worker %d exited with code %s; restart limit (%d) reached", worker_id,
                       child.exitcode, cfg.launch.max_worker_restarts)
             code = 1
             break
-        log.warning("worker %d exited with code %s; restarting it", rank, child.exitcode)
-        ipc.notify_launcher(addresses["launcher"],
-                            m.WorkerDied(worker_id=rank, incarnation=incarnation))
+        log.warning("worker %d exited with code %s; restarting it", worker_id, child.exitcode)
+        ipc.notify_launcher(addresses["launcher"], m.WorkerDied(
+            worker_id=worker_id, incarnation=incarnation, pool_index=pool_index))
         incarnation += 1
     if control is not None:
         _stop(control)
@@ -200,20 +207,21 @@ def _supervise_rank(cfg: EngineConfig, rank: int, device: str | None,
     return code
 
 
-def _rank_worker(cfg: EngineConfig, rank: int, incarnation: int, addresses: dict[str, str],
-                 device: str | None) -> None:
+def _rank_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int,
+                 addresses: dict[str, Any], device: str | None) -> None:
     from engine.process import init_process
     from engine.worker.process import serve_worker, worker_name
 
-    init_process(f"engine-{worker_name(0, rank)}", cfg.launch.log_level)
-    serve_worker(cfg, 0, rank, incarnation, pool_address=addresses["pool"],
-                 launcher=addresses["launcher"], device=device)
+    init_process(f"engine-{worker_name(pool_index, worker_id)}", cfg.launch.log_level)
+    serve_worker(cfg, pool_index, worker_id, incarnation,
+                 pool_address=addresses["pools"][pool_index], launcher=addresses["launcher"],
+                 device=device)
 
 
 # --------------------------------------------------------------------------- rank 0
 
 
-def _start_control_plane(cfg: EngineConfig) -> tuple[BaseProcess, dict[str, str] | None]:
+def _start_control_plane(cfg: EngineConfig) -> tuple[BaseProcess, dict[str, Any] | None]:
     """Start launcher, pool and frontend in a child; return it and the addresses workers
     dial, or None if it stopped before its pool listened."""
     host = os.environ.get("ENGINE_ADVERTISE_HOST") or os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -227,8 +235,8 @@ def _start_control_plane(cfg: EngineConfig) -> tuple[BaseProcess, dict[str, str]
         if receive.poll(0.2):
             ports = receive.recv()
             addresses = {"launcher": f"tcp://{host}:{ports['launcher_port']}",
-                         "pool": f"tcp://{host}:{ports['worker_ports'][0]}"}
-            log.info("pool listening for workers at %s", addresses["pool"])
+                         "pools": [f"tcp://{host}:{p}" for p in ports["worker_ports"]]}
+            log.info("pools listening for workers at %s", ", ".join(addresses["pools"]))
             return proc, addresses
     if proc.is_alive():
         log.error("the control plane did not start within --ready-timeout")

@@ -4,6 +4,7 @@ state over gRPC, find its processes, and check that Ctrl-C leaves none behind.""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import grpc
+import httpx
 
 from engine.frontend.proto import pb2, pb2_grpc
 
@@ -103,3 +105,12 @@ def assert_ctrl_c_leaves_nothing(proc: subprocess.Popen, num_workers: int = 2,
     while time.time() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
+
+
+def metric(engine: str, name: str, model: str) -> float:
+    """The value of a Prometheus sample ``name{model_name="model"}`` at ``engine``/metrics
+    (0 when absent)."""
+    text = httpx.get(f"{engine}/metrics").text
+    match = re.search(rf'^{re.escape(name)}{{model_name="{model}"}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+

@@ -5,14 +5,13 @@ the in-process API's."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from e2e.engine_proc import free_blocks, launched, wait_idle
+from e2e.engine_proc import free_blocks, launched, metric, wait_idle
 
 from engine.models.default import default_model_dir
 
@@ -43,12 +42,6 @@ def engine(launched_engine: tuple[str, int]) -> str:
 @pytest.fixture(scope="module")
 def client(engine: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{engine}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def metric(engine: str, name: str, model: str) -> float:
-    text = httpx.get(f"{engine}/metrics").text
-    match = re.search(rf'^{re.escape(name)}{{model_name="{model}"}} (\S+)$', text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_models_list(client: openai.OpenAI) -> None:

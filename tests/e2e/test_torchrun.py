@@ -21,7 +21,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from e2e.engine_proc import alive, free_blocks, launched, wait_idle
+from e2e.engine_proc import alive, free_blocks, launched, metric, wait_idle
 
 from engine import torchrun
 from engine.models.default import default_model_dir
@@ -167,6 +167,35 @@ def test_tensor_parallel_group_generates_what_one_process_does() -> None:
         _stop_and_check_gone(proc)
 
 
+def test_two_models_split_the_ranks() -> None:
+    """Two ``--model``s over two ranks: one pool each, each pool's worker on its own rank;
+    requests reach the pool their ``model`` names."""
+    model = str(default_model_dir())
+    with launched("--model", model, "--served-model-name", "a", "--model", model,
+                  "--served-model-name", "b", "--num-kv-blocks", str(NUM_BLOCKS),
+                  command=("bash", str(REPO / "launch" / "torchrun.sh")),
+                  env={"NPROC": "2", "PYTHON": sys.executable}) as (proc, port):
+        assert free_blocks(port) == [NUM_BLOCKS, NUM_BLOCKS], "a worker in each pool"
+        assert sorted(_descendants(proc.pid).values()).count("engine-worker-0-0") == 1
+        assert sorted(_descendants(proc.pid).values()).count("engine-worker-1-0") == 1
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{proc.http_port}/v1", api_key="x",
+                               max_retries=0, timeout=120)
+        assert sorted(m.id for m in client.models.list()) == ["a", "b"]
+        base, queries = f"http://127.0.0.1:{proc.http_port}", "vllm:prefix_cache_queries_total"
+        for name, other in (("a", "b"), ("b", "a")):
+            before = {m: metric(base, queries, m) for m in "ab"}
+            got = client.completions.create(model=name, prompt="Once upon a time",
+                                            max_tokens=8, temperature=0.0,
+                                            extra_body={"ignore_eos": True})
+            assert got.usage.completion_tokens == 8
+            deadline = time.time() + 10  # the pools' counters come with their next stats
+            while time.time() < deadline and metric(base, queries, name) == before[name]:
+                time.sleep(0.1)
+            assert metric(base, queries, name) > before[name], f"pool {name} served nothing"
+            assert metric(base, queries, other) == before[other], f"pool {other} served {name}"
+        _stop_and_check_gone(proc)
+
+
 def test_flag_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -180,9 +209,12 @@ def test_flag_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
     assert "--tensor-parallel-size: the world size (2) must be a multiple" in \
         capsys.readouterr().err
     model = str(default_model_dir())
-    assert torchrun.main(["--model", model, "--model", model, "--served-model-name", "a",
-                          "--served-model-name", "b"]) == 2
-    assert "--model: torchrun serves one model" in capsys.readouterr().err
+    two = ["--model", model, "--model", model, "--served-model-name", "a",
+           "--served-model-name", "b"]
+    assert torchrun.main([*two, "-tp", "2"]) == 2
+    assert "must be a multiple of 2 models x it, got 2" in capsys.readouterr().err
+    cfg = torchrun.torchrun_config(two, world_size=4, local_world_size=4)
+    assert cfg.worker.num_workers == 2 and len(cfg.models) == 2
     cfg = torchrun.torchrun_config(["--workers", "2"], world_size=2, local_world_size=2)
     assert cfg.worker.num_workers == 2 and cfg.launch.num_local_workers == 0
     assert cfg.launch.listen_host == "0.0.0.0"

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -113,4 +114,48 @@ def metric(engine: str, name: str, model: str) -> float:
     text = httpx.get(f"{engine}/metrics").text
     match = re.search(rf'^{re.escape(name)}{{model_name="{model}"}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+def stream_greedy(base: str, prompt: str, max_tokens: int,
+                  started: threading.Semaphore | None = None) -> str:
+    """A greedy completion (EOS ignored) streamed from the engine at ``base``; ``started``
+    is released at its first token."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+    text: list[str] = []
+    for chunk in client.completions.create(model="default", prompt=prompt, max_tokens=max_tokens,
+                                           temperature=0.0, stream=True,
+                                           extra_body={"ignore_eos": True}):
+        if chunk.choices:
+            if not text and started is not None:
+                started.release()
+            text.append(chunk.choices[0].text)
+    return "".join(text)
+
+
+class Streams:
+    """Greedy streams of ``prompts``, one thread each, started at once."""
+
+    def __init__(self, base: str, prompts: Sequence[str], max_tokens: int) -> None:
+        self.out: dict[str, str] = {}
+        self._started = threading.Semaphore(0)
+
+        def run(prompt: str) -> None:
+            self.out[prompt] = stream_greedy(base, prompt, max_tokens, self._started)
+
+        self.threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+        for t in self.threads:
+            t.start()
+
+    def wait_under_way(self, timeout: float = 60.0) -> None:
+        """Until every stream has its first token; all must still be running."""
+        for _ in self.threads:
+            assert self._started.acquire(timeout=timeout), "a stream never started"
+        assert all(t.is_alive() for t in self.threads), "a stream ended already"
+
+    def join(self, timeout: float = 180.0) -> dict[str, str]:
+        for t in self.threads:
+            t.join(timeout=timeout)
+        return self.out
 

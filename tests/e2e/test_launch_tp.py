@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import openai
 import pytest
 from e2e.engine_proc import (
+    Streams,
     assert_ctrl_c_leaves_nothing,
     free_blocks,
     launched,
@@ -29,23 +29,6 @@ PROMPTS = ["Once upon a time", "def main():\n    ", "The list of files"]
 MAX_TOKENS = 160
 
 
-def _complete(base: str, prompt: str, stream: bool,
-              started: threading.Semaphore | None = None) -> str:
-    """The completion's text; ``started`` is released at the first streamed token."""
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
-    kw = dict(model="default", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
-              extra_body={"ignore_eos": True})
-    if not stream:
-        return client.completions.create(**kw).choices[0].text
-    text = []
-    for chunk in client.completions.create(stream=True, **kw):
-        if chunk.choices:
-            if not text and started is not None:
-                started.release()
-            text.append(chunk.choices[0].text)
-    return "".join(text)
-
-
 def test_tensor_parallel_worker_serves_restarts_and_stops() -> None:
     from engine import LLM, SamplingParams
 
@@ -55,24 +38,18 @@ def test_tensor_parallel_worker_serves_restarts_and_stops() -> None:
             proc, port):
         assert free_blocks(port) == [NUM_BLOCKS], "one worker: the group of two processes"
         base = f"http://127.0.0.1:{proc.http_port}"
-        assert [_complete(base, p, stream=False) for p in PROMPTS] == want
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+        got = client.completions.create(model="default", prompt=PROMPTS, max_tokens=MAX_TOKENS,
+                                        temperature=0.0, extra_body={"ignore_eos": True})
+        assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
 
         before = worker_pids(proc.pid)
         assert sorted(before) == ["engine-worker-0-0", "engine-worker-0-0-tp1"]
-        got: dict[str, str] = {}
-        started = threading.Semaphore(0)
-        threads = [threading.Thread(
-            target=lambda p=p: got.__setitem__(p, _complete(base, p, True, started)))
-            for p in PROMPTS]
-        for t in threads:
-            t.start()
-        for _ in PROMPTS:  # every stream has its first token
-            assert started.acquire(timeout=60)
-        assert all(t.is_alive() for t in threads), "the streams ended before the kill"
+        streams = Streams(base, PROMPTS, MAX_TOKENS)
+        streams.wait_under_way()
         os.kill(before["engine-worker-0-0-tp1"], signal.SIGKILL)
-        for t in threads:
-            t.join(timeout=180)
-        assert [got.get(p) for p in PROMPTS] == want, "a stream lost or changed by the restart"
+        outs = streams.join()
+        assert [outs.get(p) for p in PROMPTS] == want, "a stream lost or changed by the restart"
         deadline = time.time() + 60
         while time.time() < deadline:
             after = worker_pids(proc.pid)

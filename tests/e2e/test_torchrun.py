@@ -15,13 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import openai
 import pytest
-from e2e.engine_proc import alive, free_blocks, launched, metric, wait_idle
+from e2e.engine_proc import Streams, alive, free_blocks, launched, metric, wait_idle
 
 from engine import torchrun
 from engine.models.default import default_model_dir
@@ -34,21 +33,6 @@ NUM_BLOCKS = 48
 
 PROMPTS = ("The first story begins", "A different tale starts", "def read(path):")
 MAX_TOKENS = 160
-
-
-def _stream(base: str, prompt: str, out: dict[str, str],
-            started: threading.Semaphore | None = None) -> None:
-    """Stream a greedy completion into ``out``; release ``started`` at its first token."""
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
-    text = []
-    for chunk in client.completions.create(model="default", prompt=prompt, max_tokens=MAX_TOKENS,
-                                           temperature=0.0, stream=True,
-                                           extra_body={"ignore_eos": True}):
-        if chunk.choices:
-            if not text and started is not None:
-                started.release()
-            text.append(chunk.choices[0].text)
-    out[prompt] = "".join(text)
 
 
 def _descendants(pid: int) -> dict[int, str]:
@@ -86,40 +70,26 @@ def test_two_ranks_serve_together_survive_a_dead_worker_and_stop_on_sigterm() ->
                   env={"NPROC": "2", "PYTHON": sys.executable}) as (proc, port):
         assert free_blocks(port) == [NUM_BLOCKS, NUM_BLOCKS], "two workers, one per rank"
         base = f"http://127.0.0.1:{proc.http_port}"
-        outs: dict[str, str] = {}
-        threads = [threading.Thread(target=_stream, args=(base, p, outs))
-                   for p in ("The first story begins", "A different tale starts")]
-        for t in threads:
-            t.start()
+        streams = Streams(base, PROMPTS[:2], MAX_TOKENS)
         busy_both = False
         deadline = time.time() + 60
-        while time.time() < deadline and any(t.is_alive() for t in threads):
+        while time.time() < deadline and any(t.is_alive() for t in streams.threads):
             free = free_blocks(port)
             if all(f < NUM_BLOCKS for f in free):
                 busy_both = True
                 break
             time.sleep(0.05)
-        for t in threads:
-            t.join(timeout=120)
+        outs = streams.join()
         assert busy_both, "the two requests never ran on both ranks at once"
         assert outs == {p: want[p] for p in PROMPTS[:2]}
         assert wait_idle(port, [NUM_BLOCKS, NUM_BLOCKS]) == [NUM_BLOCKS, NUM_BLOCKS]
 
         (victim,) = _named(proc, "engine-worker-0-1")
-        outs.clear()
-        started = threading.Semaphore(0)
-        threads = [threading.Thread(target=_stream, args=(base, p, outs, started))
-                   for p in PROMPTS]
-        for t in threads:
-            t.start()
-        for _ in PROMPTS:  # every stream has its first token
-            assert started.acquire(timeout=60)
-        assert all(t.is_alive() for t in threads), "the streams ended before the kill"
+        streams = Streams(base, PROMPTS, MAX_TOKENS)
+        streams.wait_under_way()
         assert free_blocks(port)[1] < NUM_BLOCKS, "no stream on the worker about to die"
         os.kill(victim, signal.SIGKILL)
-        for t in threads:
-            t.join(timeout=120)
-        assert outs == want, "a stream was lost or changed by the restart"
+        assert streams.join() == want, "a stream was lost or changed by the restart"
         deadline = time.time() + 60
         while time.time() < deadline and _named(proc, "engine-worker-0-1") in ([], [victim]):
             time.sleep(0.2)

@@ -33,7 +33,7 @@ from engine.models.info import load_model_info
 from engine.pool.service import run_pool
 from engine.scheduler.policy import get_policy
 from engine.worker.factory import check_runner_config
-from engine.worker.process import run_worker
+from engine.worker.process import run_worker, worker_name
 
 log = logging.getLogger("engine.launch")
 
@@ -131,8 +131,7 @@ class Launcher:
     def _start_worker(self, pool_index: int, worker_id: int, incarnation: int) -> None:
         """One worker: one process, or one per rank of its tensor-parallel group."""
         for rank in range(self.cfg.worker.tensor_parallel_size):
-            name = f"worker-{pool_index}-{worker_id}" + (f"-tp{rank}" if rank else "")
-            self._spawn(name, run_worker,
+            self._spawn(worker_name(pool_index, worker_id, rank), run_worker,
                         (self.cfg, pool_index, worker_id, incarnation, self.run_dir, rank),
                         pool_index=pool_index, worker_id=worker_id, incarnation=incarnation,
                         tp_rank=rank)
@@ -237,13 +236,20 @@ class Launcher:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+def preflight(cfg: EngineConfig) -> None:
+    """What can be refused before any process starts (ConfigError naming the flag): the
+    models' directories, a tensor-parallel size that does not split them, the policy, the
+    runner's own constraints."""
+    for model in cfg.models:
+        load_model_info(model).check_tensor_parallel(cfg.worker.tensor_parallel_size)
+    get_policy(cfg.scheduler.policy)
+    check_runner_config(cfg.cache, cfg.worker)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
-        for model in cfg.models:
-            load_model_info(model).check_tensor_parallel(cfg.worker.tensor_parallel_size)
-        get_policy(cfg.scheduler.policy)
-        check_runner_config(cfg.cache, cfg.worker)
+        preflight(cfg)
     except (ConfigError, ValueError) as e:
         print(f"python -m engine.launch: error: {e}", file=sys.stderr)
         return 2

@@ -48,8 +48,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from engine.config import ConfigError, EngineConfig, config_from_args, replace
-from engine.models.info import load_model_info
-from engine.scheduler.policy import get_policy
+from engine.launch import preflight
 
 log = logging.getLogger("engine.torchrun")
 
@@ -89,9 +88,7 @@ def torchrun_config(argv: Sequence[str] | None, world_size: int,
         raise ConfigError(f"--workers: under torchrun it is the world size over "
                           f"--tensor-parallel-size and the models ({workers}), got "
                           f"{cfg.worker.num_workers}")
-    for model in cfg.models:
-        load_model_info(model).check_tensor_parallel(tp)
-    get_policy(cfg.scheduler.policy)
+    preflight(cfg)
     threads = cfg.worker.num_threads or max(1, (os.cpu_count() or 1) // local_world_size)
     return replace(cfg, worker={"num_workers": workers, "num_threads": threads},
                    launch={"listen_host": "0.0.0.0", "num_local_workers": 0})

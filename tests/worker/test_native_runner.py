@@ -65,8 +65,10 @@ def hf_greedy(model_dir: Path):
 
 
 def make(model_dir: Path, num_blocks: int = 64) -> NativeRunner:
+    """The CPU runner (also on a GPU machine: the `gpu` tests below cover CUDA)."""
     return NativeRunner(ModelConfig(path=str(model_dir), dtype="float32"),
-                        CacheConfig(block_size=BLOCK, num_blocks=num_blocks), WorkerConfig())
+                        CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
+                        WorkerConfig(device="cpu"))
 
 
 def test_greedy_batch_matches_hf(model_dir: Path, hf_greedy) -> None:

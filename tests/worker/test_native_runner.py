@@ -102,7 +102,7 @@ def test_small_blocks_under_pressure_match_hf(model_dir: Path, hf_greedy) -> Non
 def test_capacity_threads_eos_and_factory(model_dir: Path) -> None:
     runner = NativeRunner(ModelConfig(path=str(model_dir), dtype="float32"),
                           CacheConfig(block_size=16, kv_cache_memory_gib=0.001),
-                          WorkerConfig(num_threads=1))
+                          WorkerConfig(num_threads=1, device="cpu"))
     per_block = 2 * 2 * 16 * 2 * 16 * 4  # k+v, layers, block, kv heads, head_dim, fp32
     assert runner.num_blocks == int(0.001 * (1 << 30)) // per_block
     assert runner.block_size == 16
@@ -111,11 +111,11 @@ def test_capacity_threads_eos_and_factory(model_dir: Path) -> None:
     assert runner.kv_caches[0][0].shape == (runner.num_blocks, 16, 2, 16)
     runner.close()
     made = make_runner(ModelConfig(path=str(model_dir)), CacheConfig(num_blocks=4),
-                       WorkerConfig(num_threads=2))
+                       WorkerConfig(num_threads=2, device="cpu"))
     assert isinstance(made, NativeRunner) and made.dtype == torch.float32 and made.num_blocks == 4
     with pytest.raises(ValueError, match="at least 2 are needed"):
         NativeRunner(ModelConfig(path=str(model_dir)), CacheConfig(kv_cache_memory_gib=1e-6),
-                     WorkerConfig(num_threads=1))
+                     WorkerConfig(num_threads=1, device="cpu"))
 
 
 # --------------------------------------------------------------------------- decode graphs

@@ -162,7 +162,7 @@ def test_missing_committed_dir_falls_back_to_cache(tmp_path, monkeypatch):
 
 
 def test_corpus_from_a_small_stdlib(tmp_path):
-    from engine.models.train_default import IM_END, IM_START, build_corpus
+    from engine.models.stdlib_corpus import IM_END, IM_START, build_corpus
 
     (tmp_path / "pkg").mkdir()
     (tmp_path / "test").mkdir()

@@ -11,17 +11,9 @@ from pathlib import Path
 import pytest
 
 from bench import compare
-from bench.compare import (
-    build_parser,
-    build_specs,
-    parse_engine_config,
-    prefix_hit_ceiling,
-    shift_prompts,
-    truncate,
-    vllm_priority_mode,
-    warmup_requests,
-)
+from bench.compare import build_parser, build_specs, parse_engine_config, vllm_priority_mode
 from bench.compare_report import format_tables
+from bench.compare_workload import prefix_hit_ceiling, shift_prompts, truncate, warmup_requests
 from bench.loadgen.client import COMPLETED, RATE_LIMITED, RequestRecord
 from bench.loadgen.metrics import summarize
 from bench.servers import Server, ServerSpec, omp_bind, session_processes, vllm_kv_space

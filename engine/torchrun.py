@@ -42,20 +42,17 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from engine.config import ConfigError, EngineConfig, config_from_args, replace
 from engine.launch import preflight
+from engine.worker.process import TP_TIMEOUT
 
 log = logging.getLogger("engine.torchrun")
 
 PROG = "python -m engine.torchrun"
-#: Collectives wait this long at most: a group's other ranks wait in one for their leader's
-#: next step however long the engine stays idle.
-IDLE_TIMEOUT = timedelta(days=365)
 #: After the control plane ends cleanly, how long rank 0 waits for the pool's stop message
 #: before stopping its own worker anyway.
 STOP_GRACE_S = 10.0
@@ -117,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.set_device(local_rank)
     # CPU tensors (addresses, each step's batch) go over gloo; GPU all-reduces over NCCL.
     dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda and size > 1 else "gloo",
-                            timeout=IDLE_TIMEOUT)
+                            timeout=TP_TIMEOUT)
     tp = None
     if size > 1:
         for first in range(0, world, size):  # every rank creates every group, in order

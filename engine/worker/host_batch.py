@@ -4,9 +4,10 @@ hands it to the other ranks of its group.
 The leader of a tensor-parallel group (rank 0: the worker the pool talks to) keeps every
 request's state and prepares each step's batch; the other ranks keep no request state at
 all. They receive the batch and run the same forward pass on their shards of the weights and
-KV heads, meeting the leader in each layer's all-reduce. The batch travels as two int64 CPU
-tensors over the group (gloo): a header (what follows and how long each part is) and the
-parts packed end to end. An empty header kind means stop.
+KV heads, meeting the leader in each layer's all-reduce; the logits are the leader's alone,
+so they compute none. The batch travels as two int64 CPU tensors over the group (gloo): a
+header (its kind, and how long each part is) and the parts packed end to end. A header of
+kind stop ends the follower.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import torch
 from engine.models.parallel import TensorParallel
 
 _STOP, _BATCH = 0, 1
-
-
-_HEADER = 5  # kind, tokens, sequences, block-table width, logits rows
+_HEADER = 4  # kind, tokens, sequences, block-table width
 
 
 @dataclass
@@ -49,32 +48,32 @@ def tp_send(tp: TensorParallel, batch: HostBatch | None) -> None:
 
     src = dist.get_global_rank(tp.group, 0)
     if batch is None:
-        dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0]), src=src, group=tp.group)
+        dist.broadcast(torch.tensor([_STOP, 0, 0, 0]), src=src, group=tp.group)
         return
     tables = batch.block_tables
-    header = torch.tensor([_BATCH, len(batch.input_ids), len(batch.seq_lens), tables.shape[1],
-                           len(batch.logits_indices)])
+    header = torch.tensor([_BATCH, len(batch.input_ids), len(batch.seq_lens), tables.shape[1]])
     parts = (batch.input_ids, batch.positions, batch.slot_mapping, batch.query_start_loc,
-             batch.seq_lens, tables.reshape(-1), batch.logits_indices)
+             batch.seq_lens, tables.reshape(-1))
     payload = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
     dist.broadcast(header, src=src, group=tp.group)
     dist.broadcast(payload, src=src, group=tp.group)
 
 
 def tp_recv(tp: TensorParallel) -> HostBatch | None:
-    """The next batch the group's rank 0 broadcasts, or None when it says stop."""
+    """The next batch the group's rank 0 broadcasts (with no logits rows: a follower
+    samples nothing), or None when it says stop."""
     import torch.distributed as dist
 
     src = dist.get_global_rank(tp.group, 0)
     header = torch.zeros(_HEADER, dtype=torch.int64)
     dist.broadcast(header, src=src, group=tp.group)
-    kind, tokens, seqs, width, rows = header.tolist()
+    kind, tokens, seqs, width = header.tolist()
     if kind == _STOP:
         return None
-    sizes = [tokens, tokens, tokens, seqs + 1, seqs, seqs * width, rows]
+    sizes = [tokens, tokens, tokens, seqs + 1, seqs, seqs * width]
     payload = torch.zeros(sum(sizes), dtype=torch.int64)
     dist.broadcast(payload, src=src, group=tp.group)
-    ids, pos, slots, qsl, lens, tables, logits = np.split(payload.numpy(), np.cumsum(sizes)[:-1])
+    ids, pos, slots, qsl, lens, tables = np.split(payload.numpy(), np.cumsum(sizes)[:-1])
     return HostBatch(input_ids=ids, positions=pos, slot_mapping=slots, query_start_loc=qsl,
                      seq_lens=lens, block_tables=tables.reshape(seqs, width),
-                     logits_indices=logits)
+                     logits_indices=np.zeros(0, dtype=np.int64))

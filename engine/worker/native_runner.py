@@ -271,7 +271,6 @@ class NativeRunner(ModelRunner):
         assert self.tp is not None and self.tp.rank != 0, "follow() is for ranks 1.. of a group"
         with torch.inference_mode():
             while (b := tp_recv(self.tp)) is not None:
-                b.logits_indices = b.logits_indices[:0]  # no logits needed here
                 self._forward_local(b)
 
     def close(self) -> None:

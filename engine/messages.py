@@ -28,7 +28,7 @@ from typing import Any, TypeAlias
 import msgspec
 
 #: Bumped whenever a message changes shape; processes of one engine must agree.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -36,6 +36,26 @@ class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
 
 
 # --------------------------------------------------------------------------- requests
+
+
+class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A constraint on a request's output, enforced token by token with xgrammar's masks.
+
+    ``kind`` and ``value``:
+
+    - ``"json"``: ``value`` is a JSON schema, as JSON text;
+    - ``"json_object"``: any JSON object (``value`` empty);
+    - ``"regex"``: ``value`` is a regular expression the whole output matches;
+    - ``"choice"``: ``value`` is a JSON list of strings, the output is one of them;
+    - ``"grammar"``: ``value`` is an EBNF grammar (xgrammar's GBNF dialect, rule ``root``).
+
+    ``any_whitespace``: JSON may hold any whitespace between tokens; by default it is compact
+    (a weak model otherwise runs away in whitespace and never closes the object).
+    """
+
+    kind: str
+    value: str = ""
+    any_whitespace: bool = False
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -62,6 +82,19 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     ignore_eos: bool = False
     logprobs: int | None = None
     repetition_penalty: float = 1.0
+    #: OpenAI's penalties over the output tokens so far: ``presence`` once per distinct
+    #: token, ``frequency`` per occurrence, subtracted from the logits.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: (token id, bias in [-100, 100]) added to the logits before sampling.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: When non-empty, only these tokens may be sampled (vLLM's ``allowed_token_ids``).
+    allowed_token_ids: tuple[int, ...] = ()
+    #: When set (k >= 0), the logprob of every prompt token after the first and the k most
+    #: likely tokens at each prompt position (vLLM's ``prompt_logprobs``).
+    prompt_logprobs: int | None = None
+    #: Structured output: the output must follow this grammar (see ``StructuredOutput``).
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:

@@ -124,6 +124,8 @@ class VllmRunner(ModelRunner):
 
         from vllm.engine.arg_utils import EngineArgs
 
+        from engine.worker.vllm_penalties import ResumedPenalties
+
         engine_args = EngineArgs(
             model=str(self.info.path),
             dtype=str(self.dtype).removeprefix("torch."),
@@ -140,6 +142,8 @@ class VllmRunner(ModelRunner):
             skip_tokenizer_init=True,
             generation_config="vllm",  # sampling defaults are ours, not the model's
             attention_backend=self.attention_backend,
+            # a resumed request's frequency/presence penalties (engine/worker/vllm_penalties.py)
+            logits_processors=[ResumedPenalties],
         )
         self.vllm_config = engine_args.create_engine_config()
         self._set_num_threads = torch.set_num_threads

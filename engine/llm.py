@@ -21,6 +21,7 @@ from typing import Any
 from engine.chat import chat_prompt_ids
 from engine.config import EngineConfig, config_from_dict
 from engine.detokenizer import IncrementalDetokenizer
+from engine.frontend.serving import check_sampling
 from engine.messages import EngineRequest, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo, load_model_info
 from engine.scheduler.scheduler import Scheduler
@@ -75,7 +76,10 @@ class LLM:
         *,
         priority: int = 0,
     ) -> list[CompletionOutput]:
-        """Run every prompt to completion; outputs come back in the order of ``prompts``."""
+        """Run every prompt to completion; outputs come back in the order of ``prompts``.
+
+        Sampling parameters are checked as the HTTP API checks them, before any request is
+        queued: ``engine.frontend.serving.InvalidRequest`` (a ValueError) names the bad one."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompt_list = list(prompts)  # type: ignore[arg-type]
@@ -85,6 +89,8 @@ class LLM:
         )
         if len(params) != len(prompt_list):
             raise ValueError(f"got {len(params)} sampling params for {len(prompt_list)} prompts")
+        for sp in params:  # the HTTP and gRPC APIs' checks, before anything is queued
+            check_sampling(sp, self.info.vocab_size)
         results: dict[str, CompletionOutput] = {}
         detoks: dict[str, IncrementalDetokenizer] = {}
         now = time.time()

@@ -51,12 +51,12 @@ class LLM:
         ``max_num_batched_tokens``, ``block_size``, ``dtype``, ``policy``, ...)."""
         from transformers import AutoTokenizer
 
-        from engine.worker.factory import make_runner
+        from engine.worker.factory import make_runner, resolve_runner_config
 
         values: dict[str, Any] = {"workers": workers, **options}
         if model is not None:
             values["model"] = [model]
-        self.config: EngineConfig = config_from_dict(values)
+        self.config: EngineConfig = resolve_runner_config(config_from_dict(values))
         model_cfg = self.config.models[0]
         self.info: ModelInfo = load_model_info(model_cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.info.path))

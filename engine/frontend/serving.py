@@ -181,16 +181,19 @@ def _check_output_controls(sp: SamplingParams, vocab_size: int) -> None:
 
 def _number(value: Any, param: str) -> float:
     check(isinstance(value, int | float) and not isinstance(value, bool),
-          f"{param} must be a number, got {value!r}", param)
-    return float(value)
+          f"{param} must be a number, got {str(value)[:40]}", param)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        raise InvalidRequest(f"{param} is out of range", param) from None
 
 
 def _token_id(value: Any, param: str) -> int:
     """An int token id; OpenAI's logit_bias keys are decimal strings ("50256")."""
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
         return int(value)
     check(isinstance(value, int) and not isinstance(value, bool),
-          f"{param}: token ids must be integers, got {value!r}", param)
+          f"{param}: token ids must be integers, got {str(value)[:40]!r}", param)
     return int(value)
 
 

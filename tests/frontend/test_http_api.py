@@ -336,6 +336,8 @@ def test_models_health_metrics_openapi(env: Env) -> None:
     ("/v1/completions", {"prompt": "x", "logit_bias": {"hello": 1}}, 400, "logit_bias",
      ["integers"]),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 1}}, 400, "logit_bias", []),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"9" * 100: 1}}, 400, "logit_bias", []),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10**400}}, 400, "logit_bias", []),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1, "05": 2}}, 400, "logit_bias",
      ["twice"]),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],

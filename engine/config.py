@@ -55,6 +55,10 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_memory_gib: float = 0.25
+    #: No --block-size was given: ``engine.worker.factory.resolve_runner_config`` may pick
+    #: the size the runner needs instead (the vllm runner on CPU: 32) before any process
+    #: starts; an explicit size is never changed, only refused.
+    block_size_auto: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: largest decode batch replayed from a CUDA graph "
                    "(default: --max-num-seqs, at most 256)")
     g = p.add_argument_group("KV cache")
-    g.add_argument("--block-size", type=int, metavar="N", help="tokens per KV block (default 16)")
+    g.add_argument("--block-size", type=int, metavar="N", help="tokens per KV block (default 16; 32 with --runner vllm on CPU, whose attention "
+                   "kernel needs a multiple of 32)")
     g.add_argument("--num-kv-blocks", type=int, metavar="N",
                    help="KV blocks per worker (default: from --kv-cache-memory)")
     g.add_argument("--kv-cache-memory", type=float, metavar="GIB",
@@ -334,7 +339,8 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
         cfg = EngineConfig(
             models=models,
             cache=CacheConfig(
-                block_size=int(v.get("block_size", 16)),
+                block_size=int(v.get("block_size") or 16),
+                block_size_auto=v.get("block_size") is None,
                 num_blocks=v.get("num_kv_blocks"),
                 kv_cache_memory_gib=float(v.get("kv_cache_memory", 0.25)),
             ),

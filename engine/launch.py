@@ -32,7 +32,7 @@ from engine.frontend.process import run_frontend
 from engine.models.info import load_model_info
 from engine.pool.service import run_pool
 from engine.scheduler.policy import get_policy
-from engine.worker.factory import check_runner_config
+from engine.worker.factory import resolve_runner_config
 from engine.worker.process import run_worker, worker_name
 
 log = logging.getLogger("engine.launch")
@@ -236,25 +236,26 @@ class Launcher:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def preflight(cfg: EngineConfig) -> None:
+def preflight(cfg: EngineConfig) -> EngineConfig:
     """What can be refused before any process starts (ConfigError naming the flag): the
     models' directories, a tensor-parallel size that does not split them, the policy, the
-    runner's own constraints."""
+    runner's own constraints. Returns the config with the runner's choices resolved (the
+    vllm runner's block size on CPU): the one every process is handed."""
     for model in cfg.models:
         load_model_info(model).check_tensor_parallel(cfg.worker.tensor_parallel_size)
     get_policy(cfg.scheduler.policy)
-    check_runner_config(cfg.cache, cfg.worker)
+    return resolve_runner_config(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
-        preflight(cfg)
+        logging.basicConfig(level=cfg.launch.log_level, stream=sys.stderr,
+                            format="%(asctime)s launcher %(levelname)s: %(message)s")
+        cfg = preflight(cfg)
     except (ConfigError, ValueError) as e:
         print(f"python -m engine.launch: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.launch.log_level, stream=sys.stderr,
-                        format="%(asctime)s launcher %(levelname)s: %(message)s")
     return Launcher(cfg).run()
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from engine.chat import chat_prompt_ids
 from engine.config import EngineConfig, config_from_dict
 from engine.detokenizer import IncrementalDetokenizer
+from engine.frontend.serving import check_sampling
 from engine.messages import EngineRequest, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo, load_model_info
 from engine.scheduler.scheduler import Scheduler
@@ -50,12 +51,12 @@ class LLM:
         ``max_num_batched_tokens``, ``block_size``, ``dtype``, ``policy``, ...)."""
         from transformers import AutoTokenizer
 
-        from engine.worker.factory import make_runner
+        from engine.worker.factory import make_runner, resolve_runner_config
 
         values: dict[str, Any] = {"workers": workers, **options}
         if model is not None:
             values["model"] = [model]
-        self.config: EngineConfig = config_from_dict(values)
+        self.config: EngineConfig = resolve_runner_config(config_from_dict(values))
         model_cfg = self.config.models[0]
         self.info: ModelInfo = load_model_info(model_cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.info.path))
@@ -75,7 +76,10 @@ class LLM:
         *,
         priority: int = 0,
     ) -> list[CompletionOutput]:
-        """Run every prompt to completion; outputs come back in the order of ``prompts``."""
+        """Run every prompt to completion; outputs come back in the order of ``prompts``.
+
+        Sampling parameters are checked as the HTTP API checks them, before any request is
+        queued: ``engine.frontend.serving.InvalidRequest`` (a ValueError) names the bad one."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompt_list = list(prompts)  # type: ignore[arg-type]
@@ -85,6 +89,8 @@ class LLM:
         )
         if len(params) != len(prompt_list):
             raise ValueError(f"got {len(params)} sampling params for {len(prompt_list)} prompts")
+        for sp in params:  # the HTTP and gRPC APIs' checks, before anything is queued
+            check_sampling(sp, self.info.vocab_size)
         results: dict[str, CompletionOutput] = {}
         detoks: dict[str, IncrementalDetokenizer] = {}
         now = time.time()

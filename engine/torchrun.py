@@ -85,7 +85,7 @@ def torchrun_config(argv: Sequence[str] | None, world_size: int,
         raise ConfigError(f"--workers: under torchrun it is the world size over "
                           f"--tensor-parallel-size and the models ({workers}), got "
                           f"{cfg.worker.num_workers}")
-    preflight(cfg)
+    cfg = preflight(cfg)
     threads = cfg.worker.num_threads or max(1, (os.cpu_count() or 1) // local_world_size)
     return replace(cfg, worker={"num_workers": workers, "num_threads": threads},
                    launch={"listen_host": "0.0.0.0", "num_local_workers": 0})

@@ -146,3 +146,27 @@ def test_kubernetes_manifest_flags_and_probes(tmp_path):
         ("/metrics", cfg.frontend.http_port)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == cfg.worker.num_workers
 
+
+
+def test_vllm_on_cpu_resolves_the_block_size_once_before_anything_starts(caplog):
+    """No --block-size: the vllm runner on CPU gets vLLM's 32-token blocks (logged once), in
+    the config every process is handed; an explicit size is kept or refused, never changed;
+    the native runner keeps the default."""
+    import logging
+
+    from engine.worker.factory import resolve_runner_config
+
+    with caplog.at_level(logging.INFO, logger="engine.worker.factory"):
+        cfg = resolve_runner_config(config_from_args(["--runner", "vllm", "--device", "cpu"]))
+    assert cfg.cache.block_size == 32
+    assert [r.message for r in caplog.records if "KV blocks of 32" in r.message] != []
+    assert len(caplog.records) == 1
+    assert resolve_runner_config(cfg) == cfg  # resolved once, stable
+    assert resolve_runner_config(config_from_args(["--runner", "vllm", "--device", "cpu",
+                                                   "--block-size", "64"])).cache.block_size == 64
+    with pytest.raises(ConfigError, match=r"^--block-size: the vllm runner on CPU needs a "
+                       r"multiple of 32 .*got 16"):
+        resolve_runner_config(config_from_args(["--runner", "vllm", "--device", "cpu",
+                                                "--block-size", "16"]))
+    assert resolve_runner_config(config_from_args([])).cache.block_size == 16
+    assert resolve_runner_config(config_from_args(["--device", "cpu"])).cache.block_size == 16

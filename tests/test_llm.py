@@ -65,3 +65,30 @@ def test_seeded_sampling_is_reproducible(llm):
     a = llm.generate(PROMPTS[:4], sp)
     b = llm.generate(PROMPTS[3:4], sp)  # alone, in another batch composition
     assert a[3].token_ids == b[0].token_ids
+
+
+@pytest.mark.parametrize(("sp", "param"), [
+    (SamplingParams(presence_penalty=2.5), "presence_penalty"),
+    (SamplingParams(frequency_penalty=float("inf")), "frequency_penalty"),
+    (SamplingParams(logit_bias=((10**6, 1.0),)), "logit_bias"),
+    (SamplingParams(logit_bias=((5, 1.0), (5, 2.0))), "logit_bias"),
+    (SamplingParams(logit_bias=((5, -101.0),)), "logit_bias"),
+    (SamplingParams(allowed_token_ids=(3, -1)), "allowed_token_ids"),
+    (SamplingParams(temperature=-1.0), "temperature"),
+])
+def test_invalid_sampling_is_refused_before_anything_runs(llm, sp, param):
+    from engine.frontend.serving import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as e:
+        llm.generate(["Return a list of", "If the file"], [SamplingParams(), sp])
+    assert e.value.param == param
+    assert llm.scheduler.num_unfinished == 0
+
+
+def test_penalties_and_allowed_ids_apply(llm):
+    tokens = tuple(range(300, 340))
+    [out] = llm.generate(["Return a list of"], SamplingParams(
+        temperature=0.0, max_tokens=12, ignore_eos=True, allowed_token_ids=tokens,
+        frequency_penalty=2.0))
+    assert len(out.token_ids) == 12 and set(out.token_ids) <= set(tokens)
+    assert max(out.token_ids.count(t) for t in out.token_ids) <= 3

@@ -72,6 +72,10 @@ def engine_request_from_proto(req: Any, model: ServedModel) -> EngineRequest:
         stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids),
         ignore_eos=req.ignore_eos, logprobs=req.logprobs if has("logprobs") else None,
         repetition_penalty=req.repetition_penalty if has("repetition_penalty") else None,
+        presence_penalty=req.presence_penalty if has("presence_penalty") else None,
+        frequency_penalty=req.frequency_penalty if has("frequency_penalty") else None,
+        logit_bias=dict(req.logit_bias),
+        allowed_token_ids=list(req.allowed_token_ids) or None,
     )
     check(not (req.prompt and req.prompt_token_ids),
           "give either prompt or prompt_token_ids, not both", "prompt")

@@ -1,9 +1,8 @@
 """Request bodies of the OpenAI-compatible API (pydantic, so ``/openapi.json`` documents
 them), with the vLLM extensions benchmark clients and integrations send.
 
-Fields OpenAI defines that this engine cannot honour (``logit_bias``, ``tools``, non-zero
-presence or frequency penalties, ``best_of`` > 1, ``suffix``) are refused with 400 rather
-than silently ignored; fields nobody defines are ignored with a logged warning, as vLLM does.
+Fields OpenAI defines that this engine cannot honour (``tools``, ``best_of`` > 1,
+``suffix``) are refused with 400 rather than silently ignored; fields nobody defines are ignored with a logged warning, as vLLM does.
 """
 
 from __future__ import annotations
@@ -34,15 +33,22 @@ class _Sampling(_Body):
     seed: int | None = None
     stop: str | list[str] | None = None
     user: str | None = Field(None, description="end user; the fair-share policy's tenant")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, description="in [-2, 2]; subtracted once "
+                                           "from each token already in the output")
+    frequency_penalty: float | None = Field(None, description="in [-2, 2]; subtracted per "
+                                            "occurrence of a token in the output")
+    # values checked by engine.frontend.serving (400 with param "logit_bias", not a pydantic
+    # error on "logit_bias.<key>")
+    logit_bias: dict[str, Any] | None = Field(
+        None, description="token id (a decimal string) -> bias in [-100, 100] added to its logit")
     # vLLM extensions
     top_k: int | None = Field(None, description="0 or -1 disable it")
     min_tokens: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[Any] | None = Field(
+        None, description="when given, only these token ids may be generated")
     cache_salt: str | None = Field(None, description="isolates this request's prefix cache")
     # this engine's
     priority: int | None = Field(

@@ -172,16 +172,14 @@ class OpenAIServer:
 
     def _sampling(self, body: Any, model: ServedModel, logprobs: int | None) -> Any:
         check(1 <= body.n <= MAX_N, f"n must be in [1, {MAX_N}], got {body.n}", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(body, name)
-            check(not value, f"{name} is not supported (use repetition_penalty)", name)
-        check(not body.logit_bias, "logit_bias is not supported", "logit_bias")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return sampling_params(
             vocab_size=model.info.vocab_size, temperature=body.temperature, top_p=body.top_p,
             top_k=body.top_k, min_tokens=body.min_tokens, seed=body.seed, stop=stop,
             stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos,
-            logprobs=logprobs, repetition_penalty=body.repetition_penalty)
+            logprobs=logprobs, repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            logit_bias=body.logit_bias, allowed_token_ids=body.allowed_token_ids)
 
     def _choices(self, body: Any, model: ServedModel, prompts: Sequence[list[int]],
                  max_tokens: int | None, param: str, logprobs: int | None,

@@ -17,7 +17,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -107,34 +107,102 @@ def sampling_params(
     top_k: int | None = None, min_tokens: int | None = None, seed: int | None = None,
     stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
     logprobs: int | None = None, repetition_penalty: float | None = None,
+    presence_penalty: float | None = None, frequency_penalty: float | None = None,
+    logit_bias: Mapping[Any, Any] | None = None, allowed_token_ids: Sequence[Any] | None = None,
 ) -> SamplingParams:
     """Validated sampling parameters; ``max_tokens`` is set by ``resolve_max_tokens`` (it
-    depends on the prompt's length). ``None`` means the default."""
-    temperature = 1.0 if temperature is None else float(temperature)
-    check(math.isfinite(temperature) and temperature >= 0,
-          f"temperature must be >= 0, got {temperature}", "temperature")
-    top_p = 1.0 if top_p is None else float(top_p)
-    check(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    depends on the prompt's length). ``None`` means the default. ``logit_bias`` maps token
+    ids (ints, or OpenAI's decimal strings) to biases; ``allowed_token_ids``, when given,
+    must list at least one id."""
     top_k = top_k or 0
     check(top_k >= 0 or top_k == -1, f"top_k must be >= 0 (0 or -1 disable it), got {top_k}",
           "top_k")
-    min_tokens = min_tokens or 0
-    check(min_tokens >= 0, f"min_tokens must be >= 0, got {min_tokens}", "min_tokens")
-    check(logprobs is None or logprobs >= 0, f"logprobs must be >= 0, got {logprobs}",
+    check(allowed_token_ids is None or len(allowed_token_ids) > 0,
+          "allowed_token_ids must list at least one token id", "allowed_token_ids")
+    sp = SamplingParams(
+        temperature=1.0 if temperature is None else _number(temperature, "temperature"),
+        top_p=1.0 if top_p is None else _number(top_p, "top_p"), top_k=max(top_k, 0),
+        min_tokens=min_tokens or 0, seed=seed, stop=tuple(stop),
+        stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos, logprobs=logprobs,
+        repetition_penalty=(1.0 if repetition_penalty is None
+                            else _number(repetition_penalty, "repetition_penalty")),
+        presence_penalty=(0.0 if presence_penalty is None
+                          else _number(presence_penalty, "presence_penalty")),
+        frequency_penalty=(0.0 if frequency_penalty is None
+                           else _number(frequency_penalty, "frequency_penalty")),
+        logit_bias=_logit_bias(logit_bias or {}),
+        allowed_token_ids=tuple(_token_id(t, "allowed_token_ids")
+                                for t in allowed_token_ids or ()),
+    )
+    check_sampling(sp, vocab_size)
+    return sp
+
+
+def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
+    """Every range check on sampling parameters, shared by the HTTP and gRPC APIs
+    (``sampling_params``) and ``engine.LLM`` (which takes the struct itself): raises
+    ``InvalidRequest`` (a ValueError) naming the parameter."""
+    check(math.isfinite(sp.temperature) and sp.temperature >= 0,
+          f"temperature must be >= 0, got {sp.temperature}", "temperature")
+    check(0 < sp.top_p <= 1, f"top_p must be in (0, 1], got {sp.top_p}", "top_p")
+    check(sp.top_k >= 0 or sp.top_k == -1,
+          f"top_k must be >= 0 (0 or -1 disable it), got {sp.top_k}", "top_k")
+    check(sp.min_tokens >= 0, f"min_tokens must be >= 0, got {sp.min_tokens}", "min_tokens")
+    check(sp.logprobs is None or sp.logprobs >= 0, f"logprobs must be >= 0, got {sp.logprobs}",
           "logprobs")
-    penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
+    penalty = sp.repetition_penalty
     check(math.isfinite(penalty) and penalty > 0,
           f"repetition_penalty must be > 0, got {penalty}", "repetition_penalty")
-    check(all(stop), "stop strings must not be empty", "stop")
-    bad = [t for t in stop_token_ids if not 0 <= t < vocab_size]
+    check(all(sp.stop), "stop strings must not be empty", "stop")
+    bad = [t for t in sp.stop_token_ids if not 0 <= t < vocab_size]
     check(not bad, f"stop_token_ids {bad[:8]} are outside the vocabulary (size {vocab_size})",
           "stop_token_ids")
-    check(seed is None or -(2**63) <= seed < 2**64, "seed must fit in 64 bits", "seed")
-    return SamplingParams(
-        temperature=temperature, top_p=top_p, top_k=max(top_k, 0), min_tokens=min_tokens,
-        seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_token_ids),
-        ignore_eos=ignore_eos, logprobs=logprobs, repetition_penalty=penalty,
-    )
+    check(sp.seed is None or -(2**63) <= sp.seed < 2**64, "seed must fit in 64 bits", "seed")
+    _check_output_controls(sp, vocab_size)
+
+
+def _check_output_controls(sp: SamplingParams, vocab_size: int) -> None:
+    """OpenAI's presence/frequency penalties and logit_bias, vLLM's allowed_token_ids."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sp, name)
+        check(math.isfinite(value) and -2 <= value <= 2,
+              f"{name} must be in [-2, 2], got {value}", name)
+    ids = [t for t, _ in sp.logit_bias]
+    bad = sorted({t for t in ids if not 0 <= t < vocab_size})
+    check(not bad, f"logit_bias token ids {bad[:8]} are outside the vocabulary (size "
+          f"{vocab_size})", "logit_bias")
+    check(len(set(ids)) == len(ids), "logit_bias lists a token id twice", "logit_bias")
+    wild = [b for _, b in sp.logit_bias if not (math.isfinite(b) and -100 <= b <= 100)]
+    check(not wild, f"logit_bias values must be in [-100, 100], got {wild[:8]}", "logit_bias")
+    bad = sorted({t for t in sp.allowed_token_ids if not 0 <= t < vocab_size})
+    check(not bad, f"allowed_token_ids {bad[:8]} are outside the vocabulary (size "
+          f"{vocab_size})", "allowed_token_ids")
+
+
+def _number(value: Any, param: str) -> float:
+    check(isinstance(value, int | float) and not isinstance(value, bool),
+          f"{param} must be a number, got {str(value)[:40]}", param)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        raise InvalidRequest(f"{param} is out of range", param) from None
+
+
+def _token_id(value: Any, param: str) -> int:
+    """An int token id; OpenAI's logit_bias keys are decimal strings ("50256")."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    check(isinstance(value, int) and not isinstance(value, bool),
+          f"{param}: token ids must be integers, got {str(value)[:40]!r}", param)
+    return int(value)
+
+
+def _logit_bias(bias: Mapping[Any, Any]) -> tuple[tuple[int, float], ...]:
+    pairs = tuple((_token_id(t, "logit_bias"), _number(b, "logit_bias"))
+                  for t, b in bias.items())
+    check(len({t for t, _ in pairs}) == len(pairs), "logit_bias lists a token id twice "
+          "(as two spellings of one key)", "logit_bias")
+    return pairs
 
 
 def encode_text(model: ServedModel, text: str, param: str = "prompt") -> list[int]:

@@ -1,11 +1,23 @@
-"""Build the model runner a worker config asks for."""
+"""Build the model runner a worker config asks for, and resolve what the runner decides in
+the config before any process starts (``resolve_runner_config``)."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
-from engine.config import RUNNERS, CacheConfig, ConfigError, ModelConfig, WorkerConfig
+from engine.config import (
+    RUNNERS,
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    WorkerConfig,
+    replace,
+)
 from engine.worker.runner import ModelRunner
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from engine.models.parallel import TensorParallel
@@ -48,17 +60,38 @@ def make_runner(
 VLLM_CPU_BLOCK_MULTIPLE = 32
 
 
-def check_runner_config(cache_config: CacheConfig, worker_config: WorkerConfig) -> None:
-    """What can be said about a runner's configuration before any worker starts (a vLLM
-    import alone takes seconds): raises ConfigError naming the flag."""
+def resolve_runner_config(cfg: EngineConfig) -> EngineConfig:
+    """``cfg`` with what the runner decides filled in, then checked: called once, before any
+    process or runner starts (the launcher, torchrun, ``LLM``), so that the pools and the
+    workers all get the same values. The vllm runner on CPU without ``--block-size`` gets
+    blocks of ``VLLM_CPU_BLOCK_MULTIPLE`` tokens (logged); an explicit size it cannot use is
+    refused (ConfigError naming the flag)."""
+    cache = cfg.cache
+    if (cache.block_size_auto and _vllm_on_cpu(cfg.worker)
+            and cache.block_size % VLLM_CPU_BLOCK_MULTIPLE):
+        log.info("--runner vllm on CPU: KV blocks of %d tokens (vLLM's CPU attention kernel "
+                 "needs a multiple of %d; --block-size sets another)",
+                 VLLM_CPU_BLOCK_MULTIPLE, VLLM_CPU_BLOCK_MULTIPLE)
+        cfg = replace(cfg, cache={"block_size": VLLM_CPU_BLOCK_MULTIPLE})
+    check_runner_config(cfg.cache, cfg.worker)
+    return cfg
+
+
+def _vllm_on_cpu(worker_config: WorkerConfig) -> bool:
     if worker_config.runner != "vllm":
-        return
+        return False
     device = worker_config.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and cache_config.block_size % VLLM_CPU_BLOCK_MULTIPLE:
+    return device == "cpu"
+
+
+def check_runner_config(cache_config: CacheConfig, worker_config: WorkerConfig) -> None:
+    """What can be said about a runner's configuration before any worker starts (a vLLM
+    import alone takes seconds): raises ConfigError naming the flag."""
+    if _vllm_on_cpu(worker_config) and cache_config.block_size % VLLM_CPU_BLOCK_MULTIPLE:
         raise ConfigError(
             f"--block-size: the vllm runner on CPU needs a multiple of "
             f"{VLLM_CPU_BLOCK_MULTIPLE} (vLLM's CPU attention kernel), got "

@@ -1,12 +1,16 @@
 """Batched next-token sampling for one step.
 
-Per row, in this order (the order of Hugging Face's logits processors and vLLM's sampler):
-repetition penalty over every known token (prompt and output), min_tokens masking of the
-stop ids, then greedy argmax (temperature 0) or temperature, top-k, top-p and a draw.
+Per row, in this order (vLLM's sampler; ``_process_logits``): the ``allowed_token_ids``
+mask, ``logit_bias``, min_tokens masking of the stop ids, then the penalties (repetition
+over every known token, prompt and output; then OpenAI's frequency and presence penalties
+over the output tokens so far: ``logit -= frequency * count + presence * (count > 0)``),
+then greedy argmax (temperature 0) or temperature, top-k, top-p and a draw.
 
-Cost model: a greedy batch with no penalties is one ``argmax`` over ``[batch, vocab]`` and
+Cost model: a greedy batch with no processors is one ``argmax`` over ``[batch, vocab]`` and
 one ``tolist``; the only per-row Python is reading each row's parameters, no per-row tensor
-op. Rows with a penalty or a min_tokens mask touch only their own row.
+op. Each processor runs once for the rows that use it, vectorised over them: their token
+lists are concatenated and scattered into ``[rows, vocab]`` counts or masks in one op (no
+per-token Python); min_tokens masks touch only their own row.
 Sampling rows share one sort (top-k/top-p) and one softmax over the batch; the draw is the
 exponential race ``argmax(p / E)``, ``E ~ Exp(1)``, equivalent to sampling from ``p`` and
 vectorised: only the noise differs per row.
@@ -16,11 +20,13 @@ Reproducibility: the noise of a seeded request's n-th output token comes from a 
 worker (CPU or GPU) or preemption. Unseeded rows draw from one worker generator.
 
 Logprobs are those of the raw model distribution (``log_softmax`` of the unprocessed logits,
-vLLM's default), for the chosen token.
+vLLM's default ``raw_logprobs``), for the chosen token: the allowed-ids mask, logit_bias,
+penalties and temperature change which token is chosen, never the logprobs reported.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,7 +44,9 @@ class SamplingRow(Protocol):
     sampling: SamplingParams
     #: Every known token: prompt and output so far (the repetition penalty's history).
     token_ids: list[int]
-    #: Output tokens produced before the one being sampled (its index n).
+    #: Output tokens produced before the one being sampled (its index n); they are the last
+    #: ``num_output_tokens`` of ``token_ids`` (the presence and frequency penalties' history,
+    #: also after a preemption, when the request comes back with them in its tokens).
     num_output_tokens: int
 
 
@@ -79,14 +87,7 @@ class Sampler:
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
 
-        for i, r in enumerate(rows):
-            p = r.sampling
-            if p.repetition_penalty != 1.0:
-                _repetition_penalty(logits[i], r.token_ids, p.repetition_penalty)
-            if r.num_output_tokens < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
-                if banned:
-                    logits[i, banned] = float("-inf")
+        _process_logits(logits, rows, self.eos_token_ids)
 
         greedy = [p.temperature == 0.0 for p in params]
         tokens = logits.argmax(-1)
@@ -154,14 +155,95 @@ class Sampler:
         return gen
 
 
-def _repetition_penalty(row: torch.Tensor, token_ids: list[int], penalty: float) -> None:
-    """HF/CTRL penalty, in place: seen tokens' positive logits divided by ``penalty``,
-    negative ones multiplied."""
-    idx = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=row.device)
-    if idx.numel() == 0:
-        return
-    seen = row[idx]
-    row[idx] = torch.where(seen > 0, seen / penalty, seen * penalty)
+def _process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                    eos_token_ids: tuple[int, ...]) -> None:
+    """Every processor before temperature, in place, in vLLM's order: the allowed-ids mask,
+    logit_bias, the min_tokens mask, the penalties. One pass over the rows' parameters picks
+    the rows of each; a processor no row uses costs nothing."""
+    allowed: list[int] = []
+    biased: list[int] = []
+    penalised: list[int] = []
+    for i, r in enumerate(rows):
+        p = r.sampling
+        if p.allowed_token_ids:
+            allowed.append(i)
+        if p.logit_bias:
+            biased.append(i)
+        if r.num_output_tokens < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+            if banned:
+                logits[i, banned] = float("-inf")
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            penalised.append(i)
+    # The min_tokens mask (-inf) commutes with the allowed mask and the bias: applied in the
+    # same pass, the result is the order above.
+    if allowed:
+        _mask_disallowed(logits, [rows[i].sampling.allowed_token_ids for i in allowed], allowed)
+    if biased:
+        _add_logit_bias(logits, [rows[i].sampling.logit_bias for i in biased], biased)
+    if penalised:
+        apply_penalties(logits, [rows[i] for i in penalised], penalised)
+
+
+def _scatter_index(lists: Sequence[Sequence[int]], device: torch.device,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) index tensors of several token lists, row ``j`` for ``lists[j]``: one
+    flat tensor per axis, built without per-token Python."""
+    lengths = torch.tensor([len(x) for x in lists])
+    flat = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(lists)), lengths)
+    return rows.to(device), flat.to(device)
+
+
+def _mask_disallowed(logits: torch.Tensor, allowed: Sequence[Sequence[int]],
+                     idx: list[int]) -> None:
+    """Only the listed tokens stay; every other logit of those rows becomes -inf."""
+    keep = torch.zeros(len(idx), logits.shape[1], dtype=torch.bool, device=logits.device)
+    keep[_scatter_index(allowed, logits.device)] = True
+    index = torch.tensor(idx, device=logits.device)
+    logits[index] = logits[index].masked_fill(~keep, float("-inf"))
+
+
+def _add_logit_bias(logits: torch.Tensor, biases: Sequence[tuple[tuple[int, float], ...]],
+                    idx: list[int]) -> None:
+    """``logit[token] += bias`` for each row's (token, bias) pairs (token ids are distinct
+    within a row: the frontend and ``LLM`` refuse duplicates)."""
+    rows, tokens = _scatter_index([[t for t, _ in b] for b in biases], logits.device)
+    values = torch.tensor([v for b in biases for _, v in b], dtype=logits.dtype,
+                          device=logits.device)
+    index = torch.tensor(idx, device=logits.device)
+    logits.index_put_((index[rows], tokens), values, accumulate=True)
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list[int]) -> None:
+    """The repetition penalty (HF/CTRL: a seen token's positive logit divided by it, a
+    negative one multiplied), over every known token; then OpenAI's frequency and presence
+    penalties over the output tokens (the last ``num_output_tokens`` of ``token_ids``), in
+    vLLM's order and arithmetic: ``x -= frequency * count``, then ``x -= presence * seen``."""
+    device = logits.device
+    index = torch.tensor(idx, device=device)
+    x = logits[index]
+    params = [r.sampling for r in rows]
+    vocab = logits.shape[1]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+        seen[_scatter_index([r.token_ids for r in rows], device)] = True
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        outputs = [r.token_ids[len(r.token_ids) - r.num_output_tokens:] if r.num_output_tokens
+                   else [] for r in rows]
+        counts = torch.zeros(len(rows), vocab, dtype=x.dtype, device=device)
+        r_idx, t_idx = _scatter_index(outputs, device)
+        counts.index_put_((r_idx, t_idx), torch.ones_like(t_idx, dtype=x.dtype),
+                          accumulate=True)
+        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=x.dtype,
+                                 device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], dtype=x.dtype,
+                                device=device)[:, None]
+        x -= frequency * counts
+        x -= presence * (counts > 0).to(x.dtype)
+    logits[index] = x
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

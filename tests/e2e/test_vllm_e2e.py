@@ -1,7 +1,9 @@
 """`python -m engine.launch --runner vllm --workers 2`: vLLM's worker in each worker process,
 our scheduler in front, driven over gRPC.
 
-One launch serves the module (two vLLM workers start in parallel: ~20 s on 2 cores). Greedy
+One launch serves the module (two vLLM workers start in parallel: ~20 s on 2 cores), with
+no --block-size: the launcher resolves the 32-token blocks vLLM's CPU attention needs and
+hands them to the pool and both workers (a mismatch would fail every plan). Greedy
 streams must equal the in-process native engine's tokens; a worker killed mid-stream is
 restarted and its requests finish unchanged elsewhere; Ctrl-C leaves nothing behind.
 The helpers are those of test_engine.py.
@@ -26,7 +28,7 @@ if importlib.util.find_spec("vllm") is None:  # pragma: no cover - depends on th
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-BLOCK = 32  # vLLM's CPU attention needs a multiple of 32
+BLOCK = 32  # what the launcher resolves for vLLM's CPU attention (a multiple of 32)
 NUM_KV_BLOCKS = 64
 MAX_TOKENS = 24
 LONG_TOKENS = 160  # streams that last seconds: the kill lands mid-stream
@@ -38,7 +40,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine():
-    with launched("--runner", "vllm", "--workers", "2", "--block-size", str(BLOCK),
+    with launched("--runner", "vllm", "--workers", "2",  # no --block-size: resolved
                   "--num-kv-blocks", str(NUM_KV_BLOCKS), timeout=240) as (proc, port):
         assert _wait_idle(port) == [NUM_KV_BLOCKS] * 2  # both workers (block 0 is vLLM's)
         yield proc, port

@@ -139,6 +139,17 @@ def test_streams_deltas_and_usage(env: Env) -> None:
                                                                             len(ids) + 2)
 
 
+def test_penalties_logit_bias_and_allowed_ids_reach_the_pool(env: Env) -> None:
+    req = pb2.GenerateRequest(prompt="Hello", max_tokens=2, presence_penalty=-0.5,
+                              frequency_penalty=1.5, logit_bias={7: -100.0, 12: 2.5},
+                              allowed_token_ids=[7, 12, 40])
+    list(env.stub.Generate(req, timeout=10))
+    sp = env.pools[0].added[-1].sampling
+    assert (sp.presence_penalty, sp.frequency_penalty) == (-0.5, 1.5)
+    assert sorted(sp.logit_bias) == [(7, -100.0), (12, 2.5)]
+    assert sp.allowed_token_ids == (7, 12, 40)
+
+
 def test_defaults_token_ids_prompt_and_second_model(env: Env) -> None:
     out = generate([5, 6, 7], port=env.port, model="tiny-b")
     assert out.token_ids == [5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6, 7, 5]  # 16 by default
@@ -246,6 +257,11 @@ def test_pool_error_ends_stream(env: Env) -> None:
     ({"prompt": "Hi", "min_tokens": 9, "max_tokens": 4}, "min_tokens"),
     ({"prompt": "Hi", "stop": [""]}, "stop strings"),
     ({"prompt": "Hi", "stop_token_ids": [99999]}, "stop_token_ids"),
+    ({"prompt": "Hi", "presence_penalty": 2.01}, "presence_penalty must be in [-2, 2]"),
+    ({"prompt": "Hi", "frequency_penalty": float("nan")}, "frequency_penalty must be in"),
+    ({"prompt": "Hi", "logit_bias": {99999: 1.0}}, "logit_bias token ids [99999]"),
+    ({"prompt": "Hi", "logit_bias": {5: -100.5}}, "logit_bias values must be in [-100, 100]"),
+    ({"prompt": "Hi", "allowed_token_ids": [3, 99999]}, "allowed_token_ids [99999]"),
     ({"prompt_token_ids": [3, 99999]}, "outside the vocabulary"),
     ({"prompt": "Hi", "prompt_token_ids": [3]}, "not both"),
     ({"prompt_token_ids": [5] * (MAX_MODEL_LEN + 1)}, "prompt longer than the model's context"),

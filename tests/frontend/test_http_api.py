@@ -168,6 +168,21 @@ def test_completion_maps_request_and_response(env: Env) -> None:
         0.5, 7, 5, 1, 1.1, True, (3,), len(ids) + 2)
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_penalties_logit_bias_and_allowed_ids_reach_the_pool(env: Env, path: str) -> None:
+    fields = {"presence_penalty": 0.5, "frequency_penalty": -1.25,
+              "logit_bias": {"7": -100, "12": 2.5}, "allowed_token_ids": [7, 12, 40],
+              "max_tokens": 2}
+    body = ({"prompt": "Hello"} if path == "/v1/completions"
+            else {"messages": [{"role": "user", "content": "Hello"}]})
+    r = env.post(path, body | fields)
+    assert r.status_code == 200, r.text
+    sp = env.pools[0].added[-1].sampling
+    assert (sp.presence_penalty, sp.frequency_penalty) == (0.5, -1.25)
+    assert sp.logit_bias == ((7, -100.0), (12, 2.5))
+    assert sp.allowed_token_ids == (7, 12, 40)
+
+
 def test_streaming_completion_with_usage(env: Env) -> None:
     ids = env.encode("The quick brown fox")
     r = env.post("/v1/completions", {"prompt": ids, "max_tokens": 5, "stream": True,
@@ -309,7 +324,30 @@ def test_models_health_metrics_openapi(env: Env) -> None:
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", []),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", []),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop", []),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", []),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty",
+     ["[-2, 2]"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "frequency_penalty": -3}, 400, "frequency_penalty", ["[-2, 2]"]),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": "high"}, 400, "frequency_penalty",
+     []),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias",
+     ["[-100, 100]"]),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": "up"}}, 400, "logit_bias", []),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"hello": 1}}, 400, "logit_bias",
+     ["integers"]),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 1}}, 400, "logit_bias", []),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"9" * 100: 1}}, 400, "logit_bias", []),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10**400}}, 400, "logit_bias", []),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1, "05": 2}}, 400, "logit_bias",
+     ["twice"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "logit_bias": {"320": 5}}, 400, "logit_bias", ["vocabulary"]),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids",
+     ["at least one"]),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [3, 320]}, 400,
+     "allowed_token_ids", ["vocabulary"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "allowed_token_ids": ["a"]}, 400, "allowed_token_ids", []),
     ("/v1/completions", {"prompt": "x", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens",
      []),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", []),

@@ -163,3 +163,104 @@ def test_samples_stay_in_the_filtered_support(vals, temperature, top_k, top_p, s
     out = Sampler()(row.repeat(16, 1), rows)
     # (a hair of slack on top_p: float rounding right at the cut may keep one more token)
     assert set(out.token_ids) <= _allowed(row, temperature, top_k, min(1.0, top_p + 1e-4))
+
+
+# --------------------------------------------------------------------------- OpenAI's processors
+
+
+def _reference(x: torch.Tensor, p: SamplingParams, token_ids: list[int], n_out: int,
+               eos: tuple[int, ...] = ()) -> torch.Tensor:
+    """The processors written out token by token, in vLLM's order, for one row."""
+    x = x.clone()
+    if p.allowed_token_ids:
+        keep = torch.full_like(x, float("-inf"))
+        for t in p.allowed_token_ids:
+            keep[t] = 0.0
+        x = x + keep
+    for t, b in p.logit_bias:
+        x[t] += b
+    if n_out < p.min_tokens:
+        for t in [*p.stop_token_ids, *([] if p.ignore_eos else eos)]:
+            x[t] = float("-inf")
+    for t in set(token_ids):
+        if p.repetition_penalty != 1.0:
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    outputs = token_ids[len(token_ids) - n_out:] if n_out else []
+    for t in set(outputs):
+        x[t] -= p.frequency_penalty * outputs.count(t)
+        x[t] -= p.presence_penalty
+    return x
+
+
+def test_frequency_and_presence_count_output_tokens_only() -> None:
+    """``logit -= frequency * count + presence * (count > 0)`` over the outputs: the prompt
+    (the first tokens of ``token_ids``) is not penalised."""
+    x = logits_of([5.0, 4.9, 4.8, 0.0, 0.0])
+    prompt, outputs = [1, 1, 1], [0, 0, 2]
+    rows = [Row(SamplingParams(temperature=0.0, frequency_penalty=0.2), prompt + outputs, 3)]
+    out = Sampler()(x.clone(), rows)
+    assert out.token_ids == [1]  # 5.0 - 0.4 = 4.6 < 4.9; token 1 only in the prompt
+    rows = [Row(SamplingParams(temperature=0.0, presence_penalty=0.15), prompt + outputs, 3)]
+    assert Sampler()(x.clone(), rows).token_ids == [1]  # 4.85 < 4.9, 4.65
+    rows = [Row(SamplingParams(temperature=0.0, presence_penalty=-1.0), prompt + outputs, 3)]
+    assert Sampler()(x.clone(), rows).token_ids == [0]  # negative: rewards seen outputs
+    rows = [Row(SamplingParams(temperature=0.0, frequency_penalty=2.0), prompt + outputs, 0)]
+    assert Sampler()(x.clone(), rows).token_ids == [0]  # nothing output yet
+
+
+def test_logit_bias_and_allowed_token_ids() -> None:
+    x = logits_of([3.0, 2.0, 1.0, 0.0])
+    s = Sampler()
+    assert s(x.clone(), [Row(SamplingParams(temperature=0.0, logit_bias=((3, 3.5),)))]).token_ids == [3]
+    assert s(x.clone(), [Row(SamplingParams(temperature=0.0, logit_bias=((0, -100.0),)))]).token_ids == [1]
+    allowed = SamplingParams(temperature=1.0, allowed_token_ids=(1, 3), seed=3)
+    out = s(x.repeat(500, 1), [Row(allowed, num_output_tokens=n) for n in range(500)])
+    assert set(out.token_ids) == {1, 3}
+    # the bias applies inside the allowed set
+    both = SamplingParams(temperature=0.0, allowed_token_ids=(1, 3), logit_bias=((3, 2.5),))
+    assert s(x.clone(), [Row(both)]).token_ids == [3]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_processors_match_a_token_by_token_reference(data) -> None:
+    """A batch mixing rows with every processor (and rows with none) gives each row the
+    reference's processed logits; the logprobs stay the raw model's."""
+    vocab = 12
+    n = data.draw(st.integers(1, 5))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    x = torch.randn(n, vocab, generator=g) * 3
+    tok = st.integers(0, vocab - 1)
+    pen = st.sampled_from([0.0, 0.5, -0.7, 2.0])
+    rows = []
+    for _ in range(n):
+        ids = data.draw(st.lists(tok, max_size=10))
+        bias = data.draw(st.dictionaries(tok, st.floats(-100, 100), max_size=3))
+        p = SamplingParams(
+            temperature=0.0, logprobs=0, min_tokens=data.draw(st.integers(0, 3)),
+            stop_token_ids=(5,), frequency_penalty=data.draw(pen),
+            presence_penalty=data.draw(pen),
+            repetition_penalty=data.draw(st.sampled_from([1.0, 1.3, 0.8])),
+            logit_bias=tuple(bias.items()),
+            allowed_token_ids=tuple(data.draw(st.sets(tok, max_size=4))))
+        rows.append(Row(p, ids, data.draw(st.integers(0, len(ids)))))
+    processed = x.clone()
+    out = Sampler(eos_token_ids=[0])(processed, rows)
+    for i, r in enumerate(rows):
+        want = _reference(x[i], r.sampling, r.token_ids, r.num_output_tokens, eos=(0,))
+        torch.testing.assert_close(processed[i], want, rtol=1e-6, atol=1e-5)
+        if want.isfinite().any():
+            assert want[out.token_ids[i]] == want.max()
+        assert out.logprobs is not None
+        assert abs(out.logprobs[i] - torch.log_softmax(x[i], -1)[out.token_ids[i]].item()) < 1e-5
+
+
+def test_penalised_rows_are_reproducible_with_a_seed() -> None:
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(4))
+    p = SamplingParams(temperature=1.0, seed=7, frequency_penalty=0.8, presence_penalty=0.4,
+                       logit_bias=((3, 2.0),))
+    history = [3, 3, 9, 10]
+    a = [Sampler(seed=1)(x.clone(), [Row(p, history, 2)]).token_ids[0] for _ in range(3)]
+    crowd = torch.cat([torch.randn(2, 64), x])
+    b = Sampler(seed=2)(crowd, [Row(G), Row(SamplingParams(temperature=1.0)), Row(p, history, 2)])
+    assert a == [b.token_ids[2]] * 3

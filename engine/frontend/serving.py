@@ -25,7 +25,13 @@ import msgspec
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.frontend.pool_client import PoolClient
-from engine.messages import EngineRequest, Explanation, RequestOutput, SamplingParams
+from engine.messages import (
+    EngineRequest,
+    Explanation,
+    PromptLogprobs,
+    RequestOutput,
+    SamplingParams,
+)
 from engine.models.info import ModelInfo
 
 if TYPE_CHECKING:
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: max_tokens when a request does not say (clamped to the context left), as in OpenAI's API.
 DEFAULT_MAX_TOKENS = 16
+#: The most prompt logprobs per position a request may ask for (vLLM's default max_logprobs).
+MAX_PROMPT_LOGPROBS = 20
 
 
 class InvalidRequest(ValueError):
@@ -107,6 +115,7 @@ def sampling_params(
     top_k: int | None = None, min_tokens: int | None = None, seed: int | None = None,
     stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
     logprobs: int | None = None, repetition_penalty: float | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Validated sampling parameters; ``max_tokens`` is set by ``resolve_max_tokens`` (it
     depends on the prompt's length). ``None`` means the default."""
@@ -122,6 +131,9 @@ def sampling_params(
     check(min_tokens >= 0, f"min_tokens must be >= 0, got {min_tokens}", "min_tokens")
     check(logprobs is None or logprobs >= 0, f"logprobs must be >= 0, got {logprobs}",
           "logprobs")
+    check(prompt_logprobs is None or 0 <= prompt_logprobs <= MAX_PROMPT_LOGPROBS,
+          f"prompt_logprobs must be in [0, {MAX_PROMPT_LOGPROBS}], got {prompt_logprobs}",
+          "prompt_logprobs")
     penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
     check(math.isfinite(penalty) and penalty > 0,
           f"repetition_penalty must be > 0, got {penalty}", "repetition_penalty")
@@ -134,6 +146,7 @@ def sampling_params(
         temperature=temperature, top_p=top_p, top_k=max(top_k, 0), min_tokens=min_tokens,
         seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_token_ids),
         ignore_eos=ignore_eos, logprobs=logprobs, repetition_penalty=penalty,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -155,9 +168,11 @@ def check_token_ids(model: ServedModel, ids: Sequence[int], param: str = "prompt
 
 
 def resolve_max_tokens(requested: int | None, num_prompt: int, max_model_len: int,
-                       param: str = "max_tokens") -> int:
+                       param: str = "max_tokens", *, allow_zero: bool = False) -> int:
     """The request's output budget: ``requested`` if it fits the context, else an error;
-    unset means ``DEFAULT_MAX_TOKENS`` clamped to the room left."""
+    unset means ``DEFAULT_MAX_TOKENS`` clamped to the room left. 0 (the prompt's prefill
+    only) only with ``allow_zero``: for a request whose answer is its prompt (echo) or its
+    prompt logprobs."""
     room = max_model_len - num_prompt
     check(num_prompt <= max_model_len, f"prompt longer than the model's context: {num_prompt} "
           f"tokens, max_model_len is {max_model_len}", "prompt")
@@ -165,7 +180,11 @@ def resolve_max_tokens(requested: int | None, num_prompt: int, max_model_len: in
           "no room to generate", "prompt")
     if requested is None:
         return min(DEFAULT_MAX_TOKENS, room)
-    check(requested >= 1, f"{param} must be >= 1, got {requested}", param)
+    if allow_zero:
+        check(requested >= 0, f"{param} must be >= 0, got {requested}", param)
+    else:
+        check(requested >= 1, f"{param} must be >= 1, got {requested}"
+              " (0 only with echo or prompt_logprobs)", param)
     check(requested <= room, f"prompt ({num_prompt} tokens) + {param} ({requested}) exceeds "
           f"the model's context (max_model_len {max_model_len})", param)
     return int(requested)
@@ -199,6 +218,17 @@ class Usage:
 
 
 @dataclass
+class PromptLogprob:
+    """One prompt token's logprob given the tokens before it, its rank (1: the most likely)
+    and the request's ``prompt_logprobs`` most likely tokens, best first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Delta:
     """New output of one request since the previous delta."""
 
@@ -211,6 +241,9 @@ class Delta:
     finish_reason: str | None = None
     usage: Usage | None = None
     explanation: Explanation | None = None
+    #: On the first delta of a request that asked for prompt logprobs: one entry per prompt
+    #: token, None for the first (nothing precedes it).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 async def generate(model: ServedModel, request: EngineRequest,
@@ -230,8 +263,14 @@ async def generate(model: ServedModel, request: EngineRequest,
     timer = metrics.request_timer(model.name, request) if metrics else None
     done = False
     completion = cached = 0
+    # Prompt logprobs arrive in chunks (one per prefill step) before the first token; they
+    # go out whole with the first delta.
+    prompt_lps = _PromptLogprobs(request) if request.sampling.prompt_logprobs is not None \
+        else None
     try:
         async for out in stream:
+            if out.prompt_logprobs is not None and prompt_lps is not None:
+                prompt_lps.add(out.prompt_logprobs)
             if out.finish_reason == "error":
                 done = True
                 if timer:
@@ -259,10 +298,13 @@ async def generate(model: ServedModel, request: EngineRequest,
                 if timer:
                     timer.finish(finish, completion, out.explanation, cached)
                 yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out), finish,
-                            usage, out.explanation)
+                            usage, out.explanation,
+                            prompt_lps.take() if prompt_lps is not None else None)
                 return
             if text or out.new_token_ids:
-                yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out))
+                yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out),
+                            prompt_logprobs=prompt_lps.take() if prompt_lps is not None
+                            else None)
     finally:
         if not done:  # closed early: the client went away, a timeout, the server stopping
             model.pool.abort([request.request_id])
@@ -275,3 +317,27 @@ def _top(out: RequestOutput) -> list[list[tuple[int, float]]] | None:
         return None
     return [list(zip(ids, lps, strict=True))
             for ids, lps in zip(out.top_token_ids, out.top_logprobs, strict=True)]
+
+
+class _PromptLogprobs:
+    """A request's prompt logprobs as they arrive, placed by prompt position (a position
+    sent again, as after a pool restart, replaces itself); ``take`` hands them out once."""
+
+    def __init__(self, request: EngineRequest) -> None:
+        self.prompt = request.prompt_token_ids
+        self.entries: list[PromptLogprob | None] = [None] * len(self.prompt)
+        self.taken = False
+
+    def add(self, chunk: PromptLogprobs) -> None:
+        for j, (lp, rank) in enumerate(zip(chunk.token_logprobs, chunk.ranks, strict=True)):
+            i = chunk.first + j
+            if 0 < i < len(self.prompt):
+                top = (list(zip(chunk.top_token_ids[j], chunk.top_logprobs[j], strict=True))
+                       if chunk.top_token_ids else [])
+                self.entries[i] = PromptLogprob(self.prompt[i], lp, rank, top)
+
+    def take(self) -> list[PromptLogprob | None] | None:
+        if self.taken:
+            return None
+        self.taken = True
+        return self.entries

@@ -11,8 +11,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from engine.frontend.admission import Refusal
-from engine.frontend.serving import Delta, GenerationFailed, PromptLogprob, ServedModel
+from engine.frontend.serving import Delta, GenerationFailed, ServedModel
 from engine.messages import EngineRequest
+from engine.prompt_logprobs import PromptLogprob
 
 
 class ApiError(Exception):

@@ -25,14 +25,9 @@ import msgspec
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.frontend.pool_client import PoolClient
-from engine.messages import (
-    EngineRequest,
-    Explanation,
-    PromptLogprobs,
-    RequestOutput,
-    SamplingParams,
-)
+from engine.messages import EngineRequest, Explanation, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo
+from engine.prompt_logprobs import PromptLogprob, PromptLogprobsBuffer
 
 if TYPE_CHECKING:
     from engine.frontend.metrics import EngineMetrics
@@ -218,17 +213,6 @@ class Usage:
 
 
 @dataclass
-class PromptLogprob:
-    """One prompt token's logprob given the tokens before it, its rank (1: the most likely)
-    and the request's ``prompt_logprobs`` most likely tokens, best first."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
-
-
-@dataclass
 class Delta:
     """New output of one request since the previous delta."""
 
@@ -265,7 +249,7 @@ async def generate(model: ServedModel, request: EngineRequest,
     completion = cached = 0
     # Prompt logprobs arrive in chunks (one per prefill step) before the first token; they
     # go out whole with the first delta.
-    prompt_lps = _PromptLogprobs(request) if request.sampling.prompt_logprobs is not None \
+    prompt_lps = PromptLogprobsBuffer(request.prompt_token_ids) if request.sampling.prompt_logprobs is not None \
         else None
     try:
         async for out in stream:
@@ -318,26 +302,3 @@ def _top(out: RequestOutput) -> list[list[tuple[int, float]]] | None:
     return [list(zip(ids, lps, strict=True))
             for ids, lps in zip(out.top_token_ids, out.top_logprobs, strict=True)]
 
-
-class _PromptLogprobs:
-    """A request's prompt logprobs as they arrive, placed by prompt position (a position
-    sent again, as after a pool restart, replaces itself); ``take`` hands them out once."""
-
-    def __init__(self, request: EngineRequest) -> None:
-        self.prompt = request.prompt_token_ids
-        self.entries: list[PromptLogprob | None] = [None] * len(self.prompt)
-        self.taken = False
-
-    def add(self, chunk: PromptLogprobs) -> None:
-        for j, (lp, rank) in enumerate(zip(chunk.token_logprobs, chunk.ranks, strict=True)):
-            i = chunk.first + j
-            if 0 < i < len(self.prompt):
-                top = (list(zip(chunk.top_token_ids[j], chunk.top_logprobs[j], strict=True))
-                       if chunk.top_token_ids else [])
-                self.entries[i] = PromptLogprob(self.prompt[i], lp, rank, top)
-
-    def take(self) -> list[PromptLogprob | None] | None:
-        if self.taken:
-            return None
-        self.taken = True
-        return self.entries

@@ -5,6 +5,7 @@ preemption do; a ``max_tokens`` 0 request runs its prefill only."""
 from __future__ import annotations
 
 import msgspec
+import pytest
 from fakes import FakeWorker, make_request, make_scheduler, prompt_logprob, reference_output
 
 from engine.messages import EngineRequest, RequestOutput, StepPlan
@@ -132,6 +133,41 @@ def test_preemption_after_scoring_does_not_resend_and_may_use_the_cache():
         assert prompt_rows(outs, r.request_id) == expected_rows(r)
         assert [t for o in outs if o.request_id == r.request_id for t in o.new_token_ids] == \
             reference_output(r)
+
+
+@pytest.mark.parametrize("num_blocks,high_len,mid_prompt", [(10, 16, True), (12, 12, False)])
+def test_preempted_by_priority_mid_prompt_or_after_scoring(num_blocks: int, high_len: int,
+                                                          mid_prompt: bool):
+    """A low-priority prompt being scored in chunks is preempted by a high-priority request.
+    Mid-prompt, it resumes after the cached blocks before its first unsent position, still
+    scoring; after its prompt was scored, it resumes from the whole cached prefix and the
+    runner is asked for no prompt logprobs. Either way each position is sent once."""
+    sched = make_scheduler(max_num_batched_tokens=8, policy="priority")
+    worker = FakeWorker(0, num_blocks, 4)
+    sched.add_worker(0, num_blocks, 0.0)
+    low = with_prompt_logprobs(make_request("low", prompt_len=30, max_tokens=4))
+    sched.add(low, 0.0)
+    outs: list[RequestOutput] = []
+    plans: list[StepPlan] = []
+    for _ in range(2):  # 16 of its 30 prompt tokens
+        plan = sched.schedule(0, 0.0)
+        assert plan is not None
+        plans.append(plan)
+        outs += sched.update(plan, worker.step(plan), 0.0)
+    sched.add(make_request("high", prompt_len=high_len, max_tokens=8, priority=5, seed=9), 0.0)
+    more_outs, more_plans = drive(sched, worker)
+    outs += more_outs
+    plans += more_plans
+    assert sched.num_preemptions > 0
+    resumed = [n for p in plans for n in p.new_requests if n.request_id == "low"][1:]
+    assert resumed and resumed[0].num_computed_tokens > 0  # the cache served what it could
+    if mid_prompt:
+        assert resumed[0].num_output_tokens == 0 and resumed[0].sampling.prompt_logprobs == 2
+    else:
+        assert resumed[0].num_output_tokens > 0 and resumed[0].sampling.prompt_logprobs is None
+    assert prompt_rows(outs, "low") == expected_rows(low)
+    assert [t for o in outs if o.request_id == "low" for t in o.new_token_ids] == \
+        reference_output(low)
 
 
 def test_a_request_owed_prompt_logprobs_resumes_no_later_than_its_first_unsent_position():

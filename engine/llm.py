@@ -24,6 +24,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.frontend.serving import check_sampling
 from engine.messages import EngineRequest, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo, load_model_info
+from engine.prompt_logprobs import PromptLogprob, PromptLogprobsBuffer
 from engine.scheduler.scheduler import Scheduler
 from engine.worker.runner import ModelRunner
 
@@ -42,6 +43,9 @@ class CompletionOutput:
     logprobs: list[float] | None = None
     #: Per token, the most likely tokens as (token id, logprob), best first (``logprobs=k``).
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    #: With ``prompt_logprobs=k``: per prompt token (None for the first) its logprob, rank
+    #: and the k most likely tokens (``max_tokens=0`` scores the prompt only).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
     error: str = ""
 
 
@@ -68,6 +72,7 @@ class LLM:
         for w, runner in enumerate(self.runners):
             self.scheduler.add_worker(w, runner.num_blocks, time.time())
         self._ids = itertools.count()
+        self._prompt_lps: dict[str, PromptLogprobsBuffer] = {}  # of the running requests
 
     def generate(
         self,
@@ -100,6 +105,9 @@ class LLM:
                    if isinstance(prompt, str) else [int(t) for t in prompt])
             results[rid] = CompletionOutput(rid, prompt if isinstance(prompt, str) else None, ids)
             detoks[rid] = IncrementalDetokenizer(self.tokenizer, ids, sp.stop)
+            if sp.prompt_logprobs is not None:  # filled in place as the chunks arrive
+                buffer = self._prompt_lps[rid] = PromptLogprobsBuffer(ids)
+                results[rid].prompt_logprobs = buffer.entries
             req = EngineRequest(request_id=rid, prompt_token_ids=tuple(ids), sampling=sp,
                                 priority=priority, arrival_time=now,
                                 eos_token_ids=self.info.eos_token_ids)
@@ -111,6 +119,8 @@ class LLM:
                     outs = self.scheduler.update(plan, runner.step(plan), time.time())
                     self._apply(outs, results, detoks)
             self._apply(self.scheduler.drain_outputs(), results, detoks)
+        for rid in results:
+            self._prompt_lps.pop(rid, None)
         return list(results.values())
 
     def chat(self, messages: Sequence[Mapping[str, Any]],
@@ -129,6 +139,8 @@ class LLM:
                 continue  # already ended by a stop string
             res.token_ids.extend(o.new_token_ids)
             res.num_cached_tokens = max(res.num_cached_tokens, o.num_cached_tokens)
+            if o.prompt_logprobs is not None and o.request_id in self._prompt_lps:
+                self._prompt_lps[o.request_id].add(o.prompt_logprobs)
             if o.logprobs is not None:
                 res.logprobs = (res.logprobs or []) + o.logprobs
             if o.top_token_ids is not None and o.top_logprobs is not None:

@@ -139,8 +139,44 @@ class Explanation(_Msg):
     num_preemptions: int
 
 
+class PromptLogprobs(_Msg):
+    """Prompt logprobs of one request for consecutive prompt positions (one step's chunk).
+
+    Row ``j`` scores prompt token ``first + j`` (``first >= 1``: the first prompt token has
+    no logprob) given the tokens before it: its ``logprob``, its ``rank`` in the model's
+    distribution (1 is the most likely) and the ``k`` most likely tokens with their logprobs,
+    best first (``k`` is the request's ``prompt_logprobs``). Raw model distribution
+    (``log_softmax`` of the logits, no sampling parameter applied), as vLLM's.
+    """
+
+    request_id: str
+    first: int
+    token_logprobs: list[float]
+    ranks: list[int]
+    top_token_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+    def trimmed(self, first: int) -> PromptLogprobs | None:
+        """The rows from prompt token ``first`` on (None if there are none)."""
+        skip = first - self.first
+        if skip <= 0:
+            return self
+        if skip >= len(self.token_logprobs):
+            return None
+        return PromptLogprobs(
+            request_id=self.request_id, first=first,
+            token_logprobs=self.token_logprobs[skip:], ranks=self.ranks[skip:],
+            top_token_ids=self.top_token_ids[skip:], top_logprobs=self.top_logprobs[skip:],
+        )
+
+
 class RequestOutput(_Msg):
     """New tokens for one request from one step; ``finish_reason`` set on its last one.
+
+    ``prompt_logprobs`` (requests that ask for them): the prompt positions scored since the
+    previous output, each position sent once; an output may carry them with no new token (a
+    prefill chunk), and every position is sent before or with the first new token (or the
+    finish of a ``max_tokens`` 0 request, which produces no token).
 
     finish_reason: "stop" (EOS or a stop token), "length" (max_tokens or the model's context),
     "abort" (aborted by the client or the frontend), "error" (see ``error``).
@@ -156,6 +192,7 @@ class RequestOutput(_Msg):
     explanation: Explanation | None = None
     top_token_ids: list[list[int]] | None = None  # per new token, as in StepResult
     top_logprobs: list[list[float]] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class PoolStats(_Msg):
@@ -253,6 +290,10 @@ class StepResult(_Msg, tag=True):
     # first (empty rows for requests that asked for none); None when no row asked.
     top_token_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
+    # Prompt logprobs of the requests that ask for them, for the prompt positions this step
+    # computed (a runner may also hold a request's rows back and send them with its last
+    # prompt chunk: vLLM's does); None when there are none.
+    prompt_logprobs: list[PromptLogprobs] | None = None
 
 
 class WorkerReady(_Msg, tag=True):

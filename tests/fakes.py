@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 
 from engine.config import SchedulerConfig
-from engine.messages import EngineRequest, SamplingParams, StepPlan, StepResult
+from engine.messages import EngineRequest, PromptLogprobs, SamplingParams, StepPlan, StepResult
 from engine.scheduler.scheduler import Scheduler
 
 VOCAB = 1000
@@ -14,6 +14,11 @@ VOCAB = 1000
 def next_token(token_ids: list[int]) -> int:
     """A deterministic 'model': the next token is a hash of the whole context."""
     return zlib.crc32(bytes(str(token_ids), "ascii")) % VOCAB
+
+
+def prompt_logprob(token_ids: list[int] | tuple[int, ...], i: int) -> float:
+    """The fake model's logprob of token ``i`` after the tokens before it."""
+    return -(zlib.crc32(bytes(str(list(token_ids[: i + 1])), "ascii")) % 997) / 100
 
 
 class FakeWorker:
@@ -37,7 +42,9 @@ class FakeWorker:
         for nr in plan.new_requests:
             assert nr.request_id not in self.reqs, f"{nr.request_id} added twice"
             self.reqs[nr.request_id] = {"tokens": list(nr.token_ids), "blocks": list(nr.block_ids),
-                                        "computed": nr.num_computed_tokens}
+                                        "computed": nr.num_computed_tokens,
+                                        "prompt": len(nr.token_ids) - nr.num_output_tokens,
+                                        "prompt_logprobs": nr.sampling.prompt_logprobs}
         for cr in plan.cached_requests:
             self.reqs[cr.request_id]["blocks"].extend(cr.new_block_ids)
         ids, toks = [], []
@@ -56,8 +63,14 @@ class FakeWorker:
             c = st["computed"]
             for p in range(c, c + n):
                 self.kv[st["blocks"][p // bs] * bs + p % bs] = st["tokens"][p]
+        prompt_lps = []
         for rid, n in plan.scheduled():
             st = self.reqs[rid]
+            c, end = st["computed"], min(st["computed"] + n, st["prompt"] - 1)
+            if st["prompt_logprobs"] is not None and c < end:  # rows scoring tokens c+1..end
+                lps = [prompt_logprob(st["tokens"], i) for i in range(c + 1, end + 1)]
+                prompt_lps.append(PromptLogprobs(request_id=rid, first=c + 1, token_logprobs=lps,
+                                                 ranks=[1] * len(lps)))
             st["computed"] += n
             if st["computed"] == len(st["tokens"]):
                 tok = next_token(st["tokens"])
@@ -65,7 +78,7 @@ class FakeWorker:
                 ids.append(rid)
                 toks.append(tok)
         return StepResult(step_id=plan.step_id, worker_id=plan.worker_id, request_ids=ids,
-                          token_ids=toks)
+                          token_ids=toks, prompt_logprobs=prompt_lps or None)
 
 
 def make_scheduler(*, max_num_batched_tokens: int = 64, max_num_seqs: int = 8, block_size: int = 4,

@@ -92,3 +92,30 @@ def test_penalties_and_allowed_ids_apply(llm):
         frequency_penalty=2.0))
     assert len(out.token_ids) == 12 and set(out.token_ids) <= set(tokens)
     assert max(out.token_ids.count(t) for t in out.token_ids) <= 3
+
+def test_prompt_logprobs_over_chunks_and_a_cached_prefix_equal_transformers(llm):
+    """max_tokens 0 with prompt_logprobs scores the prompt only; the prompt (longer than the
+    32-token step budget: chunked) is cached by an earlier plain request, yet every position
+    is computed (no cached tokens) and equals transformers' log_softmax (fp32, 1e-4)."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = " ".join(PROMPTS)
+    ids = list(llm.tokenizer.encode(prompt))
+    assert 32 < len(ids) < 80
+    greedy = SamplingParams(max_tokens=2, temperature=0.0)
+    llm.generate([ids], greedy)  # caches the prompt's full blocks
+    assert llm.generate([ids], greedy)[0].num_cached_tokens > 0
+    (out,) = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=2))
+    assert out.finish_reason == "length" and out.token_ids == [] and out.num_cached_tokens == 0
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+    with torch.no_grad():
+        lps = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    got = out.prompt_logprobs
+    assert got is not None and len(got) == len(ids) and got[0] is None
+    for i in range(1, len(ids)):
+        e = got[i]
+        assert e is not None and e.token_id == ids[i]
+        assert abs(e.logprob - lps[i - 1, ids[i]].item()) < 1e-4, i
+        assert e.rank == int((lps[i - 1] >= lps[i - 1, ids[i]]).sum()), i
+        assert [t for t, _ in e.top] == lps[i - 1].topk(2).indices.tolist(), i
+    assert all(ws.blocks.num_free_blocks == 6 for ws in llm.scheduler.workers.values())

@@ -76,6 +76,7 @@ def engine_request_from_proto(req: Any, model: ServedModel) -> EngineRequest:
         frequency_penalty=req.frequency_penalty if has("frequency_penalty") else None,
         logit_bias=dict(req.logit_bias),
         allowed_token_ids=list(req.allowed_token_ids) or None,
+        prompt_logprobs=req.prompt_logprobs if has("prompt_logprobs") else None,
     )
     check(not (req.prompt and req.prompt_token_ids),
           "give either prompt or prompt_token_ids, not both", "prompt")
@@ -85,7 +86,8 @@ def engine_request_from_proto(req: Any, model: ServedModel) -> EngineRequest:
         check(bool(req.prompt), "prompt is empty: give prompt or prompt_token_ids", "prompt")
         ids = encode_text(model, req.prompt)
     limit = resolve_max_tokens(req.max_tokens if has("max_tokens") else None, len(ids),
-                               model.info.max_model_len)
+                               model.info.max_model_len,
+                               allow_zero=sampling.prompt_logprobs is not None)
     return engine_request(model, req.request_id or f"req-{uuid.uuid4().hex}", ids, sampling,
                           limit, priority=req.priority, tenant=req.tenant)
 
@@ -163,6 +165,12 @@ class EngineServicer:
                 for top in delta.top_logprobs or ():
                     resp.top_logprobs.add(token_ids=[t for t, _ in top],
                                           logprobs=[lp for _, lp in top])
+                for entry in (delta.prompt_logprobs or ())[1:]:
+                    if entry is not None:
+                        resp.prompt_logprobs.add(
+                            token_id=entry.token_id, logprob=entry.logprob, rank=entry.rank,
+                            top=pb2.TopLogprobs(token_ids=[t for t, _ in entry.top],
+                                                logprobs=[lp for _, lp in entry.top]))
                 if delta.usage is not None:
                     resp.usage.prompt_tokens = delta.usage.prompt_tokens
                     resp.usage.completion_tokens = delta.usage.completion_tokens

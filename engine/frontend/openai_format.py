@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from engine.frontend.admission import Refusal
 from engine.frontend.serving import Delta, GenerationFailed, ServedModel
 from engine.messages import EngineRequest
+from engine.prompt_logprobs import PromptLogprob
 
 
 class ApiError(Exception):
@@ -56,9 +57,12 @@ class Choice:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     def add(self, d: Delta) -> None:
         self.text.append(d.text)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
         self.token_ids += d.token_ids
         if d.logprobs:
             self.logprobs += d.logprobs
@@ -97,42 +101,106 @@ def sse_event(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
+#: JSON has no infinity: a logprob of -inf (a masked token) is sent as this, as vLLM does.
+MIN_LOGPROB = -9999.0
+
+
 class Format:
     def __init__(self, rid: str, created: int, model: ServedModel, body: Any) -> None:
         self.head = {"id": rid, "object": "", "created": created, "model": model.name}
         self.tokenizer = model.tokenizer
         self.logprobs = body.logprobs is not None and body.logprobs is not False
+        self.prompt_k: int | None = body.prompt_logprobs
 
     def token(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
 
+    def prompt_logprobs(self, entries: Sequence[PromptLogprob | None] | None) -> Any:
+        """vLLM's ``prompt_logprobs``: None for the first token, then per prompt token a
+        map token id -> {logprob, rank, decoded_token} holding the token itself and the
+        ``prompt_logprobs`` most likely ones."""
+        if entries is None or self.prompt_k is None:
+            return None
+        out: list[Any] = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            row = {str(e.token_id): self._vllm_entry(e.token_id, e.logprob, e.rank)}
+            for rank, (t, lp) in enumerate(e.top[: self.prompt_k], 1):
+                row.setdefault(str(t), self._vllm_entry(t, lp, rank))
+            out.append(row)
+        return out
+
+    def _vllm_entry(self, token_id: int, logprob: float, rank: int) -> dict[str, Any]:
+        return {"logprob": max(logprob, MIN_LOGPROB), "rank": rank,
+                "decoded_token": self.token(token_id)}
+
 
 class TextFormat(Format):
-    """``/v1/completions`` response bodies."""
+    """``/v1/completions`` response bodies.
+
+    With ``echo`` and ``logprobs`` the legacy logprobs object covers the echoed prompt first
+    (its first token's logprob and top logprobs null), then the generated tokens; streamed,
+    the prompt and its logprobs go out with the choice's first chunk (they are known then).
+    """
 
     def __init__(self, rid: str, created: int, model: ServedModel, body: Any) -> None:
         super().__init__(rid, created, model, body)
         self.head["object"] = "text_completion"
+        self.k = body.logprobs or 0
+        self.echo_logprobs = bool(body.echo) and self.logprobs
 
     def _logprobs(self, ids: Sequence[int], lps: Sequence[float],
-                  top: Sequence[Sequence[tuple[int, float]]] | None) -> Any:
+                  top: Sequence[Sequence[tuple[int, float]]] | None,
+                  prompt: Sequence[PromptLogprob | None] | None = None,
+                  prompt_ids: Sequence[int] = ()) -> Any:
+        """The legacy logprobs object of ``prompt`` (the echoed prompt's entries, with
+        ``prompt_ids``) and then of the generated tokens ``ids``."""
         if not self.logprobs:
             return None
-        tops: list[Any] = ([{self.token(t): lp for t, lp in row} for row in top] if top
-                           else [None] * len(ids))
-        return {"tokens": [self.token(t) for t in ids], "token_logprobs": list(lps),
-                "top_logprobs": tops, "text_offset": []}
+        tokens: list[str] = []
+        token_lps: list[float | None] = []
+        tops: list[Any] = []
+        if prompt is not None:
+            for t, e in zip(prompt_ids, prompt, strict=True):
+                tokens.append(self.token(t))
+                if e is None:
+                    token_lps.append(None)
+                    tops.append(None)
+                    continue
+                token_lps.append(max(e.logprob, MIN_LOGPROB))
+                row = {tokens[-1]: token_lps[-1]}
+                for a, b in e.top[: self.k]:
+                    row.setdefault(self.token(a), max(b, MIN_LOGPROB))
+                tops.append(row)
+        tokens += [self.token(t) for t in ids]
+        token_lps += list(lps)
+        tops += ([{self.token(t): lp for t, lp in row} for row in top] if top
+                 else [None] * len(ids))
+        offsets, at = [], 0
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+                "text_offset": offsets}
 
     def opening(self, choices: Sequence[Choice]) -> list[dict[str, Any]]:
+        if self.echo_logprobs:  # the prompt goes with the first chunk, with its logprobs
+            return []
         echo = [c for c in choices if c.prompt_text]
         return [{**self.head, "choices": [{"index": c.index, "text": c.prompt_text,
                                            "logprobs": None, "finish_reason": None}]}
                 for c in echo]
 
     def chunk(self, c: Choice, d: Delta) -> dict[str, Any]:
+        text, prompt = d.text, None
+        if self.echo_logprobs and d.prompt_logprobs is not None:
+            text, prompt = (c.prompt_text or "") + text, d.prompt_logprobs
         return {**self.head, "choices": [{
-            "index": c.index, "text": d.text,
-            "logprobs": self._logprobs(d.token_ids, d.logprobs or [], d.top_logprobs),
+            "index": c.index, "text": text,
+            "logprobs": self._logprobs(d.token_ids, d.logprobs or [], d.top_logprobs, prompt,
+                                       c.request.prompt_token_ids),
             "finish_reason": d.finish_reason}]}
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
@@ -141,8 +209,12 @@ class TextFormat(Format):
     def full(self, choices: Sequence[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         return {**self.head, "choices": [{
             "index": c.index, "text": (c.prompt_text or "") + "".join(c.text),
-            "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
-            "finish_reason": c.finish_reason} for c in choices], "usage": usage}
+            "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs,
+                                       c.prompt_logprobs if self.echo_logprobs else None,
+                                       c.request.prompt_token_ids),
+            "finish_reason": c.finish_reason,
+            **({"prompt_logprobs": self.prompt_logprobs(c.prompt_logprobs)}
+               if self.prompt_k is not None else {})} for c in choices], "usage": usage}
 
 
 class ChatFormat(Format):
@@ -181,7 +253,10 @@ class ChatFormat(Format):
         return {**self.chunk_head, "choices": [], "usage": usage}
 
     def full(self, choices: Sequence[Choice], usage: dict[str, Any]) -> dict[str, Any]:
+        # vLLM's chat extension: one prompt per request, its logprobs at the top level.
+        prompt = ({"prompt_logprobs": self.prompt_logprobs(choices[0].prompt_logprobs)}
+                  if self.prompt_k is not None and choices else {})
         return {**self.head, "choices": [{
             "index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
             "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
-            "finish_reason": c.finish_reason} for c in choices], "usage": usage}
+            "finish_reason": c.finish_reason} for c in choices], "usage": usage, **prompt}

@@ -50,6 +50,9 @@ class _Sampling(_Body):
     allowed_token_ids: list[Any] | None = Field(
         None, description="when given, only these token ids may be generated")
     cache_salt: str | None = Field(None, description="isolates this request's prefix cache")
+    prompt_logprobs: int | None = Field(
+        None, description="k: each prompt token's logprob and rank, and the k most likely "
+        "tokens at each prompt position (not with stream)")
     # this engine's
     priority: int | None = Field(
         None, description="higher is more important; negative is sheddable (429 under "
@@ -61,7 +64,8 @@ class CompletionRequest(_Sampling):
         ..., description="text, texts, token ids, or lists of token ids")
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, description="return the sampled tokens' logprobs")
-    echo: bool = False
+    echo: bool = Field(False, description="prepend the prompt (and, with logprobs, its "
+                       "tokens' logprobs) to the choice")
     best_of: int | None = None
     suffix: str | None = None
 

@@ -159,19 +159,23 @@ class OpenAIServer:
             raise refusal_error(refusal)
 
     def _check_limits(self, model: ServedModel, prompt_ids: Sequence[int],
-                      max_tokens: int | None, param: str) -> int:
+                      max_tokens: int | None, param: str, allow_zero: bool) -> int:
         limit = self.cfg.max_prompt_tokens
         check(limit is None or len(prompt_ids) <= limit, f"prompt has {len(prompt_ids)} "
               f"tokens, more than --max-prompt-tokens {limit}", "prompt")
         out_limit = self.cfg.max_output_tokens
         check(out_limit is None or max_tokens is None or max_tokens <= out_limit,
               f"{param} {max_tokens} is more than --max-output-tokens {out_limit}", param)
-        return resolve_max_tokens(max_tokens, len(prompt_ids), model.info.max_model_len, param)
+        return resolve_max_tokens(max_tokens, len(prompt_ids), model.info.max_model_len, param,
+                                  allow_zero=allow_zero)
 
     # -- shared by both endpoints
 
-    def _sampling(self, body: Any, model: ServedModel, logprobs: int | None) -> Any:
+    def _sampling(self, body: Any, model: ServedModel, logprobs: int | None,
+                  prompt_logprobs: int | None) -> Any:
         check(1 <= body.n <= MAX_N, f"n must be in [1, {MAX_N}], got {body.n}", "n")
+        check(body.prompt_logprobs is None or not body.stream,
+              "prompt_logprobs are not available with stream", "prompt_logprobs")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return sampling_params(
             vocab_size=model.info.vocab_size, temperature=body.temperature, top_p=body.top_p,
@@ -179,15 +183,20 @@ class OpenAIServer:
             stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos,
             logprobs=logprobs, repetition_penalty=body.repetition_penalty,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            logit_bias=body.logit_bias, allowed_token_ids=body.allowed_token_ids)
+            logit_bias=body.logit_bias, allowed_token_ids=body.allowed_token_ids,
+            prompt_logprobs=prompt_logprobs)
 
     def _choices(self, body: Any, model: ServedModel, prompts: Sequence[list[int]],
                  max_tokens: int | None, param: str, logprobs: int | None,
-                 priority: int, base_id: str) -> list[Choice]:
-        sampling = self._sampling(body, model, logprobs)
+                 priority: int, base_id: str, *, prompt_logprobs: int | None = None,
+                 echo: bool = False) -> list[Choice]:
+        """One choice per prompt and sample. ``max_tokens`` 0 (prefill only) is allowed when
+        the answer is the prompt: ``echo``, or prompt logprobs."""
+        sampling = self._sampling(body, model, logprobs, prompt_logprobs)
+        allow_zero = echo or prompt_logprobs is not None
         choices = []
         for p, ids in enumerate(prompts):
-            limit = self._check_limits(model, ids, max_tokens, param)
+            limit = self._check_limits(model, ids, max_tokens, param, allow_zero)
             for i in range(body.n):
                 s = sampling
                 if s.seed is not None and body.n > 1:  # n distinct samples, reproducibly
@@ -258,8 +267,15 @@ class OpenAIServer:
               f"logprobs must be in [0, 5], got {body.logprobs}", "logprobs")
         prompts, texts = self._prompts(body.prompt, model)
         priority = self._priority(body, request)
+        # Echo with logprobs scores the echoed prompt too (OpenAI's legacy shape, what
+        # lm-eval's loglikelihood reads); one computation serves both forms, each cut to its k.
+        prompt_k = body.prompt_logprobs
+        if body.echo and body.logprobs is not None and (prompt_k is None
+                                                        or 0 <= prompt_k < body.logprobs):
+            prompt_k = body.logprobs
         choices = self._choices(body, model, prompts, body.max_tokens, "max_tokens",
-                                body.logprobs, priority, "cmpl")
+                                body.logprobs, priority, "cmpl", prompt_logprobs=prompt_k,
+                                echo=body.echo)
         for c in choices:
             c.prompt_text = texts[c.index // body.n] if body.echo else None
         self._admit(key, model, choices, priority)
@@ -311,7 +327,7 @@ class OpenAIServer:
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         choices = self._choices(body, model, [ids], max_tokens, param,
                                 (body.top_logprobs or 0) if body.logprobs else None, priority,
-                                "chatcmpl")
+                                "chatcmpl", prompt_logprobs=body.prompt_logprobs)
         self._admit(key, model, choices, priority)
         return await self._respond(request, body, model, choices, "chat")
 

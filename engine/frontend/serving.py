@@ -27,6 +27,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.frontend.pool_client import PoolClient
 from engine.messages import EngineRequest, Explanation, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo
+from engine.prompt_logprobs import PromptLogprob, PromptLogprobsBuffer
 
 if TYPE_CHECKING:
     from engine.frontend.metrics import EngineMetrics
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: max_tokens when a request does not say (clamped to the context left), as in OpenAI's API.
 DEFAULT_MAX_TOKENS = 16
+#: The most prompt logprobs per position a request may ask for (vLLM's default max_logprobs).
+MAX_PROMPT_LOGPROBS = 20
 
 
 class InvalidRequest(ValueError):
@@ -109,6 +112,7 @@ def sampling_params(
     logprobs: int | None = None, repetition_penalty: float | None = None,
     presence_penalty: float | None = None, frequency_penalty: float | None = None,
     logit_bias: Mapping[Any, Any] | None = None, allowed_token_ids: Sequence[Any] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Validated sampling parameters; ``max_tokens`` is set by ``resolve_max_tokens`` (it
     depends on the prompt's length). ``None`` means the default. ``logit_bias`` maps token
@@ -133,6 +137,7 @@ def sampling_params(
         logit_bias=_logit_bias(logit_bias or {}),
         allowed_token_ids=tuple(_token_id(t, "allowed_token_ids")
                                 for t in allowed_token_ids or ()),
+        prompt_logprobs=prompt_logprobs,
     )
     check_sampling(sp, vocab_size)
     return sp
@@ -150,6 +155,9 @@ def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
     check(sp.min_tokens >= 0, f"min_tokens must be >= 0, got {sp.min_tokens}", "min_tokens")
     check(sp.logprobs is None or sp.logprobs >= 0, f"logprobs must be >= 0, got {sp.logprobs}",
           "logprobs")
+    check(sp.prompt_logprobs is None or 0 <= sp.prompt_logprobs <= MAX_PROMPT_LOGPROBS,
+          f"prompt_logprobs must be in [0, {MAX_PROMPT_LOGPROBS}], got {sp.prompt_logprobs}",
+          "prompt_logprobs")
     penalty = sp.repetition_penalty
     check(math.isfinite(penalty) and penalty > 0,
           f"repetition_penalty must be > 0, got {penalty}", "repetition_penalty")
@@ -223,9 +231,11 @@ def check_token_ids(model: ServedModel, ids: Sequence[int], param: str = "prompt
 
 
 def resolve_max_tokens(requested: int | None, num_prompt: int, max_model_len: int,
-                       param: str = "max_tokens") -> int:
+                       param: str = "max_tokens", *, allow_zero: bool = False) -> int:
     """The request's output budget: ``requested`` if it fits the context, else an error;
-    unset means ``DEFAULT_MAX_TOKENS`` clamped to the room left."""
+    unset means ``DEFAULT_MAX_TOKENS`` clamped to the room left. 0 (the prompt's prefill
+    only) only with ``allow_zero``: for a request whose answer is its prompt (echo) or its
+    prompt logprobs."""
     room = max_model_len - num_prompt
     check(num_prompt <= max_model_len, f"prompt longer than the model's context: {num_prompt} "
           f"tokens, max_model_len is {max_model_len}", "prompt")
@@ -233,7 +243,11 @@ def resolve_max_tokens(requested: int | None, num_prompt: int, max_model_len: in
           "no room to generate", "prompt")
     if requested is None:
         return min(DEFAULT_MAX_TOKENS, room)
-    check(requested >= 1, f"{param} must be >= 1, got {requested}", param)
+    if allow_zero:
+        check(requested >= 0, f"{param} must be >= 0, got {requested}", param)
+    else:
+        check(requested >= 1, f"{param} must be >= 1, got {requested}"
+              " (0 only with echo or prompt_logprobs)", param)
     check(requested <= room, f"prompt ({num_prompt} tokens) + {param} ({requested}) exceeds "
           f"the model's context (max_model_len {max_model_len})", param)
     return int(requested)
@@ -279,6 +293,9 @@ class Delta:
     finish_reason: str | None = None
     usage: Usage | None = None
     explanation: Explanation | None = None
+    #: On the first delta of a request that asked for prompt logprobs: one entry per prompt
+    #: token, None for the first (nothing precedes it).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 async def generate(model: ServedModel, request: EngineRequest,
@@ -298,8 +315,14 @@ async def generate(model: ServedModel, request: EngineRequest,
     timer = metrics.request_timer(model.name, request) if metrics else None
     done = False
     completion = cached = 0
+    # Prompt logprobs arrive in chunks (one per prefill step) before the first token; they
+    # go out whole with the first delta.
+    prompt_lps = PromptLogprobsBuffer(request.prompt_token_ids) if request.sampling.prompt_logprobs is not None \
+        else None
     try:
         async for out in stream:
+            if out.prompt_logprobs is not None and prompt_lps is not None:
+                prompt_lps.add(out.prompt_logprobs)
             if out.finish_reason == "error":
                 done = True
                 if timer:
@@ -327,10 +350,13 @@ async def generate(model: ServedModel, request: EngineRequest,
                 if timer:
                     timer.finish(finish, completion, out.explanation, cached)
                 yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out), finish,
-                            usage, out.explanation)
+                            usage, out.explanation,
+                            prompt_lps.take() if prompt_lps is not None else None)
                 return
             if text or out.new_token_ids:
-                yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out))
+                yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out),
+                            prompt_logprobs=prompt_lps.take() if prompt_lps is not None
+                            else None)
     finally:
         if not done:  # closed early: the client went away, a timeout, the server stopping
             model.pool.abort([request.request_id])
@@ -343,3 +369,4 @@ def _top(out: RequestOutput) -> list[list[tuple[int, float]]] | None:
         return None
     return [list(zip(ids, lps, strict=True))
             for ids, lps in zip(out.top_token_ids, out.top_logprobs, strict=True)]
+

@@ -34,6 +34,7 @@ class Request:
         "finish_reason",
         "first_scheduled_time",
         "max_num_tokens",
+        "next_prompt_logprob",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_preemptions",
@@ -69,6 +70,10 @@ class Request:
         self.max_num_tokens: int = min(self.num_prompt_tokens + req.sampling.max_tokens,
                                        max_model_len)
         self.tenant: str = req.tenant
+        # Prompt logprobs: the first prompt token whose logprob the frontend has not been sent
+        # (1: none sent; ``num_prompt_tokens``: all sent, or none asked for).
+        self.next_prompt_logprob: int = (1 if req.sampling.prompt_logprobs is not None
+                                         else self.num_prompt_tokens)
         self.output_token_ids: list[int] = []
         self.block_ids: list[int] = []
         self.num_computed_tokens: int = 0
@@ -96,6 +101,22 @@ class Request:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are asked for and not all sent yet."""
+        return self.next_prompt_logprob < self.num_prompt_tokens
+
+    def max_cached_blocks(self, block_size: int) -> int:
+        """The most blocks of a cached prefix the request may start after: at least one
+        token is always computed, and a request owed prompt logprobs must compute every
+        position from the one that scores ``next_prompt_logprob`` (position ``next - 1``),
+        so only the blocks before it may come from the cache (vLLM skips the cache for such
+        requests altogether; this keeps the part already scored, after a preemption)."""
+        limit = (self.num_tokens - 1) // block_size
+        if self.next_prompt_logprob < self.num_prompt_tokens:
+            limit = min(limit, (self.next_prompt_logprob - 1) // block_size)
+        return limit
 
     def all_token_ids(self) -> list[int]:
         return [*self.prompt_token_ids, *self.output_token_ids]

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import msgspec
+
 from engine.config import SchedulerConfig
 from engine.messages import (
     CachedRequestData,
@@ -349,6 +351,8 @@ class Scheduler:
             if served is not None and before < req.num_prompt_tokens:
                 served(req, min(computed, req.num_prompt_tokens) - before, 0)
         outputs: list[RequestOutput] = []
+        if result.prompt_logprobs:  # before the tokens: every position precedes the first
+            outputs = self._prompt_logprobs(ws.worker_id, result)
         rids = result.request_ids
         logprobs = result.logprobs
         if len(sampling) != len(rids):  # tokens of aborted requests, or a worker's own order
@@ -364,6 +368,9 @@ class Scheduler:
                 if found is None or found.status is not running or found.worker_id != wid:
                     continue
                 req = found
+            if req.sampling.max_tokens == 0:  # prefill only: the token sampled is dropped
+                outputs.append(self._finish_prefill_only(req, now))
+                continue
             first = not req.output_token_ids
             reason = req.append_output(token)
             if served is not None:
@@ -385,6 +392,34 @@ class Scheduler:
                 out.explanation = self._explain(req, now)
             outputs.append(out)
         return outputs
+
+    def _prompt_logprobs(self, worker_id: int, result: StepResult) -> list[RequestOutput]:
+        """Outputs carrying the prompt logprobs of ``result``, each prompt position once: rows
+        a request already sent (scored again after a preemption, or from a prefix it had to
+        recompute) are dropped, and so are rows that would leave a gap."""
+        outputs = []
+        for chunk in result.prompt_logprobs or ():
+            req = self.requests.get(chunk.request_id)
+            if (req is None or req.status is not RequestStatus.RUNNING
+                    or req.worker_id != worker_id or chunk.first > req.next_prompt_logprob):
+                continue
+            rows = chunk.trimmed(req.next_prompt_logprob)
+            if rows is None:
+                continue
+            req.next_prompt_logprob = rows.first + len(rows.token_logprobs)
+            outputs.append(RequestOutput(request_id=req.request_id, new_token_ids=[],
+                                         prompt_logprobs=rows))
+        return outputs
+
+    def _finish_prefill_only(self, req: Request, now: float) -> RequestOutput:
+        """A ``max_tokens`` 0 request (echo, prompt logprobs) whose prompt is now computed:
+        it ends with "length" and no token."""
+        out = RequestOutput(request_id=req.request_id, new_token_ids=[], finish_reason="length",
+                            num_prompt_tokens=req.num_prompt_tokens,
+                            num_cached_tokens=req.num_cached_tokens)
+        self._finish(req, "length")
+        out.explanation = self._explain(req, now)
+        return out
 
     def fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:
         """A worker raised while running ``plan``: its requests end with an error."""
@@ -413,7 +448,7 @@ class Scheduler:
                          f"KV cache of {blocks.num_blocks} blocks")
             return None
         hit = blocks.match_prefix(req.full_block_hashes(bs), req, req.cache_salt,
-                                  (req.num_tokens - 1) // bs)
+                                  req.max_cached_blocks(bs))
         num_hit = len(hit) * bs
         n = min(req.num_tokens - num_hit, budget)
         need = blocks.blocks_needed(num_hit + n, len(hit))
@@ -437,7 +472,9 @@ class Scheduler:
         return NewRequestData(
             request_id=req.request_id,
             token_ids=req.all_token_ids(),
-            sampling=req.sampling,
+            sampling=(req.sampling if req.wants_prompt_logprobs
+                      or req.sampling.prompt_logprobs is None  # all sent: none to compute
+                      else msgspec.structs.replace(req.sampling, prompt_logprobs=None)),
             block_ids=list(req.block_ids),
             num_computed_tokens=num_hit,
             num_scheduled_tokens=n,
@@ -459,7 +496,7 @@ class Scheduler:
             if head.status is not RequestStatus.WAITING:
                 continue
             hit = blocks.match_prefix(head.full_block_hashes(bs), head, head.cache_salt,
-                                      (head.num_tokens - 1) // bs)
+                                      head.max_cached_blocks(bs))
             n = min(head.num_tokens - len(hit) * bs, budget)
             need = blocks.blocks_needed(len(hit) * bs + n, len(hit)) + reserved_blocks
             seqs = len(ws.running) + reserved_seqs + 1

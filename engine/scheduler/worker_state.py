@@ -30,7 +30,7 @@ class WorkerState:
         self.to_drop: list[str] = []  # ids the worker must forget in its next plan
         self.num_queued_tokens = 0  # uncomputed tokens of waiting requests
         # The last prefix probe: (request, its known tokens, blocks.version, cached tokens).
-        self._probe: tuple[Request, int, int, int] | None = None
+        self._probe: tuple[Request, int, int, int, int] | None = None
 
     @property
     def num_requests(self) -> int:
@@ -52,14 +52,16 @@ class WorkerState:
         explanation, so the last answer is kept until the cache changes."""
         probe = self._probe
         blocks = self.blocks
-        if (probe is not None and probe[0] is req and probe[1] == req.num_tokens
-                and probe[2] == blocks.version):
-            return probe[3]
         bs = blocks.block_size
-        # At least one token is always computed: the last block of a full hit is not counted.
+        # At least one token is always computed: the last block of a full hit is not
+        # counted (nor blocks that a request owed prompt logprobs must recompute).
+        limit = req.max_cached_blocks(bs)
+        if (probe is not None and probe[0] is req and probe[1] == req.num_tokens
+                and probe[2] == limit and probe[3] == blocks.version):
+            return probe[4]
         tokens = len(blocks.match_prefix(req.full_block_hashes(bs), req, req.cache_salt,
-                                         (req.num_tokens - 1) // bs)) * bs
-        self._probe = (req, req.num_tokens, blocks.version, tokens)
+                                         limit)) * bs
+        self._probe = (req, req.num_tokens, limit, blocks.version, tokens)
         return tokens
 
     # ------------------------------------------------------------------ queue

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.models.parallel import TensorParallel
+from engine.worker.sampler import PromptRows
 
 _STOP, _BATCH = 0, 1
 _HEADER = 4  # kind, tokens, sequences, block-table width
@@ -33,8 +34,11 @@ class HostBatch:
     query_start_loc: np.ndarray
     seq_lens: np.ndarray
     block_tables: np.ndarray  # [sequences, width]
-    logits_indices: np.ndarray  # rows of the flat batch whose logits are sampled
+    logits_indices: np.ndarray  # rows of the flat batch whose logits are computed
+    #: The requests that sample, in the order of the first logits rows.
     sampling_ids: list[str] = field(default_factory=list)
+    #: The prompt-logprob rows, after the sampling ones (see ``PromptRows``).
+    prompt_rows: list[PromptRows] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:

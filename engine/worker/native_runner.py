@@ -27,7 +27,7 @@ import torch
 
 import kernels
 from engine.config import CacheConfig, ModelConfig, WorkerConfig, default_num_threads
-from engine.messages import SamplingParams, StepPlan, StepResult
+from engine.messages import PromptLogprobs, SamplingParams, StepPlan, StepResult
 from engine.models.info import load_model_info
 from engine.models.layers import AttentionMetadata
 from engine.models.loader import load_model, resolve_dtype
@@ -36,7 +36,7 @@ from engine.worker.cuda_graphs import DecodeGraphs
 from engine.worker.host_batch import HostBatch, tp_recv, tp_send
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
 from engine.worker.runner import GroupError, ModelRunner
-from engine.worker.sampler import Sampler
+from engine.worker.sampler import PromptRows, Sampler, prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,15 @@ class NativeRunner(ModelRunner):
         token_ids: list[int] = []
         sampling_ids: list[str] = []
         out = None
+        prompt_lps: list[PromptLogprobs] | None = None
         if scheduled:
             batch = self._prepare(scheduled)
             with torch.inference_mode():
                 logits = self._forward(batch)
                 rows = [self.requests[rid] for rid in batch.sampling_ids]
+                if batch.prompt_rows:
+                    prompt_lps = prompt_logprobs(logits[len(rows):], batch.prompt_rows)
+                    logits = logits[: len(rows)]
                 out = self.sampler(logits, rows) if rows else None
             for _, req, n in scheduled:
                 req.num_computed_tokens += n
@@ -182,7 +186,7 @@ class NativeRunner(ModelRunner):
             token_ids=token_ids, logprobs=out.logprobs if out else None,
             execute_time_s=time.perf_counter() - start,
             top_token_ids=out.top_token_ids if out else None,
-            top_logprobs=out.top_logprobs if out else None,
+            top_logprobs=out.top_logprobs if out else None, prompt_logprobs=prompt_lps,
         )
 
     def _prepare(self, scheduled: list[tuple[str, _Request, int]]) -> HostBatch:
@@ -202,6 +206,8 @@ class NativeRunner(ModelRunner):
         input_ids: list[int] = []
         logits_indices: list[int] = []
         sampling_ids: list[str] = []
+        prompt_rows: list[PromptRows] = []
+        prompt_indices: list[np.ndarray] = []
         for i, (rid, req, n) in enumerate(scheduled):
             c = req.num_computed_tokens
             input_ids.extend(req.token_ids[c : c + n])
@@ -209,12 +215,22 @@ class NativeRunner(ModelRunner):
             if c + n == len(req.token_ids):
                 logits_indices.append(int(cu[i + 1]) - 1)
                 sampling_ids.append(rid)
+            k = req.sampling.prompt_logprobs
+            if k is not None:
+                # Positions c .. end-1 of the chunk score prompt tokens c+1 .. end; the
+                # prompt's last position is the sampling row above, not a prompt row.
+                end = min(c + n, len(req.token_ids) - req.num_output_tokens - 1)
+                if end > c:
+                    prompt_rows.append(PromptRows(rid, c + 1, req.token_ids[c + 1 : end + 1], k))
+                    prompt_indices.append(np.arange(cu[i], cu[i] + end - c))
         slots = tables[req_of_token, positions // bs] * bs + positions % bs
+        indices = np.asarray(logits_indices, dtype=np.int64)
+        if prompt_indices:
+            indices = np.concatenate([indices, *prompt_indices])
         return HostBatch(
             input_ids=np.asarray(input_ids, dtype=np.int64), positions=positions,
             slot_mapping=slots, query_start_loc=cu, seq_lens=seq_lens, block_tables=tables,
-            logits_indices=np.asarray(logits_indices, dtype=np.int64),
-            sampling_ids=sampling_ids,
+            logits_indices=indices, sampling_ids=sampling_ids, prompt_rows=prompt_rows,
         )
 
     def _forward(self, b: HostBatch) -> torch.Tensor:
@@ -229,7 +245,10 @@ class NativeRunner(ModelRunner):
 
     def _forward_local(self, b: HostBatch) -> torch.Tensor:
         graphs = self.graphs
-        if graphs is not None and b.is_decode and graphs.padded_size(len(b.seq_lens)):
+        # Prompt-logprob rows are never decodes (a one-token chunk that scores a prompt
+        # token is a prefill): such batches run eagerly.
+        if (graphs is not None and b.is_decode and not b.prompt_rows
+                and graphs.padded_size(len(b.seq_lens))):
             logits = graphs.run(b.input_ids, b.positions, b.slot_mapping, b.seq_lens,
                                 b.block_tables)
             if len(b.logits_indices) == len(b.seq_lens):

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-from engine.messages import SamplingParams
+from engine.messages import PromptLogprobs, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 
@@ -48,6 +48,17 @@ class SamplingRow(Protocol):
     #: ``num_output_tokens`` of ``token_ids`` (the presence and frequency penalties' history,
     #: also after a preemption, when the request comes back with them in its tokens).
     num_output_tokens: int
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """Logits rows of one request's prompt chunk that score prompt tokens ``first`` to
+    ``first + len(target_ids) - 1`` (the row of position ``p`` scores token ``p + 1``)."""
+
+    request_id: str
+    first: int
+    target_ids: list[int]
+    k: int  # the request's prompt_logprobs
 
 
 @dataclass(frozen=True)
@@ -262,3 +273,34 @@ def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     drop[:, -1] = False  # always keep the most likely token
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+
+def prompt_logprobs(logits: torch.Tensor, rows: Sequence[PromptRows]) -> list[PromptLogprobs]:
+    """Prompt logprobs from the float32 logits of prompt positions (``rows`` in order, each
+    ``len(target_ids)`` rows): per position the log_softmax of the raw logits at the next
+    prompt token, its rank (vLLM's: tokens at least as likely, itself included) and the
+    request's ``k`` best. One log_softmax, gather, comparison and top-k for the whole batch;
+    only requests that ask for prompt logprobs have rows here."""
+    lps = logits.log_softmax(-1)
+    targets = torch.tensor([t for r in rows for t in r.target_ids], device=logits.device)
+    chosen = lps.gather(1, targets[:, None])
+    ranks = (lps >= chosen).sum(-1).tolist()
+    chosen_list = chosen[:, 0].tolist()
+    k = min(max(r.k for r in rows), lps.shape[-1])
+    top_lps: list[list[float]] = []
+    top_ids: list[list[int]] = []
+    if k:
+        values, indices = lps.topk(k, dim=-1)
+        top_lps, top_ids = values.tolist(), indices.tolist()
+    out = []
+    start = 0
+    for r in rows:
+        end = start + len(r.target_ids)
+        out.append(PromptLogprobs(
+            request_id=r.request_id, first=r.first, token_logprobs=chosen_list[start:end],
+            ranks=ranks[start:end],
+            top_token_ids=[row[: r.k] for row in top_ids[start:end]] if r.k else [],
+            top_logprobs=[row[: r.k] for row in top_lps[start:end]] if r.k else [],
+        ))
+        start = end
+    return out

@@ -32,6 +32,11 @@ the outputs held in the prompt too: ``engine/worker/vllm_penalties.py``), and
 ``resumed_req_ids`` / ``preempted_req_ids`` stay empty: both runner versions free the state on
 ``finished_req_ids`` and rebuild it from the new request.
 
+Prompt logprobs: vLLM's worker scores the prompt positions of each chunk into a per-request
+buffer and returns the whole buffer with the prompt's last chunk (``prompt_logprobs_dict``);
+rows before the tokens it was sent as computed (a prefix it did not run) are left unwritten,
+so the runner reports only the rows from ``vllm_first_computed`` on, all in that last step.
+
 Requests that are registered or extended without running (0 tokens scheduled) are held here
 and reach vLLM with their next scheduled step: vLLM's V1 runner expects every request in its
 batch to be scheduled.
@@ -106,6 +111,8 @@ class TrackedRequest:
     num_output: int  # outputs of the request in all (the seed index, min_tokens)
     vllm_num_output: int = 0  # outputs vLLM sampled since it last received the request
     sent: bool = False  # vLLM has it (it has been scheduled since it was new)
+    #: Tokens computed when vLLM received the request: its prompt logprobs start there.
+    vllm_first_computed: int = 0
     token_ids: list[int] | None = None  # until sent
     block_ids: list[int] = field(default_factory=list)  # vLLM ids not yet sent
 
@@ -183,6 +190,7 @@ class PlanTranslator:
             ))
             req.sent, req.token_ids, req.block_ids = True, None, []
             req.vllm_num_output = 0
+            req.vllm_first_computed = req.num_computed
 
         for new in plan.new_requests:
             rid = new.request_id
@@ -285,6 +293,9 @@ class PlanTranslator:
             **penalties, logit_bias=dict(p.logit_bias) or None,
             allowed_token_ids=list(p.allowed_token_ids) or None, extra_args=extra_args,
             logprobs=p.logprobs,
+            # vLLM's "prompt" is every token it is sent: once outputs exist (a resume), the
+            # prompt was scored before and the scheduler asks for none.
+            prompt_logprobs=p.prompt_logprobs if done == 0 else None,
             stop_token_ids=stops, ignore_eos=True, detokenize=False,
         )
 

@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from engine.config import CacheConfig, ConfigError, ModelConfig, WorkerConfig, default_num_threads
-from engine.messages import StepPlan, StepResult
+from engine.messages import PromptLogprobs, StepPlan, StepResult
 from engine.models.info import load_model_info
 from engine.worker.factory import check_runner_config
 from engine.worker.runner import ModelRunner
@@ -303,6 +303,8 @@ class VllmRunner(ModelRunner):
                     k = ks[rid]
                     top_ids.append([int(x) for x in id_rows[i][1:k + 1]])
                     top_lps.append([float(x) for x in lp_rows[i][1:k + 1]])
+        prompt_lps = (self._prompt_logprobs(result.prompt_logprobs_dict)
+                      if result.prompt_logprobs_dict else None)
         self.translator.commit(t)
         end = time.perf_counter()
         # the adapter's own cost: plan -> SchedulerOutput, and vLLM's output -> StepResult
@@ -311,8 +313,31 @@ class VllmRunner(ModelRunner):
         return StepResult(
             step_id=plan.step_id, worker_id=plan.worker_id, request_ids=request_ids,
             token_ids=token_ids, logprobs=logprobs, execute_time_s=end - start,
-            top_token_ids=top_ids, top_logprobs=top_lps,
+            top_token_ids=top_ids, top_logprobs=top_lps, prompt_logprobs=prompt_lps,
         )
+
+    def _prompt_logprobs(self, tensors_by_id: dict[str, Any]) -> list[PromptLogprobs] | None:
+        """vLLM's prompt logprobs (whole prompts, at their last chunk) as ours: the rows of
+        the positions vLLM computed, each the target token's logprob and rank (column 0)
+        and the request's k best (columns 1..k)."""
+        out = []
+        for rid, tensors in tensors_by_id.items():
+            req = self.translator.requests.get(rid)
+            if tensors is None or req is None or req.sampling.prompt_logprobs is None:
+                continue
+            start = req.vllm_first_computed  # position ``start`` scores token ``start + 1``
+            ids = tensors.logprob_token_ids[start:].tolist()
+            lps = tensors.logprobs[start:].tolist()
+            if not ids:
+                continue
+            k = req.sampling.prompt_logprobs
+            out.append(PromptLogprobs(
+                request_id=rid, first=start + 1, token_logprobs=[row[0] for row in lps],
+                ranks=tensors.selected_token_ranks[start:].tolist(),
+                top_token_ids=[row[1:k + 1] for row in ids] if k else [],
+                top_logprobs=[row[1:k + 1] for row in lps] if k else [],
+            ))
+        return out or None
 
     def close(self) -> None:
         worker = getattr(self, "worker", None)

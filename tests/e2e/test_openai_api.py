@@ -133,3 +133,31 @@ def test_chat_top_logprobs_equal_in_process(client: openai.OpenAI) -> None:
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
             [v for _, v in top], abs=1e-4)
         assert entry.top_logprobs[0].token == entry.token  # greedy took the best
+
+
+def test_echo_logprobs_max_tokens_zero_equals_transformers(client: openai.OpenAI) -> None:
+    """lm-eval's loglikelihood request (echo, logprobs, max_tokens 0) with the official
+    client: the prompt's tokens and logprobs (the first null), as transformers computes them
+    (fp32, 1e-4); asked again once a plain request has cached the prompt, the same values."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    text = "Return the number of items in the container. If the container is empty, raise"
+    ids = list(tok.encode(text))
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        lps = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    want = [None] + [lps[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    for attempt in range(2):
+        r = client.completions.create(model="a", prompt=ids, echo=True, logprobs=1,
+                                      max_tokens=0, temperature=0)
+        choice = r.choices[0]
+        assert choice.finish_reason == "length" and r.usage.completion_tokens == 0
+        assert choice.text == tok.decode(ids)
+        got = choice.logprobs.token_logprobs
+        assert got[0] is None and choice.logprobs.top_logprobs[0] is None
+        assert got[1:] == pytest.approx(want[1:], abs=1e-4), attempt
+        assert choice.logprobs.tokens == [tok.decode([t]) for t in ids]
+        client.completions.create(model="a", prompt=ids, max_tokens=1)  # caches the prompt

@@ -27,6 +27,7 @@ from engine.messages import (
     EngineRequest,
     PoolOutputs,
     PoolStats,
+    PromptLogprobs,
     RequestOutput,
 )
 
@@ -127,6 +128,13 @@ class FakePool:
                 if a.due > now or a.req.tenant == "hold":
                     continue
                 prompt = a.req.prompt_token_ids
+                if a.sent == 0 and a.req.sampling.prompt_logprobs is not None:
+                    send(*_prompt_logprobs(rid, prompt, a.req.sampling.prompt_logprobs))
+                if a.req.sampling.max_tokens == 0:  # prefill only
+                    del active[rid]
+                    send(RequestOutput(request_id=rid, new_token_ids=[], finish_reason="length",
+                                       num_prompt_tokens=len(prompt)))
+                    continue
                 a.sent += 1
                 a.due = now + (SLOW_TOKEN_S if a.req.tenant == "slow" else 0.0)
                 last = a.sent >= a.req.sampling.max_tokens
@@ -148,6 +156,21 @@ class FakePool:
         ctx.term()
 
 
+
+
+def _prompt_logprobs(rid: str, prompt: tuple[int, ...], k: int) -> list[RequestOutput]:
+    """Made-up prompt logprobs in two chunks (as two prefill steps send them): token ``i``
+    at ``-i / 10`` with rank ``i``, the top-k ``token + 1 + j`` at ``-0.1 * j``."""
+    rows = list(range(1, len(prompt)))
+    outs = []
+    for part in (rows[: len(rows) // 2], rows[len(rows) // 2:]):
+        if part:
+            outs.append(RequestOutput(request_id=rid, new_token_ids=[],
+                                      prompt_logprobs=PromptLogprobs(
+                request_id=rid, first=part[0], token_logprobs=[-i / 10 for i in part],
+                ranks=part, top_token_ids=[[prompt[i] + 1 + j for j in range(k)] for i in part],
+                top_logprobs=[[-0.1 * j for j in range(k)] for _ in part])))
+    return outs
 
 
 class BackgroundFrontend:

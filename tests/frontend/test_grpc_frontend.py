@@ -235,6 +235,19 @@ def test_duplicate_running_id_rejected(env: Env) -> None:
     call.cancel()
 
 
+def test_prompt_logprobs_with_max_tokens_zero(env: Env) -> None:
+    """Field 30 asks; the first (here the only) message carries prompt tokens 1.. (fields 9),
+    from the fake pool's made-up values: token i at -i/10, rank i, top-k ``token + 1 + j``."""
+    ids = [5, 9, 14, 3]
+    msgs = list(env.stub.Generate(pb2.GenerateRequest(prompt_token_ids=ids, max_tokens=0,
+                                                      prompt_logprobs=2), timeout=10))
+    assert len(msgs) == 1 and msgs[0].finish_reason == "length" and not msgs[0].token_ids
+    got = [(e.token_id, round(e.logprob, 5), e.rank, list(e.top.token_ids))
+           for e in msgs[0].prompt_logprobs]
+    assert got == [(ids[i], -i / 10, i, [ids[i] + 1, ids[i] + 2]) for i in range(1, 4)]
+    assert env.pools[0].added[-1].sampling.prompt_logprobs == 2
+
+
 def test_pool_error_ends_stream(env: Env) -> None:
     with pytest.raises(grpc.RpcError) as e:
         generate("Hello", port=env.port, tenant="fail", timeout=10)
@@ -267,6 +280,8 @@ def test_pool_error_ends_stream(env: Env) -> None:
     ({"prompt_token_ids": [5] * (MAX_MODEL_LEN + 1)}, "prompt longer than the model's context"),
     ({"prompt_token_ids": [5] * MAX_MODEL_LEN}, "context"),
     ({"prompt_token_ids": [5] * 60, "max_tokens": 10}, "exceeds the model's context"),
+    ({"prompt": "Hi", "prompt_logprobs": 21}, "prompt_logprobs must be in [0, 20]"),
+    ({"prompt": "Hi", "prompt_logprobs": 1, "max_tokens": -1}, "max_tokens must be >= 0"),
 ])
 def test_invalid_arguments(env: Env, fields: dict[str, Any], message: str) -> None:
     before = sum(len(p.added) for p in env.pools)

@@ -221,6 +221,95 @@ def test_echo_and_logprobs(env: Env) -> None:
     assert env.pools[0].added[-1].sampling.logprobs == 0
 
 
+def _legacy_prompt_part(env: Env, ids: list[int], k: int) -> dict[str, Any]:
+    """The echoed prompt's part of the legacy logprobs object, from the fake pool's made-up
+    prompt logprobs (token i at -i/10, its top-k ``token + 1 + j`` at -0.1 j)."""
+    tokens = [env.decode([t]) for t in ids]
+    tops: list[Any] = [None]
+    for i in range(1, len(ids)):
+        row = {tokens[i]: -i / 10}
+        for j in range(k):
+            row.setdefault(env.decode([ids[i] + 1 + j]), -0.1 * j)
+        tops.append(row)
+    return {"tokens": tokens, "token_logprobs": [None] + [-i / 10 for i in range(1, len(ids))],
+            "top_logprobs": tops}
+
+
+def test_echo_logprobs_max_tokens_zero_scores_the_prompt(env: Env) -> None:
+    """lm-eval's loglikelihood request: echo, logprobs, max_tokens 0 -> the prompt with its
+    tokens' logprobs (the first null) and no generated token."""
+    ids = env.encode("Hello world again")
+    r = env.post("/v1/completions", {"prompt": "Hello world again", "max_tokens": 0,
+                                     "echo": True, "logprobs": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    assert choice["text"] == "Hello world again" and choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    want = _legacy_prompt_part(env, ids, 2)
+    assert {k: lp[k] for k in want} == want
+    offsets = [sum(len(t) for t in want["tokens"][:i]) for i in range(len(ids))]
+    assert lp["text_offset"] == offsets
+    assert "prompt_logprobs" not in choice  # the extension was not asked for
+    sent = env.pools[0].added[-1].sampling
+    assert (sent.max_tokens, sent.prompt_logprobs, sent.logprobs) == (0, 2, 2)
+    # With generated tokens: the prompt's entries, then theirs.
+    r = env.post("/v1/completions", {"prompt": ids, "max_tokens": 2, "echo": True,
+                                     "logprobs": 1})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == want["token_logprobs"] + [-0.5, -0.5]
+    assert lp["tokens"] == want["tokens"] + [env.decode([t]) for t in ids[:2]]
+    # Streamed: the prompt and its logprobs come with the first chunk.
+    r = env.post("/v1/completions", {"prompt": ids, "max_tokens": 2, "echo": True,
+                                     "logprobs": 0, "stream": True})
+    chunks = sse(r)
+    first = chunks[0]["choices"][0]
+    assert first["text"] == env.decode(ids) + env.decode([ids[0]])
+    assert first["logprobs"]["token_logprobs"] == want["token_logprobs"] + [-0.5]
+    assert len(chunks) == 2
+
+
+def test_prompt_logprobs_extension_in_vllms_shape(env: Env) -> None:
+    ids = env.encode("Hello world")
+    r = env.post("/v1/completions", {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 1})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["logprobs"] is None
+    want = [None] + [{str(ids[i]): {"logprob": -i / 10, "rank": i,
+                                    "decoded_token": env.decode([ids[i]])},
+                      str(ids[i] + 1): {"logprob": 0.0, "rank": 1,
+                                        "decoded_token": env.decode([ids[i] + 1])}}
+                     for i in range(1, len(ids))]
+    assert choice["prompt_logprobs"] == want
+    r = env.post("/v1/completions", {"prompt": ids, "max_tokens": 0, "prompt_logprobs": 0})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "" and choice["finish_reason"] == "length"
+    assert [list(e) if e else e for e in choice["prompt_logprobs"]] == \
+        [None] + [[str(t)] for t in ids[1:]]
+    r = env.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                          "max_tokens": 1, "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    sent = env.pools[0].added[-1]
+    pl = r.json()["prompt_logprobs"]
+    assert len(pl) == len(sent.prompt_token_ids) and pl[0] is None
+    assert all(len(e) == 3 for e in pl[1:])
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens", "echo or prompt_logprobs"),
+    ({"prompt": "Hi", "max_tokens": 0, "logprobs": 1}, "max_tokens", ">= 1"),
+    ({"prompt": "Hi", "prompt_logprobs": 21}, "prompt_logprobs", "[0, 20]"),
+    ({"prompt": "Hi", "prompt_logprobs": -1}, "prompt_logprobs", "[0, 20]"),
+    ({"prompt": "Hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "stream"),
+    ({"prompt": "Hi", "max_tokens": -1, "echo": True}, "max_tokens", ">= 0"),
+])
+def test_prompt_logprobs_and_max_tokens_zero_refusals(env: Env, body: dict, param: str,
+                                                      words: str) -> None:
+    err = assert_error(env.post("/v1/completions", body), 400, "invalid_request_error", words)
+    assert err["param"] == param
+
+
 def test_top_logprobs_in_both_shapes(env: Env) -> None:
     ids = env.encode("Hello world")
     r = env.post("/v1/completions", {"prompt": ids, "max_tokens": 2, "logprobs": 2})

@@ -71,6 +71,9 @@ class _Req:
     logprobs: list[float] = field(default_factory=list)
     num_output_tokens: int = 0
     sent: bool = False
+    #: Prompt logprobs received, by prompt token index: (logprob, rank, top ids, top lps).
+    prompt_logprobs: dict[int, tuple[float, int, list[int], list[float]]] = field(
+        default_factory=dict)
 
 
 class Driver:
@@ -134,6 +137,13 @@ class Driver:
         self.step_id += 1
         self.finished = []
         result = self.runner.step(plan)
+        for pl in result.prompt_logprobs or ():
+            r = self.reqs[pl.request_id]
+            for j, lp in enumerate(pl.token_logprobs):
+                assert pl.first + j not in r.prompt_logprobs, f"position {pl.first + j} twice"
+                r.prompt_logprobs[pl.first + j] = (
+                    lp, pl.ranks[j], pl.top_token_ids[j] if pl.top_token_ids else [],
+                    pl.top_logprobs[j] if pl.top_logprobs else [])
         for i, (rid, tok) in enumerate(zip(result.request_ids, result.token_ids, strict=True)):
             r = self.reqs[rid]
             r.tokens.append(tok)

@@ -176,6 +176,42 @@ def test_padded_decode_path_matches_hf(model_dir: Path, hf_greedy,
     runner.close()
 
 
+def test_prompt_logprob_rows_never_take_the_graph_path(model_dir: Path, hf_greedy,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt scored one token per step beside decodes is a decode-shaped batch, yet its
+    rows are prefill rows: those steps run eagerly, and every prompt logprob is
+    transformers'; the decodes alone take the (padded) graph path again."""
+    runner = make(model_dir)
+    runner.enable_decode_graphs(max_batch=4, capture=False)
+    graphs = runner.graphs
+    assert graphs is not None
+    calls: list[int] = []
+    real_run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda ids, *a: calls.append(len(ids)) or real_run(ids, *a))
+    d = Driver(runner)
+    d.add("dec", PROMPTS[0])
+    d.step()
+    prompt = PROMPTS[1]
+    d.add("scored", prompt, SamplingParams(temperature=0.0, prompt_logprobs=2))
+    for _ in range(len(prompt) - 1):
+        d.step({"dec": 1, "scored": 1})
+    assert calls == [], "a batch with prompt-logprob rows took the graph path"
+    d.step({"dec": 1})
+    assert calls == [1]
+    got = d.reqs["scored"].prompt_logprobs
+    d.close()
+    runner.close()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        lps = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+    assert sorted(got) == list(range(1, len(prompt)))
+    for i in range(1, len(prompt)):
+        lp, rank, top_ids, _ = got[i]
+        assert rank == int((lps[i - 1] >= lps[i - 1, prompt[i]]).sum()), i
+        assert abs(lp - lps[i - 1, prompt[i]].item()) < 1e-4, i
+        assert top_ids == lps[i - 1].topk(2).indices.tolist(), i
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

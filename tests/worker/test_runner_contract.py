@@ -312,6 +312,65 @@ def test_top_logprobs(runner, hf_model, prompts) -> None:
         torch.testing.assert_close(torch.tensor(lps), want.values, atol=1e-5, rtol=1e-5)
 
 
+# --------------------------------------------------------------------------- prompt logprobs
+
+
+def _check_prompt_logprobs(hf_model, prompt: list[int], got: dict, first: int, k: int) -> None:
+    """``got`` (Driver's rows by token index) holds tokens ``first .. len(prompt) - 1``, as
+    transformers' log_softmax of a teacher-forced forward gives them (fp32, 1e-4)."""
+    assert sorted(got) == list(range(first, len(prompt)))
+    with torch.no_grad():
+        lps = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), -1)
+    for i in range(first, len(prompt)):
+        lp, rank, top_ids, top_lps = got[i]
+        row = lps[i - 1]  # position i - 1 scores token i
+        want = row[prompt[i]].item()
+        assert abs(lp - want) < 1e-4, (i, lp, want)
+        assert rank == int((row >= row[prompt[i]]).sum()), i
+        best = row.topk(k)
+        assert top_ids == best.indices.tolist(), i
+        torch.testing.assert_close(torch.tensor(top_lps), best.values, atol=1e-4, rtol=0)
+
+
+def test_prompt_logprobs_across_chunks_equal_transformers(runner, hf_model, long_prompts,
+                                                          prompts) -> None:
+    """Every prompt token after the first is scored once, across a chunked prefill (chunks
+    ending mid-block and one position short of the prompt's end); rank and the k best as
+    transformers; the request decodes on afterwards and a request of the same steps that
+    asked for none gets no rows."""
+    prompt = long_prompts[1]
+    n = len(prompt)
+    d = Driver(runner, seed=6)
+    d.add("p", prompt, SamplingParams(temperature=0.0, prompt_logprobs=3))
+    d.add("plain", prompts[0])
+    d.step({"p": 20, "plain": 2})
+    d.step({"p": n - 21, "plain": 1})  # stops at position n - 2: the last row is scored
+    res = d.step({"p": 1})
+    assert res.request_ids == ["p"]
+    d.run_until({"p": 3, "plain": 3})
+    d.close()
+    assert d.done["plain"].prompt_logprobs == {}
+    _check_prompt_logprobs(hf_model, prompt, d.done["p"].prompt_logprobs, 1, 3)
+
+
+def test_prompt_logprobs_after_a_cached_prefix(runner, hf_model, long_prompts) -> None:
+    """A request that starts after a cached prefix (two blocks, as the scheduler does for
+    one resumed after its first positions were scored) is scored from there on, in one
+    step; k 0 returns the token's own logprob and rank only."""
+    d = Driver(runner, seed=7)
+    a_prompt, b_prompt = long_prompts[0], long_prompts[2]
+    d.add("a", a_prompt)
+    d.step()
+    d.add("b", b_prompt, SamplingParams(temperature=0.0, prompt_logprobs=0),
+          shared_blocks=d.reqs["a"].blocks[:2])
+    res = d.step()
+    assert "b" in res.request_ids
+    got = d.reqs["b"].prompt_logprobs
+    d.close()
+    assert all(top == [] for _, _, top, _ in got.values())
+    _check_prompt_logprobs(hf_model, b_prompt, got, 2 * BLOCK + 1, 0)
+
+
 SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234, max_tokens=10)
 
 

@@ -65,9 +65,13 @@ $(VENV)/.installed-vllm-none:
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# Wheels of the engine's dependencies that a bare GPU machine without a package index lacks
-# (Python 3.12 there), for bench/gpu_check.sh: it installs whatever .whl/ holds.
+# Wheels of the engine's dependencies that the lent GPU machine (Python 3.12, no package
+# index) lacks, pinned in requirements/gpu-wheels.txt, for bench/gpu_check.sh: it installs
+# whatever .whl/ holds. The last line checks one wheel per pin and the 64 MiB that can travel.
+GPU_WHEEL_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_26 manylinux_2_24 \
+	manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1,--platform $(n)_x86_64)
 gpu-wheels:
+	rm -rf .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-	  --platform manylinux2014_x86_64 -d .whl msgspec pyzmq
+	  --implementation cp $(GPU_WHEEL_PLATFORMS) -d .whl -r requirements/gpu-wheels.txt
+	$(PYTHON) -m bench.gpu_check wheels

@@ -1,7 +1,8 @@
 """Launch this engine for a benchmark: ``with launched_engine(args) as (http, grpc): ...``.
 
 Both ports are picked by the OS (``--http-port 0 --grpc-port 0``) and read from the ready
-line; the engine runs in its own session and gets SIGINT (a clean shutdown) afterwards.
+line; the engine runs in its own session and gets SIGINT (a clean shutdown) afterwards, then
+SIGKILL if it has not exited within ``stop_timeout_s``: nothing is left running.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def launched_engine(args: Sequence[str] = ()) -> Iterator[tuple[int, int]]:
+def launched_engine(args: Sequence[str] = (),
+                    stop_timeout_s: float = 30.0) -> Iterator[tuple[int, int]]:
     proc = subprocess.Popen([sys.executable, "-m", "engine.launch", "--http-port", "0",
                              "--grpc-port", "0", "--log-level", "WARNING", *args],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -28,4 +30,8 @@ def launched_engine(args: Sequence[str] = ()) -> Iterator[tuple[int, int]]:
         yield int(http_url.rsplit(":", 1)[1]), int(grpc_url.rsplit(":", 1)[1])
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(30)
+        try:
+            proc.wait(stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,6 +1,8 @@
 """Microbenchmark of the Triton paged-attention kernels against the device's peak.
 
     python -m bench.kernels [--batch 1 8 64 256] [--context 512 4096 32768] [--json]
+    TRITON_INTERPRET=1 python -m bench.kernels --device cpu --dtype fp16 --batch 1 \
+        --context 32   # a smoke run of this script on the CPU (the interpreter: no figures)
 
 On Llama-3-8B attention shapes (32 query heads, 8 KV heads, head dim 128), block size 16,
 bf16, shuffled block tables:
@@ -9,7 +11,9 @@ bf16, shuffled block tables:
   K, V and queries read / time, as a fraction of the HBM peak.
 - prefill: ``batch`` causal prompts of ``context`` tokens, no prefix. TFLOP/s counts the
   causal half only (4 * head_dim * heads * context * (context + 1) / 2 per sequence), as a
-  fraction of the dense bf16 tensor-core peak.
+  fraction of the dense bf16 tensor-core peak. With ``--prefix-len P`` it is an extend: the
+  last ``context - P`` tokens of each sequence attend to ``P`` cached ones (a prefix-cache
+  hit or an earlier chunk), and the FLOPs count the keys each new token sees.
 
 Beside each, torch's ``scaled_dot_product_attention`` on contiguous K/V of the same size
 (``enable_gqa``) is the reference point. Times are medians of
@@ -18,7 +22,12 @@ that decode reads its KV from HBM). Peaks are looked up from the device name
 (``--peak-tbps`` / ``--peak-tflops`` override). Combinations whose tensors do not fit in
 free memory, or prefills above ``--max-prefill-tokens``, are skipped. ``--sweep`` also
 times a grid of tile/launch parameters on the issue's headline shapes (decode 64 x 4096,
-prefill 8 x 4096) to guide the defaults.
+prefill 8 x 4096) to guide the defaults. ``--partial PATH`` rewrites the JSON document there
+after every row, so a run stopped by a time limit keeps what it measured.
+
+``--device cpu`` (with ``TRITON_INTERPRET=1``, float32 or float16: the interpreter
+mishandles bf16) runs every code path of this script on tiny shapes, timed by the host
+clock without an L2 flush: it proves the script, not the kernels' speed.
 """
 
 from __future__ import annotations
@@ -27,17 +36,19 @@ import argparse
 import itertools
 import json
 import math
+import statistics
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
-DEVICE = torch.device("cuda")
 # The issue's headline shapes: decode batch x context, prefill batch x context (also --sweep's).
 HEADLINE_DECODE, HEADLINE_PREFILL = (64, 4096), (8, 4096)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # (substring of torch.cuda.get_device_name(), HBM TB/s, dense bf16 tensor TFLOP/s), first
 # match wins: specific names before their prefixes. Vendor datasheet figures.
@@ -75,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--only", choices=["decode", "prefill"], help="run one kind only")
+    p.add_argument("--prefix-len", type=int, default=0,
+                   help="prefill as an extend: this many cached tokens before the new ones")
+    p.add_argument("--device", default="cuda",
+                   help="cuda (default) or cpu (a smoke run under TRITON_INTERPRET=1)")
+    p.add_argument("--partial", metavar="PATH",
+                   help="rewrite the JSON document at PATH after every row")
     p.add_argument("--max-prefill-tokens", type=int, default=262144,
                    help="skip prefills with more tokens (batch x context) than this")
     p.add_argument("--no-sdpa", action="store_true", help="skip the torch SDPA reference")
@@ -86,17 +103,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time a grid of kernel tile/launch parameters (slow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON document instead")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prefix_len < 0 or any(args.prefix_len >= c for c in args.context):
+        p.error("--prefix-len: must be >= 0 and below every --context")
+    return args
 
 
 # --------------------------------------------------------------------------- inputs
 
 
 def paged_inputs(batch: int, context: int, q_len: int, block_size: int, dtype: torch.dtype,
-                 gen: torch.Generator) -> dict[str, Any]:
+                 gen: torch.Generator, dev: torch.device) -> dict[str, Any]:
     """A batch of ``batch`` sequences of ``context`` tokens, the last ``q_len`` new, with their
     KV in randomly permuted blocks."""
-    dev = DEVICE
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
@@ -114,9 +133,16 @@ def paged_inputs(batch: int, context: int, q_len: int, block_size: int, dtype: t
     }
 
 
-def fits(nbytes: int, headroom: float = 0.85) -> bool:
-    free, _ = torch.cuda.mem_get_info()
+def fits(nbytes: int, device: torch.device, headroom: float = 0.85) -> bool:
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
     return nbytes < headroom * free
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def kv_bytes(batch: int, context: int, itemsize: int) -> int:
@@ -129,7 +155,17 @@ def kv_bytes(batch: int, context: int, itemsize: int) -> int:
 ATTN_KEYS = ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables")
 
 
-def time_ms(fn: Callable[[], object], rep_ms: int) -> float:
+def time_ms(fn: Callable[[], object], rep_ms: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn``: on CUDA ``do_bench`` (events, a cold L2 before every
+    run); elsewhere the host clock over a few runs after one warm-up (a smoke run only)."""
+    if device.type != "cuda":
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms,
@@ -139,68 +175,80 @@ def time_ms(fn: Callable[[], object], rep_ms: int) -> float:
 def time_kernel(kernel: Callable[..., object], x: dict[str, Any], rep_ms: int,
                 **meta: int) -> float:
     call = [x[k] for k in ATTN_KEYS]
-    return time_ms(lambda: kernel(*call, HEAD_DIM**-0.5, **meta), rep_ms)
+    return time_ms(lambda: kernel(*call, HEAD_DIM**-0.5, **meta), rep_ms, x["query"].device)
 
 
-def time_sdpa(batch: int, q_len: int, context: int, dtype: torch.dtype, rep_ms: int) -> float:
-    """torch SDPA on contiguous [batch, heads, len, dim] tensors, causal for a prefill."""
-    q = torch.randn(batch, NUM_HEADS, q_len, HEAD_DIM, dtype=dtype, device=DEVICE)
-    k = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, dtype=dtype, device=DEVICE)
+def time_sdpa(batch: int, q_len: int, context: int, dtype: torch.dtype, rep_ms: int,
+              device: torch.device) -> float:
+    """torch SDPA on contiguous [batch, heads, len, dim] tensors; causal for a prefill, the
+    new tokens at the end of the context (SDPA's bottom-right alignment is spelled out as a
+    mask for an extend, since ``is_causal`` aligns top-left)."""
+    q = torch.randn(batch, NUM_HEADS, q_len, HEAD_DIM, dtype=dtype, device=device)
+    k = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, dtype=dtype, device=device)
     v = torch.randn_like(k)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    causal = q_len > 1
-    return time_ms(lambda: sdpa(q, k, v, is_causal=causal, scale=HEAD_DIM**-0.5,
-                                enable_gqa=True), rep_ms)
+    mask = None
+    causal = 1 < q_len == context
+    if 1 < q_len < context:
+        pos = torch.arange(context, device=device)
+        mask = pos[None, :] <= pos[context - q_len:, None]
+    return time_ms(lambda: sdpa(q, k, v, attn_mask=mask, is_causal=causal,
+                                scale=HEAD_DIM**-0.5, enable_gqa=True), rep_ms, device)
 
 
 def bench_decode(batch: int, context: int, args: argparse.Namespace,
                  gen: torch.Generator) -> dict[str, Any] | None:
     from kernels.triton_decode import num_kv_splits, num_sms, paged_decode
 
-    dtype = DTYPES[args.dtype]
+    dtype, dev = DTYPES[args.dtype], torch.device(args.device)
     item = dtype.itemsize
-    if not fits(kv_bytes(batch, context, item) + (64 << 20)):
+    if not fits(kv_bytes(batch, context, item) + (64 << 20), dev):
         return None
-    x = paged_inputs(batch, context, 1, args.block_size, dtype, gen)
+    x = paged_inputs(batch, context, 1, args.block_size, dtype, gen, dev)
     splits = num_kv_splits(batch, NUM_KV_HEADS, x["block_tables"].shape[1] * args.block_size,
                            num_sms(x["query"].device))
     ms = time_kernel(paged_decode, x, args.rep_ms)
     del x
-    torch.cuda.empty_cache()
+    empty_cache(dev)
     nbytes = kv_bytes(batch, context, item) + batch * NUM_HEADS * HEAD_DIM * item
     row: dict[str, Any] = {"kind": "decode", "batch": batch, "context": context,
                            "num_splits": splits, "triton_us": ms * 1e3,
                            "triton_tbps": nbytes / ms / 1e9}
-    if not args.no_sdpa and fits(kv_bytes(batch, context, item) + (64 << 20)):
-        ms = time_sdpa(batch, 1, context, dtype, args.rep_ms)
+    if not args.no_sdpa and fits(kv_bytes(batch, context, item) + (64 << 20), dev):
+        ms = time_sdpa(batch, 1, context, dtype, args.rep_ms, dev)
         row |= {"sdpa_us": ms * 1e3, "sdpa_tbps": nbytes / ms / 1e9}
     return row
 
 
-def prefill_flops(batch: int, context: int) -> float:
-    # QK^T and PV: 2 multiply-adds per visible (query, key) pair per head dim, causal half.
-    return 4.0 * batch * NUM_HEADS * HEAD_DIM * context * (context + 1) / 2
+def prefill_flops(batch: int, context: int, prefix: int = 0) -> float:
+    """QK^T and PV: 2 multiply-adds per visible (query, key) pair per head dim. New token
+    ``p`` (0-based, ``prefix <= p < context``) sees ``p + 1`` keys: the causal half of a
+    prefill, the prefix's full rectangle plus a triangle for an extend."""
+    visible = (context * (context + 1) - prefix * (prefix + 1)) / 2
+    return 4.0 * batch * NUM_HEADS * HEAD_DIM * visible
 
 
 def bench_prefill(batch: int, context: int, args: argparse.Namespace,
                   gen: torch.Generator) -> dict[str, Any] | None:
     from kernels.triton_prefill import paged_prefill
 
-    dtype = DTYPES[args.dtype]
+    dtype, dev = DTYPES[args.dtype], torch.device(args.device)
     item = dtype.itemsize
-    qo_bytes = 2 * batch * context * NUM_HEADS * HEAD_DIM * item
-    if batch * context > args.max_prefill_tokens or not fits(kv_bytes(batch, context, item)
-                                                             + qo_bytes + (64 << 20)):
+    q_len = context - args.prefix_len
+    qo_bytes = 2 * batch * q_len * NUM_HEADS * HEAD_DIM * item
+    if batch * q_len > args.max_prefill_tokens or not fits(kv_bytes(batch, context, item)
+                                                           + qo_bytes + (64 << 20), dev):
         return None
-    x = paged_inputs(batch, context, context, args.block_size, dtype, gen)
+    x = paged_inputs(batch, context, q_len, args.block_size, dtype, gen, dev)
     ms = time_kernel(paged_prefill, x, args.rep_ms)
     del x
-    torch.cuda.empty_cache()
-    flops = prefill_flops(batch, context)
+    empty_cache(dev)
+    flops = prefill_flops(batch, context, args.prefix_len)
     row: dict[str, Any] = {"kind": "prefill", "batch": batch, "context": context,
+                           "prefix_len": args.prefix_len,
                            "triton_us": ms * 1e3, "triton_tflops": flops / ms / 1e9}
     if not args.no_sdpa:
-        ms = time_sdpa(batch, context, context, dtype, args.rep_ms)
+        ms = time_sdpa(batch, q_len, context, dtype, args.rep_ms, dev)
         row |= {"sdpa_us": ms * 1e3, "sdpa_tflops": flops / ms / 1e9}
     return row
 
@@ -210,9 +258,9 @@ def sweep(args: argparse.Namespace, gen: torch.Generator) -> list[dict[str, Any]
     from kernels.triton_decode import paged_decode
     from kernels.triton_prefill import paged_prefill
 
-    dtype = DTYPES[args.dtype]
+    dtype, dev = DTYPES[args.dtype], torch.device(args.device)
     rows: list[dict[str, Any]] = []
-    x = paged_inputs(*HEADLINE_DECODE, 1, args.block_size, dtype, gen)
+    x = paged_inputs(*HEADLINE_DECODE, 1, args.block_size, dtype, gen, dev)
     nbytes = kv_bytes(*HEADLINE_DECODE, dtype.itemsize)
     for splits, block_n, warps, stages in itertools.product(
             (1, 2, 4), (32, 64, 128), (4, 8), (2, 3, 4)):
@@ -225,8 +273,8 @@ def sweep(args: argparse.Namespace, gen: torch.Generator) -> list[dict[str, Any]
             continue
         rows.append({"kind": "decode", **meta, "us": ms * 1e3, "tbps": nbytes / ms / 1e9})
     del x
-    torch.cuda.empty_cache()
-    x = paged_inputs(*HEADLINE_PREFILL, HEADLINE_PREFILL[1], args.block_size, dtype, gen)
+    empty_cache(dev)
+    x = paged_inputs(*HEADLINE_PREFILL, HEADLINE_PREFILL[1], args.block_size, dtype, gen, dev)
     flops = prefill_flops(*HEADLINE_PREFILL)
     for block_m, block_n, warps, stages in itertools.product(
             (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
@@ -285,26 +333,31 @@ def summary_line(result: dict[str, Any]) -> str:
             parts.append(f"decode {r['batch']}x{r['context']} {r['triton_tbps']:.2f} TB/s "
                          f"({_fraction(r['triton_tbps'], result['peak_tbps']) or '?'} of peak)")
         if (r["kind"], r["batch"], r["context"]) == ("prefill", *HEADLINE_PREFILL):
-            parts.append(f"prefill {r['batch']}x{r['context']} {r['triton_tflops']:.0f} TFLOP/s "
+            what = f"extend (prefix {r['prefix_len']})" if r["prefix_len"] else "prefill"
+            parts.append(f"{what} {r['batch']}x{r['context']} {r['triton_tflops']:.0f} TFLOP/s "
                          f"({_fraction(r['triton_tflops'], result['peak_tflops']) or '?'} of peak)")
     return f"summary: {result['device']}: " + ("; ".join(parts) or "headline shapes not run")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure (the kernels' correctness is tested on CPU "
-              "by tests/kernels/test_triton_kernels.py under TRITON_INTERPRET=1)")
+              "by tests/kernels/test_triton_kernels.py under TRITON_INTERPRET=1; "
+              "--device cpu smoke-runs this script)")
         return 0
     import triton
 
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peaks = device_peaks(name)
     result: dict[str, Any] = {
         "device": name,
         "peak_tbps": args.peak_tbps or (peaks[0] if peaks else None),
         "peak_tflops": args.peak_tflops or (peaks[1] if peaks else None),
-        "dtype": args.dtype, "block_size": args.block_size,
+        "peak_source": {"tbps": "--peak-tbps" if args.peak_tbps else "datasheet",
+                        "tflops": "--peak-tflops" if args.peak_tflops else "datasheet"},
+        "dtype": args.dtype, "block_size": args.block_size, "prefix_len": args.prefix_len,
         "torch": torch.__version__, "triton": triton.__version__,
         "rows": [], "skipped": [],
     }
@@ -313,21 +366,32 @@ def main(argv: list[str] | None = None) -> int:
     for kind, batch, context in itertools.product(kinds, args.batch, args.context):
         run = bench_decode if kind == "decode" else bench_prefill
         row = run(batch, context, args, gen)
-        torch.cuda.empty_cache()  # whatever the run left cached, before the next fits() check
+        empty_cache(device)  # whatever the run left cached, before the next fits() check
         if row is None:
             result["skipped"].append(f"{kind} {batch}x{context} (memory or token limit)")
         else:
             result["rows"].append(row)
+        if args.partial:
+            write_json(result, args.partial)
         if not args.json:
             print(f"done: {kind} {batch}x{context}", file=sys.stderr)
     if args.sweep:
         result["sweep"] = sweep(args, gen)
     result["summary"] = summary_line(result)
+    if args.partial:
+        write_json(result, args.partial)
     if args.json:
         print(json.dumps(result))
     else:
         print_table(result)
     return 0
+
+
+def write_json(doc: dict[str, Any], path: str) -> None:
+    """Replace ``path`` atomically: a reader (or a kill) never sees half a document."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

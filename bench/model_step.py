@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from bench.kernels import device_peaks
+from bench.kernels import device_peaks, write_json
 from engine.models.llama import LlamaConfig, LlamaForCausalLM
 from engine.worker.cuda_graphs import DecodeGraphs
 
@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tbps", type=float, help="memory peak in TB/s (default: by name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON document instead")
+    p.add_argument("--partial", metavar="PATH",
+                   help="rewrite the JSON document at PATH after every row (a run stopped "
+                   "by a time limit keeps what it measured)")
     args = p.parse_args(argv)
     for flag in ("batch", "context"):
         if min(getattr(args, flag)) < 1:
@@ -185,7 +188,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = args.peak_tbps or (device_peaks(name) or (None,))[0]
     max_positions = max(args.context) + 1
     model = build_model(cfg, dtype, device, max_positions, args.seed)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    result = {"device": name, "model": args.model, "dtype": str(dtype).removeprefix("torch."),
+              "block_size": args.block_size, "peak_tbps": peak,
+              "peak_source": "--peak-tbps" if args.peak_tbps else "datasheet", "results": rows}
     for batch in args.batch:
         for context in args.context:
             row = bench_step(model, batch, context, args, dtype, device)
@@ -195,10 +201,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ms = row.get(f"{mode}_ms")
                 row[f"{mode}_x_roofline"] = ms / row["roofline_ms"] if ms and peak else None
             rows.append(row)
+            if args.partial:
+                write_json(result, args.partial)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {"device": name, "model": args.model, "dtype": str(dtype).removeprefix("torch."),
-            "block_size": args.block_size, "peak_tbps": peak, "results": rows}
+    return result
 
 
 def _fmt(v: float | None, width: int, prec: int = 2) -> str:

@@ -195,7 +195,8 @@ class ChatFormat(Format):
             delta = {"content": update.content} if update.content else {}
             if update.calls:
                 delta["tool_calls"] = [_call_delta(x) for x in update.calls]
-            finish = _finish_reason(finish, stream.result())
+            if finish is not None:
+                finish = _finish_reason(finish, stream.result())
         return {**self.chunk_head, "choices": [{
             "index": c.index, "delta": delta,
             "logprobs": self._logprobs(d.token_ids, d.logprobs or [], d.top_logprobs),

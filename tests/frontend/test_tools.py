@@ -11,7 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from engine.config import TOOL_CALL_PARSERS
+from engine.config import TOOL_CALL_PARSERS, ConfigError, config_from_args, config_from_dict
 from engine.frontend.serving import InvalidRequest
 from engine.frontend.tool_parsers import (
     PARSERS,
@@ -72,6 +72,11 @@ def check_parser(make: Any, text: str, content: str | None,
 
 def test_parser_names_match_the_flag() -> None:
     assert tuple(PARSERS) == TOOL_CALL_PARSERS
+    assert config_from_args(["--tool-call-parser", "pythonic"]).frontend.tool_call_parser == (
+        "pythonic")
+    assert config_from_args([]).frontend.tool_call_parser is None
+    with pytest.raises(ConfigError, match="--tool-call-parser"):
+        config_from_dict({"tool_call_parser": "xml"})
 
 
 # --------------------------------------------------------------------------- hermes

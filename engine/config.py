@@ -27,6 +27,8 @@ class ConfigError(ValueError):
 RUNNERS = ("native", "vllm")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+#: ``--tool-call-parser`` names (vLLM's); engine.frontend.tool_parsers implements them.
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class FrontendConfig:
     max_request_bytes: int = 4 << 20
     max_prompt_tokens: int | None = None  # default: the model's context
     max_output_tokens: int | None = None  # default: the model's context
+    #: How tool calls are found in the output for tool_choice "auto" (None: auto refused).
+    tool_call_parser: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,8 @@ class EngineConfig:
                f"must be >= 0 seconds, got {f.shed_queue_time_s}")
         _check(f.max_queue_time_s > 0, "--max-queue-time",
                f"must be > 0 seconds, got {f.max_queue_time_s}")
+        _check(f.tool_call_parser in (None, *TOOL_CALL_PARSERS), "--tool-call-parser",
+               f"must be one of {TOOL_CALL_PARSERS}, got {f.tool_call_parser!r}")
         _check(f.max_request_bytes >= 1024, "--max-request-bytes",
                f"must be >= 1024, got {f.max_request_bytes}")
         _check(self.launch.ready_timeout_s > 0, "--ready-timeout",
@@ -274,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt accepted (default: the model's context)")
     g.add_argument("--max-output-tokens", type=int, metavar="N",
                    help="largest max_tokens accepted (default: the model's context)")
+    g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
+                   help="how the model writes tool calls, for tool_choice auto (vLLM's "
+                   "names; default none: auto is refused, required and named still work)")
     g = p.add_argument_group("launcher")
     g.add_argument("--ready-timeout", type=float, metavar="SECONDS",
                    help="how long to wait for every process to be ready (default 180)")
@@ -372,6 +381,7 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 max_request_bytes=int(v.get("max_request_bytes", 4 << 20)),
                 max_prompt_tokens=v.get("max_prompt_tokens"),
                 max_output_tokens=v.get("max_output_tokens"),
+                tool_call_parser=v.get("tool_call_parser"),
             ),
             launch=LaunchConfig(
                 ready_timeout_s=float(v.get("ready_timeout", 180.0)),

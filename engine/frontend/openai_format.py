@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 
 from engine.frontend.admission import Refusal
 from engine.frontend.serving import Delta, GenerationFailed, ServedModel
+from engine.frontend.tool_parsers import CallDelta, Parsed, ToolStream, parse
+from engine.frontend.tools import ToolPlan
 from engine.messages import EngineRequest
 from engine.prompt_logprobs import PromptLogprob
 
@@ -218,12 +220,19 @@ class TextFormat(Format):
 
 
 class ChatFormat(Format):
-    """``/v1/chat/completions`` response bodies."""
+    """``/v1/chat/completions`` response bodies. With a ``ToolPlan`` whose output holds
+    calls (auto with a parser, required, named), each choice's text goes through its own
+    ``ToolStream``: content and ``tool_calls`` deltas in OpenAI's shape (a call's first delta
+    carries its index, id, type and name; later ones argument fragments), and
+    ``finish_reason`` "tool_calls" when the model stopped after calling."""
 
-    def __init__(self, rid: str, created: int, model: ServedModel, body: Any) -> None:
+    def __init__(self, rid: str, created: int, model: ServedModel, body: Any,
+                 tools: ToolPlan | None = None) -> None:
         super().__init__(rid, created, model, body)
         self.head["object"] = "chat.completion"
         self.chunk_head = {**self.head, "object": "chat.completion.chunk"}
+        self.tools = tools
+        self._streams: dict[int, ToolStream | None] = {}
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.token(token_id)
@@ -243,20 +252,65 @@ class ChatFormat(Format):
             "index": c.index, "delta": {"role": "assistant", "content": ""},
             "logprobs": None, "finish_reason": None}]} for c in choices]
 
+    def _stream(self, c: Choice) -> ToolStream | None:
+        if c.index not in self._streams:
+            self._streams[c.index] = self.tools.stream() if self.tools else None
+        return self._streams[c.index]
+
     def chunk(self, c: Choice, d: Delta) -> dict[str, Any]:
+        stream = self._stream(c)
+        finish = d.finish_reason
+        if stream is None:
+            delta: dict[str, Any] = {"content": d.text} if d.text else {}
+        else:
+            update = stream.step(d.text, final=finish is not None)
+            delta = {"content": update.content} if update.content else {}
+            if update.calls:
+                delta["tool_calls"] = [_call_delta(x) for x in update.calls]
+            if finish is not None:
+                finish = _finish_reason(finish, stream.result())
         return {**self.chunk_head, "choices": [{
-            "index": c.index, "delta": {"content": d.text} if d.text else {},
+            "index": c.index, "delta": delta,
             "logprobs": self._logprobs(d.token_ids, d.logprobs or [], d.top_logprobs),
-            "finish_reason": d.finish_reason}]}
+            "finish_reason": finish}]}
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self.chunk_head, "choices": [], "usage": usage}
+
+    def _message(self, c: Choice) -> tuple[dict[str, Any], str | None]:
+        text = "".join(c.text)
+        stream = self.tools.stream() if self.tools else None
+        if stream is None:
+            return {"role": "assistant", "content": text}, c.finish_reason
+        parsed = parse(stream, text)
+        if not parsed.calls:
+            return {"role": "assistant", "content": parsed.content or ""}, c.finish_reason
+        calls = [{"id": t.id, "type": "function",
+                  "function": {"name": t.name, "arguments": t.arguments}}
+                 for t in parsed.calls]
+        return ({"role": "assistant", "content": parsed.content, "tool_calls": calls},
+                _finish_reason(c.finish_reason, parsed))
 
     def full(self, choices: Sequence[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         # vLLM's chat extension: one prompt per request, its logprobs at the top level.
         prompt = ({"prompt_logprobs": self.prompt_logprobs(choices[0].prompt_logprobs)}
                   if self.prompt_k is not None and choices else {})
-        return {**self.head, "choices": [{
-            "index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-            "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
-            "finish_reason": c.finish_reason} for c in choices], "usage": usage, **prompt}
+        out = []
+        for c in choices:
+            message, finish = self._message(c)
+            out.append({"index": c.index, "message": message,
+                        "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
+                        "finish_reason": finish})
+        return {**self.head, "choices": out, "usage": usage, **prompt}
+
+
+def _call_delta(d: CallDelta) -> dict[str, Any]:
+    if d.id is None:
+        return {"index": d.index, "function": {"arguments": d.arguments}}
+    return {"index": d.index, "id": d.id, "type": "function",
+            "function": {"name": d.name, "arguments": d.arguments}}
+
+
+def _finish_reason(finish: str | None, parsed: Parsed) -> str | None:
+    """"tool_calls" when the model stopped on its own after calling ("length" stays)."""
+    return "tool_calls" if finish == "stop" and parsed.calls else finish

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible API (pydantic, so ``/openapi.json`` documents
 them), with the vLLM extensions benchmark clients and integrations send.
 
-Fields OpenAI defines that this engine cannot honour (``tools``, ``best_of`` > 1,
-``suffix``) are refused with 400 rather than silently ignored; fields nobody defines are ignored with a logged warning, as vLLM does.
+Fields OpenAI defines that this engine cannot honour (``best_of`` > 1, ``suffix``) are refused
+with 400 rather than silently ignored; fields nobody defines are ignored with a logged
+warning, as vLLM does.
 """
 
 from __future__ import annotations
@@ -75,12 +76,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field("", description="JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -89,10 +103,14 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(None, description='[{"type": "function", "function": '
+                                    '{"name", "description", "parameters"}}]')
+    tool_choice: Any = Field(
+        None, description='"none", "auto" (default with tools; needs --tool-call-parser), '
+        '"required", or {"type": "function", "function": {"name": ...}}')
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
 
 #: Fields defined by OpenAI or vLLM that are accepted and mean nothing here (no warning).
-KNOWN_NO_OPS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls",
-                          "tool_choice", "skip_special_tokens"})
+KNOWN_NO_OPS = frozenset({"metadata", "store", "service_tier", "skip_special_tokens"})

@@ -59,6 +59,13 @@ from engine.frontend.serving import (
     resolve_max_tokens,
     sampling_params,
 )
+from engine.frontend.tools import (
+    ToolPlan,
+    constrain,
+    plan_tools,
+    template_messages,
+    warn_if_template_ignores_tools,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +244,13 @@ class OpenAIServer:
         return merged, first
 
     async def _respond(self, request: Request, body: Any, model: ServedModel,
-                       choices: list[Choice], kind: str) -> Response:
+                       choices: list[Choice], kind: str, tools: ToolPlan | None = None,
+                       ) -> Response:
         merged, first = await self._start(model, choices, request)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
         created = int(time.time())
-        fmt_class = ChatFormat if kind == "chat" else TextFormat
-        fmt = fmt_class(rid, created, model, body)
+        fmt = (ChatFormat(rid, created, model, body, tools) if kind == "chat"
+               else TextFormat(rid, created, model, body))
         if body.stream:
             return StreamingResponse(_sse(merged, first, choices, fmt, body),
                                      media_type="text/event-stream",
@@ -304,7 +312,8 @@ class OpenAIServer:
         key = self.authenticate(request)
         self._warn_unknown(body)
         model = self._model(body.model)
-        check(not body.tools, "tools are not supported", "tools")
+        tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls,
+                           self.cfg.tool_call_parser)
         check(body.top_logprobs is None or 0 <= body.top_logprobs <= 20,
               f"top_logprobs must be in [0, 20], got {body.top_logprobs}", "top_logprobs")
         check(not body.top_logprobs or body.logprobs,
@@ -312,10 +321,12 @@ class OpenAIServer:
         check(body.max_tokens is None or body.max_completion_tokens is None
               or body.max_tokens == body.max_completion_tokens,
               "max_tokens and max_completion_tokens differ; give one", "max_completion_tokens")
-        messages = [{"role": m.role, "content": _content(m.content)}
-                    | ({"name": m.name} if m.name else {}) for m in body.messages]
+        messages = template_messages(body.messages)
+        if tools is not None:
+            warn_if_template_ignores_tools(model.tokenizer, model.name)
         try:
-            ids = chat_prompt_ids(model.tokenizer, messages, body.add_generation_prompt)
+            ids = chat_prompt_ids(model.tokenizer, messages, body.add_generation_prompt,
+                                  tools.tools if tools is not None else None)
         except NoChatTemplate as e:
             raise bad_request(str(e), "messages") from e
         except Exception as e:  # the template itself refused (e.g. role order)
@@ -328,8 +339,11 @@ class OpenAIServer:
         choices = self._choices(body, model, [ids], max_tokens, param,
                                 (body.top_logprobs or 0) if body.logprobs else None, priority,
                                 "chatcmpl", prompt_logprobs=body.prompt_logprobs)
+        if tools is not None and tools.structured is not None:  # a forced tool choice
+            for c in choices:
+                c.request = constrain(c.request, tools.structured)
         self._admit(key, model, choices, priority)
-        return await self._respond(request, body, model, choices, "chat")
+        return await self._respond(request, body, model, choices, "chat", tools)
 
     def list_models(self, request: Request) -> dict[str, Any]:
         self.authenticate(request)
@@ -355,14 +369,6 @@ class OpenAIServer:
 
 def _finite(x: float) -> float | None:
     return x if x != float("inf") else None
-
-
-def _content(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.text for part in content)
 
 
 def _decode(model: ServedModel, ids: Sequence[int]) -> str:

@@ -2,8 +2,9 @@
 by echoing its prompt tokens cyclically, one token per output, then finish "length" (with
 made-up logprobs when asked: -0.5 for the echoed token, top-k ``token + j`` at ``-0.5 - j``); it
 records what it receives. Tenants steer it: "fail" gets an error, "slow" one token per
-``SLOW_TOKEN_S``, "hold" nothing until aborted. ``stats`` overrides the pool's reported
-pressure (for admission tests)."""
+``SLOW_TOKEN_S``, "hold" nothing until aborted; ``scripts`` maps a tenant to the tokens to
+answer with instead (one per output, then finish "stop", or "length" at max_tokens).
+``stats`` overrides the pool's reported pressure (for admission tests)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ SLOW_TOKEN_S = 0.05  # per-token delay for requests with tenant "slow"
 STATS_INTERVAL_S = 0.5
 
 
-def make_model_dir(path: Path) -> Path:
+def make_model_dir(path: Path, chat_template: str = CHAT_TEMPLATE,
+                   max_model_len: int = MAX_MODEL_LEN) -> Path:
     """config.json (what ModelInfo reads) and a byte-level BPE tokenizer trained here."""
     path.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
@@ -55,10 +57,10 @@ def make_model_dir(path: Path) -> Path:
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "chat_template": CHAT_TEMPLATE}))
+        "chat_template": chat_template}))
     (path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": tok.get_vocab_size(), "max_position_embeddings": MAX_MODEL_LEN,
+        "vocab_size": tok.get_vocab_size(), "max_position_embeddings": max_model_len,
         "num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 16,
         "eos_token_id": EOS}))
     return path
@@ -78,6 +80,7 @@ class FakePool:
     added: list[EngineRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     stats: PoolStats | None = None
+    scripts: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -135,14 +138,19 @@ class FakePool:
                     send(RequestOutput(request_id=rid, new_token_ids=[], finish_reason="length",
                                        num_prompt_tokens=len(prompt)))
                     continue
+                script = self.scripts.get(a.req.tenant)
                 a.sent += 1
                 a.due = now + (SLOW_TOKEN_S if a.req.tenant == "slow" else 0.0)
-                last = a.sent >= a.req.sampling.max_tokens
-                if last:
+                finish = "length" if a.sent >= a.req.sampling.max_tokens else None
+                if script is not None:
+                    token = script[a.sent - 1]
+                    finish = "stop" if a.sent >= len(script) else finish
+                else:
+                    token = prompt[(a.sent - 1) % len(prompt)]
+                if finish:
                     del active[rid]
-                token = prompt[(a.sent - 1) % len(prompt)]
                 out = RequestOutput(request_id=rid, new_token_ids=[token],
-                                    finish_reason="length" if last else None,
+                                    finish_reason=finish,
                                     num_prompt_tokens=len(prompt), num_cached_tokens=3)
                 k = a.req.sampling.logprobs
                 if k is not None:  # the echoed token at -0.5, then tokens after it

@@ -99,6 +99,9 @@ class FrontendConfig:
     max_request_bytes: int = 4 << 20
     max_prompt_tokens: int | None = None  # default: the model's context
     max_output_tokens: int | None = None  # default: the model's context
+    #: Structured JSON outputs may hold any whitespace (default: compact, one space after
+    #: ``:`` and ``,``, which keeps a weak model from running away in whitespace).
+    structured_outputs_any_whitespace: bool = False
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt accepted (default: the model's context)")
     g.add_argument("--max-output-tokens", type=int, metavar="N",
                    help="largest max_tokens accepted (default: the model's context)")
+    g.add_argument("--structured-outputs-any-whitespace", action="store_true",
+                   help="let structured JSON outputs hold any whitespace (default: compact)")
     g = p.add_argument_group("launcher")
     g.add_argument("--ready-timeout", type=float, metavar="SECONDS",
                    help="how long to wait for every process to be ready (default 180)")
@@ -366,6 +371,8 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 max_request_bytes=int(v.get("max_request_bytes", 4 << 20)),
                 max_prompt_tokens=v.get("max_prompt_tokens"),
                 max_output_tokens=v.get("max_output_tokens"),
+                structured_outputs_any_whitespace=bool(
+                    v.get("structured_outputs_any_whitespace", False)),
             ),
             launch=LaunchConfig(
                 ready_timeout_s=float(v.get("ready_timeout", 180.0)),

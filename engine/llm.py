@@ -24,6 +24,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.messages import EngineRequest, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo, load_model_info
 from engine.scheduler.scheduler import Scheduler
+from engine.structured import InvalidSpec, check_spec
 from engine.worker.runner import ModelRunner
 
 Prompt = str | Sequence[int]
@@ -85,6 +86,11 @@ class LLM:
         )
         if len(params) != len(prompt_list):
             raise ValueError(f"got {len(params)} sampling params for {len(prompt_list)} prompts")
+        for sp in {p.structured for p in params if p.structured is not None}:
+            try:
+                check_spec(sp)
+            except InvalidSpec as e:
+                raise ValueError(f"SamplingParams.structured ({sp.kind}) is invalid: {e}") from None
         results: dict[str, CompletionOutput] = {}
         detoks: dict[str, IncrementalDetokenizer] = {}
         now = time.time()

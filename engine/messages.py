@@ -253,6 +253,9 @@ class StepResult(_Msg, tag=True):
     # first (empty rows for requests that asked for none); None when no row asked.
     top_token_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
+    #: Requests whose grammar (structured output) ended with this step's token: the
+    #: scheduler finishes them with "stop", even under ``ignore_eos``.
+    grammar_ended_ids: list[str] = []
 
 
 class WorkerReady(_Msg, tag=True):

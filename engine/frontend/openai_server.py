@@ -59,6 +59,7 @@ from engine.frontend.serving import (
     resolve_max_tokens,
     sampling_params,
 )
+from engine.frontend.structured import structured_output
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +184,14 @@ class OpenAIServer:
             stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos,
             logprobs=logprobs, repetition_penalty=body.repetition_penalty)
 
-    def _choices(self, body: Any, model: ServedModel, prompts: Sequence[list[int]],
-                 max_tokens: int | None, param: str, logprobs: int | None,
-                 priority: int, base_id: str) -> list[Choice]:
+    async def _choices(self, body: Any, model: ServedModel, prompts: Sequence[list[int]],
+                       max_tokens: int | None, param: str, logprobs: int | None,
+                       priority: int, base_id: str) -> list[Choice]:
         sampling = self._sampling(body, model, logprobs)
+        structured = await structured_output(
+            body, any_whitespace=self.cfg.structured_outputs_any_whitespace)
+        if structured is not None:
+            sampling = msgspec.structs.replace(sampling, structured=structured)
         choices = []
         for p, ids in enumerate(prompts):
             limit = self._check_limits(model, ids, max_tokens, param)
@@ -260,8 +265,8 @@ class OpenAIServer:
               f"logprobs must be in [0, 5], got {body.logprobs}", "logprobs")
         prompts, texts = self._prompts(body.prompt, model)
         priority = self._priority(body, request)
-        choices = self._choices(body, model, prompts, body.max_tokens, "max_tokens",
-                                body.logprobs, priority, "cmpl")
+        choices = await self._choices(body, model, prompts, body.max_tokens, "max_tokens",
+                                      body.logprobs, priority, "cmpl")
         for c in choices:
             c.prompt_text = texts[c.index // body.n] if body.echo else None
         self._admit(key, model, choices, priority)
@@ -311,9 +316,9 @@ class OpenAIServer:
         priority = self._priority(body, request)
         max_tokens = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        choices = self._choices(body, model, [ids], max_tokens, param,
-                                (body.top_logprobs or 0) if body.logprobs else None, priority,
-                                "chatcmpl")
+        choices = await self._choices(body, model, [ids], max_tokens, param,
+                                      (body.top_logprobs or 0) if body.logprobs else None,
+                                      priority, "chatcmpl")
         self._admit(key, model, choices, priority)
         return await self._respond(request, body, model, choices, "chat")
 

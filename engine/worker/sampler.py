@@ -1,8 +1,9 @@
 """Batched next-token sampling for one step.
 
 Per row, in this order (the order of Hugging Face's logits processors and vLLM's sampler):
-repetition penalty over every known token (prompt and output), min_tokens masking of the
-stop ids, then greedy argmax (temperature 0) or temperature, top-k, top-p and a draw.
+the grammar's token mask (structured outputs, ``engine/worker/structured.py``), repetition
+penalty over every known token (prompt and output), min_tokens masking of the stop ids
+(not on constrained rows: their grammar decides where they end), then greedy argmax (temperature 0) or temperature, top-k, top-p and a draw.
 
 Cost model: a greedy batch with no penalties is one ``argmax`` over ``[batch, vocab]`` and
 one ``tolist``; the only per-row Python is reading each row's parameters, no per-row tensor
@@ -28,6 +29,7 @@ from typing import Protocol
 import torch
 
 from engine.messages import SamplingParams
+from engine.worker.structured import apply_bitmask
 
 _MASK64 = (1 << 64) - 1
 
@@ -72,9 +74,14 @@ class Sampler:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 grammar_bitmask: tuple[torch.Tensor, list[int]] | None = None) -> SamplerOutput:
         """Pick one token per row of ``logits`` (float32 ``[len(rows), vocab]``; modified in
-        place)."""
+        place). ``grammar_bitmask`` (``GrammarTable.bitmask``): the tokens each constrained
+        row's grammar allows, applied first, so every later step (and the logprobs, as in
+        vLLM) sees only those."""
+        if grammar_bitmask is not None:
+            apply_bitmask(logits, grammar_bitmask)
         params = [r.sampling for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
@@ -83,7 +90,8 @@ class Sampler:
             p = r.sampling
             if p.repetition_penalty != 1.0:
                 _repetition_penalty(logits[i], r.token_ids, p.repetition_penalty)
-            if r.num_output_tokens < p.min_tokens:
+            # A grammar decides where a constrained output ends (its mask may allow only EOS).
+            if r.num_output_tokens < p.min_tokens and p.structured is None:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
                 if banned:
                     logits[i, banned] = float("-inf")

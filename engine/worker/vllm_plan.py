@@ -264,7 +264,9 @@ class PlanTranslator:
             seed = seed_for_token(seed, done)
         return cls(
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
-            min_tokens=min(max(0, p.min_tokens - done), max_tokens), max_tokens=max_tokens,
+            # a grammar decides where a constrained output ends (as in our sampler)
+            min_tokens=0 if p.structured is not None
+            else min(max(0, p.min_tokens - done), max_tokens), max_tokens=max_tokens,
             repetition_penalty=p.repetition_penalty,
             logprobs=p.logprobs,
             stop_token_ids=stops, ignore_eos=True, detokenize=False,

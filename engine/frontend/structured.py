@@ -54,7 +54,8 @@ def parse_structured(body: Any, *, any_whitespace: bool) -> tuple[StructuredOutp
     if rf is not None:
         spec = _response_format(rf, any_whitespace)
         if spec is not None:
-            forms.append((spec, "response_format"))
+            forms.append((spec, "response_format.json_schema.schema" if spec.kind == "json"
+                          else "response_format"))
     so = getattr(body, "structured_outputs", None)
     if so is not None:
         forms.append(_vllm_structured(so, any_whitespace))

@@ -65,3 +65,29 @@ def test_seeded_sampling_is_reproducible(llm):
     a = llm.generate(PROMPTS[:4], sp)
     b = llm.generate(PROMPTS[3:4], sp)  # alone, in another batch composition
     assert a[3].token_ids == b[0].token_ids
+
+
+def test_structured_output_survives_preemption_and_bad_spec_raises(llm):
+    """Every output follows its JSON schema although the small cache preempts requests in
+    the middle of their object (their matchers are rebuilt by replaying); a bad spec is a
+    ValueError before anything runs."""
+    import json
+
+    from engine import StructuredOutput
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                               "kind": {"enum": ["list", "dict"]}},
+              "required": ["name", "kind"], "additionalProperties": False}
+    spec = StructuredOutput(kind="json", value=json.dumps(schema))
+    before = llm.scheduler.num_preemptions
+    outs = llm.generate(PROMPTS[:8], SamplingParams(max_tokens=60, temperature=1.0, seed=3,
+                                                    structured=spec))
+    assert llm.scheduler.num_preemptions > before
+    for o in outs:
+        assert o.finish_reason == "stop", o.text
+        obj = json.loads(o.text)
+        assert set(obj) == {"name", "kind"} and obj["kind"] in ("list", "dict")
+    bad = StructuredOutput(kind="regex", value="(unclosed")
+    with pytest.raises(ValueError, match="structured"):
+        llm.generate(PROMPTS[0], SamplingParams(structured=bad))
+    assert llm.scheduler.num_unfinished == 0

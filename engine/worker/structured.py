@@ -51,6 +51,8 @@ class _Entry:
     #: Output tokens to replay into the matcher when it is built (a resumed request).
     replay: list[int] = field(default_factory=list)
     matcher: Any = None
+    #: Its grammar terminated (reported once; the scheduler ends the request).
+    ended: bool = False
 
 
 class GrammarTable:
@@ -62,6 +64,7 @@ class GrammarTable:
         #: The logits' width: the bitmask's, and the token-id space of the tokenizer info.
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
+        self._stop_ids = frozenset(eos_token_ids)
         self.cache_bytes = cache_bytes
         #: request id -> its entry; empty when no constrained request is held.
         self.matchers: dict[str, _Entry] = {}
@@ -100,19 +103,15 @@ class GrammarTable:
         matchers = self.matchers
         if not matchers:
             return None
-        rows = [i for i, rid in enumerate(request_ids) if rid in matchers]
+        # An ended grammar has ended its request (the scheduler was told); a plan that runs
+        # it again anyway gets it unconstrained rather than a failed step.
+        rows = [i for i, rid in enumerate(request_ids)
+                if (entry := matchers.get(rid)) is not None and not entry.ended]
         if not rows:
             return None
         import xgrammar as xgr
 
         live = [self._matcher(matchers[request_ids[i]]) for i in rows]
-        # A terminated grammar has ended its request (the scheduler was told); a plan that
-        # runs it again anyway gets it unconstrained rather than a failed step.
-        if any(m.is_terminated() for m in live):
-            kept = [(i, m) for i, m in zip(rows, live, strict=True) if not m.is_terminated()]
-            if not kept:
-                return None
-            rows, live = [i for i, _ in kept], [m for _, m in kept]
         bitmask = self._buffer(len(request_ids))
         if len(live) == 1:
             live[0].fill_next_token_bitmask(bitmask, rows[0])
@@ -129,20 +128,25 @@ class GrammarTable:
         matchers = self.matchers
         if not matchers:
             return []
+        rows = [(rid, entry.matcher, tok) for rid, tok in zip(request_ids, token_ids, strict=True)
+                if (entry := matchers.get(rid)) is not None and entry.matcher is not None
+                and not entry.ended]
+        if not rows:
+            return []
+        import xgrammar as xgr
+
+        accepted = xgr.BatchGrammarMatcher.batch_accept_token([m for _, m, _ in rows],
+                                                              [t for _, _, t in rows])
         ended = []
-        for rid, tok in zip(request_ids, token_ids, strict=True):
-            entry = matchers.get(rid)
-            if entry is None or entry.matcher is None:
-                continue
-            m = entry.matcher
-            if m.is_terminated():
-                continue
-            if not m.accept_token(tok):
+        stops = self._stop_ids
+        for (rid, m, tok), ok in zip(rows, accepted, strict=True):
+            if not ok:
                 log.error("request %s: the grammar refused token %d that its mask allowed; "
                           "ending the request", rid, tok)
-                ended.append(rid)
-            elif m.is_terminated():
-                ended.append(rid)
+            elif not (tok in stops and m.is_terminated()):  # only a stop token terminates
+                continue
+            matchers[rid].ended = True
+            ended.append(rid)
         return ended
 
     # ------------------------------------------------------------------ helpers
@@ -164,7 +168,9 @@ class GrammarTable:
         words = -(-self.vocab_size // 32)
         buf = self._bitmask
         if buf is None or buf.shape[0] < num_rows:
-            buf = self._bitmask = torch.empty((max(num_rows, 16), words), dtype=torch.int32)
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of it
+                buf = torch.empty((max(num_rows, 16), words), dtype=torch.int32)
+            self._bitmask = buf
         view = buf[:num_rows]
         view.fill_(-1)
         return view
@@ -195,6 +201,7 @@ class GrammarTable:
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids or None)
+        self._stop_ids = frozenset(info.stop_token_ids)  # detected when the model names none
         return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
 
     def _evict(self) -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.messages import StructuredOutput
@@ -235,10 +236,21 @@ def _size(future: Future[Any]) -> int:
 
 def apply_bitmask(logits: torch.Tensor, bitmask: tuple[torch.Tensor, list[int]]) -> None:
     """Set to -inf, in place, every logit its row's grammar forbids (float32 ``logits``
-    ``[rows, vocab]``, the rows of ``GrammarTable.bitmask``)."""
+    ``[rows, vocab]``, the rows of ``GrammarTable.bitmask``).
+
+    On CUDA: xgrammar's kernel (Triton). On the CPU: the bits unpacked with numpy and one
+    ``masked_fill_``, 5x faster than xgrammar's CPU kernel on JSON masks (most tokens
+    forbidden: 0.16 against 0.85 ms for 64 x 4096 logits, bench/micro/test_structured_step.py);
+    rows without a grammar are all ones there, so the whole batch is masked in one call.
+    """
+    mask, rows = bitmask
+    if logits.device.type == "cpu":
+        allowed = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")
+        forbidden = torch.from_numpy(allowed.view(np.bool_)[:, :logits.shape[1]]).logical_not_()
+        logits.masked_fill_(forbidden, float("-inf"))
+        return
     import xgrammar as xgr
 
-    mask, rows = bitmask
     mask = mask.to(logits.device, non_blocking=True)
     indices = None if len(rows) == logits.shape[0] else rows
     xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=indices)

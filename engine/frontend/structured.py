@@ -136,8 +136,11 @@ def _spec(kind: str, value: Any, param: str, any_whitespace: bool) -> Structured
                     raise InvalidRequest(f"{param} is not valid JSON: {e}", param) from None
             check(isinstance(value, dict | bool), f"{param} must be a JSON schema (an object)",
                   param)
-            return StructuredOutput(kind="json", value=json.dumps(value),
-                                    any_whitespace=any_whitespace)
+            try:
+                text = json.dumps(value, allow_nan=False)
+            except (ValueError, RecursionError) as e:
+                raise InvalidRequest(f"{param} is not a valid JSON schema: {e}", param) from None
+            return StructuredOutput(kind="json", value=text, any_whitespace=any_whitespace)
         case "choice":
             check(isinstance(value, list) and bool(value)
                   and all(isinstance(c, str) and c for c in value),

@@ -169,3 +169,19 @@ def test_grpc_structured_field(env: Env) -> None:
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert word in err.value.details()
         assert len(env.pools[0].added) == before
+
+
+def test_hostile_schemas_are_400(env: Env) -> None:
+    deep: dict[str, Any] = {"type": "string"}
+    for _ in range(150):
+        deep = {"type": "object", "properties": {"a": deep}}
+    r = env.post("/v1/chat/completions", _chat({"structured_outputs": {"json": deep}}))
+    assert r.status_code in (200, 400), r.text  # deep but valid: served or refused, no 5xx
+    for extra, param in (({"guided_json": '{"type": "number", "minimum": NaN}'}, "guided_json"),
+                         ({"guided_json": "[1, 2]"}, "guided_json"),
+                         ({"structured_outputs": {"json": [1, 2]}}, "structured_outputs.json"),
+                         ({"guided_json": [1, 2]}, "guided_json"),
+                         ({"response_format": {"type": ["json_object"]}}, "response_format.type")):
+        r = env.post("/v1/chat/completions", _chat(extra))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"].startswith(param), r.text

@@ -70,7 +70,9 @@ class GrammarTable:
         #: request id -> its entry; empty when no constrained request is held.
         self.matchers: dict[str, _Entry] = {}
         self._cache: OrderedDict[StructuredOutput, Future[Any]] = OrderedDict()
-        self._lock = threading.Lock()
+        # Re-entrant: a compilation that is already done runs its eviction callback in
+        # add_done_callback, under the lock _compile holds.
+        self._lock = threading.RLock()
         self._compiler: Any = None
         self._batch: Any = None
         self._executor: ThreadPoolExecutor | None = None
@@ -209,7 +211,8 @@ class GrammarTable:
         """Drop least recently used compiled grammars past the byte bound (never one still
         compiling: a request waits for it)."""
         with self._lock:
-            for spec in [s for s, f in self._cache.items() if f.done() and f.exception()]:
+            for spec in [s for s, f in self._cache.items()
+                         if f.done() and (f.cancelled() or f.exception() is not None)]:
                 del self._cache[spec]  # a failed compilation is not remembered
             done = [(spec, f) for spec, f in self._cache.items() if f.done()]
             total = sum(_size(f) for _, f in done)
@@ -229,7 +232,7 @@ class GrammarTable:
 
 
 def _size(future: Future[Any]) -> int:
-    if future.exception() is not None:
+    if future.cancelled() or future.exception() is not None:
         return 0
     return int(future.result().memory_size_bytes)
 

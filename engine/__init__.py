@@ -7,9 +7,9 @@ when ``LLM`` is first used, so the launcher and the scheduler stay light.
 
 from typing import Any
 
-from engine.messages import SamplingParams
+from engine.messages import SamplingParams, StructuredOutput
 
-__all__ = ["LLM", "CompletionOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "SamplingParams", "StructuredOutput"]
 
 
 def __getattr__(name: str) -> Any:

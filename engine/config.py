@@ -107,6 +107,9 @@ class FrontendConfig:
     max_output_tokens: int | None = None  # default: the model's context
     #: How tool calls are found in the output for tool_choice "auto" (None: auto refused).
     tool_call_parser: str | None = None
+    #: Structured JSON outputs may hold any whitespace (default: compact, one space after
+    #: ``:`` and ``,``, which keeps a weak model from running away in whitespace).
+    structured_outputs_any_whitespace: bool = False
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
                    help="how the model writes tool calls, for tool_choice auto (vLLM's "
                    "names; default none: auto is refused, required and named still work)")
+    g.add_argument("--structured-outputs-any-whitespace", action="store_true",
+                   help="let structured JSON outputs hold any whitespace (default: compact)")
     g = p.add_argument_group("launcher")
     g.add_argument("--ready-timeout", type=float, metavar="SECONDS",
                    help="how long to wait for every process to be ready (default 180)")
@@ -382,6 +387,8 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 max_prompt_tokens=v.get("max_prompt_tokens"),
                 max_output_tokens=v.get("max_output_tokens"),
                 tool_call_parser=v.get("tool_call_parser"),
+                structured_outputs_any_whitespace=bool(
+                    v.get("structured_outputs_any_whitespace", False)),
             ),
             launch=LaunchConfig(
                 ready_timeout_s=float(v.get("ready_timeout", 180.0)),

@@ -26,6 +26,7 @@ from engine.messages import EngineRequest, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo, load_model_info
 from engine.prompt_logprobs import PromptLogprob, PromptLogprobsBuffer
 from engine.scheduler.scheduler import Scheduler
+from engine.structured import InvalidSpec, check_spec
 from engine.worker.runner import ModelRunner
 
 Prompt = str | Sequence[int]
@@ -96,6 +97,11 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling params for {len(prompt_list)} prompts")
         for sp in params:  # the HTTP and gRPC APIs' checks, before anything is queued
             check_sampling(sp, self.info.vocab_size)
+        for sp in {p.structured for p in params if p.structured is not None}:
+            try:
+                check_spec(sp)
+            except InvalidSpec as e:
+                raise ValueError(f"SamplingParams.structured ({sp.kind}) is invalid: {e}") from None
         results: dict[str, CompletionOutput] = {}
         detoks: dict[str, IncrementalDetokenizer] = {}
         now = time.time()

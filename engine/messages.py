@@ -294,6 +294,9 @@ class StepResult(_Msg, tag=True):
     # computed (a runner may also hold a request's rows back and send them with its last
     # prompt chunk: vLLM's does); None when there are none.
     prompt_logprobs: list[PromptLogprobs] | None = None
+    #: Requests whose grammar (structured output) ended with this step's token: the
+    #: scheduler finishes them with "stop", even under ``ignore_eos``.
+    grammar_ended_ids: list[str] = []
 
 
 class WorkerReady(_Msg, tag=True):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import msgspec
 from google.protobuf.message import DecodeError
 
 from engine.frontend.proto import SERVICE, pb2
@@ -33,6 +34,7 @@ from engine.frontend.serving import (
     resolve_max_tokens,
     sampling_params,
 )
+from engine.frontend.structured import structured_from_proto, validate
 from engine.messages import EngineRequest, Explanation
 
 if TYPE_CHECKING:
@@ -61,8 +63,10 @@ def _deserializer(cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def engine_request_from_proto(req: Any, model: ServedModel) -> EngineRequest:
-    """Validate a GenerateRequest into the pool's EngineRequest (raises InvalidRequest)."""
+def engine_request_from_proto(req: Any, model: ServedModel, *,
+                              any_whitespace: bool = False) -> EngineRequest:
+    """Validate a GenerateRequest into the pool's EngineRequest (raises InvalidRequest;
+    a structured output is only parsed here: ``validate`` it off the event loop)."""
     has = req.HasField
     sampling = sampling_params(
         vocab_size=model.info.vocab_size,
@@ -78,6 +82,9 @@ def engine_request_from_proto(req: Any, model: ServedModel) -> EngineRequest:
         allowed_token_ids=list(req.allowed_token_ids) or None,
         prompt_logprobs=req.prompt_logprobs if has("prompt_logprobs") else None,
     )
+    if has("structured"):
+        sampling = msgspec.structs.replace(sampling, structured=structured_from_proto(
+            req.structured, any_whitespace=any_whitespace))
     check(not (req.prompt and req.prompt_token_ids),
           "give either prompt or prompt_token_ids, not both", "prompt")
     if req.prompt_token_ids:
@@ -109,8 +116,10 @@ class EngineServicer:
     the seconds to wait in the trailing metadata ``retry-after``)."""
 
     def __init__(self, models: ModelRegistry, metrics: EngineMetrics | None = None,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, *,
+                 structured_any_whitespace: bool = False) -> None:
         self.models = models
+        self.structured_any_whitespace = structured_any_whitespace
         self.metrics = metrics
         self.admission = admission
         self._running: dict[str, tuple[ServedModel, str]] = {}  # client id -> (model, engine id)
@@ -144,7 +153,10 @@ class EngineServicer:
             if isinstance(request, _Unparsable):
                 raise InvalidRequest(request.message)
             model = self.models.get(request.model)
-            ereq = engine_request_from_proto(request, model)
+            ereq = engine_request_from_proto(
+                request, model, any_whitespace=self.structured_any_whitespace)
+            if ereq.sampling.structured is not None:
+                await validate(ereq.sampling.structured, "structured")
         except InvalidRequest as e:
             await context.abort(INVALID, e.message)
         except ModelNotFound as e:
@@ -244,11 +256,14 @@ def host_port(host: str, port: int) -> str:
 
 async def start_grpc_server(models: Sequence[ServedModel] | ModelRegistry, host: str, port: int,
                             metrics: EngineMetrics | None = None,
-                            admission: Admission | None = None) -> tuple[grpc.aio.Server, int]:
+                            admission: Admission | None = None, *,
+                            structured_any_whitespace: bool = False,
+                            ) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the port actually bound (``port=0`` picks one)."""
     registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models)
     server = grpc.aio.server()
-    servicer = EngineServicer(registry, metrics, admission)
+    servicer = EngineServicer(registry, metrics, admission,
+                              structured_any_whitespace=structured_any_whitespace)
     server.add_generic_rpc_handlers((generic_handler(servicer),))
     bound = server.add_insecure_port(host_port(host, port))
     if not bound:

@@ -54,6 +54,15 @@ class _Sampling(_Body):
     prompt_logprobs: int | None = Field(
         None, description="k: each prompt token's logprob and rank, and the k most likely "
         "tokens at each prompt position (not with stream)")
+    # structured outputs (engine/frontend/structured.py): OpenAI's, vLLM's, vLLM's older names
+    response_format: dict[str, Any] | None = Field(
+        None, description="text, json_object, or json_schema (enforced, strict or not)")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's: one of json, regex, choice, grammar, json_object")
+    guided_json: dict[str, Any] | str | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # this engine's
     priority: int | None = Field(
         None, description="higher is more important; negative is sheddable (429 under "

@@ -59,6 +59,7 @@ from engine.frontend.serving import (
     resolve_max_tokens,
     sampling_params,
 )
+from engine.frontend.structured import structured_output
 from engine.frontend.tools import (
     ToolPlan,
     constrain,
@@ -193,13 +194,17 @@ class OpenAIServer:
             logit_bias=body.logit_bias, allowed_token_ids=body.allowed_token_ids,
             prompt_logprobs=prompt_logprobs)
 
-    def _choices(self, body: Any, model: ServedModel, prompts: Sequence[list[int]],
-                 max_tokens: int | None, param: str, logprobs: int | None,
-                 priority: int, base_id: str, *, prompt_logprobs: int | None = None,
-                 echo: bool = False) -> list[Choice]:
+    async def _choices(self, body: Any, model: ServedModel, prompts: Sequence[list[int]],
+                       max_tokens: int | None, param: str, logprobs: int | None,
+                       priority: int, base_id: str, *, prompt_logprobs: int | None = None,
+                       echo: bool = False) -> list[Choice]:
         """One choice per prompt and sample. ``max_tokens`` 0 (prefill only) is allowed when
         the answer is the prompt: ``echo``, or prompt logprobs."""
         sampling = self._sampling(body, model, logprobs, prompt_logprobs)
+        structured = await structured_output(
+            body, any_whitespace=self.cfg.structured_outputs_any_whitespace)
+        if structured is not None:
+            sampling = msgspec.structs.replace(sampling, structured=structured)
         allow_zero = echo or prompt_logprobs is not None
         choices = []
         for p, ids in enumerate(prompts):
@@ -281,9 +286,9 @@ class OpenAIServer:
         if body.echo and body.logprobs is not None and (prompt_k is None
                                                         or 0 <= prompt_k < body.logprobs):
             prompt_k = body.logprobs
-        choices = self._choices(body, model, prompts, body.max_tokens, "max_tokens",
-                                body.logprobs, priority, "cmpl", prompt_logprobs=prompt_k,
-                                echo=body.echo)
+        choices = await self._choices(body, model, prompts, body.max_tokens, "max_tokens",
+                                      body.logprobs, priority, "cmpl",
+                                      prompt_logprobs=prompt_k, echo=body.echo)
         for c in choices:
             c.prompt_text = texts[c.index // body.n] if body.echo else None
         self._admit(key, model, choices, priority)
@@ -336,9 +341,9 @@ class OpenAIServer:
         priority = self._priority(body, request)
         max_tokens = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        choices = self._choices(body, model, [ids], max_tokens, param,
-                                (body.top_logprobs or 0) if body.logprobs else None, priority,
-                                "chatcmpl", prompt_logprobs=body.prompt_logprobs)
+        choices = await self._choices(body, model, [ids], max_tokens, param,
+                                      (body.top_logprobs or 0) if body.logprobs else None,
+                                      priority, "chatcmpl", prompt_logprobs=body.prompt_logprobs)
         if tools is not None and tools.structured is not None:  # a forced tool choice
             for c in choices:
                 c.request = constrain(c.request, tools.structured)

@@ -62,8 +62,9 @@ async def _serve(cfg: EngineConfig, run_dir: str,
         # every STATS_INTERVAL_S; the launcher starts the frontend after all workers).
         await asyncio.wait_for(asyncio.gather(*(m.pool.has_stats.wait() for m in models)),
                                cfg.launch.ready_timeout_s)
-        grpc_server, grpc_port = await start_grpc_server(models, f.host, f.grpc_port, metrics,
-                                                         admission)
+        grpc_server, grpc_port = await start_grpc_server(
+            models, f.host, f.grpc_port, metrics, admission,
+            structured_any_whitespace=f.structured_outputs_any_whitespace)
         http = await start_http_server(OpenAIServer(models, f, admission, metrics), f.host,
                                        f.http_port)
         on_ready({"grpc_port": grpc_port, "http_port": http.port})

@@ -359,6 +359,7 @@ class Scheduler:
             sampling = [None] * len(rids)
         get = self.requests.get
         wid = ws.worker_id
+        ended = result.grammar_ended_ids
         for i, (expected, rid, token) in enumerate(zip(sampling, rids, result.token_ids,
                                                        strict=True)):
             if expected is not None and expected.request_id == rid:
@@ -373,6 +374,8 @@ class Scheduler:
                 continue
             first = not req.output_token_ids
             reason = req.append_output(token)
+            if ended and rid in ended:
+                reason = "stop"
             if served is not None:
                 served(req, 0, 1)
             if first:

@@ -37,6 +37,7 @@ from engine.worker.host_batch import HostBatch, tp_recv, tp_send
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
 from engine.worker.runner import GroupError, ModelRunner
 from engine.worker.sampler import PromptRows, Sampler, prompt_logprobs
+from engine.worker.structured import GrammarTable
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class NativeRunner(ModelRunner):
         ]
         self.sampler = Sampler(self.info.eos_token_ids, seed=model_config.seed)
         self.requests: dict[str, _Request] = {}
+        #: Grammar matchers of constrained requests (structured outputs), leader only.
+        self.grammars = GrammarTable(self.info.path, self.info.vocab_size,
+                                     self.info.eos_token_ids)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and self.tp is not None:
             log.info("tensor parallel: decode steps run eagerly (no CUDA graphs yet)")
@@ -145,6 +149,7 @@ class NativeRunner(ModelRunner):
         self._validate(plan)
         for rid in plan.finished_request_ids:
             self.requests.pop(rid, None)
+            self.grammars.drop(rid)
         scheduled: list[tuple[str, _Request, int]] = []
         for new in plan.new_requests:
             req = _Request(
@@ -153,6 +158,10 @@ class NativeRunner(ModelRunner):
                 num_output_tokens=new.num_output_tokens,
             )
             self.requests[new.request_id] = req
+            if new.sampling.structured is not None:  # compiles while the prefill runs
+                n_out = new.num_output_tokens
+                self.grammars.add(new.request_id, new.sampling.structured,
+                                  new.token_ids[len(new.token_ids) - n_out:])
             scheduled.append((new.request_id, req, new.num_scheduled_tokens))
         for cached in plan.cached_requests:
             req = self.requests[cached.request_id]
@@ -162,6 +171,7 @@ class NativeRunner(ModelRunner):
 
         token_ids: list[int] = []
         sampling_ids: list[str] = []
+        ended: list[str] = []
         out = None
         prompt_lps: list[PromptLogprobs] | None = None
         if scheduled:
@@ -172,7 +182,8 @@ class NativeRunner(ModelRunner):
                 if batch.prompt_rows:
                     prompt_lps = prompt_logprobs(logits[len(rows):], batch.prompt_rows)
                     logits = logits[: len(rows)]
-                out = self.sampler(logits, rows) if rows else None
+                mask = self.grammars.bitmask(batch.sampling_ids)
+                out = self.sampler(logits, rows, mask) if rows else None
             for _, req, n in scheduled:
                 req.num_computed_tokens += n
             if out is not None:
@@ -180,6 +191,7 @@ class NativeRunner(ModelRunner):
                     req.token_ids.append(tok)
                     req.num_output_tokens += 1
                 token_ids = out.token_ids
+                ended = self.grammars.accept(batch.sampling_ids, token_ids)
             sampling_ids = batch.sampling_ids
         return StepResult(
             step_id=plan.step_id, worker_id=plan.worker_id, request_ids=sampling_ids,
@@ -187,6 +199,7 @@ class NativeRunner(ModelRunner):
             execute_time_s=time.perf_counter() - start,
             top_token_ids=out.top_token_ids if out else None,
             top_logprobs=out.top_logprobs if out else None, prompt_logprobs=prompt_lps,
+            grammar_ended_ids=ended,
         )
 
     def _prepare(self, scheduled: list[tuple[str, _Request, int]]) -> HostBatch:
@@ -297,6 +310,7 @@ class NativeRunner(ModelRunner):
             with contextlib.suppress(Exception):  # followers already gone: nothing to stop
                 tp_send(self.tp, None)
         self.requests.clear()
+        self.grammars.close()
         self.graphs = None
         self.kv_caches = []
         del self.model

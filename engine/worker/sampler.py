@@ -1,10 +1,12 @@
 """Batched next-token sampling for one step.
 
-Per row, in this order (vLLM's sampler; ``_process_logits``): the ``allowed_token_ids``
-mask, ``logit_bias``, min_tokens masking of the stop ids, then the penalties (repetition
-over every known token, prompt and output; then OpenAI's frequency and presence penalties
-over the output tokens so far: ``logit -= frequency * count + presence * (count > 0)``),
-then greedy argmax (temperature 0) or temperature, top-k, top-p and a draw.
+Per row, in this order (vLLM's sampler; ``_process_logits``): the grammar's token mask
+(structured outputs, ``engine/worker/structured.py``), the ``allowed_token_ids`` mask,
+``logit_bias``, min_tokens masking of the stop ids (not on constrained rows: their grammar
+decides where they end), then the penalties (repetition over every known token, prompt and
+output; then OpenAI's frequency and presence penalties over the output tokens so far:
+``logit -= frequency * count + presence * (count > 0)``), then greedy argmax (temperature 0)
+or temperature, top-k, top-p and a draw.
 
 Cost model: a greedy batch with no processors is one ``argmax`` over ``[batch, vocab]`` and
 one ``tolist``; the only per-row Python is reading each row's parameters, no per-row tensor
@@ -21,7 +23,9 @@ worker (CPU or GPU) or preemption. Unseeded rows draw from one worker generator.
 
 Logprobs are those of the raw model distribution (``log_softmax`` of the unprocessed logits,
 vLLM's default ``raw_logprobs``), for the chosen token: the allowed-ids mask, logit_bias,
-penalties and temperature change which token is chosen, never the logprobs reported.
+penalties and temperature change which token is chosen, never the logprobs reported. The
+one exception is a grammar's mask, applied before the logprobs (as in vLLM): a constrained
+row reports the logprobs of the tokens its grammar allows.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Protocol
 import torch
 
 from engine.messages import PromptLogprobs, SamplingParams
+from engine.worker.structured import apply_bitmask
 
 _MASK64 = (1 << 64) - 1
 
@@ -91,9 +96,14 @@ class Sampler:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 grammar_bitmask: tuple[torch.Tensor, list[int]] | None = None) -> SamplerOutput:
         """Pick one token per row of ``logits`` (float32 ``[len(rows), vocab]``; modified in
-        place)."""
+        place). ``grammar_bitmask`` (``GrammarTable.bitmask``): the tokens each constrained
+        row's grammar allows, applied first, so every later step (and the logprobs, as in
+        vLLM) sees only those."""
+        if grammar_bitmask is not None:
+            apply_bitmask(logits, grammar_bitmask)
         params = [r.sampling for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
@@ -180,7 +190,8 @@ def _process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow],
             allowed.append(i)
         if p.logit_bias:
             biased.append(i)
-        if r.num_output_tokens < p.min_tokens:
+        # A grammar decides where a constrained output ends (its mask may allow only EOS).
+        if r.num_output_tokens < p.min_tokens and p.structured is None:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
             if banned:
                 logits[i, banned] = float("-inf")

@@ -289,7 +289,9 @@ class PlanTranslator:
                              presence_penalty=0.0)
         return cls(
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seed,
-            min_tokens=min(max(0, p.min_tokens - done), max_tokens), max_tokens=max_tokens,
+            # a grammar decides where a constrained output ends (as in our sampler)
+            min_tokens=0 if p.structured is not None
+            else min(max(0, p.min_tokens - done), max_tokens), max_tokens=max_tokens,
             **penalties, logit_bias=dict(p.logit_bias) or None,
             allowed_token_ids=list(p.allowed_token_ids) or None, extra_args=extra_args,
             logprobs=p.logprobs,

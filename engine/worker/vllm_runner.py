@@ -11,7 +11,8 @@ for a single in-process worker (``UniProcExecutor`` + ``EngineCore._initialize_k
     get_kv_cache_configs(...)                   -> exactly our number of blocks (+ block 0)
       .initialize_from_config / .compile_or_warm_up_model
 
-and each step is ``execute_model(SchedulerOutput)`` then ``sample_tokens(None)``; the plan
+and each step is ``execute_model(SchedulerOutput)`` then ``sample_tokens(GrammarOutput | None)``
+(the token bitmask of constrained requests, ``engine/worker/structured.py``); the plan
 translation lives in ``engine/worker/vllm_plan.py``. vLLM is imported here only: the
 native path never imports it. See docs/vllm.md.
 
@@ -36,6 +37,7 @@ from engine.messages import PromptLogprobs, StepPlan, StepResult
 from engine.models.info import load_model_info
 from engine.worker.factory import check_runner_config
 from engine.worker.runner import ModelRunner
+from engine.worker.structured import GrammarTable
 from engine.worker.vllm_plan import PlanTranslator, check_vllm_version
 
 log = logging.getLogger(__name__)
@@ -172,6 +174,10 @@ class VllmRunner(ModelRunner):
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
         )
         self.model_runner = self.worker.worker.model_runner
+        #: Grammar matchers of constrained requests; their bitmask goes to vLLM's own
+        #: ``sample_tokens(GrammarOutput)``.
+        self.grammars = GrammarTable(self.info.path, self.info.vocab_size,
+                                     self.info.eos_token_ids)
         # Eager means eager: vLLM's sampler torch.compile()s two small ops (logprob ranks,
         # CPU random sampling) on first use, an inductor build that stalls that step for
         # seconds (tens on 2 cores). Dynamo is off while vLLM steps (the same math, eager).
@@ -251,6 +257,7 @@ class VllmRunner(ModelRunner):
         start = time.perf_counter()
         t = self.translator.translate(plan)
         out = t.scheduler_output
+        grammar_output = self._grammar_step(plan, t.sampling_ids)
         if t.reseed:
             states = self.model_runner.requests
             for rid, seed in t.reseed:
@@ -264,7 +271,7 @@ class VllmRunner(ModelRunner):
         try:
             result = self.worker.execute_model(out)
             if result is None:
-                result = self.worker.sample_tokens(None)
+                result = self.worker.sample_tokens(grammar_output)
         finally:
             if dynamo is not None:
                 dynamo.disable = was
@@ -306,6 +313,7 @@ class VllmRunner(ModelRunner):
         prompt_lps = (self._prompt_logprobs(result.prompt_logprobs_dict)
                       if result.prompt_logprobs_dict else None)
         self.translator.commit(t)
+        ended = self.grammars.accept(request_ids, token_ids)
         end = time.perf_counter()
         # the adapter's own cost: plan -> SchedulerOutput, and vLLM's output -> StepResult
         self.adapter_time_s += (translated - start) + (end - executed)
@@ -314,6 +322,7 @@ class VllmRunner(ModelRunner):
             step_id=plan.step_id, worker_id=plan.worker_id, request_ids=request_ids,
             token_ids=token_ids, logprobs=logprobs, execute_time_s=end - start,
             top_token_ids=top_ids, top_logprobs=top_lps, prompt_logprobs=prompt_lps,
+            grammar_ended_ids=ended,
         )
 
     def _prompt_logprobs(self, tensors_by_id: dict[str, Any]) -> list[PromptLogprobs] | None:
@@ -339,12 +348,34 @@ class VllmRunner(ModelRunner):
             ))
         return out or None
 
+    def _grammar_step(self, plan: StepPlan, sampling_ids: list[str]) -> Any:
+        """Register and drop the plan's constrained requests; the ``GrammarOutput`` of this
+        step's constrained sampling rows (bitmask rows in ``structured_output_request_ids``
+        order, as vLLM's ``apply_grammar_bitmask`` reads them), or None when there are none."""
+        grammars = self.grammars
+        for rid in plan.finished_request_ids:
+            grammars.drop(rid)
+        for new in plan.new_requests:
+            if new.sampling.structured is not None:
+                n_out = new.num_output_tokens
+                grammars.add(new.request_id, new.sampling.structured,
+                             new.token_ids[len(new.token_ids) - n_out:])
+        mask = grammars.bitmask(sampling_ids)
+        if mask is None:
+            return None
+        from vllm.v1.core.sched.output import GrammarOutput
+
+        bitmask, rows = mask
+        return GrammarOutput(structured_output_request_ids=[sampling_ids[i] for i in rows],
+                             grammar_bitmask=bitmask[rows].numpy())
+
     def close(self) -> None:
         worker = getattr(self, "worker", None)
         if worker is None:
             return
         self.worker = None
         self.translator.requests.clear()
+        self.grammars.close()
         try:
             worker.shutdown()
         finally:

@@ -161,3 +161,59 @@ def test_echo_logprobs_max_tokens_zero_equals_transformers(client: openai.OpenAI
         assert got[1:] == pytest.approx(want[1:], abs=1e-4), attempt
         assert choice.logprobs.tokens == [tok.decode([t]) for t in ids]
         client.completions.create(model="a", prompt=ids, max_tokens=1)  # caches the prompt
+
+
+# --------------------------------------------------------------------------- structured outputs
+
+
+def test_parse_returns_a_pydantic_object(client: openai.OpenAI) -> None:
+    """The SDK's parse() sends a strict json_schema response_format; the weak default model
+    fills it because the grammar allows nothing else (bounded fields: it must close)."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=10)
+        kind: Literal["cat", "dog", "fish"]
+        age: int = Field(ge=0, le=30)
+        vaccinated: bool
+
+    for temperature in (0.0, 1.0):
+        reply = client.chat.completions.parse(
+            model="a", messages=[{"role": "user", "content": "Describe a pet as JSON."}],
+            response_format=Pet, max_tokens=200, temperature=temperature, seed=1)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        pet = choice.message.parsed
+        assert isinstance(pet, Pet) and pet.kind in ("cat", "dog", "fish")
+
+
+def test_json_object_and_streamed_schema(client: openai.OpenAI) -> None:
+    import json
+
+    reply = client.chat.completions.create(model="a", messages=MESSAGES, max_tokens=120,
+                                           temperature=0, response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    stream = client.completions.create(model="b", prompt="def f():", max_tokens=60,
+                                       temperature=0, stream=True,
+                                       extra_body={"structured_outputs": {"json": schema}})
+    chunks = list(stream)
+    obj = json.loads("".join(c.choices[0].text for c in chunks))
+    assert set(obj) == {"ok", "n"} and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_aborted_constrained_request_frees_kv(launched_engine: tuple[str, int]) -> None:
+    url, grpc_port = launched_engine
+    idle = wait_idle(grpc_port, free_blocks(grpc_port))
+    body = {"model": "a", "prompt": "def f(x):" * 20, "max_tokens": 1500, "stream": True,
+            "structured_outputs": {"regex": "[a-z ]{1400,}"}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert free_blocks(grpc_port) != idle
+    assert wait_idle(grpc_port, idle, timeout=10) == idle

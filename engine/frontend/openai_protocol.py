@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI-compatible API (pydantic, so ``/openapi.json`` documents
 them), with the vLLM extensions benchmark clients and integrations send.
 
-Fields OpenAI defines that this engine cannot honour (``best_of`` > 1, ``suffix``) are refused
-with 400 rather than silently ignored; fields nobody defines are ignored with a logged
-warning, as vLLM does.
+Fields OpenAI defines that this engine cannot honour (``best_of`` > 1, ``suffix``,
+``UNSUPPORTED``) are refused with 400 rather than silently ignored; fields nobody defines
+are ignored with a logged warning, as vLLM does.
 """
 
 from __future__ import annotations
@@ -121,5 +121,33 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
 
 
-#: Fields defined by OpenAI or vLLM that are accepted and mean nothing here (no warning).
-KNOWN_NO_OPS = frozenset({"metadata", "store", "service_tier", "skip_special_tokens"})
+#: Fields defined by OpenAI or vLLM that are accepted and do not change the answer here
+#: (no warning): bookkeeping for OpenAI's platform, or hints this engine needs no help with.
+KNOWN_NO_OPS = frozenset({"metadata", "store", "service_tier", "skip_special_tokens",
+                          "prompt_cache_key", "safety_identifier"})
+
+#: Fields OpenAI defines that would change the answer and that this engine does not
+#: implement: refused with 400 (param: the field) rather than ignored. Value: what to do.
+UNSUPPORTED = {
+    "functions": "the deprecated functions API is not supported; send tools",
+    "function_call": "the deprecated function_call is not supported; send tool_choice",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "this engine serves no reasoning models; reasoning_effort is not "
+                        "supported",
+    "web_search_options": "web search is not supported",
+    "verbosity": "verbosity is not supported",
+}
+
+
+def unsupported_field(extra: dict[str, Any]) -> tuple[str, str] | None:
+    """The first OpenAI field of ``extra`` (a body's undeclared fields) that this engine
+    refuses, with the reason; None when there is none. ``null`` values and
+    ``modalities: ["text"]`` ask for nothing and pass."""
+    for name, why in UNSUPPORTED.items():
+        if extra.get(name) is not None:
+            return name, why
+    modalities = extra.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        return "modalities", 'only text output is supported (modalities: ["text"])'
+    return None

@@ -42,8 +42,10 @@ from engine.frontend.openai_format import (
 )
 from engine.frontend.openai_protocol import (
     KNOWN_NO_OPS,
+    UNSUPPORTED,
     ChatCompletionRequest,
     CompletionRequest,
+    unsupported_field,
 )
 from engine.frontend.serving import (
     Delta,
@@ -220,7 +222,12 @@ class OpenAIServer:
         return choices
 
     def _warn_unknown(self, body: Any) -> None:
-        extra = set(body.model_extra or {}) - KNOWN_NO_OPS
+        """Refuse OpenAI fields this engine does not implement; warn about fields nobody
+        defines (ignored, as vLLM does)."""
+        refused = unsupported_field(body.model_extra or {})
+        if refused is not None:
+            raise bad_request(refused[1], refused[0])
+        extra = set(body.model_extra or {}) - KNOWN_NO_OPS - UNSUPPORTED.keys() - {"modalities"}
         if extra:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(extra)))
 

@@ -310,6 +310,32 @@ def test_prompt_logprobs_and_max_tokens_zero_refusals(env: Env, body: dict, para
     assert err["param"] == param
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto"),
+    ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}), ("reasoning_effort", "high"),
+    ("web_search_options", {}), ("verbosity", "low"),
+])
+def test_openai_fields_that_would_change_the_answer_are_refused(env: Env, field: str,
+                                                                 value: object) -> None:
+    """Nothing OpenAI defines is silently ignored: what is not implemented is a 400 naming
+    the field; null values, modalities ["text"] and bookkeeping fields pass."""
+    base = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    err = assert_error(env.post("/v1/chat/completions", base | {field: value}), 400,
+                       "invalid_request_error", "")
+    assert err["param"] == field
+    ok = base | {field: None, "modalities": ["text"], "store": True, "metadata": {"a": "b"},
+                 "prompt_cache_key": "k", "safety_identifier": "u"}
+    assert env.post("/v1/chat/completions", ok).status_code == 200
+
+
+def test_content_parts_other_than_text_are_refused(env: Env) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    r = env.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [image]}]})
+    err = assert_error(r, 400, "invalid_request_error", "")
+    assert err["param"].startswith("messages"), err
+
+
 def test_top_logprobs_in_both_shapes(env: Env) -> None:
     ids = env.encode("Hello world")
     r = env.post("/v1/completions", {"prompt": ids, "max_tokens": 2, "logprobs": 2})

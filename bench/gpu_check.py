@@ -37,7 +37,8 @@ IMPORTS = {
     "msgspec": "msgspec", "zmq": "pyzmq", "fastapi": "fastapi", "starlette": "starlette",
     "uvicorn": "uvicorn", "pydantic": "pydantic", "pydantic_core": "pydantic-core",
     "setproctitle": "setproctitle", "grpc": "grpcio", "grpc_tools": "grpcio-tools",
-    "google.protobuf": "protobuf", "xgrammar": "xgrammar", "httpx": "httpx", "tqdm": "tqdm",
+    "google.protobuf": "protobuf", "grpc_health": "grpcio-health-checking",
+    "grpc_reflection": "grpcio-reflection", "xgrammar": "xgrammar", "httpx": "httpx", "tqdm": "tqdm",
     "transformers": "transformers", "safetensors": "safetensors", "tokenizers": "tokenizers",
 }
 #: Exit codes of a command that ``timeout`` stopped (SIGTERM, then SIGKILL).

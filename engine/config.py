@@ -102,7 +102,7 @@ class FrontendConfig:
     rate_limit_tpm: int | None = None  # per API key, prompt + max_tokens
     shed_queue_time_s: float = 1.0  # predicted wait above which sheddable requests get 429
     max_queue_time_s: float = 60.0  # no first token after this long: 503
-    max_request_bytes: int = 4 << 20
+    max_request_bytes: int = 16 << 20  # HTTP bodies over this get 413
     max_prompt_tokens: int | None = None  # default: the model's context
     max_output_tokens: int | None = None  # default: the model's context
     #: How tool calls are found in the output for tool_choice "auto" (None: auto refused).
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a request without its first token after this long gets 503 "
                    "(default 60)")
     g.add_argument("--max-request-bytes", type=int, metavar="N",
-                   help="largest HTTP request body (default 4 MiB)")
+                   help="largest HTTP request body; larger gets 413 (default 16 MiB)")
     g.add_argument("--max-prompt-tokens", type=int, metavar="N",
                    help="longest prompt accepted (default: the model's context)")
     g.add_argument("--max-output-tokens", type=int, metavar="N",
@@ -383,7 +383,7 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 rate_limit_tpm=v.get("rate_limit_tpm"),
                 shed_queue_time_s=float(v.get("shed_queue_time", 1.0)),
                 max_queue_time_s=float(v.get("max_queue_time", 60.0)),
-                max_request_bytes=int(v.get("max_request_bytes", 4 << 20)),
+                max_request_bytes=int(v.get("max_request_bytes", 16 << 20)),
                 max_prompt_tokens=v.get("max_prompt_tokens"),
                 max_output_tokens=v.get("max_output_tokens"),
                 tool_call_parser=v.get("tool_call_parser"),

@@ -5,10 +5,15 @@ messages and gRPC status codes.
 
 Client request ids are mapped to fresh engine ids (``<id>.<random>``), so an id reused
 right after its request ended can never receive the old request's late outputs.
+
+The same port serves the standard ``grpc.health.v1.Health`` (``engine.frontend.health``:
+SERVING exactly when ``/health`` says 200, for the service ``""`` and ``engine.v1.Engine``)
+and server reflection, so grpcurl and Kubernetes gRPC probes work without the proto file.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -18,7 +23,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import msgspec
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from engine.frontend.health import StandardHealth
+from engine.frontend.health import check as check_health
 from engine.frontend.proto import SERVICE, pb2
 from engine.frontend.serving import (
     GenerationFailed,
@@ -123,6 +133,7 @@ class EngineServicer:
         self.metrics = metrics
         self.admission = admission
         self._running: dict[str, tuple[ServedModel, str]] = {}  # client id -> (model, engine id)
+        self.health_task: asyncio.Task[None] | None = None  # grpc.health.v1 watchers' refresh
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
         if self.admission is None:
@@ -206,11 +217,14 @@ class EngineServicer:
         return pb2.AbortResponse(found=entry is not None)
 
     async def Health(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        resp = pb2.HealthResponse()
-        ok = True
-        for m in self.models:
-            pool = resp.pools.add(model=m.name)
-            stats = m.pool.stats
+        health = check_health(self.models)
+        resp = pb2.HealthResponse(ok=health.ok, status="SERVING" if health.ok else "NOT_SERVING",
+                                  reason=health.reason or "")
+        for p in health.pools:
+            pool = resp.pools.add(model=p.name, ok=p.ok, reason=p.reason or "")
+            if p.age_s is not None:
+                pool.last_report_s = p.age_s
+            stats = p.stats
             if stats is not None:
                 pool.live_workers = stats.live_workers
                 pool.num_waiting = stats.num_waiting
@@ -218,9 +232,6 @@ class EngineServicer:
                 pool.num_free_blocks.extend(stats.num_free_blocks)
                 pool.kv_usage.extend(stats.kv_usage)
                 pool.num_preemptions = stats.num_preemptions
-                ok = ok and stats.live_workers > 0
-        resp.ok = ok
-        resp.status = "SERVING" if ok else "NOT_SERVING"
         return resp
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -265,9 +276,16 @@ async def start_grpc_server(models: Sequence[ServedModel] | ModelRegistry, host:
     servicer = EngineServicer(registry, metrics, admission,
                               structured_any_whitespace=structured_any_whitespace)
     server.add_generic_rpc_handlers((generic_handler(servicer),))
+    health = StandardHealth(registry, [SERVICE])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(host_port(host, port))
     if not bound:
         raise OSError(f"cannot bind gRPC to {host_port(host, port)}")
+    await health.refresh()
     await server.start()
+    servicer.health_task = asyncio.get_running_loop().create_task(
+        health.keep_fresh(server), name="grpc-health")
     log.info("gRPC serving on %s", host_port(host, bound))
     return server, bound

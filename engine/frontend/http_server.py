@@ -1,7 +1,7 @@
 """The HTTP server: the OpenAI-compatible API (``engine.frontend.openai_server``) as a
 FastAPI app on uvicorn, on the frontend's event loop beside the gRPC server.
 
-The app refuses bodies over ``--max-request-bytes`` before parsing them, reshapes every
+The app refuses bodies over ``--max-request-bytes`` (413) before parsing them, reshapes every
 error (FastAPI's validation errors and Starlette's own refusals included) into OpenAI's
 error JSON, and serves ``/health``, ``/metrics`` and ``/openapi.json`` beside ``/v1/*``.
 See docs/http.md.
@@ -31,12 +31,30 @@ from engine.frontend.serving import InvalidRequest
 
 log = logging.getLogger(__name__)
 
+#: Seconds an idle keep-alive connection is kept open. It must outlast every client's own
+#: idle timeout: a client reuses a connection it believes open, and if the server closed it
+#: a moment before, that request meets a reset and gets no response. uvicorn's default, 5 s,
+#: is exactly httpx's keepalive_expiry, and the server's timer starts first (when it sent
+#: the response, before the client read it): under load a few requests in a thousand hit
+#: that window (docs/http.md, "Keep-alive"). Above Go's and reqwest's 90 s (Envoy-based
+#: gateways and routers pool upstream connections that long) and nginx's 75 s.
+KEEP_ALIVE_TIMEOUT_S = 120
+
 
 # --------------------------------------------------------------------------- ASGI wiring
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 400 before the app parses them."""
+    """Refuses request bodies over ``limit`` bytes with 413 (OpenAI's error shape) before the
+    app parses them: at once when ``Content-Length`` says so, else as soon as the bytes
+    received pass the limit.
+
+    The client still gets the 413 even though it sends its whole body before reading: uvicorn
+    keeps the connection open after the response and drops the rest of that body as it
+    arrives (tests/frontend/test_http_limits.py checks it, 8 MiB over). A client that sent
+    ``Expect: 100-continue`` gets no ``100 Continue``, so it never sends the body; its 413
+    closes the connection, whose next bytes would otherwise be taken for that body.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -45,7 +63,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         too_big = declared is not None and declared.isdigit() and int(declared) > self.limit
         chunks: list[Message] = []
         size = 0
@@ -57,7 +76,10 @@ class BodyLimit:
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
         if too_big:
-            err = bad_request(f"request body larger than --max-request-bytes {self.limit}")
+            expecting = headers.get(b"expect", b"").lower() == b"100-continue" and not chunks
+            err = ApiError(413, f"request body larger than --max-request-bytes {self.limit}",
+                           "invalid_request_error", "request_too_large",
+                           headers={"connection": "close"} if expecting else None)
             await err.response()(scope, receive, send)
             return
 
@@ -170,7 +192,8 @@ async def start_http_server(server: OpenAIServer, host: str, port: int) -> HttpS
         raise OSError(f"cannot bind HTTP to {host}:{port}: {e.strerror}") from e
     bound = sock.getsockname()[1]
     config = uvicorn.Config(build_app(server), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=1, lifespan="off")
+                            timeout_graceful_shutdown=1, lifespan="off",
+                            timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S)
     srv = _Server(config)
     task = asyncio.create_task(srv.serve(sockets=[sock]), name="http-server")
     while not srv.started:

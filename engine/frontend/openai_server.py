@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from engine.chat import NoChatTemplate, chat_prompt_ids
 from engine.config import FrontendConfig
 from engine.frontend.admission import Admission
+from engine.frontend.health import check as check_health
 from engine.frontend.metrics import EngineMetrics
 from engine.frontend.openai_format import (
     ApiError,
@@ -365,18 +366,22 @@ class OpenAIServer:
             for m in self.models]}
 
     def health(self) -> Response:
+        """200 while every pool reported within the last second and has a live worker
+        (``engine.frontend.health``), else 503 with the reason."""
+        health = check_health(self.models)
         pools = {}
-        ok = True
-        for m in self.models:
-            stats = m.pool.stats
-            live = stats.live_workers if stats is not None else 0
-            pools[m.name] = {"live_workers": live,
-                             "num_waiting": stats.num_waiting if stats else 0,
-                             "num_running": stats.num_running if stats else 0,
-                             "predicted_wait_s": _finite(self.admission.loads[m.name].predicted_wait())}
-            ok = ok and live > 0
-        return JSONResponse({"status": "ok" if ok else "unavailable", "pools": pools},
-                            status_code=200 if ok else 503)
+        for p in health.pools:
+            stats = p.stats
+            pools[p.name] = {
+                "ok": p.ok, "reason": p.reason,
+                "last_report_s": round(p.age_s, 3) if p.age_s is not None else None,
+                "live_workers": stats.live_workers if stats else 0,
+                "num_waiting": stats.num_waiting if stats else 0,
+                "num_running": stats.num_running if stats else 0,
+                "predicted_wait_s": _finite(self.admission.loads[p.name].predicted_wait())}
+        body = {"status": "ok" if health.ok else "unavailable", "reason": health.reason,
+                "pools": pools}
+        return JSONResponse(body, status_code=200 if health.ok else 503)
 
 
 def _finite(x: float) -> float | None:

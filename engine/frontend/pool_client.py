@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, cast
 
@@ -63,6 +64,8 @@ class PoolClient:
                  ctx: zmq.asyncio.Context | None = None) -> None:
         self.name = name
         self.stats: PoolStats | None = None
+        #: ``time.monotonic()`` when the latest stats arrived (health: is the pool alive?).
+        self.stats_at: float | None = None
         #: Called with every PoolStats as it arrives (metrics, admission).
         self.stats_listeners: list[Callable[[PoolStats], None]] = []
         #: Requests the pool reported finished (any reason), cumulative: its drain rate.
@@ -78,6 +81,11 @@ class PoolClient:
         self._broken: str | None = None  # why the reader stopped, if it failed
         self._reader = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"pool-client-{name}")
+
+    @property
+    def broken(self) -> str | None:
+        """Why the connection to the pool failed, or None while it works."""
+        return self._broken
 
     @property
     def num_active(self) -> int:
@@ -142,6 +150,7 @@ class PoolClient:
             stream._put(out)
         if msg.stats is not None:  # after the outputs, so listeners see them counted
             self.stats = msg.stats
+            self.stats_at = time.monotonic()
             self.has_stats.set()
             for listener in self.stats_listeners:
                 listener(msg.stats)

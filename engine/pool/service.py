@@ -2,7 +2,8 @@
 
 One thread, one loop: drain every socket without blocking, hand what arrived to the
 scheduler, give each idle worker its next step, send the outputs of this turn in one batch.
-It blocks in ``poll`` only when no worker can be given work.
+It blocks in ``poll`` only when no worker can be given work, and never past the next
+heartbeat: stats go out every ``STATS_INTERVAL_S``, idle or not.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from engine.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-#: Stats reach the frontend at least this often, outputs or not (health, admission).
-STATS_INTERVAL_S = 0.5
+#: Stats reach the frontend at least this often, outputs or not: they are the pool's
+#: heartbeat (the frontend says NOT_SERVING after 1 s without them) and admission's input.
+STATS_INTERVAL_S = 0.25
 
 
 class PoolService:
@@ -61,8 +63,7 @@ class PoolService:
     def run(self) -> None:
         while self.running:
             busy = any(self.scheduler.has_work(w) for w in self.scheduler.workers)
-            timeout_ms = 0 if busy else int(STATS_INTERVAL_S * 1000)
-            ready = dict(self.poller.poll(timeout_ms))
+            ready = dict(self.poller.poll(0 if busy else self._until_stats_ms()))
             now = self.clock()
             if self.control in ready:
                 self._drain(self.control, ipc.LAUNCHER_TO_POOL, self._on_control)
@@ -172,6 +173,11 @@ class PoolService:
         stats.step_batch_sizes, stats.step_num_tokens, stats.step_times_s = self.steps
         self.steps = ([], [], [])
         return stats
+
+    def _until_stats_ms(self) -> int:
+        """Milliseconds until the next heartbeat is due (an idle poll wakes up for it)."""
+        due = self.last_stats + STATS_INTERVAL_S - self.clock()
+        return max(0, min(int(STATS_INTERVAL_S * 1000), int(due * 1000) + 1))
 
     def _flush(self, now: float) -> None:
         if not self.pending and now - self.last_stats < STATS_INTERVAL_S:

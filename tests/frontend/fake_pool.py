@@ -4,7 +4,8 @@ made-up logprobs when asked: -0.5 for the echoed token, top-k ``token + j`` at `
 records what it receives. Tenants steer it: "fail" gets an error, "slow" one token per
 ``SLOW_TOKEN_S``, "hold" nothing until aborted; ``scripts`` maps a tenant to the tokens to
 answer with instead (one per output, then finish "stop", or "length" at max_tokens).
-``stats`` overrides the pool's reported pressure (for admission tests)."""
+``stats`` overrides the pool's reported pressure (for admission tests, or zero live workers
+for health tests); ``silent`` stops it sending anything, as a dead or stuck pool."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ MAX_MODEL_LEN = 64
 EOS = 1
 LIVE_WORKERS = 2
 SLOW_TOKEN_S = 0.05  # per-token delay for requests with tenant "slow"
-STATS_INTERVAL_S = 0.5
+STATS_INTERVAL_S = 0.25  # as engine.pool.service's heartbeat
 
 
 def make_model_dir(path: Path, chat_template: str = CHAT_TEMPLATE,
@@ -81,6 +82,7 @@ class FakePool:
     aborted: list[str] = field(default_factory=list)
     stats: PoolStats | None = None
     scripts: dict[str, list[int]] = field(default_factory=dict)
+    silent: bool = False
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -102,6 +104,8 @@ class FakePool:
         active: dict[str, _Active] = {}
 
         def send(*outs: RequestOutput) -> None:
+            if self.silent:
+                return
             stats = self.stats or PoolStats(num_running=len(active), live_workers=LIVE_WORKERS)
             push.send(ipc.encode(PoolOutputs(outputs=list(outs), stats=stats)))
 

@@ -486,7 +486,7 @@ def test_malformed_bodies(env: Env) -> None:
     assert_error(r, 400, "invalid_request_error", "not valid JSON")
     r = env.client.post("/v1/completions", content=b"x" * 5000,
                         headers={"content-type": "application/json"})
-    assert_error(r, 400, "invalid_request_error", "--max-request-bytes 4096")
+    assert_error(r, 413, "invalid_request_error", "--max-request-bytes 4096")
     r = env.client.post("/v1/completions", json={"prompt": "x", "priority": 1},
                         headers={"x-request-priority": "high"})
     assert r.status_code == 200  # the body's priority wins; the header is not read

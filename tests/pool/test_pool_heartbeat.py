@@ -49,10 +49,11 @@ def test_idle_pool_sends_stats_every_interval(tmp_path):
                 assert msg.stats is not None and msg.stats.live_workers == 0
                 arrivals.append(time.monotonic())
         gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-        # 2 s idle: about 8 heartbeats; none late by more than scheduling noise (a shared
-        # machine), and far under the frontend's 1 s limit.
-        assert len(arrivals) >= 6, arrivals
-        assert max(gaps) < STATS_INTERVAL_S + 0.15, gaps
+        # 2 s idle: about 8 heartbeats (the old 0.5 s interval gave at most 4); none later
+        # than half the frontend's 1 s limit, with room for a loaded 2-core machine's
+        # scheduling noise (a tighter bound here measures the machine, not the pool).
+        assert len(arrivals) >= 5, arrivals
+        assert max(gaps) < health.STALE_AFTER_S / 2, gaps
     finally:
         control.send(ipc.encode(m.Shutdown()))
         pool.join(5)

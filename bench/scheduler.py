@@ -11,7 +11,9 @@ in real serving. ``us_per_step`` is the median of one worker's schedule + update
 (step, worker), times W: on a shared machine a median per call shrugs off the time slices
 other processes take, which a sum over the workers of one step would catch more often.
 Prints ``us_per_request_step`` (``us_per_step`` / N: microseconds per running request per
-step), and in that state the median cost of one cache-aware ``add`` (placement over the W
+step), ``us_per_step_mean`` (the mean: steps that register blocks included),
+``cpu_us_per_step`` (the process's CPU time, every thread, per step of all W workers), and in
+that state the median cost of one cache-aware ``add`` (placement over the W
 workers) of a prompt whose first ``--prompt-len`` tokens one worker holds (``us_per_add_hit``)
 and of one cached nowhere (``us_per_add_miss``), both ``--prompt-len`` + 192 tokens long.
 
@@ -82,11 +84,13 @@ def run(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 
     with tempfile.TemporaryDirectory() as tmp:
         publisher = (KVEventPublisher(KVEventsConfig(endpoint=f"ipc://{tmp}/kv"), 0, block_size)
                      if kv_events else None)
+        cpu = time.process_time()
         try:
             per_call = _time_steps(sched, steps, publisher)
         finally:
             if publisher is not None:
-                publisher.close()
+                publisher.close()  # waits for its thread to send everything queued
+        cpu = time.process_time() - cpu
     assert sum(len(ws.running) for ws in sched.workers.values()) == num_running
     median = statistics.median(per_call) * num_workers
     return {
@@ -94,6 +98,11 @@ def run(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 
         "policy": policy, "placement": placement, "kv_events": kv_events,
         "us_per_step": round(median * 1e6, 1),
         "us_per_request_step": round(median * 1e6 / num_running, 3),
+        # The mean keeps the steps in which decodes cross a block boundary (registrations).
+        "us_per_step_mean": round(statistics.mean(per_call) * num_workers * 1e6, 1),
+        # CPU time of the process (every thread: the KV events publisher's too) per step of
+        # all workers, prefill step included: time other processes take is not counted.
+        "cpu_us_per_step": round(cpu * 1e6 / steps, 1),
         "python": platform.python_version(),
     } | _add_figures("", time_adds(sched, prompt_len + ADD_TOKENS))
 

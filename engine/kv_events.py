@@ -107,36 +107,45 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 def to_wire_events(raw: list[KVEvent], block_size: int) -> list[KVEventUnion]:
     """The block manager's raw events as vLLM's, in order. Consecutive stores that continue
     one chain (each block's parent is the previous block) become one ``BlockStored``, and
-    consecutive removals one ``BlockRemoved``, as vLLM groups them."""
+    consecutive removals one ``BlockRemoved``, as vLLM groups them. (This runs on the
+    publisher's thread, but holds the interpreter while it does: keep it tight.)"""
     out: list[KVEventUnion] = []
-    last_hash: int | None = None  # the last block of ``out[-1]`` when it is a BlockStored
+    stored: BlockStored | None = None  # the last event, when it is a BlockStored
+    removed: BlockRemoved | None = None  # the last event, when it is a BlockRemoved
+    last_hash = -1  # of the last block of ``stored``
+    salt = ""  # of ``stored``
     for ev in raw:
         tag = ev[0]
-        prev = out[-1] if out else None
         if tag == KV_STORED:
-            _, h, parent, tokens, extra = ev
-            h &= _U64
-            parent = None if parent is None else parent & _U64
-            keys = (extra,) if extra else None
-            if (isinstance(prev, BlockStored) and parent is not None and parent == last_hash
-                    and (prev.extra_keys is None) == (keys is None)):
-                prev.block_hashes.append(h)
-                prev.token_ids.extend(tokens)
-                if prev.extra_keys is not None:
-                    prev.extra_keys.append(keys)
+            h = ev[1] & _U64
+            parent = ev[2]
+            extra = ev[4]
+            if parent is not None:
+                parent &= _U64
+            if stored is not None and parent == last_hash and extra == salt:
+                stored.block_hashes.append(h)
+                stored.token_ids.extend(ev[3])
+                if stored.extra_keys is not None:
+                    stored.extra_keys.append((extra,))
             else:
-                out.append(BlockStored(block_hashes=[h], parent_block_hash=parent,
-                                       token_ids=list(tokens), block_size=block_size,
-                                       lora_id=None, medium=MEDIUM_GPU, lora_name=None,
-                                       extra_keys=None if keys is None else [keys]))
+                stored = BlockStored(block_hashes=[h], parent_block_hash=parent,
+                                     token_ids=list(ev[3]), block_size=block_size,
+                                     lora_id=None, medium=MEDIUM_GPU, lora_name=None,
+                                     extra_keys=[(extra,)] if extra else None)
+                salt = extra
+                out.append(stored)
             last_hash = h
+            removed = None
         elif tag == KV_REMOVED:
-            if isinstance(prev, BlockRemoved):
-                prev.block_hashes.append(ev[1] & _U64)
+            if removed is None:
+                removed = BlockRemoved(block_hashes=[ev[1] & _U64], medium=MEDIUM_GPU)
+                out.append(removed)
             else:
-                out.append(BlockRemoved(block_hashes=[ev[1] & _U64], medium=MEDIUM_GPU))
+                removed.block_hashes.append(ev[1] & _U64)
+            stored = None
         else:
             out.append(AllBlocksCleared())
+            stored = removed = None
     return out
 
 

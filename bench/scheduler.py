@@ -1,7 +1,7 @@
 """Scheduler cost per step (schedule plus update), per running request, in steady decode.
 
     python -m bench.scheduler --running 1024 --workers 8 [--steps 200] [--prompt-len 64]
-        [--json] [--compare-vllm]
+        [--json] [--compare-vllm] [--kv-events]
 
 N requests run on W workers (placed by the scheduler); after every prompt is prefilled, the
 benchmark times ``schedule`` + ``update`` for every worker, step after step, with a trivial
@@ -11,9 +11,16 @@ in real serving. ``us_per_step`` is the median of one worker's schedule + update
 (step, worker), times W: on a shared machine a median per call shrugs off the time slices
 other processes take, which a sum over the workers of one step would catch more often.
 Prints ``us_per_request_step`` (``us_per_step`` / N: microseconds per running request per
-step), and in that state the median cost of one cache-aware ``add`` (placement over the W
+step), ``us_per_step_mean`` (the mean: steps that register blocks included),
+``cpu_us_per_step`` (the process's CPU time, every thread, per step of all W workers), and in
+that state the median cost of one cache-aware ``add`` (placement over the W
 workers) of a prompt whose first ``--prompt-len`` tokens one worker holds (``us_per_add_hit``)
 and of one cached nowhere (``us_per_add_miss``), both ``--prompt-len`` + 192 tokens long.
+
+``--kv-events`` records the scheduler's KV events and, after every ``update``, drains them and
+hands them to a real ``KVEventPublisher`` (its thread encodes and sends them on an ipc PUB
+socket nobody reads), as the pool does with ``--kv-events-config``; the drain and the hand-off
+are timed with the step, and the thread competes for the interpreter as it does in the pool.
 
 ``--compare-vllm`` runs vLLM's own v1 scheduler (``vllm.v1.core.sched.scheduler.Scheduler``,
 from the installed vLLM) on the same requests in the same process: one vLLM scheduler per
@@ -36,22 +43,24 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.config import SchedulerConfig
+from engine.config import KVEventsConfig, SchedulerConfig
+from engine.kv_events import KVEventPublisher
 from engine.messages import EngineRequest, SamplingParams, StepResult
 from engine.scheduler.scheduler import Scheduler
 
 
 def build(num_running: int, num_workers: int, prompt_len: int, block_size: int,
-          policy: str, placement: str, steps: int) -> Scheduler:
+          policy: str, placement: str, steps: int, kv_events: bool = False) -> Scheduler:
     per_worker = -(-num_running // num_workers)
     blocks_per_req = -(-(prompt_len + steps + 64) // block_size)
     cfg = SchedulerConfig(max_num_batched_tokens=max(8192, per_worker * prompt_len),
                           max_num_seqs=per_worker, policy=policy, placement=placement)
-    sched = Scheduler(cfg, block_size=block_size, max_model_len=1 << 20)
+    sched = Scheduler(cfg, block_size=block_size, max_model_len=1 << 20, kv_events=kv_events)
     for w in range(num_workers):
         sched.add_worker(w, per_worker * blocks_per_req + 16, 0.0)
     sp = SamplingParams(max_tokens=1 << 30, temperature=0.0, ignore_eos=True)
@@ -68,14 +77,45 @@ def fake_result(plan) -> StepResult:
 
 
 def run(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 64,
-        block_size: int = 16, policy: str = "fcfs", placement: str = "cache-aware") -> dict:
-    sched = build(num_running, num_workers, prompt_len, block_size, policy, placement, steps)
+        block_size: int = 16, policy: str = "fcfs", placement: str = "cache-aware",
+        kv_events: bool = False) -> dict:
+    sched = build(num_running, num_workers, prompt_len, block_size, policy, placement, steps,
+                  kv_events)
+    with tempfile.TemporaryDirectory() as tmp:
+        publisher = (KVEventPublisher(KVEventsConfig(endpoint=f"ipc://{tmp}/kv"), 0, block_size)
+                     if kv_events else None)
+        cpu = time.process_time()
+        try:
+            per_call = _time_steps(sched, steps, publisher)
+        finally:
+            if publisher is not None:
+                publisher.close()  # waits for its thread to send everything queued
+        cpu = time.process_time() - cpu
+    assert sum(len(ws.running) for ws in sched.workers.values()) == num_running
+    median = statistics.median(per_call) * num_workers
+    return {
+        "running": num_running, "workers": num_workers, "steps": steps, "prompt_len": prompt_len,
+        "policy": policy, "placement": placement, "kv_events": kv_events,
+        "us_per_step": round(median * 1e6, 1),
+        "us_per_request_step": round(median * 1e6 / num_running, 3),
+        # The mean keeps the steps in which decodes cross a block boundary (registrations).
+        "us_per_step_mean": round(statistics.mean(per_call) * num_workers * 1e6, 1),
+        # CPU time of the process (every thread: the KV events publisher's too) per step of
+        # all workers, prefill step included: time other processes take is not counted.
+        "cpu_us_per_step": round(cpu * 1e6 / steps, 1),
+        "python": platform.python_version(),
+    } | _add_figures("", time_adds(sched, prompt_len + ADD_TOKENS))
+
+
+def _time_steps(sched: Scheduler, steps: int, publisher: KVEventPublisher | None) -> list[float]:
+    """Seconds of each worker's schedule + update (+ the KV events' drain and hand-off)."""
     workers = sorted(sched.workers)
     for w in workers:  # prefill everything in one step per worker
         plan = sched.schedule(w, 0.0)
         sched.update(plan, fake_result(plan), 0.0)
-    assert sum(len(ws.running) for ws in sched.workers.values()) == num_running
-    per_call = []  # one worker's schedule + update
+    if publisher is not None:
+        publisher.publish(sched.drain_kv_events(), 0.0)
+    per_call = []
     for step in range(steps):
         now = 1.0 + step
         for w in workers:
@@ -85,15 +125,10 @@ def run(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 
             result = fake_result(plan)
             t2 = time.perf_counter()
             sched.update(plan, result, now)
+            if publisher is not None:
+                publisher.publish(sched.drain_kv_events(), now)
             per_call.append((t1 - t0) + (time.perf_counter() - t2))
-    median = statistics.median(per_call) * num_workers
-    return {
-        "running": num_running, "workers": num_workers, "steps": steps, "prompt_len": prompt_len,
-        "policy": policy, "placement": placement,
-        "us_per_step": round(median * 1e6, 1),
-        "us_per_request_step": round(median * 1e6 / num_running, 3),
-        "python": platform.python_version(),
-    } | _add_figures("", time_adds(sched, prompt_len + ADD_TOKENS))
+    return per_call
 
 
 ADD_TOKENS = 192  # new prompt tokens of each request ``time_adds`` adds
@@ -267,11 +302,13 @@ def main() -> None:
     p.add_argument("--policy", default="fcfs")
     p.add_argument("--placement", default="cache-aware")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--kv-events", action="store_true",
+                   help="record KV events and publish them as the pool does")
     p.add_argument("--compare-vllm", action="store_true",
                    help="also run vLLM's v1 scheduler on the same requests")
     args = p.parse_args()
     result = run(args.running, args.workers, args.steps, args.prompt_len, policy=args.policy,
-                 placement=args.placement)
+                 placement=args.placement, kv_events=args.kv_events)
     if args.compare_vllm:
         result.update(run_vllm(args.running, args.workers, args.steps, args.prompt_len))
         result["vllm_ratio"] = round(result["vllm_us_per_request_step"]
@@ -279,7 +316,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{result['running']} running on {result['workers']} workers: "
+    print(f"{result['running']} running on {result['workers']} workers"
+          f"{' (KV events published)' if args.kv_events else ''}: "
           f"{result['us_per_step']} us per step, {result['us_per_request_step']} us per "
           f"request-step; add: {result['us_per_add_hit']} us (prefix cached on a worker), "
           f"{result['us_per_add_miss']} us (cached nowhere)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Sequence
@@ -51,6 +52,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class KVEventsConfig:
+    """``--kv-events-config``: vLLM's KV event publisher, same JSON keys (docs/kv_events.md).
+    Each pool publishes on ``endpoint`` (and ``replay_endpoint``) with its tcp port + the
+    pool index (ipc/inproc paths: ``-pool<index>`` appended from pool 1 on)."""
+
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None
+    buffer_steps: int = 10_000
+    hwm: int = 100_000
+    max_queue_size: int = 100_000
+    topic: str = ""
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache: ``block_size`` tokens per block; capacity in blocks or in memory."""
 
@@ -61,6 +76,7 @@ class CacheConfig:
     #: the size the runner needs instead (the vllm runner on CPU: 32) before any process
     #: starts; an explicit size is never changed, only refused.
     block_size_auto: bool = False
+    kv_events: KVEventsConfig | None = None  # None: no KV events published
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,14 @@ class EngineConfig:
             _check(c.num_blocks >= 2, "--num-kv-blocks", f"must be >= 2, got {c.num_blocks}")
         _check(c.kv_cache_memory_gib > 0, "--kv-cache-memory",
                f"must be > 0 GiB, got {c.kv_cache_memory_gib}")
+        if (e := c.kv_events) is not None:
+            for key, url in (("endpoint", e.endpoint), ("replay_endpoint", e.replay_endpoint)):
+                _check(url is None or url.startswith(("tcp://", "ipc://", "inproc://")),
+                       "--kv-events-config", f"{key} must be a tcp://, ipc:// or inproc:// "
+                       f"address, got {url!r}")
+            for key, n, least in (("buffer_steps", e.buffer_steps, 1), ("hwm", e.hwm, 0),
+                                  ("max_queue_size", e.max_queue_size, 1)):
+                _check(n >= least, "--kv-events-config", f"{key} must be >= {least}, got {n}")
         s = self.scheduler
         _check(s.max_num_batched_tokens >= 1, "--max-num-batched-tokens",
                f"must be >= 1, got {s.max_num_batched_tokens}")
@@ -249,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV blocks per worker (default: from --kv-cache-memory)")
     g.add_argument("--kv-cache-memory", type=float, metavar="GIB",
                    help="KV cache size per worker in GiB (default 0.25)")
+    g.add_argument("--kv-events-config", metavar="JSON",
+                   help="publish KV cache events as vLLM does (its JSON keys: "
+                   "enable_kv_cache_events, publisher zmq|null, endpoint (default "
+                   "tcp://*:5557), replay_endpoint, buffer_steps, hwm, max_queue_size, topic); "
+                   "pool P binds the tcp port + P (docs/kv_events.md)")
     g = p.add_argument_group("scheduler")
     g.add_argument("--max-num-batched-tokens", type=int, metavar="N",
                    help="token budget of one step, prefill chunks and decodes (default 512)")
@@ -357,6 +386,7 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
                 block_size_auto=v.get("block_size") is None,
                 num_blocks=v.get("num_kv_blocks"),
                 kv_cache_memory_gib=float(v.get("kv_cache_memory", 0.25)),
+                kv_events=parse_kv_events_config(v.get("kv_events_config")),
             ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=int(v.get("max_num_batched_tokens", 512)),
@@ -400,6 +430,32 @@ def config_from_dict(v: dict[str, Any]) -> EngineConfig:
             raise
         raise ConfigError(f"--config: a value has the wrong type: {e}") from e
     return cfg.validate()
+
+
+def parse_kv_events_config(value: str | dict[str, Any] | None) -> KVEventsConfig | None:
+    """``--kv-events-config`` (JSON text, or a TOML table) as vLLM reads it; None when
+    events are off (``enable_kv_cache_events`` false, or publisher "null")."""
+    if value is None:
+        return None
+    flag = "--kv-events-config"
+    try:
+        data = json.loads(value) if isinstance(value, str) else dict(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag}: must be a JSON object, got {value!r}")
+    enabled = data.pop("enable_kv_cache_events", False)
+    publisher = data.pop("publisher", None) or ("zmq" if enabled else "null")
+    _check(isinstance(enabled, bool), flag, f"enable_kv_cache_events must be a boolean, got {enabled!r}")
+    _check(publisher in ("zmq", "null"), flag, f"publisher must be 'zmq' or 'null', got {publisher!r}")
+    known = {f.name for f in dataclasses.fields(KVEventsConfig)}
+    _check(not set(data) - known, flag, f"unknown keys {sorted(set(data) - known)}")
+    for key, val in data.items():
+        want = str if key in ("endpoint", "topic") else int
+        _check((isinstance(val, want) and not isinstance(val, bool))
+               or (key == "replay_endpoint" and (val is None or isinstance(val, str))),
+               flag, f"{key} has the wrong type: {val!r}")
+    return KVEventsConfig(**data) if enabled and publisher == "zmq" else None
 
 
 def _read_keys(path: str | None) -> tuple[str, ...]:

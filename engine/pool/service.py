@@ -3,7 +3,9 @@
 One thread, one loop: drain every socket without blocking, hand what arrived to the
 scheduler, give each idle worker its next step, send the outputs of this turn in one batch.
 It blocks in ``poll`` only when no worker can be given work, and never past the next
-heartbeat: stats go out every ``STATS_INTERVAL_S``, idle or not.
+heartbeat: stats go out every ``STATS_INTERVAL_S``, idle or not. With
+``--kv-events-config``, the scheduler's KV events are drained each turn, before its outputs
+go out, and handed to the publisher's thread (engine.kv_events).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zmq
 from engine import ipc
 from engine import messages as m
 from engine.config import EngineConfig
+from engine.kv_events import KVEventPublisher
 from engine.models.info import load_model_info
 from engine.scheduler.scheduler import Scheduler
 
@@ -35,8 +38,12 @@ class PoolService:
         model_cfg = cfg.models[pool_index]
         self.name = model_cfg.name
         self.info = load_model_info(model_cfg)
+        events = cfg.cache.kv_events
         self.scheduler = Scheduler(cfg.scheduler, block_size=cfg.cache.block_size,
-                                   max_model_len=self.info.max_model_len)
+                                   max_model_len=self.info.max_model_len,
+                                   kv_events=events is not None)
+        self.kv_events = (None if events is None
+                          else KVEventPublisher(events, pool_index, cfg.cache.block_size))
         self.clock = clock
         addrs = ipc.pool_addresses(run_dir, pool_index)
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -72,6 +79,8 @@ class PoolService:
             if self.requests in ready:
                 self._drain(self.requests, ipc.FRONTEND_TO_POOL, self._on_request)
             self._dispatch(now)
+            if self.kv_events is not None:
+                self.kv_events.publish(self.scheduler.drain_kv_events(), now)
             self._flush(now)
 
     def close(self) -> None:
@@ -81,6 +90,8 @@ class PoolService:
             with contextlib.suppress(zmq.ZMQError):  # not connected: nothing to tell
                 self.workers.send_multipart([ipc.worker_identity(w), ipc.encode(m.Shutdown())],
                                             zmq.NOBLOCK)
+        if self.kv_events is not None:
+            self.kv_events.close()
         self.ctx.destroy(linger=500 if self.worker_port is not None else 0)
 
     def _drain(self, sock: zmq.Socket[Any], codec: ipc.Codec[Any], handle: Callable[[Any], None]) -> None:

@@ -14,18 +14,31 @@ reusable go to the very front.
 Exactness: a hash is only a lookup key. A hit is accepted when the cached block's own tokens,
 its parent block and that parent's *generation* (bumped each time the block is reallocated)
 match the chain being looked up, so a hash collision can only cause a miss, never wrong KV.
+
+KV events (``--kv-events-config``, docs/kv_events.md): with ``record_events``, every block
+that enters the prefix cache appends ``(KV_STORED, hash, parent hash, tokens, extra)`` to
+``events`` and every cached block that leaves it (evicted by an allocation, or reset)
+appends ``(KV_REMOVED, hash)``, in the order they happen. The pool drains the list after
+each scheduler call and a publisher thread turns it into vLLM's wire format. Disabled,
+``events`` is None and the cost is one test on the paths that register or evict.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 #: A registered block's identity: (parent block id or -1, parent generation, tokens, extra).
 BlockKey = tuple[int, int, tuple[int, ...], str]
 
 ROOT_HASH = 0x5EED
+
+#: Tags of the raw KV events in ``BlockManager.events`` (engine.kv_events converts them).
+KV_STORED, KV_REMOVED, KV_CLEARED = 0, 1, 2
+#: ``(KV_STORED, hash, parent hash or None, tokens, extra)``, ``(KV_REMOVED, hash)`` or
+#: ``(KV_CLEARED,)``: plain tuples, cheap to append on the scheduler's hot path.
+KVEvent = tuple[Any, ...]
 
 
 def chain_hash(parent_hash: int, tokens: tuple[int, ...], extra: str = "") -> int:
@@ -54,7 +67,7 @@ class TokenTuple:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, record_events: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -71,6 +84,8 @@ class BlockManager:
         #: Bumped by every change that can alter what ``match_prefix`` answers (blocks
         #: reallocated, registered or forgotten), so callers can keep an answer until then.
         self.version = 0
+        #: KV events since the last drain (None: not recorded); see the module docstring.
+        self.events: list[KVEvent] | None = [] if record_events else None
 
     # ------------------------------------------------------------------ capacity
 
@@ -109,6 +124,8 @@ class BlockManager:
                 del self._cached[h]
                 self._hash[b] = None
                 self._key[b] = None
+                if self.events is not None:
+                    self.events.append((KV_REMOVED, h))
             self._generation[b] += 1
             self.version += 1
             self._ref_counts[b] = 1
@@ -173,13 +190,16 @@ class BlockManager:
             self._ref_counts[b] += 1
 
     def register(self, block_id: int, block_hash: int, parent_id: int,
-                 tokens: tuple[int, ...], extra: str = "") -> int | None:
+                 tokens: tuple[int, ...], extra: str = "",
+                 parent_hash: int | None = None) -> int | None:
         """Cache a full, computed block that follows ``parent_id`` (-1 for the first block).
 
         Returns the block that now caches this content, to pass as the parent of the next
         block: ``block_id``, or an existing block with identical content and parent (then
         ``block_id`` stays private and is reused first once freed). Returns None if the hash
         is taken by different content (a collision): the chain is not cached further.
+        ``parent_hash``, the chain hash of the block before (None for the first), is only
+        recorded in KV events (default: the hash ``parent_id`` is cached under).
         """
         parent_gen = self._generation[parent_id] if parent_id >= 0 else 0
         key = (parent_id, parent_gen, tokens, extra)
@@ -192,6 +212,10 @@ class BlockManager:
         self.version += 1
         self._hash[block_id] = block_hash
         self._key[block_id] = key
+        if self.events is not None:
+            if parent_hash is None and parent_id >= 0:
+                parent_hash = self._hash[parent_id]
+            self.events.append((KV_STORED, block_hash, parent_hash, tokens, extra))
         return block_id
 
     def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:
@@ -209,6 +233,8 @@ class BlockManager:
             self._hash[b] = None
             self._key[b] = None
             self._free.move_to_end(b, last=False)
+            if self.events is not None:
+                self.events.append((KV_REMOVED, h))
         self.version += 1
         return len(dropped)
 

@@ -8,6 +8,7 @@ It owns every request and every worker's KV block table. The pool process calls 
     schedule(worker_id, now) -> StepPlan       the next step for one idle worker
     update(plan, result, now) -> outputs       sampled tokens in; new tokens, finishes out
     drain_outputs() -> outputs                 finishes decided inside schedule() (rare)
+    drain_kv_events() -> [(worker id, events)] with ``kv_events``: prefix-cache changes
 
 Each worker has at most one plan in flight. A step for one worker:
 
@@ -47,6 +48,7 @@ from engine.messages import (
     StepPlan,
     StepResult,
 )
+from engine.scheduler.block_manager import KV_CLEARED, KVEvent
 from engine.scheduler.placement import Placement, get_placement
 from engine.scheduler.policy import Policy, get_policy
 from engine.scheduler.request import Request, RequestStatus
@@ -62,6 +64,7 @@ class Scheduler:
         max_model_len: int,
         policy: Policy | None = None,
         placement: Placement | None = None,
+        kv_events: bool = False,
     ) -> None:
         self.config = config
         self.block_size = block_size
@@ -85,13 +88,19 @@ class Scheduler:
         self._outputs: list[RequestOutput] = []  # finishes decided inside schedule()
         self._prefix_query_tokens = 0  # over workers that came and went
         self._prefix_hit_tokens = 0
+        # KV events (None: not recorded) of workers that left, until drained; a worker's
+        # cache is empty when it joins and gone when it leaves: each says AllBlocksCleared.
+        self._kv_events: list[tuple[int, list[KVEvent]]] | None = [] if kv_events else None
 
     # ------------------------------------------------------------------ workers
 
     def add_worker(self, worker_id: int, num_blocks: int, now: float) -> None:
         if worker_id in self.workers:
             self.remove_worker(worker_id, now)
-        self.workers[worker_id] = WorkerState(worker_id, num_blocks, self.block_size)
+        ws = WorkerState(worker_id, num_blocks, self.block_size, self._kv_events is not None)
+        if ws.blocks.events is not None:
+            ws.blocks.events.append((KV_CLEARED,))
+        self.workers[worker_id] = ws
         pending, self.unplaced = self.unplaced, []
         for req in pending:
             self._place(req)
@@ -102,6 +111,8 @@ class Scheduler:
         ws = self.workers.pop(worker_id, None)
         if ws is None:
             return []
+        if self._kv_events is not None and ws.blocks.events is not None:
+            self._kv_events.append((worker_id, [*ws.blocks.events, (KV_CLEARED,)]))
         moved = ws.running + [r for _, _, r in ws.waiting]
         for req in moved:
             self._reset_kv(req)
@@ -151,6 +162,19 @@ class Scheduler:
     def drain_outputs(self) -> list[RequestOutput]:
         outputs, self._outputs = self._outputs, []
         return outputs
+
+    def drain_kv_events(self) -> list[tuple[int, list[KVEvent]]]:
+        """The KV events recorded since the last drain, per worker id in the order they
+        happened (empty unless built with ``kv_events``)."""
+        if self._kv_events is None:
+            return []
+        out, self._kv_events = self._kv_events, []
+        for w, ws in self.workers.items():
+            events = ws.blocks.events
+            if events:
+                out.append((w, events))
+                ws.blocks.events = []
+        return out
 
     @property
     def num_unfinished(self) -> int:

@@ -20,9 +20,10 @@ Entry = tuple[tuple[float, ...], int, Request]  # (policy key, sequence, request
 class WorkerState:
     """One worker's queue, running set, KV blocks and in-flight plan."""
 
-    def __init__(self, worker_id: int, num_blocks: int, block_size: int) -> None:
+    def __init__(self, worker_id: int, num_blocks: int, block_size: int,
+                 record_events: bool = False) -> None:
         self.worker_id = worker_id
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, record_events)
         self.waiting: list[Entry] = []  # sorted by (key, sequence)
         self.running: list[Request] = []  # in admission order
         self.in_flight: StepPlan | None = None
@@ -97,7 +98,8 @@ class WorkerState:
             if req.cache_parent == -2:
                 break
             canon = self.blocks.register(req.block_ids[i], hashes[i], req.cache_parent,
-                                         req.token_slice(i * bs, (i + 1) * bs), req.cache_salt)
+                                         req.token_slice(i * bs, (i + 1) * bs), req.cache_salt,
+                                         hashes[i - 1] if i else None)
             req.cache_parent = -2 if canon is None else canon
         req.num_registered_blocks = num_full
 

@@ -27,3 +27,8 @@ def test_vllm_scheduler_runs_the_same_requests():
 def test_vllm_comparison_refuses_runs_longer_than_the_models_context():
     with pytest.raises(ValueError, match="--steps"):
         bench.run_vllm(16, 2, steps=bench.VLLM_MAX_MODEL_LEN)
+
+
+def test_bench_times_steps_with_kv_events_published():
+    result = bench.run(16, 2, steps=20, kv_events=True)
+    assert result["kv_events"] is True and result["us_per_step"] > 0

@@ -209,6 +209,8 @@ class PoolStats(_Msg):
     prefix_hit_tokens: int = 0  # of which found cached
     worker_ids: list[int] = []  # the live workers, in the order of the per-worker lists
     num_waiting_per_worker: list[int] = []
+    block_size: int = 0  # tokens per KV block (the scheduler's, as every worker's)
+    num_blocks: list[int] = []  # each live worker's KV capacity in blocks, as num_free_blocks
     # One entry per step finished since the previous stats: requests in the batch, tokens
     # run, and the time from sending the plan to receiving its result.
     step_batch_sizes: list[int] = []

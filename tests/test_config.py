@@ -118,34 +118,7 @@ def test_cli_errors_exit_2_with_the_flag_named():
         in res.stderr
 
 
-def test_kubernetes_manifest_flags_and_probes(tmp_path):
-    """launch/k8s/engine.yaml passes only flags the launcher accepts, and its probes and
-    scrape annotations point at the HTTP port it configures."""
-    import yaml
-
-    from engine.models.default import default_model_dir
-
-    docs = list(yaml.safe_load_all((Path(__file__).resolve().parents[1] / "launch" / "k8s"
-                                    / "engine.yaml").read_text()))
-    deploy = next(d for d in docs if d["kind"] == "Deployment")
-    pod = deploy["spec"]["template"]
-    (container,) = pod["spec"]["containers"]
-    assert container["command"] == ["python", "-m", "engine.launch"]
-    keys = tmp_path / "keys"
-    keys.write_text("k1\n")
-    args = [str(default_model_dir()) if a == "/models/model" else
-            str(keys) if a == "/etc/engine/keys" else a for a in container["args"]]
-    cfg = config_from_args(args)
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": cfg.frontend.http_port, "grpc": cfg.frontend.grpc_port}
-    assert cfg.frontend.host == "0.0.0.0"
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
-    notes = pod["metadata"]["annotations"]
-    assert (notes["prometheus.io/path"], int(notes["prometheus.io/port"])) == \
-        ("/metrics", cfg.frontend.http_port)
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == cfg.worker.num_workers
-
+# launch/k8s/ (engine.yaml's flags, ports and probes included): tests/test_k8s_manifests.py
 
 
 def test_vllm_on_cpu_resolves_the_block_size_once_before_anything_starts(caplog):

@@ -25,6 +25,7 @@ import email.utils
 import itertools
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -53,6 +54,9 @@ class ClientConfig:
     api_key: str | None = None
     timeout_s: float = 600.0
     priority_mode: str = "as-is"
+    # Text sent as the prompt instead of the token ids, by request id: for a server or router
+    # that takes text prompts only (sglang-router 0.3 refuses token-id completions).
+    prompt_texts: Mapping[str, str] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -118,7 +122,8 @@ def build_payload(req: SimRequest, cfg: ClientConfig) -> dict[str, Any]:
     exactly the workload's length on every server."""
     payload: dict[str, Any] = {
         "model": cfg.model,
-        "prompt": list(req.prompt_token_ids),
+        "prompt": (cfg.prompt_texts[req.request_id] if cfg.prompt_texts is not None
+                   else list(req.prompt_token_ids)),
         "max_tokens": req.max_tokens,
         "temperature": 0.0,
         "ignore_eos": True,

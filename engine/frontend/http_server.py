@@ -3,7 +3,8 @@ FastAPI app on uvicorn, on the frontend's event loop beside the gRPC server.
 
 The app refuses bodies over ``--max-request-bytes`` (413) before parsing them, reshapes every
 error (FastAPI's validation errors and Starlette's own refusals included) into OpenAI's
-error JSON, and serves ``/health``, ``/metrics`` and ``/openapi.json`` beside ``/v1/*``.
+error JSON, and serves ``/health``, ``/metrics`` and ``/openapi.json`` beside ``/v1/*``, and
+``/server_info`` / ``/model_info`` for routers (``engine.frontend.discovery``).
 See docs/http.md.
 """
 
@@ -23,6 +24,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.frontend import discovery
 from engine.frontend.metrics import CONTENT_TYPE
 from engine.frontend.openai_format import ApiError, bad_request
 from engine.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -146,6 +148,17 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         return server.health()
+
+    @app.get("/server_info")
+    async def server_info(request: Request) -> dict[str, Any]:
+        server.authenticate(request)  # as /v1/models: it names the model paths
+        return discovery.server_info(server.models, {
+            name: load.max_num_seqs for name, load in server.admission.loads.items()})
+
+    @app.get("/model_info")
+    async def model_info(request: Request, model: str | None = None) -> dict[str, Any]:
+        server.authenticate(request)
+        return discovery.model_info(server._model(model))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -10,6 +10,14 @@ versus realized cached tokens, shed and rejected requests, queue time by priorit
 Three sources feed them: every request's lifecycle (``RequestTimer``, driven by
 ``serving.generate``), every ``PoolStats`` a pool sends (step samples), and, at scrape time,
 the latest ``PoolStats`` of each pool (gauges and the pool's cumulative counters).
+
+Two info-style gauges (value 1, the facts in labels) are what routers read to learn a
+replica: ``vllm:cache_config_info`` with vLLM's label names (``block_size``,
+``num_gpu_blocks``, ``cache_dtype``, ``enable_prefix_caching``; llm-d and KV-event indexers
+take the block size from it), one sample per worker (vLLM's ``engine`` label, the worker id;
+``num_gpu_blocks`` is that worker's capacity), and ``vllm:lora_requests_info`` (``max_lora``,
+``waiting_lora_adapters``, ``running_lora_adapters``), declared but empty: the engine serves
+no LoRA adapters, and an absent sample is what vLLM shows without LoRA.
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# vLLM's label names. cache_dtype "auto": the KV cache has the model's dtype (no KV
+# quantization); prefix caching is always on.
+CACHE_INFO_LABELS = ("engine", "block_size", "num_gpu_blocks", "cache_dtype",
+                     "enable_prefix_caching")
+LORA_INFO_LABELS = ("max_lora", "waiting_lora_adapters", "running_lora_adapters")
 
 
 def priority_class(priority: int) -> str:
@@ -205,6 +218,12 @@ class _PoolCollector(Collector):
         worker_queue = GaugeMetricFamily("engine:worker_queue_depth",
                                          "Requests waiting on one worker.",
                                          labels=[*labels, "worker"])
+        cache_info = GaugeMetricFamily("vllm:cache_config_info",
+                                       "Information of the KV cache config (value 1).",
+                                       labels=[*labels, *CACHE_INFO_LABELS])
+        lora_info = GaugeMetricFamily("vllm:lora_requests_info",
+                                      "Running stats on LoRA requests (none: no LoRA).",
+                                      labels=list(LORA_INFO_LABELS))
         for name, pool in self.pools.items():
             stats = pool.stats
             if stats is None:
@@ -221,5 +240,8 @@ class _PoolCollector(Collector):
                 worker_kv.add_metric([name, str(w)], u)
             for w, depth in zip(stats.worker_ids, stats.num_waiting_per_worker, strict=False):
                 worker_queue.add_metric([name, str(w)], depth)
+            for w, blocks in zip(stats.worker_ids, stats.num_blocks, strict=False):
+                cache_info.add_metric([name, str(w), str(stats.block_size), str(blocks),
+                                       "auto", "True"], 1.0)
         yield from (running, waiting, kv, queries, hits, preemptions, live, worker_kv,
-                    worker_queue)
+                    worker_queue, cache_info, lora_info)

@@ -635,6 +635,8 @@ class Scheduler:
             num_waiting_tokens=sum(ws.num_queued_tokens for ws in workers),
             kv_usage=[ws.blocks.usage for ws in workers],
             num_free_blocks=[ws.blocks.num_free_blocks for ws in workers],
+            block_size=self.block_size,
+            num_blocks=[ws.blocks.num_blocks for ws in workers],
             num_preemptions=self.num_preemptions,
             live_workers=len(workers),
             prefix_query_tokens=self._prefix_query_tokens,

@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="publish KV cache events as vLLM does (its JSON keys: "
                    "enable_kv_cache_events, publisher zmq|null, endpoint (default "
                    "tcp://*:5557), replay_endpoint, buffer_steps, hwm, max_queue_size, topic); "
-                   "pool P binds the tcp port + P (docs/kv_events.md)")
+                   "pool P uses the tcp port + P (docs/kv_events.md)")
     g = p.add_argument_group("scheduler")
     g.add_argument("--max-num-batched-tokens", type=int, metavar="N",
                    help="token budget of one step, prefill chunks and decodes (default 512)")

@@ -140,6 +140,14 @@ UNSUPPORTED = {
 }
 
 
+#: Fields SGLang's router (sglang-router) adds to every request it forwards, with the value
+#: at which they change nothing: accepted silently at that value, refused at any other.
+SGLANG_ROUTER_DEFAULTS: dict[str, Any] = {
+    "no_stop_trim": False, "return_hidden_states": False, "continue_final_message": False,
+    "separate_reasoning": True, "stream_reasoning": True,
+}
+
+
 def unsupported_field(extra: dict[str, Any]) -> tuple[str, str] | None:
     """The first OpenAI field of ``extra`` (a body's undeclared fields) that this engine
     refuses, with the reason; None when there is none. ``null`` values and
@@ -147,6 +155,9 @@ def unsupported_field(extra: dict[str, Any]) -> tuple[str, str] | None:
     for name, why in UNSUPPORTED.items():
         if extra.get(name) is not None:
             return name, why
+    for name, default in SGLANG_ROUTER_DEFAULTS.items():
+        if extra.get(name) not in (None, default):
+            return name, f"{name} is SGLang's; only its default ({default}) is supported"
     modalities = extra.get("modalities")
     if modalities is not None and modalities != ["text"]:
         return "modalities", 'only text output is supported (modalities: ["text"])'

@@ -43,6 +43,7 @@ from engine.frontend.openai_format import (
 )
 from engine.frontend.openai_protocol import (
     KNOWN_NO_OPS,
+    SGLANG_ROUTER_DEFAULTS,
     UNSUPPORTED,
     ChatCompletionRequest,
     CompletionRequest,
@@ -228,7 +229,8 @@ class OpenAIServer:
         refused = unsupported_field(body.model_extra or {})
         if refused is not None:
             raise bad_request(refused[1], refused[0])
-        extra = set(body.model_extra or {}) - KNOWN_NO_OPS - UNSUPPORTED.keys() - {"modalities"}
+        extra = (set(body.model_extra or {}) - KNOWN_NO_OPS - UNSUPPORTED.keys()
+                 - SGLANG_ROUTER_DEFAULTS.keys() - {"modalities"})
         if extra:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(extra)))
 

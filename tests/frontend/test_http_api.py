@@ -314,7 +314,8 @@ def test_prompt_logprobs_and_max_tokens_zero_refusals(env: Env, body: dict, para
     ("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto"),
     ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}), ("reasoning_effort", "high"),
-    ("web_search_options", {}), ("verbosity", "low"),
+    ("web_search_options", {}), ("verbosity", "low"), ("no_stop_trim", True),
+    ("return_hidden_states", True),
 ])
 def test_openai_fields_that_would_change_the_answer_are_refused(env: Env, field: str,
                                                                  value: object) -> None:
@@ -325,7 +326,8 @@ def test_openai_fields_that_would_change_the_answer_are_refused(env: Env, field:
                        "invalid_request_error", "")
     assert err["param"] == field
     ok = base | {field: None, "modalities": ["text"], "store": True, "metadata": {"a": "b"},
-                 "prompt_cache_key": "k", "safety_identifier": "u"}
+                 "prompt_cache_key": "k", "safety_identifier": "u", "no_stop_trim": False,
+                 "separate_reasoning": True}
     assert env.post("/v1/chat/completions", ok).status_code == 200
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import signal
 import sys
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole process group; the supervisor coordinates shutdown, so a
+    # child never dies of it (its target may install its own handler).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     target, args, kwargs, parent = pickle.load(sys.stdin.buffer)
     from engine.process import die_with_parent
 

@@ -36,7 +36,7 @@ from engine import messages as m
 from engine.config import ConfigError, EngineConfig, config_from_args
 from engine.resolve import resolve_config
 from engine.supervisor import Child, ProcessSpec, RestartPolicy, Supervisor, SupervisorError
-from engine.topology import Topology
+from engine.topology import Topology, WorkerSlot
 
 log = logging.getLogger("engine.launch")
 
@@ -151,12 +151,16 @@ class Launcher:
                     log.warning("worker %d (incarnation %d) on another rank died; its "
                                 "requests are recomputed", msg.worker_id, msg.incarnation)
                     self.pool_controls[msg.pool_index].send(ipc.encode(msg))
+            if self.stop_signal is not None:  # Ctrl-C: children may be exiting already
+                break
             self.supervisor.check()  # raises when the engine must stop
         log.info("received %s; shutting down", signal.Signals(self.stop_signal).name)
         return 0
 
     def _worker_died(self, child: Child, incarnation: int) -> None:
+        """A local worker (or a rank of its group) died: the pool recomputes its requests."""
         slot = child.spec.args[1]
+        assert isinstance(slot, WorkerSlot), child.spec
         self.pool_controls[slot.pool_index].send(ipc.encode(
             m.WorkerDied(worker_id=slot.worker_id, incarnation=child.incarnation)))
 

@@ -131,8 +131,11 @@ class Supervisor:
         if spec.pass_incarnation:
             kwargs["incarnation"] = incarnation
         payload = pickle.dumps((spec.target, spec.args, kwargs, os.getpid()))
+        # The child sees the modules this process sees (as multiprocessing's spawn does).
+        path = os.pathsep.join(p for p in sys.path if p)
         proc = subprocess.Popen([sys.executable, "-m", "engine.child", spec.name],
-                                stdin=subprocess.PIPE, close_fds=True)
+                                stdin=subprocess.PIPE, close_fds=True,
+                                env={**os.environ, "PYTHONPATH": path})
         assert proc.stdin is not None
         try:
             proc.stdin.write(payload)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from engine.env import client_api_key
 from engine.frontend.proto import pb2, pb2_grpc
 
 DEFAULT_HOST = "127.0.0.1"
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON line (text, token_ids, usage, finish_reason) at the end")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline for the request")
-    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("ENGINE_API_KEY"),
+    p.add_argument("--api-key", metavar="KEY", default=client_api_key(),
                    help="API key of an engine started with --api-key (default: $ENGINE_API_KEY)")
     return p
 

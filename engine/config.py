@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,17 +30,43 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 #: ``--tool-call-parser`` names (vLLM's); engine.frontend.tool_parsers implements them.
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def opt(default: Any, flag: str, help: str, *, metavar: str | None = None,
+        choices: Sequence[str] | None = None, type: Callable[[Any], Any] | None = None,
+        action: str | None = None, aliases: Sequence[str] = (), shown: str | None = None,
+        parse: Callable[[Any], Any] | None = None) -> Any:
+    """A config field and its flag: the default and the help are written here once; the
+    CLI (``build_parser``), TOML keys and ``config_from_dict`` are derived from it.
+    ``shown``: the default as ``--help`` words it (when the value alone says too little).
+    ``parse``: turns a flag's or TOML key's value into the field's (default: ``type``), after
+    argparse, so its ``ConfigError`` reaches the user whole."""
+    meta = {"flag": flag, "help": help, "metavar": metavar, "choices": choices, "type": type,
+            "action": action, "aliases": tuple(aliases), "shown": shown,
+            "parse": parse or type}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """One model pool. ``path`` None means the embedded default model."""
 
-    path: str | None = None
-    served_name: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    seed: int = 0
+    path: str | None = opt(None, "--model", "Hugging Face model directory; repeat for one "
+                           "pool per model", metavar="PATH", action="append",
+                           shown="the embedded default model")
+    served_name: str | None = opt(None, "--served-model-name", "name clients use for the "
+                                  "model, one per --model", metavar="NAME", action="append",
+                                  shown="the directory name, or 'default'")
+    dtype: str = opt("auto", "--dtype", "weights and activations dtype", choices=DTYPES,
+                     shown="auto = float32 on CPU, bfloat16 on CUDA")
+    #: Resolved before any process starts (``engine.resolve``): the context every process
+    #: uses, at most what the model and the runner can hold.
+    max_model_len: int | None = opt(None, "--max-model-len", "longest prompt plus output, "
+                                    "in tokens", metavar="N", type=int,
+                                    shown="the model's context, at most its sliding window "
+                                    "and, with --runner vllm, what the KV cache holds")
+    seed: int = opt(0, "--seed", "seed for weights-free randomness", metavar="N", type=int)
 
     @property
     def name(self) -> str:
@@ -65,80 +91,151 @@ class KVEventsConfig:
     topic: str = ""
 
 
+def parse_kv_events_config(value: str | dict[str, Any] | None) -> KVEventsConfig | None:
+    """``--kv-events-config`` (JSON text, or a TOML table) as vLLM reads it; None when
+    events are off (``enable_kv_cache_events`` false, or publisher "null")."""
+    if value is None:
+        return None
+    flag = "--kv-events-config"
+    try:
+        data = json.loads(value) if isinstance(value, str) else dict(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag}: must be a JSON object, got {value!r}")
+    enabled = data.pop("enable_kv_cache_events", False)
+    publisher = data.pop("publisher", None) or ("zmq" if enabled else "null")
+    _check(isinstance(enabled, bool), flag, f"enable_kv_cache_events must be a boolean, got {enabled!r}")
+    _check(publisher in ("zmq", "null"), flag, f"publisher must be 'zmq' or 'null', got {publisher!r}")
+    known = {f.name for f in dataclasses.fields(KVEventsConfig)}
+    _check(not set(data) - known, flag, f"unknown keys {sorted(set(data) - known)}")
+    for key, val in data.items():
+        want = str if key in ("endpoint", "topic") else int
+        _check((isinstance(val, want) and not isinstance(val, bool))
+               or (key == "replay_endpoint" and (val is None or isinstance(val, str))),
+               flag, f"{key} has the wrong type: {val!r}")
+    return KVEventsConfig(**data) if enabled and publisher == "zmq" else None
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache: ``block_size`` tokens per block; capacity in blocks or in memory."""
 
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_cache_memory_gib: float = 0.25
-    #: No --block-size was given: ``engine.worker.factory.resolve_runner_config`` may pick
-    #: the size the runner needs instead (the vllm runner on CPU: 32) before any process
-    #: starts; an explicit size is never changed, only refused.
+    block_size: int = opt(16, "--block-size", "tokens per KV block", metavar="N", type=int,
+                          shown="16; 32 with --runner vllm on CPU, whose attention kernel "
+                          "needs a multiple of 32")
+    num_blocks: int | None = opt(None, "--num-kv-blocks", "KV blocks per worker",
+                                 metavar="N", type=int, shown="from --kv-cache-memory")
+    kv_cache_memory_gib: float = opt(0.25, "--kv-cache-memory", "KV cache size per worker "
+                                     "in GiB", metavar="GIB", type=float)
+    #: No --block-size was given: ``engine.resolve`` may pick the size the runner needs
+    #: instead (the vllm runner on CPU: 32) before any process starts; an explicit size is
+    #: never changed, only refused.
     block_size_auto: bool = False
-    kv_events: KVEventsConfig | None = None  # None: no KV events published
+    kv_events: KVEventsConfig | None = opt(  # noqa: RUF009 - frozen, and opt() is field()
+        None, "--kv-events-config", "publish KV cache events as vLLM does (its JSON keys: "
+        "enable_kv_cache_events, publisher zmq|null, endpoint (default tcp://*:5557), "
+        "replay_endpoint, buffer_steps, hwm, max_queue_size, topic); pool P uses the tcp "
+        "port + P (docs/kv_events.md)", metavar="JSON", parse=parse_kv_events_config,
+        shown="off")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching: one token budget per step covers prefill chunks and decodes."""
 
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
-    policy: str = "fcfs"  # queue order, admission, victims
-    placement: str = "cache-aware"  # which worker a request queues on
+    max_num_batched_tokens: int = opt(512, "--max-num-batched-tokens", "token budget of one "
+                                      "step, prefill chunks and decodes", metavar="N", type=int)
+    max_num_seqs: int = opt(64, "--max-num-seqs", "most requests in one step", metavar="N",
+                            type=int)
+    policy: str = opt("fcfs", "--policy", "scheduling policy: queue order, admission, "
+                      "preemption victims (or module:Class)", metavar="NAME", type=str)
+    placement: str = opt("cache-aware", "--placement", "placement across workers (or "
+                         "module:Class)", metavar="NAME", type=str)
+
+
+#: ``--cuda-graph-max-batch`` when not given: ``--max-num-seqs``, at most this.
+CUDA_GRAPH_MAX_BATCH = 256
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     """Worker processes: how many, which model runner, on which device."""
 
-    num_workers: int = 1
-    runner: str = "native"
-    device: str = "auto"
-    num_threads: int | None = None
-    #: Ranks one worker's model is split over (Megatron-style; torchrun launches only).
-    tensor_parallel_size: int = 1
-    #: CUDA only: run every step eagerly instead of replaying decode steps from CUDA graphs.
-    enforce_eager: bool = False
-    #: CUDA only: decode batches up to this many requests replay a captured graph (padded
-    #: to the next captured size); larger ones run eagerly.
-    cuda_graph_max_batch: int = 256
+    num_workers: int = opt(1, "--workers", "worker processes per pool", metavar="N", type=int)
+    runner: str = opt("native", "--runner", "model runner", choices=RUNNERS)
+    #: ``auto`` is resolved to ``cpu`` or ``cuda`` before any process starts.
+    device: str = opt("auto", "--device", "worker device", choices=DEVICES)
+    num_threads: int | None = opt(None, "--num-threads", "torch threads per CPU worker",
+                                  metavar="N", type=int, shown="cores / workers")
+    #: Ranks one worker's model is split over (Megatron-style).
+    tensor_parallel_size: int = opt(1, "--tensor-parallel-size", "split each worker's model "
+                                    "over N ranks, also under torchrun (launch/torchrun.sh)",
+                                    metavar="N", type=int, aliases=("-tp",))
+    enforce_eager: bool = opt(False, "--enforce-eager", "CUDA: run every step eagerly, no "
+                              "CUDA graphs", action="store_true")
+    #: Decode batches up to this many requests replay a captured graph (padded to the next
+    #: captured size); larger ones run eagerly. None: filled in by ``EngineConfig``.
+    cuda_graph_max_batch: int | None = opt(
+        None, "--cuda-graph-max-batch", "CUDA: largest decode batch replayed from a CUDA "
+        "graph", metavar="N", type=int, shown=f"--max-num-seqs, at most {CUDA_GRAPH_MAX_BATCH}")
 
 
 @dataclass(frozen=True)
 class FrontendConfig:
     """The APIs, their access control and their admission limits (docs/http.md)."""
 
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 50051
-    api_keys: tuple[str, ...] = ()
-    rate_limit_rpm: int | None = None  # per API key
-    rate_limit_tpm: int | None = None  # per API key, prompt + max_tokens
-    shed_queue_time_s: float = 1.0  # predicted wait above which sheddable requests get 429
-    max_queue_time_s: float = 60.0  # no first token after this long: 503
-    max_request_bytes: int = 16 << 20  # HTTP bodies over this get 413
-    max_prompt_tokens: int | None = None  # default: the model's context
-    max_output_tokens: int | None = None  # default: the model's context
+    host: str = opt("127.0.0.1", "--host", "address to bind", type=str)
+    http_port: int = opt(8000, "--http-port", "HTTP port", metavar="PORT", type=int)
+    grpc_port: int = opt(50051, "--grpc-port", "gRPC port", metavar="PORT", type=int)
+    api_keys: tuple[str, ...] = opt((), "--api-key", "require this bearer key on /v1/*; "
+                                    "repeat for several", metavar="KEY", action="append",
+                                    shown="none: no key needed")
+    rate_limit_rpm: int | None = opt(None, "--rate-limit-rpm", "requests per minute per API "
+                                     "key", metavar="N", type=int, shown="unlimited")
+    rate_limit_tpm: int | None = opt(None, "--rate-limit-tpm", "tokens (prompt + max_tokens) "
+                                     "per minute per API key", metavar="N", type=int,
+                                     shown="unlimited")
+    shed_queue_time_s: float = opt(1.0, "--shed-queue-time", "predicted queue wait above "
+                                   "which sheddable (negative-priority) requests get 429",
+                                   metavar="SECONDS", type=float)
+    max_queue_time_s: float = opt(60.0, "--max-queue-time", "a request without its first "
+                                  "token after this long gets 503", metavar="SECONDS",
+                                  type=float)
+    max_request_bytes: int = opt(16 << 20, "--max-request-bytes", "largest HTTP request "
+                                 "body; larger gets 413", metavar="N", type=int,
+                                 shown="16 MiB")
+    max_prompt_tokens: int | None = opt(None, "--max-prompt-tokens", "longest prompt "
+                                        "accepted", metavar="N", type=int,
+                                        shown="the model's context")
+    max_output_tokens: int | None = opt(None, "--max-output-tokens", "largest max_tokens "
+                                        "accepted", metavar="N", type=int,
+                                        shown="the model's context")
     #: How tool calls are found in the output for tool_choice "auto" (None: auto refused).
-    tool_call_parser: str | None = None
+    tool_call_parser: str | None = opt(None, "--tool-call-parser", "how the model writes "
+                                       "tool calls, for tool_choice auto (vLLM's names)",
+                                       choices=TOOL_CALL_PARSERS, shown="none: auto is "
+                                       "refused, required and named still work")
     #: Structured JSON outputs may hold any whitespace (default: compact, one space after
     #: ``:`` and ``,``, which keeps a weak model from running away in whitespace).
-    structured_outputs_any_whitespace: bool = False
+    structured_outputs_any_whitespace: bool = opt(
+        False, "--structured-outputs-any-whitespace", "let structured JSON outputs hold any "
+        "whitespace", action="store_true", shown="compact")
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    ready_timeout_s: float = 180.0
-    log_level: str = "INFO"
-    max_worker_restarts: int = 10
-    #: Set by engine.torchrun, not a flag: the pools' worker sockets and the launcher's inbox
-    #: also listen on TCP at this address, for workers on other ranks to dial in.
-    listen_host: str | None = None
-    #: Set by engine.torchrun: the launcher starts workers ``0..num_local_workers-1`` itself;
-    #: the rest of ``--workers`` dial in from other ranks (None: all are local).
-    num_local_workers: int | None = None
+    """The supervisor: readiness, restarts, logs (``engine.supervisor``)."""
+
+    ready_timeout_s: float = opt(180.0, "--ready-timeout", "how long to wait for every "
+                                 "process to be ready", metavar="SECONDS", type=float)
+    log_level: str = opt("INFO", "--log-level", "log level", choices=LOG_LEVELS)
+    max_restarts: int = opt(10, "--max-restarts", "a process (or tensor-parallel group) that "
+                            "fails this many times within --restart-window stops the engine "
+                            "(exit 1); restarts back off from 0.5 s to 8 s", metavar="N",
+                            type=int)
+    restart_window_s: float = opt(60.0, "--restart-window", "the window of --max-restarts",
+                                  metavar="SECONDS", type=float)
 
 
 @dataclass(frozen=True)
@@ -149,6 +246,11 @@ class EngineConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        if self.worker.cuda_graph_max_batch is None:  # the same default however built
+            object.__setattr__(self, "worker", dataclasses.replace(
+                self.worker, cuda_graph_max_batch=cuda_graph_default(self.scheduler)))
 
     def validate(self) -> EngineConfig:
         """Raise ConfigError naming the flag of the first invalid value; return self."""
@@ -194,7 +296,8 @@ class EngineConfig:
                f"must be >= 1, got {w.tensor_parallel_size}")
         _check(w.tensor_parallel_size == 1 or w.runner == "native", "--tensor-parallel-size",
                "only the native runner splits a model over ranks so far")
-        _check(w.cuda_graph_max_batch >= 1, "--cuda-graph-max-batch",
+        _check(w.cuda_graph_max_batch is None or w.cuda_graph_max_batch >= 1,
+               "--cuda-graph-max-batch",
                f"must be >= 1, got {w.cuda_graph_max_batch}")
         f = self.frontend
         for flag, port in (("--http-port", f.http_port), ("--grpc-port", f.grpc_port)):
@@ -216,8 +319,12 @@ class EngineConfig:
                f"must be one of {TOOL_CALL_PARSERS}, got {f.tool_call_parser!r}")
         _check(f.max_request_bytes >= 1024, "--max-request-bytes",
                f"must be >= 1024, got {f.max_request_bytes}")
-        _check(self.launch.ready_timeout_s > 0, "--ready-timeout",
-               f"must be > 0 seconds, got {self.launch.ready_timeout_s}")
+        ln = self.launch
+        _check(ln.ready_timeout_s > 0, "--ready-timeout",
+               f"must be > 0 seconds, got {ln.ready_timeout_s}")
+        _check(ln.max_restarts >= 1, "--max-restarts", f"must be >= 1, got {ln.max_restarts}")
+        _check(ln.restart_window_s > 0, "--restart-window",
+               f"must be > 0 seconds, got {ln.restart_window_s}")
         return self
 
 
@@ -226,10 +333,38 @@ def _check(ok: bool, flag: str, message: str) -> None:
         raise ConfigError(f"{flag}: {message}")
 
 
+def cuda_graph_default(scheduler: SchedulerConfig) -> int:
+    return min(CUDA_GRAPH_MAX_BATCH, scheduler.max_num_seqs)
+
+
 # --------------------------------------------------------------------------- CLI + TOML
 
 
+#: (group title, section) in ``--help`` order; each flag-carrying field of a section is a flag.
+SECTIONS: tuple[tuple[str, type], ...] = (
+    ("model", ModelConfig), ("workers", WorkerConfig), ("KV cache", CacheConfig),
+    ("scheduler", SchedulerConfig), ("frontend", FrontendConfig), ("launcher", LaunchConfig))
+#: EngineConfig attribute of each section but the per-model one.
+_SECTION_ATTR = {CacheConfig: "cache", SchedulerConfig: "scheduler", WorkerConfig: "worker",
+                 FrontendConfig: "frontend", LaunchConfig: "launch"}
+
+
+def flag_fields(section: type) -> list[tuple[str, dataclasses.Field[Any]]]:
+    """(snake_case flag name = TOML key, field) of each field of ``section`` with a flag."""
+    return [(f.metadata["flag"][2:].replace("-", "_"), f)
+            for f in dataclasses.fields(section) if "flag" in f.metadata]
+
+
+def _help(f: dataclasses.Field[Any]) -> str:
+    meta = f.metadata
+    shown = meta["shown"]
+    if shown is None:
+        shown = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+    return f"{meta['help']} (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The launcher's CLI, one flag per config field (help and default from the field)."""
     p = argparse.ArgumentParser(
         prog="python -m engine.launch",
         description="Serve LLMs: a gRPC frontend, one global scheduler per model pool, and "
@@ -237,95 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded default model on 127.0.0.1.",
         argument_default=argparse.SUPPRESS,
     )
-    add = p.add_argument
-    add("--config", metavar="FILE", help="TOML file with any of these flags (snake_case keys); "
-        "flags given on the command line win")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", action="append", metavar="PATH",
-                   help="Hugging Face model directory; repeat for one pool per model "
-                   "(default: the embedded default model)")
-    g.add_argument("--served-model-name", action="append", metavar="NAME",
-                   help="name clients use for the model, one per --model (default: the "
-                   "directory name, or 'default')")
-    g.add_argument("--dtype", choices=DTYPES, help="weights and activations dtype (default: "
-                   "auto = float32 on CPU, bfloat16 on CUDA)")
-    g.add_argument("--max-model-len", type=int, metavar="N",
-                   help="longest prompt plus output, in tokens (default: the model's)")
-    g.add_argument("--seed", type=int, help="seed for weights-free randomness (default 0)")
-    g = p.add_argument_group("workers")
-    g.add_argument("--workers", type=int, metavar="N", help="worker processes per pool (default 1)")
-    g.add_argument("--runner", choices=RUNNERS, help="model runner (default native)")
-    g.add_argument("--device", choices=DEVICES, help="worker device (default auto)")
-    g.add_argument("--num-threads", type=int, metavar="N",
-                   help="torch threads per CPU worker (default: cores / workers)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, metavar="N",
-                   help="split each worker's model over N ranks (under torchrun: "
-                   "launch/torchrun.sh; default 1)")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: run every step eagerly, no CUDA graphs")
-    g.add_argument("--cuda-graph-max-batch", type=int, metavar="N",
-                   help="CUDA: largest decode batch replayed from a CUDA graph "
-                   "(default: --max-num-seqs, at most 256)")
-    g = p.add_argument_group("KV cache")
-    g.add_argument("--block-size", type=int, metavar="N", help="tokens per KV block (default 16; 32 with --runner vllm on CPU, whose attention "
-                   "kernel needs a multiple of 32)")
-    g.add_argument("--num-kv-blocks", type=int, metavar="N",
-                   help="KV blocks per worker (default: from --kv-cache-memory)")
-    g.add_argument("--kv-cache-memory", type=float, metavar="GIB",
-                   help="KV cache size per worker in GiB (default 0.25)")
-    g.add_argument("--kv-events-config", metavar="JSON",
-                   help="publish KV cache events as vLLM does (its JSON keys: "
-                   "enable_kv_cache_events, publisher zmq|null, endpoint (default "
-                   "tcp://*:5557), replay_endpoint, buffer_steps, hwm, max_queue_size, topic); "
-                   "pool P uses the tcp port + P (docs/kv_events.md)")
-    g = p.add_argument_group("scheduler")
-    g.add_argument("--max-num-batched-tokens", type=int, metavar="N",
-                   help="token budget of one step, prefill chunks and decodes (default 512)")
-    g.add_argument("--max-num-seqs", type=int, metavar="N",
-                   help="most requests in one step (default 64)")
-    g.add_argument("--policy", metavar="NAME", help="scheduling policy: queue order, admission, "
-                   "preemption victims (default fcfs; or module:Class)")
-    g.add_argument("--placement", metavar="NAME", help="placement across workers "
-                   "(default cache-aware; or module:Class)")
-    g = p.add_argument_group("frontend")
-    g.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    g.add_argument("--http-port", type=int, metavar="PORT", help="HTTP port (default 8000)")
-    g.add_argument("--grpc-port", type=int, metavar="PORT", help="gRPC port (default 50051)")
-    g.add_argument("--api-key", action="append", metavar="KEY",
-                   help="require this bearer key on /v1/*; repeat for several")
-    g.add_argument("--api-key-file", metavar="FILE",
-                   help="file with one API key per line (added to --api-key)")
-    g.add_argument("--rate-limit-rpm", type=int, metavar="N",
-                   help="requests per minute per API key (default unlimited)")
-    g.add_argument("--rate-limit-tpm", type=int, metavar="N",
-                   help="tokens (prompt + max_tokens) per minute per API key "
-                   "(default unlimited)")
-    g.add_argument("--shed-queue-time", type=float, metavar="SECONDS",
-                   help="predicted queue wait above which sheddable (negative-priority) "
-                   "requests get 429 (default 1.0)")
-    g.add_argument("--max-queue-time", type=float, metavar="SECONDS",
-                   help="a request without its first token after this long gets 503 "
-                   "(default 60)")
-    g.add_argument("--max-request-bytes", type=int, metavar="N",
-                   help="largest HTTP request body; larger gets 413 (default 16 MiB)")
-    g.add_argument("--max-prompt-tokens", type=int, metavar="N",
-                   help="longest prompt accepted (default: the model's context)")
-    g.add_argument("--max-output-tokens", type=int, metavar="N",
-                   help="largest max_tokens accepted (default: the model's context)")
-    g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
-                   help="how the model writes tool calls, for tool_choice auto (vLLM's "
-                   "names; default none: auto is refused, required and named still work)")
-    g.add_argument("--structured-outputs-any-whitespace", action="store_true",
-                   help="let structured JSON outputs hold any whitespace (default: compact)")
-    g = p.add_argument_group("launcher")
-    g.add_argument("--ready-timeout", type=float, metavar="SECONDS",
-                   help="how long to wait for every process to be ready (default 180)")
-    g.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="log level (default INFO)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with any of these flags "
+                   "(snake_case keys); flags given on the command line win")
+    for title, section in SECTIONS:
+        g = p.add_argument_group(title)
+        for _, f in flag_fields(section):
+            meta = f.metadata
+            kw: dict[str, Any] = {"help": _help(f)}
+            for key in ("metavar", "choices", "type", "action"):
+                if meta[key] is not None:
+                    kw[key] = meta[key]
+            g.add_argument(meta["flag"], *meta["aliases"], **kw)
+        if section is FrontendConfig:
+            g.add_argument("--api-key-file", metavar="FILE",
+                           help="file with one API key per line (added to --api-key)")
     return p
 
 
-_LIST_KEYS = {"model", "served_model_name", "api_key"}
+#: Flags that repeat; a TOML file may give one value or a list.
+_LIST_KEYS = {name for _, sec in SECTIONS for name, f in flag_fields(sec)
+              if f.metadata["action"] == "append"}
+_KEYS = {name for _, sec in SECTIONS for name, _ in flag_fields(sec)} | {"api_key_file"}
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -336,11 +403,10 @@ def load_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config: {path!r} is not valid TOML: {e}") from e
-    known = {a.dest for a in build_parser()._actions if a.dest not in ("help", "config")}
     out: dict[str, Any] = {}
     for key, value in data.items():
         dest = key.replace("-", "_")
-        if dest not in known:
+        if dest not in _KEYS:
             raise ConfigError(f"--config: unknown key {key!r} in {path!r}")
         if dest in _LIST_KEYS and not isinstance(value, list):
             value = [value]
@@ -362,100 +428,46 @@ def config_from_args(argv: Sequence[str] | None = None) -> EngineConfig:
     return config_from_dict(values)
 
 
+def _section(section: type, v: dict[str, Any], **extra: Any) -> Any:
+    """``section`` from the flat values it has flags for (absent: the field's default)."""
+    kw: dict[str, Any] = {}
+    for name, f in flag_fields(section):
+        if name in v and f.metadata["action"] != "append":
+            convert = f.metadata["parse"]
+            value = v[name]
+            kw[f.name] = convert(value) if convert is not None and value is not None else value
+    return section(**kw, **extra)
+
+
 def config_from_dict(v: dict[str, Any]) -> EngineConfig:
-    """Build from flat flag-named values (``workers``, ``model``, ...)."""
+    """Build from flat flag-named values (``workers``, ``model``, ...), as a TOML file or
+    ``LLM(**options)`` gives them; unknown names are refused."""
+    unknown = sorted(set(v) - _KEYS)
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r} (the long flag names in snake_case)")
     paths: list[str | None] = list(v.get("model") or [None])
     names = list(v.get("served_model_name") or [])
     if names and len(names) != len(paths):
         raise ConfigError(f"--served-model-name: give one per --model ({len(paths)}), got {len(names)}")
     try:
         models = tuple(
-            ModelConfig(
-                path=str(Path(p).expanduser()) if p is not None else None,
-                served_name=names[i] if names else None,
-                dtype=v.get("dtype", "auto"),
-                max_model_len=v.get("max_model_len"),
-                seed=int(v.get("seed", 0)),
-            )
-            for i, p in enumerate(paths)
-        )
+            _section(ModelConfig, v, path=str(Path(p).expanduser()) if p is not None else None,
+                     served_name=names[i] if names else None)
+            for i, p in enumerate(paths))
+        keys = tuple(v.get("api_key") or ()) + _read_keys(v.get("api_key_file"))
+        sections = {attr: _section(sec, v) for sec, attr in _SECTION_ATTR.items()
+                    if sec not in (CacheConfig, FrontendConfig)}
         cfg = EngineConfig(
             models=models,
-            cache=CacheConfig(
-                block_size=int(v.get("block_size") or 16),
-                block_size_auto=v.get("block_size") is None,
-                num_blocks=v.get("num_kv_blocks"),
-                kv_cache_memory_gib=float(v.get("kv_cache_memory", 0.25)),
-                kv_events=parse_kv_events_config(v.get("kv_events_config")),
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=int(v.get("max_num_batched_tokens", 512)),
-                max_num_seqs=int(v.get("max_num_seqs", 64)),
-                policy=str(v.get("policy", "fcfs")),
-                placement=str(v.get("placement", "cache-aware")),
-            ),
-            worker=WorkerConfig(
-                num_workers=int(v.get("workers", 1)),
-                runner=str(v.get("runner", "native")),
-                device=str(v.get("device", "auto")),
-                num_threads=v.get("num_threads"),
-                tensor_parallel_size=int(v.get("tensor_parallel_size", 1)),
-                enforce_eager=bool(v.get("enforce_eager", False)),
-                cuda_graph_max_batch=int(v.get(
-                    "cuda_graph_max_batch", min(256, int(v.get("max_num_seqs", 64))))),
-            ),
-            frontend=FrontendConfig(
-                host=str(v.get("host", "127.0.0.1")),
-                http_port=int(v.get("http_port", 8000)),
-                grpc_port=int(v.get("grpc_port", 50051)),
-                api_keys=tuple(v.get("api_key") or ()) + _read_keys(v.get("api_key_file")),
-                rate_limit_rpm=v.get("rate_limit_rpm"),
-                rate_limit_tpm=v.get("rate_limit_tpm"),
-                shed_queue_time_s=float(v.get("shed_queue_time", 1.0)),
-                max_queue_time_s=float(v.get("max_queue_time", 60.0)),
-                max_request_bytes=int(v.get("max_request_bytes", 16 << 20)),
-                max_prompt_tokens=v.get("max_prompt_tokens"),
-                max_output_tokens=v.get("max_output_tokens"),
-                tool_call_parser=v.get("tool_call_parser"),
-                structured_outputs_any_whitespace=bool(
-                    v.get("structured_outputs_any_whitespace", False)),
-            ),
-            launch=LaunchConfig(
-                ready_timeout_s=float(v.get("ready_timeout", 180.0)),
-                log_level=str(v.get("log_level", "INFO")),
-            ),
+            cache=_section(CacheConfig, v, block_size_auto=v.get("block_size") is None),
+            frontend=_section(FrontendConfig, v, api_keys=keys),
+            **sections,
         )
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"--config: a value has the wrong type: {e}") from e
     return cfg.validate()
-
-
-def parse_kv_events_config(value: str | dict[str, Any] | None) -> KVEventsConfig | None:
-    """``--kv-events-config`` (JSON text, or a TOML table) as vLLM reads it; None when
-    events are off (``enable_kv_cache_events`` false, or publisher "null")."""
-    if value is None:
-        return None
-    flag = "--kv-events-config"
-    try:
-        data = json.loads(value) if isinstance(value, str) else dict(value)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{flag}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{flag}: must be a JSON object, got {value!r}")
-    enabled = data.pop("enable_kv_cache_events", False)
-    publisher = data.pop("publisher", None) or ("zmq" if enabled else "null")
-    _check(isinstance(enabled, bool), flag, f"enable_kv_cache_events must be a boolean, got {enabled!r}")
-    _check(publisher in ("zmq", "null"), flag, f"publisher must be 'zmq' or 'null', got {publisher!r}")
-    known = {f.name for f in dataclasses.fields(KVEventsConfig)}
-    _check(not set(data) - known, flag, f"unknown keys {sorted(set(data) - known)}")
-    for key, val in data.items():
-        want = str if key in ("endpoint", "topic") else int
-        _check((isinstance(val, want) and not isinstance(val, bool))
-               or (key == "replay_endpoint" and (val is None or isinstance(val, str))),
-               flag, f"{key} has the wrong type: {val!r}")
-    return KVEventsConfig(**data) if enabled and publisher == "zmq" else None
 
 
 def _read_keys(path: str | None) -> tuple[str, ...]:

@@ -56,17 +56,19 @@ class LLM:
         ``max_num_batched_tokens``, ``block_size``, ``dtype``, ``policy``, ...)."""
         from transformers import AutoTokenizer
 
-        from engine.worker.factory import make_runner, resolve_runner_config
+        from engine.resolve import resolve_config
+        from engine.worker.factory import make_runner
 
         values: dict[str, Any] = {"workers": workers, **options}
         if model is not None:
             values["model"] = [model]
-        self.config: EngineConfig = resolve_runner_config(config_from_dict(values))
+        self.config: EngineConfig = resolve_config(config_from_dict(values))
         model_cfg = self.config.models[0]
         self.info: ModelInfo = load_model_info(model_cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.info.path))
         self.runners: list[ModelRunner] = [
-            make_runner(model_cfg, self.config.cache, self.config.worker) for _ in range(workers)
+            make_runner(model_cfg, self.config.cache, self.config.worker, self.config.scheduler)
+            for _ in range(workers)
         ]
         self.scheduler = Scheduler(self.config.scheduler, block_size=self.config.cache.block_size,
                                    max_model_len=self.info.max_model_len)

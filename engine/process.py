@@ -50,7 +50,10 @@ def fail_start() -> SystemExit:
     return SystemExit(1)
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
+    """SIGKILL from the kernel when the parent dies. ``parent``: the pid the parent had
+    when it started this process; if the parent is already another one (it died before
+    prctl took effect, and this process was re-parented), exit now."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -58,5 +61,5 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # pragma: no cover
         return
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
         os._exit(1)

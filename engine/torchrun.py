@@ -23,32 +23,38 @@ ordinary workers: it places requests across all of them and owns every block tab
   ``WORLD_SIZE / (models x --tensor-parallel-size)`` per pool (giving another number is an
   error).
 - Rank 0's address, as the other ranks dial it: ``ENGINE_ADVERTISE_HOST`` if set, else
-  ``MASTER_ADDR`` (which torchrun sets to rank 0's host).
+  ``MASTER_ADDR`` (which torchrun sets to rank 0's host); ``engine.env`` reads both.
+- The placement is ``engine.topology``'s: ``Topology.torchrun`` for the control plane (every
+  worker remote, sockets also on TCP), ``Topology.rank_slot`` for each rank's worker.
 - Ctrl-C or SIGTERM stops the control plane, its pool tells every worker to stop, each
   leader tells its group, and every rank exits.
 - Without tensor parallelism a rank runs its worker in a child that it restarts if it dies
-  (telling the launcher, so the pool recomputes the worker's requests): no request is lost.
+  (``engine.supervisor``, the launcher's restart policy; telling the launcher, so the pool
+  recomputes the worker's requests): no request is lost.
   A tensor-parallel rank runs its shard in its own process, and its group follows
   torchrun's gang semantics (one dies, torchrun stops or restarts them all).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
+from engine import env
 from engine.config import ConfigError, EngineConfig, config_from_args, replace
-from engine.launch import preflight
-from engine.worker.process import TP_TIMEOUT
+from engine.resolve import resolve_config
+from engine.supervisor import Child, ProcessSpec, Supervisor, SupervisorError
+from engine.topology import Topology, WorkerSlot
 
 log = logging.getLogger("engine.torchrun")
 
@@ -56,23 +62,22 @@ PROG = "python -m engine.torchrun"
 #: After the control plane ends cleanly, how long rank 0 waits for the pool's stop message
 #: before stopping its own worker anyway.
 STOP_GRACE_S = 10.0
+#: How long the control plane gets to shut its children down on SIGTERM.
+CONTROL_STOP_S = 30.0
 
 
 def rank_env() -> tuple[int, int, int, int]:
     """(rank, world size, local rank, local world size) from torchrun's environment."""
-    env = os.environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
+    ranks = env.torchrun_ranks()
+    if ranks is None:
         raise ConfigError("run under torchrun (RANK and WORLD_SIZE are not set); on one "
                           "machine, python -m engine.launch starts every process itself")
-    world = int(env["WORLD_SIZE"])
-    return (int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0")),
-            int(env.get("LOCAL_WORLD_SIZE", str(world))))
+    return ranks.rank, ranks.world_size, ranks.local_rank, ranks.local_world_size
 
 
 def torchrun_config(argv: Sequence[str] | None, world_size: int,
                     local_world_size: int) -> EngineConfig:
-    """The engine's flags, checked, with the workers set from the world size and the
-    control plane's sockets listening on TCP for every worker."""
+    """The engine's flags, checked and resolved, with the workers set from the world size."""
     cfg = config_from_args(argv)
     tp = cfg.worker.tensor_parallel_size
     pools = len(cfg.models)
@@ -85,10 +90,9 @@ def torchrun_config(argv: Sequence[str] | None, world_size: int,
         raise ConfigError(f"--workers: under torchrun it is the world size over "
                           f"--tensor-parallel-size and the models ({workers}), got "
                           f"{cfg.worker.num_workers}")
-    cfg = preflight(cfg)
+    cfg = resolve_config(cfg)
     threads = cfg.worker.num_threads or max(1, (os.cpu_count() or 1) // local_world_size)
-    return replace(cfg, worker={"num_workers": workers, "num_threads": threads},
-                   launch={"listen_host": "0.0.0.0", "num_local_workers": 0})
+    return replace(cfg, worker={"num_workers": workers, "num_threads": threads})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,14 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from engine.models.parallel import TensorParallel
 
-    use_cuda = cfg.worker.device in ("auto", "cuda") and torch.cuda.is_available()
-    device = f"cuda:{local_rank}" if use_cuda else None
-    size = cfg.worker.tensor_parallel_size
-    per_pool = world // len(cfg.models)  # ranks per model: pool p holds ranks p*per_pool..
-    pool_index, worker_id = rank // per_pool, rank % per_pool // size
+    slot = Topology.rank_slot(cfg, rank, world, local_rank)
+    use_cuda, size = slot.device is not None, cfg.worker.tensor_parallel_size
     if use_cuda and size > 1:
         torch.cuda.set_device(local_rank)
     # CPU tensors (addresses, each step's batch) go over gloo; GPU all-reduces over NCCL.
+    from engine.worker.process import TP_TIMEOUT
+
     dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda and size > 1 else "gloo",
                             timeout=TP_TIMEOUT)
     tp = None
@@ -122,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if first <= rank < first + size:
                 tp = TensorParallel(rank=rank - first, size=size, group=group)
 
-    control: BaseProcess | None = None
+    control: Supervisor | None = None
     box: list[Any] = [None]
     if rank == 0:
         control, box[0] = _start_control_plane(cfg)
@@ -132,148 +135,148 @@ def main(argv: Sequence[str] | None = None) -> int:
         return (_exit_code(control) or 1) if rank == 0 else 1
     if size == 1:
         dist.destroy_process_group()
-        return _supervise_rank(cfg, pool_index, worker_id, device, addresses, control)
+        return _supervise_rank(cfg, slot, addresses, control)
     # A tensor-parallel rank runs its shard in this process: the group is torchrun's gang.
     if control is not None:
         _watch(control)
     from engine.process import init_process
-    from engine.worker.process import serve_worker, worker_name
+    from engine.worker.process import serve_worker
 
-    init_process(f"engine-{worker_name(pool_index, worker_id, rank % size)}",
-                 cfg.launch.log_level)
+    init_process(f"engine-{slot.name}", cfg.launch.log_level)
     try:
-        serve_worker(cfg, pool_index, worker_id, 0, pool_address=addresses["pools"][pool_index],
-                     launcher=addresses["launcher"], device=device, tp=tp)
+        serve_worker(cfg, slot.pool_index, slot.worker_id, 0,
+                     pool_address=addresses["pools"][slot.pool_index],
+                     launcher=addresses["launcher"], device=slot.device, tp=tp)
     finally:
         if control is not None:
-            _stop(control)
-    return _exit_code(control) if control is not None else 0
+            control.shutdown(grace_s=CONTROL_STOP_S)
+    return _exit_code(control)
 
 
 # --------------------------------------------------------------------------- a worker rank
 
 
-def _supervise_rank(cfg: EngineConfig, pool_index: int, worker_id: int, device: str | None,
-                    addresses: dict[str, Any], control: BaseProcess | None) -> int:
-    """A data-parallel rank: its worker runs in a child that this process restarts when it
-    dies, as the launcher restarts the workers it starts. The launcher hears of each death
+def _supervise_rank(cfg: EngineConfig, slot: WorkerSlot, addresses: dict[str, Any],
+                    control: Supervisor | None) -> int:
+    """A data-parallel rank: its worker runs in a child that the launcher's supervisor
+    restarts when it dies, under the same policy. The launcher hears of each death
     (``WorkerDied``, over TCP) and has the pool recompute the worker's requests elsewhere,
     so a dead worker loses no request here either. Returns when the pool stops the worker
     (exit 0), on SIGTERM, or when the control plane (rank 0) ends."""
     from engine import ipc
     from engine import messages as m
+    from engine.launch import restart_policy
     from engine.process import die_with_parent
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the control plane
     die_with_parent()
-    ctx = mp.get_context("spawn")
-    incarnation = restarts = 0
-    code = 0
-    while True:
-        child = ctx.Process(target=_rank_worker, name=f"worker-{pool_index}-{worker_id}",
-                            args=(cfg, pool_index, worker_id, incarnation, addresses, device))
-        child.start()
-        while child.exitcode is None and not stopping.is_set() and (
-                control is None or control.exitcode is None):
-            child.join(0.2)
-        if child.exitcode is None:  # stopping, or the control plane ended
-            if control is not None and control.exitcode == 0:
-                child.join(STOP_GRACE_S)  # the pool's stop message is on its way
-            _stop(child)
-            break
-        if child.exitcode == 0:  # the pool said stop
-            break
-        restarts += 1
-        if restarts > cfg.launch.max_worker_restarts:
-            log.error("worker %d exited with code %s; restart limit (%d) reached", worker_id,
-                      child.exitcode, cfg.launch.max_worker_restarts)
-            code = 1
-            break
-        log.warning("worker %d exited with code %s; restarting it", worker_id, child.exitcode)
+
+    def died(child: Child, incarnation: int) -> None:
         ipc.notify_launcher(addresses["launcher"], m.WorkerDied(
-            worker_id=worker_id, incarnation=incarnation, pool_index=pool_index))
-        incarnation += 1
+            worker_id=slot.worker_id, incarnation=child.incarnation, pool_index=slot.pool_index))
+
+    workers = Supervisor(restart_policy(cfg), on_restart=died)
+    workers.spawn(ProcessSpec(slot.name, "engine.torchrun:rank_worker", (cfg, slot, addresses),
+                              restart=True, done_on_clean_exit=True, pass_incarnation=True))
+    code = 0
+    try:
+        while not stopping.is_set() and not workers.done and _running(control):
+            workers.check()
+            time.sleep(0.2)
+    except SupervisorError as e:
+        log.error("%s", e)
+        code = 1
+    if control is not None and _exit_code(control) == 0 and not stopping.is_set():
+        deadline = time.monotonic() + STOP_GRACE_S  # the pool's stop message is on its way
+        while time.monotonic() < deadline and any(
+                c.exitcode is None for c in workers.children.values()):
+            time.sleep(0.2)
+    workers.shutdown()
     if control is not None:
-        _stop(control)
+        control.shutdown(grace_s=CONTROL_STOP_S)
         code = code or _exit_code(control)
     return code
 
 
-def _rank_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int,
-                 addresses: dict[str, Any], device: str | None) -> None:
+def rank_worker(cfg: EngineConfig, slot: WorkerSlot, addresses: dict[str, Any], *,
+                incarnation: int = 0) -> None:
+    """Entry point of a data-parallel rank's worker process."""
     from engine.process import init_process
-    from engine.worker.process import serve_worker, worker_name
+    from engine.worker.process import serve_worker
 
-    init_process(f"engine-{worker_name(pool_index, worker_id)}", cfg.launch.log_level)
-    serve_worker(cfg, pool_index, worker_id, incarnation,
-                 pool_address=addresses["pools"][pool_index], launcher=addresses["launcher"],
-                 device=device)
+    init_process(f"engine-{slot.name}", cfg.launch.log_level)
+    serve_worker(cfg, slot.pool_index, slot.worker_id, incarnation,
+                 pool_address=addresses["pools"][slot.pool_index],
+                 launcher=addresses["launcher"], device=slot.device)
 
 
 # --------------------------------------------------------------------------- rank 0
 
 
-def _start_control_plane(cfg: EngineConfig) -> tuple[BaseProcess, dict[str, Any] | None]:
-    """Start launcher, pool and frontend in a child; return it and the addresses workers
-    dial, or None if it stopped before its pool listened."""
-    host = os.environ.get("ENGINE_ADVERTISE_HOST") or os.environ.get("MASTER_ADDR", "127.0.0.1")
-    ctx = mp.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_control_plane, args=(cfg, send), name="engine-launcher")
-    proc.start()
-    send.close()
+def _start_control_plane(cfg: EngineConfig) -> tuple[Supervisor, dict[str, Any] | None]:
+    """Start launcher, pool and frontend in a child; return its supervisor and the
+    addresses workers dial, or None if it stopped before its pool listened."""
+    host = env.advertise_host()
+    scratch = Path(tempfile.mkdtemp(prefix="engine-rank0-"))
+    ports_file = scratch / "ports.json"
+    control = Supervisor()
+    child = control.spawn(ProcessSpec("launcher", "engine.torchrun:control_plane",
+                                      (cfg, str(ports_file))))
     deadline = time.monotonic() + cfg.launch.ready_timeout_s
-    while proc.is_alive() and time.monotonic() < deadline:
-        if receive.poll(0.2):
-            ports = receive.recv()
-            addresses = {"launcher": f"tcp://{host}:{ports['launcher_port']}",
-                         "pools": [f"tcp://{host}:{p}" for p in ports["worker_ports"]]}
-            log.info("pools listening for workers at %s", ", ".join(addresses["pools"]))
-            return proc, addresses
-    if proc.is_alive():
-        log.error("the control plane did not start within --ready-timeout")
-        _stop(proc)
-    return proc, None
+    try:
+        while child.exitcode is None and time.monotonic() < deadline:
+            if ports_file.exists():
+                ports = json.loads(ports_file.read_text())
+                addresses = {"launcher": f"tcp://{host}:{ports['launcher_port']}",
+                             "pools": [f"tcp://{host}:{p}" for p in ports["worker_ports"]]}
+                log.info("pools listening for workers at %s", ", ".join(addresses["pools"]))
+                return control, addresses
+            time.sleep(0.1)
+        if child.exitcode is None:
+            log.error("the control plane did not start within --ready-timeout")
+            control.shutdown(grace_s=CONTROL_STOP_S)
+        return control, None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _control_plane(cfg: EngineConfig, send: Connection) -> None:
-    """Child of rank 0: ``python -m engine.launch`` without workers of its own."""
+def control_plane(cfg: EngineConfig, ports_file: str) -> int:
+    """Child of rank 0: ``python -m engine.launch`` without workers of its own; the pools'
+    TCP ports go to ``ports_file`` for rank 0 to hand to the other ranks."""
     from engine.launch import Launcher
-    from engine.process import die_with_parent
 
-    die_with_parent()
+    def publish(ports: dict[str, Any]) -> None:
+        tmp = f"{ports_file}.tmp"
+        Path(tmp).write_text(json.dumps(ports))
+        os.replace(tmp, ports_file)
+
     logging.basicConfig(level=cfg.launch.log_level, stream=sys.stderr,
                         format="%(asctime)s launcher %(levelname)s: %(message)s")
-    sys.exit(Launcher(cfg, publish=send.send).run())
+    return Launcher(cfg, Topology.torchrun(cfg), publish=publish).run()
 
 
-def _watch(control: BaseProcess) -> None:
+def _running(control: Supervisor | None) -> bool:
+    return control is None or control.exit_code("launcher") is None
+
+
+def _watch(control: Supervisor) -> None:
     """Stop this rank's worker when the control plane ends: at once if it failed, after a
     grace period (the pool's stop message normally comes first) if it ended cleanly."""
     def wait() -> None:
-        control.join()
-        if control.exitcode:
-            log.error("the control plane exited with code %s", control.exitcode)
-            os._exit(control.exitcode if control.exitcode > 0 else 1)
+        code = control.children["launcher"].proc.wait()
+        if code:
+            log.error("the control plane exited with code %s", code)
+            os._exit(code if code > 0 else 1)
         time.sleep(STOP_GRACE_S)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=wait, name="control-plane-watch", daemon=True).start()
 
 
-def _stop(control: BaseProcess) -> None:
-    if control.exitcode is None:
-        control.terminate()  # SIGTERM: the launcher shuts its children down
-    control.join(30)
-    if control.exitcode is None:
-        control.kill()
-        control.join()
-
-
-def _exit_code(control: BaseProcess | None) -> int:
-    code = control.exitcode if control is not None else 0
+def _exit_code(control: Supervisor | None) -> int:
+    code = control.exit_code("launcher") if control is not None else None
     return 0 if code is None else (code if code >= 0 else 1)
 
 

@@ -127,9 +127,9 @@ def test_vllm_on_cpu_resolves_the_block_size_once_before_anything_starts(caplog)
     the native runner keeps the default."""
     import logging
 
-    from engine.worker.factory import resolve_runner_config
+    from engine.resolve import resolve_config as resolve_runner_config
 
-    with caplog.at_level(logging.INFO, logger="engine.worker.factory"):
+    with caplog.at_level(logging.INFO, logger="engine.resolve"):
         cfg = resolve_runner_config(config_from_args(["--runner", "vllm", "--device", "cpu"]))
     assert cfg.cache.block_size == 32
     assert [r.message for r in caplog.records if "KV blocks of 32" in r.message] != []
@@ -143,3 +143,67 @@ def test_vllm_on_cpu_resolves_the_block_size_once_before_anything_starts(caplog)
                                                 "--block-size", "16"]))
     assert resolve_runner_config(config_from_args([])).cache.block_size == 16
     assert resolve_runner_config(config_from_args(["--device", "cpu"])).cache.block_size == 16
+
+
+def test_cli_is_built_from_the_config_fields():
+    """Every flag-carrying field is a flag whose --help shows the field's default; the
+    dataclasses and the CLI agree on every default (cuda_graph_max_batch included)."""
+    import dataclasses
+
+    from engine.config import SECTIONS, EngineConfig, build_parser, flag_fields
+
+    help_text = " ".join(build_parser().format_help().split())
+    for _, section in SECTIONS:
+        for _, f in flag_fields(section):
+            assert f.metadata["flag"] in help_text
+    assert "--max-num-seqs N most requests in one step (default: 64)" in help_text
+    assert "--max-restarts N" in help_text and "--restart-window SECONDS" in help_text
+    cli, plain = config_from_args([]), EngineConfig()
+    for name in ("cache", "scheduler", "worker", "frontend", "launch"):
+        a, b = dataclasses.asdict(getattr(cli, name)), dataclasses.asdict(getattr(plain, name))
+        a.pop("block_size_auto", None), b.pop("block_size_auto", None)
+        assert a == b, name
+    assert cli.models == plain.models
+    with pytest.raises(ConfigError, match="unknown option 'wokers'"):
+        from engine.config import config_from_dict
+
+        config_from_dict({"wokers": 2})
+
+
+def test_resolve_decides_every_auto_once(tmp_path):
+    """The device, the context (sliding window, the vllm runner's KV capacity, the one
+    check of --max-model-len) are decided before any process starts."""
+    import json
+
+    from engine.models.default import default_model_dir
+    from engine.models.info import load_model_info, sliding_window
+    from engine.resolve import resolve_config
+
+    cfg = resolve_config(config_from_args([]))
+    assert cfg.worker.device in ("cpu", "cuda")
+    native_len = cfg.models[0].max_model_len
+    assert native_len == load_model_info(config_from_args([]).models[0]).max_model_len
+    assert resolve_config(cfg) == cfg
+    # The vllm runner holds at most its KV cache: 4 blocks of 32 tokens.
+    small = resolve_config(config_from_args(["--runner", "vllm", "--device", "cpu",
+                                             "--num-kv-blocks", "4"]))
+    assert small.models[0].max_model_len == min(128, native_len)
+    with pytest.raises(ConfigError, match=r"^--max-model-len: 512 exceeds the model's KV cache"):
+        resolve_config(config_from_args(["--runner", "vllm", "--device", "cpu",
+                                         "--num-kv-blocks", "4", "--max-model-len", "512"]))
+    # One parser of the sliding window: Mistral-style applies it, Qwen2 only when asked.
+    assert sliding_window({"sliding_window": 64}) == 64
+    assert sliding_window({"sliding_window": 64, "use_sliding_window": False}) is None
+    qwen = {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64}
+    assert sliding_window(qwen) is None
+    assert sliding_window({**qwen, "use_sliding_window": True}) == 64
+    model = tmp_path / "m"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(default_model_dir(), model)
+    hf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**hf, "sliding_window": 96}))
+    windowed = resolve_config(config_from_args(["--model", str(model)]))
+    assert windowed.models[0].max_model_len == 96
+    from engine.models.loader import read_config
+
+    assert read_config(model).sliding_window == 96

@@ -37,7 +37,9 @@ COMMITTED_DIR = Path(__file__).resolve().parent / "tiny_stdlib_llama"
 
 def cache_dir() -> Path:
     """Where a rebuilt default model goes."""
-    root = os.environ.get("ENGINE_CACHE_DIR")
+    from engine.env import cache_dir as env_cache_dir
+
+    root = env_cache_dir()
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "engine"
     return base / "default-model"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.config import ConfigError, ModelConfig
 
@@ -47,29 +48,60 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
     return Path(cfg.path)
 
 
-def load_model_info(cfg: ModelConfig) -> ModelInfo:
+#: Architectures whose config.json carries ``sliding_window`` but applies it only with
+#: ``use_sliding_window: true`` (transformers' default for them is false).
+_WINDOW_OPT_IN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM")
+
+
+def sliding_window(hf: dict[str, Any]) -> int | None:
+    """The attention window a model's ``config.json`` applies, or None: the one parser of
+    it (``engine.models.llama`` and the context length both use it)."""
+    window = hf.get("sliding_window")
+    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    if not window or not hf.get("use_sliding_window", arch not in _WINDOW_OPT_IN):
+        return None
+    return int(window)
+
+
+def context_length(hf: dict[str, Any], requested: int | None,
+                   capacity: tuple[int, str] | None = None) -> int:
+    """The one ``max_model_len`` check: the model's context (``max_position_embeddings``,
+    at most its sliding window: no runner applies the window, past it they would diverge
+    from the model), at most ``capacity`` (tokens a runner can hold, and what bounds it),
+    and ``requested`` (``--max-model-len``) if given, which may not exceed either."""
+    limit = int(hf.get("max_position_embeddings", 2048))
+    what = "max_position_embeddings"
+    window = sliding_window(hf)
+    if window is not None and window < limit:
+        limit, what = window, "sliding_window"
+    if capacity is not None and capacity[0] < limit:
+        limit, what = capacity
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ConfigError(f"--max-model-len: {requested} exceeds the model's {what} ({limit})")
+    return requested
+
+
+def read_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     path = resolve_model_path(cfg)
     try:
-        hf = json.loads((path / "config.json").read_text())
+        hf: dict[str, Any] = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model: cannot read {path / 'config.json'}: {e}") from e
+    return hf
+
+
+def load_model_info(cfg: ModelConfig) -> ModelInfo:
+    path = resolve_model_path(cfg)
+    hf = read_hf_config(cfg)
     eos: list[int] = []
     gen_path = path / "generation_config.json"
     for source in (json.loads(gen_path.read_text()) if gen_path.exists() else {}, hf):
         value = source.get("eos_token_id")
         if value is not None:
             eos.extend(value if isinstance(value, list) else [value])
-    model_len = int(hf.get("max_position_embeddings", 2048))
-    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
-        # The native runner attends to the whole context; past the window it would diverge.
-        model_len = min(model_len, int(hf["sliding_window"]))
-    if cfg.max_model_len is not None:
-        if cfg.max_model_len > model_len:
-            raise ConfigError(
-                f"--max-model-len: {cfg.max_model_len} exceeds the model's "
-                f"max_position_embeddings ({model_len})"
-            )
-        model_len = cfg.max_model_len
+    model_len = context_length(hf, cfg.max_model_len)
     num_heads = int(hf["num_attention_heads"])
     return ModelInfo(
         name=cfg.name,

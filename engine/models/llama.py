@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.info import sliding_window
 from engine.models.layers import (
     SUPPORTED_ROPE_TYPES,
     Attention,
@@ -82,9 +83,7 @@ class LlamaConfig:
         attention_bias = bool(hf.get("attention_bias", False))
         is_qwen2 = arch == "Qwen2ForCausalLM"
         theta, scaling = _rope_params(hf)
-        window = hf.get("sliding_window")
-        if is_qwen2 and not hf.get("use_sliding_window", False):
-            window = None
+        window = sliding_window(hf)  # the one parser (engine.models.info)
         return cls(
             architecture=arch,
             vocab_size=int(hf["vocab_size"]),
@@ -103,7 +102,7 @@ class LlamaConfig:
             o_bias=False if is_qwen2 else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=int(window) if window else None,
+            sliding_window=window,
         )
 
 

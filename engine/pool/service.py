@@ -34,7 +34,7 @@ STATS_INTERVAL_S = 0.25
 
 class PoolService:
     def __init__(self, cfg: EngineConfig, pool_index: int, run_dir: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, listen_host: str | None = None) -> None:
         model_cfg = cfg.models[pool_index]
         self.name = model_cfg.name
         self.info = load_model_info(model_cfg)
@@ -52,8 +52,8 @@ class PoolService:
         self.workers = ipc.make_socket(self.ctx, zmq.ROUTER, addrs.workers, bind=True)
         # Under torchrun, workers on other ranks dial in over TCP.
         self.worker_port: int | None = None
-        if cfg.launch.listen_host is not None:
-            self.worker_port = ipc.bind_tcp(self.workers, cfg.launch.listen_host)
+        if listen_host is not None:
+            self.worker_port = ipc.bind_tcp(self.workers, listen_host)
         self.control = ipc.make_socket(self.ctx, zmq.PULL, addrs.control, bind=True)
         self.poller = zmq.Poller()
         for sock in (self.requests, self.workers, self.control):
@@ -199,14 +199,16 @@ class PoolService:
         self.last_stats = now
 
 
-def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str) -> None:
-    """Process entry point of a pool's scheduler."""
+def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str,
+             listen_host: str | None = None) -> None:
+    """Process entry point of a pool's scheduler (``listen_host``: its worker socket also
+    listens on TCP there, for workers on other torchrun ranks)."""
     from engine.process import fail_start, init_process
 
     name = f"pool-{pool_index}"
     init_process(f"engine-{name}", cfg.launch.log_level)
     try:
-        service = PoolService(cfg, pool_index, run_dir)
+        service = PoolService(cfg, pool_index, run_dir, listen_host=listen_host)
     except Exception as e:
         log.exception("pool %d failed to start", pool_index)
         ipc.notify_launcher(run_dir, m.ProcessFailed(name=name, message=repr(e)))

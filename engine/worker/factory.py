@@ -1,8 +1,10 @@
-"""Build the model runner a worker config asks for, and resolve what the runner decides in
-the config before any process starts (``resolve_runner_config``)."""
+"""Build the model runner a worker config asks for. What a runner needs decided (its block
+size on CPU, the context it holds) is decided before any process starts, in
+``engine.resolve``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -10,10 +12,10 @@ from engine.config import (
     RUNNERS,
     CacheConfig,
     ConfigError,
-    EngineConfig,
     ModelConfig,
+    SchedulerConfig,
     WorkerConfig,
-    replace,
+    cuda_graph_default,
 )
 from engine.worker.runner import ModelRunner
 
@@ -27,14 +29,21 @@ def make_runner(
     model_config: ModelConfig,
     cache_config: CacheConfig,
     worker_config: WorkerConfig,
+    scheduler_config: SchedulerConfig | None = None,
     *,
     device: str | None = None,
     tp: TensorParallel | None = None,
 ) -> ModelRunner:
     """The runner named by ``worker_config.runner``; ``device`` (e.g. ``"cuda:1"``) overrides
     ``worker_config.device`` for workers pinned to one GPU; ``tp``: this process's place in a
-    tensor-parallel group. Runners import lazily: each pulls
-    in heavy dependencies (torch, vLLM) that only its own worker needs."""
+    tensor-parallel group. ``scheduler_config``'s per-step limits (the largest plan a runner
+    must take: ``--max-num-batched-tokens``, ``--max-num-seqs``) size the vllm runner's
+    buffers. Runners import lazily: each pulls in heavy dependencies (torch, vLLM) that only
+    its own worker needs."""
+    scheduler_config = scheduler_config or SchedulerConfig()
+    if worker_config.cuda_graph_max_batch is None:
+        worker_config = dataclasses.replace(
+            worker_config, cuda_graph_max_batch=cuda_graph_default(scheduler_config))
     runner = worker_config.runner
     if runner == "native":
         from engine.worker.native_runner import NativeRunner
@@ -52,49 +61,12 @@ def make_runner(
             raise ConfigError(f"--runner: {e}") from e
         from engine.worker.vllm_runner import VllmRunner
 
-        return VllmRunner(model_config, cache_config, worker_config, device=device)
+        return VllmRunner(model_config, cache_config, worker_config, device=device,
+                          **vllm_limits(scheduler_config))
     raise ConfigError(f"--runner: must be one of {RUNNERS}, got {runner!r}")
 
 
-#: vLLM's CPU attention kernel needs blocks of a multiple of this many tokens.
-VLLM_CPU_BLOCK_MULTIPLE = 32
-
-
-def resolve_runner_config(cfg: EngineConfig) -> EngineConfig:
-    """``cfg`` with what the runner decides filled in, then checked: called once, before any
-    process or runner starts (the launcher, torchrun, ``LLM``), so that the pools and the
-    workers all get the same values. The vllm runner on CPU without ``--block-size`` gets
-    blocks of ``VLLM_CPU_BLOCK_MULTIPLE`` tokens (logged); an explicit size it cannot use is
-    refused (ConfigError naming the flag)."""
-    cache = cfg.cache
-    if (cache.block_size_auto and _vllm_on_cpu(cfg.worker)
-            and cache.block_size % VLLM_CPU_BLOCK_MULTIPLE):
-        log.info("--runner vllm on CPU: KV blocks of %d tokens (vLLM's CPU attention kernel "
-                 "needs a multiple of %d; --block-size sets another)",
-                 VLLM_CPU_BLOCK_MULTIPLE, VLLM_CPU_BLOCK_MULTIPLE)
-        cfg = replace(cfg, cache={"block_size": VLLM_CPU_BLOCK_MULTIPLE})
-    check_runner_config(cfg.cache, cfg.worker)
-    return cfg
-
-
-def _vllm_on_cpu(worker_config: WorkerConfig) -> bool:
-    if worker_config.runner != "vllm":
-        return False
-    device = worker_config.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device == "cpu"
-
-
-def check_runner_config(cache_config: CacheConfig, worker_config: WorkerConfig) -> None:
-    """What can be said about a runner's configuration before any worker starts (a vLLM
-    import alone takes seconds): raises ConfigError naming the flag."""
-    if _vllm_on_cpu(worker_config) and cache_config.block_size % VLLM_CPU_BLOCK_MULTIPLE:
-        raise ConfigError(
-            f"--block-size: the vllm runner on CPU needs a multiple of "
-            f"{VLLM_CPU_BLOCK_MULTIPLE} (vLLM's CPU attention kernel), got "
-            f"{cache_config.block_size}; use --block-size {VLLM_CPU_BLOCK_MULTIPLE}"
-        )
-
+def vllm_limits(scheduler_config: SchedulerConfig) -> dict[str, int]:
+    """The scheduler's per-step limits as the vllm runner's keyword arguments."""
+    return {"max_num_batched_tokens": scheduler_config.max_num_batched_tokens,
+            "max_num_seqs": scheduler_config.max_num_seqs}

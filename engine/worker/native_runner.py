@@ -86,9 +86,9 @@ class NativeRunner(ModelRunner):
             max_positions=self.info.max_model_len, **({"tp": self.tp} if self.tp else {}),
         )
         cfg = self.model.cfg
-        # Without sliding-window attention, a Mistral-v0.1-style model is only exact up to
-        # its window.
-        self.max_model_len = min(self.info.max_model_len, cfg.sliding_window or 1 << 62)
+        # The context, sliding window included, is decided once (engine.models.info
+        # context_length): the pool and the frontend see the same number.
+        self.max_model_len = self.info.max_model_len
         self.block_size = cache_config.block_size
         if cache_config.num_blocks is not None:
             self.num_blocks = cache_config.num_blocks

@@ -17,7 +17,10 @@ import zmq
 from engine import ipc
 from engine import messages as m
 from engine.config import EngineConfig
+from engine.topology import WorkerSlot, worker_name
 from engine.worker.runner import GroupError, ModelRunner
+
+__all__ = ["run_worker", "serve", "serve_worker", "worker_name"]
 
 if TYPE_CHECKING:
     from engine.models.parallel import TensorParallel
@@ -52,16 +55,15 @@ def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int) -> None:
                 return
 
 
-def run_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int,
-               run_dir: str, tp_rank: int = 0) -> None:
-    """Process entry point of one worker of one pool (or of rank ``tp_rank`` of its
-    tensor-parallel group), started by the launcher."""
+def run_worker(cfg: EngineConfig, slot: WorkerSlot, run_dir: str, *,
+               incarnation: int = 0) -> None:
+    """Process entry point of one worker of one pool (or of rank ``slot.tp_rank`` of its
+    tensor-parallel group), started by the launcher's supervisor on ``slot.device``."""
     from engine.process import init_process
 
-    name = worker_name(pool_index, worker_id, tp_rank)
-    init_process(f"engine-{name}", cfg.launch.log_level)
+    init_process(f"engine-{slot.name}", cfg.launch.log_level)
     size = cfg.worker.tensor_parallel_size
-    device = local_device(cfg, (pool_index * cfg.worker.num_workers + worker_id) * size + tp_rank)
+    pool_index, worker_id, device = slot.pool_index, slot.worker_id, slot.device
     tp = None
     if size > 1:
         # The group meets through a file in the run directory, new for each incarnation.
@@ -75,27 +77,11 @@ def run_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: 
 
         store = f"file://{run_dir}/tp-{pool_index}-{worker_id}-{incarnation}"
         dist.init_process_group("cpu:gloo,cuda:nccl" if device else "gloo", init_method=store,
-                                rank=tp_rank, world_size=size, timeout=TP_TIMEOUT)
-        tp = TensorParallel(rank=tp_rank, size=size, group=dist.group.WORLD)
+                                rank=slot.tp_rank, world_size=size, timeout=TP_TIMEOUT)
+        tp = TensorParallel(rank=slot.tp_rank, size=size, group=dist.group.WORLD)
     serve_worker(cfg, pool_index, worker_id, incarnation,
                  pool_address=ipc.pool_addresses(run_dir, pool_index).workers,
                  launcher=run_dir, device=device, tp=tp)
-
-
-def worker_name(pool_index: int, worker_id: int, tp_rank: int = 0) -> str:
-    return f"worker-{pool_index}-{worker_id}" + (f"-tp{tp_rank}" if tp_rank else "")
-
-
-def local_device(cfg: EngineConfig, index: int) -> str | None:
-    """The GPU of this machine's ``index``-th worker process (round robin over the GPUs),
-    or None for the CPU / ``--device``'s default."""
-    if cfg.worker.device == "cpu":
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return f"cuda:{index % torch.cuda.device_count()}"
 
 
 def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int, *,
@@ -112,7 +98,8 @@ def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation
 
     name = worker_name(pool_index, worker_id, tp.rank if tp is not None else 0)
     try:
-        runner = make_runner(cfg.models[pool_index], cfg.cache, cfg.worker, device=device, tp=tp)
+        runner = make_runner(cfg.models[pool_index], cfg.cache, cfg.worker, cfg.scheduler,
+                             device=device, tp=tp)
     except Exception as e:
         log.exception("%s failed to start", name)
         ipc.notify_launcher(launcher, m.ProcessFailed(name=name, message=repr(e)))

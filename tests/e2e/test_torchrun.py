@@ -24,6 +24,7 @@ from e2e.engine_proc import Streams, alive, free_blocks, launched, metric, wait_
 
 from engine import torchrun
 from engine.models.default import default_model_dir
+from engine.topology import Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -186,7 +187,10 @@ def test_flag_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
     cfg = torchrun.torchrun_config(two, world_size=4, local_world_size=4)
     assert cfg.worker.num_workers == 2 and len(cfg.models) == 2
     cfg = torchrun.torchrun_config(["--workers", "2"], world_size=2, local_world_size=2)
-    assert cfg.worker.num_workers == 2 and cfg.launch.num_local_workers == 0
-    assert cfg.launch.listen_host == "0.0.0.0"
+    assert cfg.worker.num_workers == 2 and cfg.worker.device in ("cpu", "cuda")
+    topo = Topology.torchrun(cfg)  # the control plane: every worker dials in over TCP
+    assert (topo.local_workers, topo.listen_host) == ((), "0.0.0.0")
+    assert topo.remote_workers == ("worker-0-0", "worker-0-1")
+    assert Topology.rank_slot(cfg, 1, 2, 1).name == "worker-0-1"
     cfg = torchrun.torchrun_config(["-tp", "2"], world_size=4, local_world_size=4)
     assert cfg.worker.num_workers == 2 and cfg.worker.tensor_parallel_size == 2

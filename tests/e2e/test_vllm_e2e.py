@@ -120,3 +120,25 @@ def test_sigkill_a_vllm_worker_mid_stream_loses_nothing(engine, reference):
 def test_ctrl_c_leaves_no_process_behind(engine):
     proc, _ = engine
     assert_ctrl_c_leaves_nothing(proc, timeout=60)
+
+
+def test_a_burst_beyond_vllms_own_limits_is_served():
+    """Issue 17: ``--max-num-batched-tokens 16384 --max-num-seqs 512`` reach the vLLM worker,
+    so a burst of 400 requests, scheduled into steps of more than vLLM's default 256
+    sequences, is served (it used to fail every request with HTTP 500)."""
+    import httpx
+
+    with launched("--runner", "vllm", "--max-num-batched-tokens", "16384",
+                  "--max-num-seqs", "512", "--num-kv-blocks", "512", timeout=240) as (proc, _):
+        base = f"http://127.0.0.1:{proc.http_port}/v1/completions"
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=120,
+                                         limits=httpx.Limits(max_connections=400)) as client:
+                replies = await asyncio.gather(*(client.post(base, json={
+                    "model": "default", "prompt": f"Request {i} says", "max_tokens": 2,
+                    "temperature": 0.0}) for i in range(400)))
+            return [r.status_code for r in replies]
+
+        codes = asyncio.run(burst())
+        assert codes == [200] * 400, sorted(set(codes))

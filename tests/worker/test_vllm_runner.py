@@ -17,7 +17,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from engine.config import CacheConfig, ConfigError, ModelConfig, WorkerConfig
+from engine.config import CacheConfig, ConfigError, ModelConfig, SchedulerConfig, WorkerConfig
 from engine.messages import CachedRequestData, NewRequestData, SamplingParams, StepPlan
 from engine.models.info import load_model_info
 from engine.worker.vllm_plan import VLLM_VERSION, VllmVersionError, check_vllm_version
@@ -117,7 +117,14 @@ def test_factory_builds_vllm_lazily(vllm_installed, monkeypatch) -> None:
     monkeypatch.setattr(vr, "VllmRunner", Fake)
     made = make_runner(ModelConfig(), CacheConfig(block_size=32), WorkerConfig(runner="vllm"),
                        device="cpu")
-    assert isinstance(made, Fake) and seen["kwargs"] == {"device": "cpu"}
+    assert isinstance(made, Fake) and seen["kwargs"] == {
+        "device": "cpu", "max_num_batched_tokens": 512, "max_num_seqs": 64}
+    # The scheduler's per-step limits reach the runner (they used to stay at vLLM's own
+    # 8,192 tokens / 256 sequences, and 400 requests in one step failed).
+    make_runner(ModelConfig(), CacheConfig(block_size=32), WorkerConfig(runner="vllm"),
+                SchedulerConfig(max_num_batched_tokens=16384, max_num_seqs=512), device="cpu")
+    assert seen["kwargs"] == {"device": "cpu", "max_num_batched_tokens": 16384,
+                              "max_num_seqs": 512}
     code = ("import sys\nfrom engine.config import *\nfrom engine.worker.factory import make_runner\n"
             "make_runner(ModelConfig(), CacheConfig(num_blocks=4), WorkerConfig(num_threads=1))\n"
             "assert not [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]\n")
@@ -203,3 +210,20 @@ def test_translation_cost_is_small(vllm_installed) -> None:
     per_step = (time.perf_counter() - start) / 200
     assert tr.scheduler_output.total_num_scheduled_tokens == 64
     assert per_step < 5e-3, per_step
+
+
+def test_scheduler_limits_size_the_vllm_engine(vllm_installed) -> None:
+    """``--max-num-batched-tokens 16384 --max-num-seqs 512`` reach vLLM's own config and the
+    plan check: a plan of 400 requests is within the runner's limits."""
+    from engine.worker.factory import make_runner
+
+    runner = make_runner(ModelConfig(), CacheConfig(block_size=32, num_blocks=16),
+                         WorkerConfig(runner="vllm", device="cpu", num_threads=1),
+                         SchedulerConfig(max_num_batched_tokens=16384, max_num_seqs=512))
+    try:
+        sched = runner.vllm_config.scheduler_config  # type: ignore[attr-defined]
+        assert (sched.max_num_batched_tokens, sched.max_num_seqs) == (16384, 512)
+        translator = runner.translator  # type: ignore[attr-defined]
+        assert (translator.max_num_batched_tokens, translator.max_num_seqs) == (16384, 512)
+    finally:
+        runner.close()

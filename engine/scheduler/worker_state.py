@@ -20,8 +20,10 @@ Entry = tuple[tuple[float, ...], int, Request]  # (policy key, sequence, request
 class WorkerState:
     """One worker's queue, running set, KV blocks and in-flight plan."""
 
-    def __init__(self, worker_id: int, num_blocks: int, block_size: int) -> None:
+    def __init__(self, worker_id: int, num_blocks: int, block_size: int,
+                 incarnation: int = 0) -> None:
         self.worker_id = worker_id
+        self.incarnation = incarnation  # the worker process's restart count; on its plans
         self.blocks = BlockManager(num_blocks, block_size)
         self.waiting: list[Entry] = []  # sorted by (key, sequence)
         self.running: list[Request] = []  # in admission order

@@ -28,7 +28,7 @@ from typing import Any, TypeAlias
 import msgspec
 
 #: Bumped whenever a message changes shape; processes of one engine must agree.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -255,10 +255,14 @@ class CachedRequestData(_Msg):
 
 
 class StepPlan(_Msg, tag=True):
-    """One forward pass for one worker: a ragged batch of prefill chunks and decodes."""
+    """One forward pass for one worker: a ragged batch of prefill chunks and decodes.
+
+    ``incarnation``: the worker incarnation the plan is for; any other incarnation (a
+    restarted worker that took over the dead one's address) drops it unread."""
 
     step_id: int
     worker_id: int
+    incarnation: int = 0
     new_requests: list[NewRequestData] = []
     cached_requests: list[CachedRequestData] = []
     finished_request_ids: list[str] = []
@@ -280,12 +284,16 @@ class StepPlan(_Msg, tag=True):
 
 class StepResult(_Msg, tag=True):
     """Tokens sampled by one step, for the requests whose scheduled tokens reached the end
-    of their known tokens (a prefill chunk that stops short of the end samples nothing)."""
+    of their known tokens (a prefill chunk that stops short of the end samples nothing).
+
+    ``incarnation``: the worker incarnation that ran the step (the pool drops results of an
+    incarnation that is no longer the worker's current one)."""
 
     step_id: int
     worker_id: int
     request_ids: list[str]
     token_ids: list[int]
+    incarnation: int = 0
     logprobs: list[float] | None = None
     execute_time_s: float = 0.0
     # Per sampled row, the request's ``logprobs`` most likely tokens and their logprobs, best
@@ -312,11 +320,13 @@ class WorkerReady(_Msg, tag=True):
 
 
 class WorkerError(_Msg, tag=True):
-    """A step failed on the worker; the pool fails the step's requests, not the engine."""
+    """A step failed on the worker; the pool fails the step's requests, not the engine
+    (only if ``step_id`` and ``incarnation`` are those of the step in flight)."""
 
     step_id: int
     worker_id: int
     message: str
+    incarnation: int = 0
 
 
 class WorkerDied(_Msg, tag=True):

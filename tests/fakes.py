@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 
 from engine.config import SchedulerConfig
@@ -9,6 +10,8 @@ from engine.messages import EngineRequest, PromptLogprobs, SamplingParams, StepP
 from engine.scheduler.scheduler import Scheduler
 
 VOCAB = 1000
+
+log = logging.getLogger(__name__)
 
 
 def next_token(token_ids: list[int]) -> int:
@@ -26,17 +29,35 @@ class FakeWorker:
     checks every plan against the KV it holds: it writes each computed token's id into its
     slot, and before a step verifies that every slot of the context already computed holds
     the right token — so a prefix hit on wrong blocks, or a write into a block that another
-    request shares, fails the test."""
+    request shares, fails the test.
 
-    def __init__(self, worker_id: int, num_blocks: int, block_size: int) -> None:
+    ``incarnation`` is this process's restart count, as the real worker's: ``serve`` drops a
+    plan addressed to another incarnation (a restarted worker receives what the pool sent
+    its dead predecessor before it heard of the death), and results carry it."""
+
+    def __init__(self, worker_id: int, num_blocks: int, block_size: int,
+                 incarnation: int = 0) -> None:
         self.worker_id = worker_id
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.incarnation = incarnation
         self.reqs: dict[str, dict] = {}
         self.kv: dict[int, int] = {}  # slot -> token id written there
+        self.dropped: list[StepPlan] = []  # plans for another incarnation, as received
+
+    def serve(self, plan: StepPlan) -> StepResult | None:
+        """What the worker process does with a plan: run it, or drop it (None) when it is
+        addressed to another incarnation, as ``engine.worker.process.serve`` does."""
+        if plan.incarnation != self.incarnation:
+            log.warning("worker %d incarnation %d: dropped step %d of incarnation %d",
+                        self.worker_id, self.incarnation, plan.step_id, plan.incarnation)
+            self.dropped.append(plan)
+            return None
+        return self.step(plan)
 
     def step(self, plan: StepPlan) -> StepResult:
         assert plan.worker_id == self.worker_id
+        assert plan.incarnation == self.incarnation, "a plan for another incarnation"
         for rid in plan.finished_request_ids:
             self.reqs.pop(rid, None)
         for nr in plan.new_requests:
@@ -46,6 +67,7 @@ class FakeWorker:
                                         "prompt": len(nr.token_ids) - nr.num_output_tokens,
                                         "prompt_logprobs": nr.sampling.prompt_logprobs}
         for cr in plan.cached_requests:
+            assert cr.request_id in self.reqs, f"a delta for {cr.request_id}, never seen here"
             self.reqs[cr.request_id]["blocks"].extend(cr.new_block_ids)
         ids, toks = [], []
         bs = self.block_size
@@ -77,8 +99,9 @@ class FakeWorker:
                 st["tokens"].append(tok)
                 ids.append(rid)
                 toks.append(tok)
-        return StepResult(step_id=plan.step_id, worker_id=plan.worker_id, request_ids=ids,
-                          token_ids=toks, prompt_logprobs=prompt_lps or None)
+        return StepResult(step_id=plan.step_id, worker_id=plan.worker_id,
+                          incarnation=self.incarnation, request_ids=ids, token_ids=toks,
+                          prompt_logprobs=prompt_lps or None)
 
 
 def make_scheduler(*, max_num_batched_tokens: int = 64, max_num_seqs: int = 8, block_size: int = 4,

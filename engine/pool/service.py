@@ -6,6 +6,21 @@ It blocks in ``poll`` only when no worker can be given work, and never past the 
 heartbeat: stats go out every ``STATS_INTERVAL_S``, idle or not. With
 ``--kv-events-config``, the scheduler's KV events are drained each turn, before its outputs
 go out, and handed to the publisher's thread (engine.kv_events).
+
+Worker death and restart. Every incarnation of a worker dials in under the same identity,
+and the ROUTER routes to the newest connection: once a restarted worker is connected, a
+plan the pool sends to the dead incarnation (not yet heard of as dead) reaches the new one.
+The launcher's ``WorkerDied`` comes on the control socket, the new incarnation's
+``WorkerReady`` and the dead one's last results on the worker socket, in any order. So plans
+and results carry the incarnation, and:
+
+- a worker runs only plans addressed to its own incarnation (engine/worker/process.py);
+- the pool schedules an incarnation only from its ``WorkerReady`` on, until its
+  ``WorkerDied`` or a newer incarnation's ``WorkerReady``, whichever comes first (either
+  re-places its requests, once); a hello of an incarnation already dead or replaced is
+  ignored, and so is a death of one already replaced;
+- a ``StepResult`` or ``WorkerError`` counts only if it answers the plan in flight, from the
+  incarnation it was sent to; anything else is a dead incarnation's and is dropped.
 """
 
 from __future__ import annotations
@@ -58,7 +73,7 @@ class PoolService:
         self.poller = zmq.Poller()
         for sock in (self.requests, self.workers, self.control):
             self.poller.register(sock, zmq.POLLIN)
-        self.incarnations: dict[int, int] = {}
+        self.dead: dict[int, int] = {}  # worker id -> its newest incarnation reported dead
         self.pending: list[m.RequestOutput] = []
         self.sent_at: dict[int, float] = {}  # worker id -> when its in-flight plan was sent
         self.steps: tuple[list[int], list[int], list[float]] = ([], [], [])
@@ -123,37 +138,63 @@ class PoolService:
     def _on_worker(self, msg: m.WorkerToPool) -> None:
         now = self.clock()
         match msg:
-            case m.WorkerReady(worker_id=w, num_blocks=n, incarnation=inc):
-                if msg.protocol_version != m.PROTOCOL_VERSION:
-                    log.error("worker %d speaks protocol %d, pool %d: ignored", w,
-                              msg.protocol_version, m.PROTOCOL_VERSION)
-                    return
-                log.info("worker %d (incarnation %d) ready with %d KV blocks", w, inc, n)
-                self.incarnations[w] = inc
-                self.scheduler.add_worker(w, n, now)
+            case m.WorkerReady():
+                self._on_ready(msg, now)
             case m.StepResult(worker_id=w):
-                plan = self._in_flight(w)
+                plan = self._in_flight(w, msg.step_id, msg.incarnation)
                 if plan is not None:
                     self._record_step(plan, now - self.sent_at.get(w, now))
                     self.pending += self.scheduler.update(plan, msg, now)
             case m.WorkerError(worker_id=w, message=text):
-                plan = self._in_flight(w)
+                plan = self._in_flight(w, msg.step_id, msg.incarnation)
+                if plan is None:
+                    return
                 log.error("worker %d failed a step: %s", w, text)
-                if plan is not None:
-                    self.pending += self.scheduler.fail_step(plan, text)
+                self.pending += self.scheduler.fail_step(plan, text)
+
+    def _on_ready(self, msg: m.WorkerReady, now: float) -> None:
+        w, inc = msg.worker_id, msg.incarnation
+        if msg.protocol_version != m.PROTOCOL_VERSION:
+            log.error("worker %d speaks protocol %d, pool %d: ignored", w,
+                      msg.protocol_version, m.PROTOCOL_VERSION)
+            return
+        ws = self.scheduler.workers.get(w)
+        if inc <= self.dead.get(w, -1) or (ws is not None and inc <= ws.incarnation):
+            log.warning("worker %d: hello of incarnation %d ignored (that incarnation is dead "
+                        "or replaced)", w, inc)
+            return
+        if ws is not None:  # its WorkerDied is still on its way
+            log.warning("worker %d incarnation %d replaces incarnation %d; %d requests "
+                        "re-placed to recompute", w, inc, ws.incarnation, ws.num_requests)
+        log.info("worker %d (incarnation %d) ready with %d KV blocks", w, inc, msg.num_blocks)
+        self.scheduler.add_worker(w, msg.num_blocks, now, inc)
+
+    def _on_died(self, w: int, inc: int) -> None:
+        self.dead[w] = max(inc, self.dead.get(w, -1))
+        ws = self.scheduler.workers.get(w)
+        if ws is None or ws.incarnation > inc:
+            log.info("worker %d incarnation %d died (already replaced)", w, inc)
+            return
+        moved = self.scheduler.remove_worker(w, self.clock())
+        log.warning("worker %d died; %d requests re-placed to recompute", w, len(moved))
 
     def _on_control(self, msg: m.LauncherToPool) -> None:
         match msg:
             case m.WorkerDied(worker_id=w, incarnation=inc):
-                if self.incarnations.get(w) == inc:
-                    moved = self.scheduler.remove_worker(w, self.clock())
-                    log.warning("worker %d died; %d requests re-placed to recompute", w, len(moved))
+                self._on_died(w, inc)
             case m.Shutdown():
                 self.running = False
 
-    def _in_flight(self, worker_id: int) -> m.StepPlan | None:
+    def _in_flight(self, worker_id: int, step_id: int, incarnation: int) -> m.StepPlan | None:
+        """The plan in flight to the worker if a message of ``incarnation`` about
+        ``step_id`` answers it; None for a stale message (dropped, and logged)."""
         ws = self.scheduler.workers.get(worker_id)
-        return ws.in_flight if ws is not None else None
+        plan = ws.in_flight if ws is not None else None
+        if plan is None or plan.step_id != step_id or plan.incarnation != incarnation:
+            log.info("worker %d: dropped a stale answer to step %d from incarnation %d",
+                     worker_id, step_id, incarnation)
+            return None
+        return plan
 
     # ------------------------------------------------------------------ output
 

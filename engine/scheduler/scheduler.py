@@ -3,14 +3,17 @@
 It owns every request and every worker's KV block table. The pool process calls it:
 
     add(request, now) / abort(ids, now)        from the frontend
-    add_worker(id, num_blocks, now)            a worker said hello (start or restart)
+    add_worker(id, num_blocks, now, inc)       a worker said hello (start or restart)
     remove_worker(id, now)                     a worker died: its requests are re-placed
     schedule(worker_id, now) -> StepPlan       the next step for one idle worker
     update(plan, result, now) -> outputs       sampled tokens in; new tokens, finishes out
     drain_outputs() -> outputs                 finishes decided inside schedule() (rare)
     drain_kv_events() -> [(worker id, events)] with ``kv_events``: prefix-cache changes
 
-Each worker has at most one plan in flight. A step for one worker:
+Each worker has at most one plan in flight, addressed to the worker's incarnation (its
+restart count, given by ``add_worker``); a result counts only if it answers that plan, from
+that incarnation. Which incarnation is current is the pool's call (engine/pool/service.py).
+A step for one worker:
 
 1. priority preemption: if the policy allows, a waiting request that cannot be admitted takes
    the place of running requests of lower priority — only when freeing them is enough;
@@ -94,10 +97,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ workers
 
-    def add_worker(self, worker_id: int, num_blocks: int, now: float) -> None:
+    def add_worker(self, worker_id: int, num_blocks: int, now: float,
+                   incarnation: int = 0) -> None:
+        """A worker (``incarnation`` of it) is up with an empty cache; one of the same id
+        still known is replaced, its requests re-placed."""
         if worker_id in self.workers:
             self.remove_worker(worker_id, now)
-        ws = WorkerState(worker_id, num_blocks, self.block_size, self._kv_events is not None)
+        ws = WorkerState(worker_id, num_blocks, self.block_size, incarnation,
+                         self._kv_events is not None)
         if ws.blocks.events is not None:
             ws.blocks.events.append((KV_CLEARED,))
         self.workers[worker_id] = ws
@@ -223,8 +230,9 @@ class Scheduler:
             self._schedule_running(ws, deferred, budget, cached, scheduled, admitted)
         if not scheduled and not admitted:
             return None
-        plan = StepPlan(step_id=self._next_step_id, worker_id=worker_id, new_requests=new,
-                        cached_requests=cached, finished_request_ids=ws.to_drop)
+        plan = StepPlan(step_id=self._next_step_id, worker_id=worker_id,
+                        incarnation=ws.incarnation, new_requests=new, cached_requests=cached,
+                        finished_request_ids=ws.to_drop)
         self._next_step_id += 1
         ws.to_drop = []
         ws.in_flight = plan
@@ -348,9 +356,11 @@ class Scheduler:
         return min(candidates, key=self.policy.queue_key) if candidates else None
 
     def update(self, plan: StepPlan, result: StepResult, now: float) -> list[RequestOutput]:
-        """Apply a worker's result to the plan it answers; stale results are ignored."""
+        """Apply a worker's result to the plan it answers; stale results (another step, or
+        another incarnation of the worker) are ignored."""
         ws = self.workers.get(plan.worker_id)
-        if ws is None or ws.in_flight is not plan or result.step_id != plan.step_id:
+        if (ws is None or ws.in_flight is not plan or result.step_id != plan.step_id
+                or result.incarnation != plan.incarnation):
             return []
         ws.in_flight = None
         reqs, ws.in_flight_requests = ws.in_flight_requests, []

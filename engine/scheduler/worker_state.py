@@ -21,8 +21,9 @@ class WorkerState:
     """One worker's queue, running set, KV blocks and in-flight plan."""
 
     def __init__(self, worker_id: int, num_blocks: int, block_size: int,
-                 record_events: bool = False) -> None:
+                 incarnation: int = 0, record_events: bool = False) -> None:
         self.worker_id = worker_id
+        self.incarnation = incarnation  # the worker process's restart count; on its plans
         self.blocks = BlockManager(num_blocks, block_size, record_events)
         self.waiting: list[Entry] = []  # sorted by (key, sequence)
         self.running: list[Request] = []  # in admission order

@@ -2,7 +2,10 @@
 
 It says hello with its KV capacity once its model is loaded, and then only answers plans.
 A step that raises is reported as ``WorkerError`` (the pool fails that step's requests);
-the worker itself goes on.
+the worker itself goes on. A plan addressed to another incarnation is dropped unread: the
+pool sent it to this worker's dead predecessor before it heard of the death, and the
+predecessor's address (its ZMQ identity) is now this process's (engine/pool/service.py).
+Results and errors carry the incarnation.
 """
 
 from __future__ import annotations
@@ -32,10 +35,15 @@ log = logging.getLogger(__name__)
 TP_TIMEOUT = timedelta(days=365)
 
 
-def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int) -> None:
+def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int,
+          incarnation: int = 0) -> None:
     while True:
         msg = ipc.POOL_TO_WORKER.decode(sock.recv(copy=False).buffer)
         match msg:
+            case m.StepPlan() if msg.incarnation != incarnation:
+                log.warning("dropped step %d, addressed to incarnation %d of worker %d (this "
+                            "is incarnation %d)", msg.step_id, msg.incarnation, worker_id,
+                            incarnation)
             case m.StepPlan():
                 start = time.perf_counter()
                 try:
@@ -47,8 +55,10 @@ def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int) -> None:
                 except Exception as e:
                     log.exception("step %d failed", msg.step_id)
                     sock.send(ipc.encode(m.WorkerError(step_id=msg.step_id, worker_id=worker_id,
-                                                       message=f"{type(e).__name__}: {e}")))
+                                                       message=f"{type(e).__name__}: {e}",
+                                                       incarnation=incarnation)))
                     continue
+                result.incarnation = incarnation
                 result.execute_time_s = time.perf_counter() - start
                 sock.send(ipc.encode(result))
             case m.Shutdown():
@@ -120,7 +130,7 @@ def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation
     ipc.notify_launcher(launcher, m.ProcessReady(name=name, info={"num_blocks": runner.num_blocks}))
     log.info("%s ready: %d KV blocks of %d tokens", name, runner.num_blocks, runner.block_size)
     try:
-        serve(runner, sock, worker_id)
+        serve(runner, sock, worker_id, incarnation)
     finally:
         runner.close()
         ctx.destroy(linger=0)

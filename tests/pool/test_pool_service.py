@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
-import pytest
 import zmq
 from fakes import FakeWorker, make_request, reference_output
 
@@ -16,29 +14,19 @@ from engine.config import config_from_dict
 from engine.pool.service import PoolService
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "max_position_embeddings": 256,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,
-        "num_hidden_layers": 2, "eos_token_id": 999}))
-    return d
-
-
 def fake_worker_thread(run_dir, worker_id, num_blocks, stop: threading.Event, incarnation=0):
     ctx = zmq.Context.instance()
     sock = ipc.make_socket(ctx, zmq.DEALER, ipc.pool_addresses(run_dir, 0).workers, bind=False,
                            identity=ipc.worker_identity(worker_id))
-    worker = FakeWorker(worker_id, num_blocks, 4)
+    worker = FakeWorker(worker_id, num_blocks, 4, incarnation)
     sock.send(ipc.encode(m.WorkerReady(worker_id=worker_id, num_blocks=num_blocks, block_size=4,
                                        incarnation=incarnation)))
     while not stop.is_set():
         if sock.poll(20):
             msg = ipc.POOL_TO_WORKER.decode(sock.recv())
-            if isinstance(msg, m.StepPlan):
-                sock.send(ipc.encode(worker.step(msg)))
+            # A restarted worker may receive a plan sent to its predecessor: dropped.
+            if isinstance(msg, m.StepPlan) and (result := worker.serve(msg)) is not None:
+                sock.send(ipc.encode(result))
     sock.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from fakes import FakeWorker, make_request, make_scheduler, reference_output, run_to_completion
 
@@ -158,6 +159,26 @@ def test_stale_or_mismatched_results_are_ignored():
     assert sched.update(plan, bogus, 0.0) == []
     assert sched.schedule(0, 0.0) is None, "the real plan is still in flight"
     sched.update(plan, workers[0].step(plan), 0.0)
+    sched.check_integrity()
+
+
+def test_plans_carry_the_incarnation_and_a_result_of_another_is_ignored():
+    sched = make_scheduler()
+    sched.add_worker(0, 16, 0.0, incarnation=3)
+    req = make_request("a")
+    sched.add(req, 0.0)
+    plan = sched.schedule(0, 0.0)
+    assert plan is not None and plan.incarnation == 3
+    worker = FakeWorker(0, 16, 4, incarnation=3)
+    result = worker.step(plan)
+    stale = msgspec.structs.replace(result, incarnation=2)  # same step, the dead incarnation
+    assert sched.update(plan, stale, 0.0) == []
+    assert sched.schedule(0, 0.0) is None, "the real plan is still in flight"
+    (out,) = sched.update(plan, result, 0.0)
+    assert out.new_token_ids == reference_output(req)[:1]
+    sched.add_worker(0, 16, 0.0, incarnation=4)  # a restart: the request is re-placed
+    plan = sched.schedule(0, 0.0)
+    assert plan.incarnation == 4 and [r.request_id for r in plan.new_requests] == ["a"]
     sched.check_integrity()
 
 

@@ -19,6 +19,11 @@ once (``NewRequestData``); afterwards each ``StepPlan`` carries only deltas
 (``CachedRequestData``: how many tokens to run, newly appended block ids) and the ids to drop.
 A request that is preempted is dropped by its worker and, when it resumes, arrives again as a
 new request carrying its prompt plus the tokens it had already produced.
+
+A pool that dies loses its requests; the frontend resubmits each one whose client is still
+there to the pool's next incarnation (told apart by ``PoolStats.pool_incarnation``) as a
+*continuation*: the same request with ``EngineRequest.output_token_ids``, the tokens already
+streamed, which the scheduler treats exactly as a preempted request's outputs.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, TypeAlias
 import msgspec
 
 #: Bumped whenever a message changes shape; processes of one engine must agree.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -102,7 +107,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 
 
 class EngineRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A tokenized request as the scheduler receives it."""
+    """A tokenized request as the scheduler receives it.
+
+    ``output_token_ids``: a continuation (a request resubmitted after its pool died) carries
+    the tokens it already produced. They count as outputs for everything: ``max_tokens``
+    and ``min_tokens`` (``sampling`` is the original, not reduced), token stops, penalties,
+    the seeded sampler's position and a grammar's state; prompt logprobs are not sent again.
+    Its outputs are the tokens after them.
+    """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -112,6 +124,7 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     eos_token_ids: tuple[int, ...] = ()
     tenant: str = ""
     cache_salt: str = ""
+    output_token_ids: tuple[int, ...] = ()
 
 
 class AddRequest(_Msg, tag=True):
@@ -196,7 +209,12 @@ class RequestOutput(_Msg):
 
 
 class PoolStats(_Msg):
-    """A pool's pressure, for admission control and metrics."""
+    """A pool's pressure, for admission control and metrics; also its heartbeat.
+
+    ``pool_incarnation``: a random id the pool process draws at start, the same on every
+    stats it sends. A frontend that sees it change knows the pool was restarted (its
+    requests are lost: resubmit them) and drops late messages of the old one. 0: unknown.
+    """
 
     num_waiting: int = 0
     num_running: int = 0
@@ -216,6 +234,7 @@ class PoolStats(_Msg):
     step_batch_sizes: list[int] = []
     step_num_tokens: list[int] = []
     step_times_s: list[float] = []
+    pool_incarnation: int = 0
 
 
 class PoolOutputs(_Msg, tag=True):

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from engine.chat import NoChatTemplate, chat_prompt_ids
 from engine.config import FrontendConfig
 from engine.frontend.admission import Admission
+from engine.frontend.health import STALE_AFTER_S
 from engine.frontend.health import check as check_health
 from engine.frontend.metrics import EngineMetrics
 from engine.frontend.openai_format import (
@@ -246,6 +247,13 @@ class OpenAIServer:
         except TimeoutError:
             await merged.aclose()
             self.metrics.count_refused(model.name, "queue_timeout", choices[0].request.priority)
+            silent = model.pool.silent_for()
+            if silent is not None and silent > STALE_AFTER_S:  # the pool died, not back yet
+                raise ApiError(503, f"the pool of model {model.name!r} is down (restarting; "
+                               f"no report for {silent:.0f} s): the request waited "
+                               f"--max-queue-time {self.cfg.max_queue_time_s} s; retry later",
+                               "service_unavailable", "pool_unavailable",
+                               headers={"Retry-After": "1"}) from None
             raise ApiError(503, f"no capacity: the request waited --max-queue-time "
                            f"{self.cfg.max_queue_time_s} s without being served; retry later",
                            "service_unavailable", "queue_timeout",

@@ -40,7 +40,8 @@ def connect_models(cfg: EngineConfig, run_dir: str) -> list[ServedModel]:
     for i, model_cfg in enumerate(cfg.models):
         info = load_model_info(model_cfg)
         tokenizer = load_tokenizer(str(info.path))
-        pool = PoolClient(ipc.pool_addresses(run_dir, i), name=info.name)
+        pool = PoolClient(ipc.pool_addresses(run_dir, i), name=info.name,
+                          resume_timeout_s=cfg.frontend.max_queue_time_s)
         served.append(ServedModel(info=info, tokenizer=tokenizer, pool=pool))
     return served
 

@@ -327,7 +327,8 @@ async def generate(model: ServedModel, request: EngineRequest,
                 done = True
                 if timer:
                     timer.finish("error", completion, out.explanation)
-                raise GenerationFailed(out.error or "the engine failed the request")
+                raise GenerationFailed(out.error or "the engine failed the request",
+                                       unavailable=stream.unavailable)
             completion += len(out.new_token_ids)
             cached = out.num_cached_tokens or cached
             if timer and out.new_token_ids:

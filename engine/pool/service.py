@@ -3,7 +3,9 @@
 One thread, one loop: drain every socket without blocking, hand what arrived to the
 scheduler, give each idle worker its next step, send the outputs of this turn in one batch.
 It blocks in ``poll`` only when no worker can be given work, and never past the next
-heartbeat: stats go out every ``STATS_INTERVAL_S``, idle or not. With
+heartbeat: stats go out every ``STATS_INTERVAL_S``, idle or not, each stamped with this
+process's ``incarnation`` (random, drawn at start): a frontend that sees it change knows the
+pool was restarted and resubmits its requests as continuations. With
 ``--kv-events-config``, the scheduler's KV events are drained each turn, before its outputs
 go out, and handed to the publisher's thread (engine.kv_events).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +63,7 @@ class PoolService:
         self.kv_events = (None if events is None
                           else KVEventPublisher(events, pool_index, cfg.cache.block_size))
         self.clock = clock
+        self.incarnation = secrets.randbits(63) | 1  # never 0 ("unknown")
         addrs = ipc.pool_addresses(run_dir, pool_index)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.requests = ipc.make_socket(self.ctx, zmq.PULL, addrs.requests, bind=True)
@@ -223,6 +227,7 @@ class PoolService:
         stats.worker_ids = sorted(workers)
         stats.num_waiting_per_worker = [len(workers[w].waiting) for w in stats.worker_ids]
         stats.step_batch_sizes, stats.step_num_tokens, stats.step_times_s = self.steps
+        stats.pool_incarnation = self.incarnation
         self.steps = ([], [], [])
         return stats
 

@@ -66,15 +66,19 @@ class Request:
         # Hot-path copies: token ids that stop the request, and counts kept up to date.
         self.stop_ids: frozenset[int] = self.eos_token_ids | frozenset(req.sampling.stop_token_ids)
         self.num_prompt_tokens: int = len(req.prompt_token_ids)
-        self.num_tokens: int = self.num_prompt_tokens  # prompt plus outputs
+        # A continuation (resubmitted after its pool died) starts with the outputs it had,
+        # exactly as a preempted request resumes: they count for every limit and penalty.
+        self.output_token_ids: list[int] = list(req.output_token_ids)
+        self.num_tokens: int = self.num_prompt_tokens + len(self.output_token_ids)
         self.max_num_tokens: int = min(self.num_prompt_tokens + req.sampling.max_tokens,
                                        max_model_len)
         self.tenant: str = req.tenant
         # Prompt logprobs: the first prompt token whose logprob the frontend has not been sent
-        # (1: none sent; ``num_prompt_tokens``: all sent, or none asked for).
-        self.next_prompt_logprob: int = (1 if req.sampling.prompt_logprobs is not None
-                                         else self.num_prompt_tokens)
-        self.output_token_ids: list[int] = []
+        # (1: none sent; ``num_prompt_tokens``: all sent, none asked for, or a continuation:
+        # every position went out before its first token).
+        self.next_prompt_logprob: int = (
+            1 if req.sampling.prompt_logprobs is not None and not self.output_token_ids
+            else self.num_prompt_tokens)
         self.block_ids: list[int] = []
         self.num_computed_tokens: int = 0
         self.num_cached_tokens: int = 0
@@ -149,6 +153,18 @@ class Request:
                                     salt)
                 hashes.append(parent)
         return hashes
+
+    def finished_by_outputs(self) -> str | None:
+        """Why a continuation's outputs already end it, if they do ("stop": its last token
+        stops it; "length": no room is left). A request resubmitted after its pool died
+        never should, unless its finish was lost with the pool."""
+        outputs = self.output_token_ids
+        if (outputs and outputs[-1] in self.stop_ids
+                and len(outputs) >= self.sampling.min_tokens):
+            return "stop"
+        if outputs and self.num_tokens >= self.max_num_tokens:
+            return "length"
+        return None
 
     def append_output(self, token_id: int) -> str | None:
         """Append a sampled token; return why the request stops now, if it does."""

@@ -131,26 +131,38 @@ class Scheduler:
     # ------------------------------------------------------------------ requests
 
     def add(self, request: EngineRequest, now: float) -> list[RequestOutput]:
-        """Queue a request; returns an error output at once if it can never run."""
+        """Queue a request; returns an error output at once if it can never run.
+
+        A continuation (``request.output_token_ids``: resubmitted after its pool died) is
+        queued as a preempted request with those outputs; one whose outputs already end it
+        finishes at once, with no new token."""
         rid = request.request_id
         if rid in self.requests:
             return [RequestOutput(request_id=rid, new_token_ids=[], finish_reason="error",
                                   error=f"duplicate request id {rid!r}")]
         num_prompt = len(request.prompt_token_ids)
+        num_known = num_prompt + len(request.output_token_ids)
         error = ""
         if num_prompt == 0:
             error = "empty prompt"
         elif num_prompt >= self.max_model_len:
             error = f"prompt has {num_prompt} tokens; the model's context is {self.max_model_len}"
+        elif num_known > self.max_model_len:
+            error = (f"prompt and outputs have {num_known} tokens; the model's context is "
+                     f"{self.max_model_len}")
         elif self.workers and all(
-            ws.blocks.blocks_needed(num_prompt + 1, 0) > ws.blocks.num_blocks
+            ws.blocks.blocks_needed(num_known + 1, 0) > ws.blocks.num_blocks
             for ws in self.workers.values()
         ):
-            error = f"prompt of {num_prompt} tokens does not fit in any worker's KV cache"
+            error = f"prompt of {num_known} tokens does not fit in any worker's KV cache"
         if error:
             return [RequestOutput(request_id=rid, new_token_ids=[], finish_reason="error",
                                   num_prompt_tokens=num_prompt, error=error)]
         req = Request(request, self.max_model_len)
+        reason = req.finished_by_outputs()
+        if reason is not None:
+            return [RequestOutput(request_id=rid, new_token_ids=[], finish_reason=reason,
+                                  num_prompt_tokens=num_prompt)]
         self.requests[rid] = req
         self._place(req)
         return []

@@ -5,18 +5,25 @@ records what it receives. Tenants steer it: "fail" gets an error, "slow" one tok
 ``SLOW_TOKEN_S``, "hold" nothing until aborted; ``scripts`` maps a tenant to the tokens to
 answer with instead (one per output, then finish "stop", or "length" at max_tokens).
 ``stats`` overrides the pool's reported pressure (for admission tests, or zero live workers
-for health tests); ``silent`` stops it sending anything, as a dead or stuck pool."""
+for health tests); ``silent`` stops it sending anything, as a dead or stuck pool.
+
+Pool death: ``kill()`` stops it at once (nothing more is sent, its sockets close, its
+requests are lost); a new ``FakePool`` on the same ``run_dir`` and ``index`` is the restarted
+pool, a new incarnation (``incarnation``, in its stats). It honours continuations: a request
+with ``output_token_ids`` goes on from the next token, as if never interrupted."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -83,6 +90,7 @@ class FakePool:
     stats: PoolStats | None = None
     scripts: dict[str, list[int]] = field(default_factory=dict)
     silent: bool = False
+    incarnation: int = field(default_factory=lambda: random.getrandbits(63) | 1)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -95,6 +103,11 @@ class FakePool:
         self._stop.set()
         self._thread.join(5)
 
+    def kill(self) -> None:
+        """Die mid-work: no final output, the requests are lost (a restart is a new pool)."""
+        self.silent = True
+        self.close()
+
     def _run(self) -> None:
         ctx = zmq.Context()
         addrs = ipc.pool_addresses(self.run_dir, self.index)
@@ -106,7 +119,9 @@ class FakePool:
         def send(*outs: RequestOutput) -> None:
             if self.silent:
                 return
-            stats = self.stats or PoolStats(num_running=len(active), live_workers=LIVE_WORKERS)
+            stats = msgspec.structs.replace(
+                self.stats or PoolStats(num_running=len(active), live_workers=LIVE_WORKERS),
+                pool_incarnation=self.incarnation)
             push.send(ipc.encode(PoolOutputs(outputs=list(outs), stats=stats)))
 
         last_stats = 0.0
@@ -122,8 +137,8 @@ class FakePool:
                     if req.tenant == "fail":
                         send(RequestOutput(request_id=req.request_id, new_token_ids=[],
                                            error="worker exploded"))
-                    else:
-                        active[req.request_id] = _Active(req)
+                    else:  # a continuation goes on after its outputs
+                        active[req.request_id] = _Active(req, sent=len(req.output_token_ids))
                 elif isinstance(msg, AbortRequests):
                     self.aborted.extend(msg.request_ids)
                     for rid in msg.request_ids:
@@ -135,7 +150,8 @@ class FakePool:
                 if a.due > now or a.req.tenant == "hold":
                     continue
                 prompt = a.req.prompt_token_ids
-                if a.sent == 0 and a.req.sampling.prompt_logprobs is not None:
+                if (a.sent == 0 and a.req.sampling.prompt_logprobs is not None
+                        and not a.req.output_token_ids):
                     send(*_prompt_logprobs(rid, prompt, a.req.sampling.prompt_logprobs))
                 if a.req.sampling.max_tokens == 0:  # prefill only
                     del active[rid]

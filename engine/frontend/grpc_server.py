@@ -4,7 +4,9 @@ shared with the HTTP API (``engine.frontend.serving``); this module maps them to
 messages and gRPC status codes.
 
 Client request ids are mapped to fresh engine ids (``<id>.<random>``), so an id reused
-right after its request ended can never receive the old request's late outputs.
+right after its request ended can never receive the old request's late outputs. The client's
+id is kept beside the engine's (``_running``: client id -> model and engine id), never
+recovered from the engine's id.
 
 The same port serves the standard ``grpc.health.v1.Health`` (``engine.frontend.health``:
 SERVING exactly when ``/health`` says 200, for the service ``""`` and ``engine.v1.Engine``)
@@ -73,10 +75,16 @@ def _deserializer(cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def engine_request_from_proto(req: Any, model: ServedModel, *,
+def client_request_id(req: Any) -> str:
+    """The id the client knows the request by: its own, or a fresh one if it gave none."""
+    return str(req.request_id) or f"req-{uuid.uuid4().hex}"
+
+
+def engine_request_from_proto(req: Any, model: ServedModel, client_id: str, *,
                               any_whitespace: bool = False) -> EngineRequest:
-    """Validate a GenerateRequest into the pool's EngineRequest (raises InvalidRequest;
-    a structured output is only parsed here: ``validate`` it off the event loop)."""
+    """Validate a GenerateRequest into the pool's EngineRequest, under a fresh engine id
+    derived from ``client_id`` (raises InvalidRequest; a structured output is only parsed
+    here: ``validate`` it off the event loop)."""
     has = req.HasField
     sampling = sampling_params(
         vocab_size=model.info.vocab_size,
@@ -105,8 +113,8 @@ def engine_request_from_proto(req: Any, model: ServedModel, *,
     limit = resolve_max_tokens(req.max_tokens if has("max_tokens") else None, len(ids),
                                model.info.max_model_len,
                                allow_zero=sampling.prompt_logprobs is not None)
-    return engine_request(model, req.request_id or f"req-{uuid.uuid4().hex}", ids, sampling,
-                          limit, priority=req.priority, tenant=req.tenant)
+    return engine_request(model, client_id, ids, sampling, limit, priority=req.priority,
+                          tenant=req.tenant)
 
 
 def fill_explanation(target: Any, e: Explanation) -> None:
@@ -164,15 +172,15 @@ class EngineServicer:
             if isinstance(request, _Unparsable):
                 raise InvalidRequest(request.message)
             model = self.models.get(request.model)
+            client_id = client_request_id(request)
             ereq = engine_request_from_proto(
-                request, model, any_whitespace=self.structured_any_whitespace)
+                request, model, client_id, any_whitespace=self.structured_any_whitespace)
             if ereq.sampling.structured is not None:
                 await validate(ereq.sampling.structured, "structured")
         except InvalidRequest as e:
             await context.abort(INVALID, e.message)
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, e.message)
-        client_id = ereq.request_id.rpartition(".")[0]
         if client_id in self._running:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request id {client_id!r} is already running")

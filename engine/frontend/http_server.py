@@ -28,7 +28,8 @@ from engine.frontend import discovery
 from engine.frontend.metrics import CONTENT_TYPE
 from engine.frontend.openai_format import ApiError, bad_request
 from engine.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
-from engine.frontend.openai_server import ClientGone, OpenAIServer
+from engine.frontend.openai_server import OpenAIServer
+from engine.frontend.openai_stream import ClientGone
 from engine.frontend.serving import InvalidRequest
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from engine.frontend.admission import Refusal
+from engine.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from engine.frontend.serving import Delta, GenerationFailed, ServedModel
 from engine.frontend.tool_parsers import CallDelta, Parsed, ToolStream, parse
 from engine.frontend.tools import ToolPlan
@@ -108,7 +109,8 @@ MIN_LOGPROB = -9999.0
 
 
 class Format:
-    def __init__(self, rid: str, created: int, model: ServedModel, body: Any) -> None:
+    def __init__(self, rid: str, created: int, model: ServedModel,
+                 body: CompletionRequest | ChatCompletionRequest) -> None:
         self.head = {"id": rid, "object": "", "created": created, "model": model.name}
         self.tokenizer = model.tokenizer
         self.logprobs = body.logprobs is not None and body.logprobs is not False
@@ -147,7 +149,8 @@ class TextFormat(Format):
     the prompt and its logprobs go out with the choice's first chunk (they are known then).
     """
 
-    def __init__(self, rid: str, created: int, model: ServedModel, body: Any) -> None:
+    def __init__(self, rid: str, created: int, model: ServedModel,
+                 body: CompletionRequest) -> None:
         super().__init__(rid, created, model, body)
         self.head["object"] = "text_completion"
         self.k = body.logprobs or 0
@@ -226,8 +229,8 @@ class ChatFormat(Format):
     carries its index, id, type and name; later ones argument fragments), and
     ``finish_reason`` "tool_calls" when the model stopped after calling."""
 
-    def __init__(self, rid: str, created: int, model: ServedModel, body: Any,
-                 tools: ToolPlan | None = None) -> None:
+    def __init__(self, rid: str, created: int, model: ServedModel,
+                 body: ChatCompletionRequest, tools: ToolPlan | None = None) -> None:
         super().__init__(rid, created, model, body)
         self.head["object"] = "chat.completion"
         self.chunk_head = {**self.head, "object": "chat.completion.chunk"}

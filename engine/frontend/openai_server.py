@@ -18,7 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -39,7 +39,6 @@ from engine.frontend.openai_format import (
     bad_request,
     failed_error,
     refusal_error,
-    sse_event,
     usage,
 )
 from engine.frontend.openai_protocol import (
@@ -50,6 +49,7 @@ from engine.frontend.openai_protocol import (
     CompletionRequest,
     unsupported_field,
 )
+from engine.frontend.openai_stream import Merged, collect, sse, unless_disconnected
 from engine.frontend.serving import (
     Delta,
     GenerationFailed,
@@ -60,7 +60,6 @@ from engine.frontend.serving import (
     check_token_ids,
     encode_text,
     engine_request,
-    generate,
     resolve_max_tokens,
     sampling_params,
 )
@@ -72,53 +71,15 @@ from engine.frontend.tools import (
     template_messages,
     warn_if_template_ignores_tools,
 )
+from engine.messages import SamplingParams
 
 log = logging.getLogger(__name__)
 
 PRIORITY_HEADER = "x-request-priority"
 MAX_N = 128
 
-
-# --------------------------------------------------------------------------- choices
-
-
-class Merged:
-    """The deltas of several generations, interleaved as they arrive: ``(choice, delta)``.
-
-    ``aclose`` (also on cancellation) stops every generation still running, which aborts
-    it in its pool.
-    """
-
-    def __init__(self, model: ServedModel, choices: Sequence[Choice],
-                 metrics: EngineMetrics) -> None:
-        self._queue: asyncio.Queue[tuple[Choice, Delta | Exception | None]] = asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._pump(model, c, metrics)) for c in choices]
-        self._open = len(choices)
-
-    async def _pump(self, model: ServedModel, choice: Choice, metrics: EngineMetrics) -> None:
-        try:
-            async for delta in generate(model, choice.request, metrics):
-                self._queue.put_nowait((choice, delta))
-            self._queue.put_nowait((choice, None))
-        except Exception as e:  # delivered to the consumer (cancellation propagates)
-            self._queue.put_nowait((choice, e))
-
-    async def next(self) -> tuple[Choice, Delta] | None:
-        """The next delta, or None when every generation has ended."""
-        while self._open:
-            choice, item = await self._queue.get()
-            if item is None:
-                self._open -= 1
-                continue
-            if isinstance(item, Exception):
-                raise item
-            return choice, item
-        return None
-
-    async def aclose(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+#: A request body of either endpoint (what their shared steps read).
+Body = CompletionRequest | ChatCompletionRequest
 
 
 # --------------------------------------------------------------------------- the API
@@ -150,7 +111,7 @@ class OpenAIServer:
             raise ApiError(404, e.message, "not_found_error", "model_not_found",
                            "model") from e
 
-    def _priority(self, body: Any, request: Request) -> int:
+    def _priority(self, body: Body, request: Request) -> int:
         if body.priority is not None:
             return int(body.priority)
         header = request.headers.get(PRIORITY_HEADER)
@@ -184,8 +145,8 @@ class OpenAIServer:
 
     # -- shared by both endpoints
 
-    def _sampling(self, body: Any, model: ServedModel, logprobs: int | None,
-                  prompt_logprobs: int | None) -> Any:
+    def _sampling(self, body: Body, model: ServedModel, logprobs: int | None,
+                  prompt_logprobs: int | None) -> SamplingParams:
         check(1 <= body.n <= MAX_N, f"n must be in [1, {MAX_N}], got {body.n}", "n")
         check(body.prompt_logprobs is None or not body.stream,
               "prompt_logprobs are not available with stream", "prompt_logprobs")
@@ -199,7 +160,7 @@ class OpenAIServer:
             logit_bias=body.logit_bias, allowed_token_ids=body.allowed_token_ids,
             prompt_logprobs=prompt_logprobs)
 
-    async def _choices(self, body: Any, model: ServedModel, prompts: Sequence[list[int]],
+    async def _choices(self, body: Body, model: ServedModel, prompts: Sequence[list[int]],
                        max_tokens: int | None, param: str, logprobs: int | None,
                        priority: int, base_id: str, *, prompt_logprobs: int | None = None,
                        echo: bool = False) -> list[Choice]:
@@ -224,7 +185,7 @@ class OpenAIServer:
                 choices.append(Choice(index=p * body.n + i, request=req))
         return choices
 
-    def _warn_unknown(self, body: Any) -> None:
+    def _warn_unknown(self, body: Body) -> None:
         """Refuse OpenAI fields this engine does not implement; warn about fields nobody
         defines (ignored, as vLLM does)."""
         refused = unsupported_field(body.model_extra or {})
@@ -242,7 +203,7 @@ class OpenAIServer:
         A client that disconnects meanwhile aborts everything."""
         merged = Merged(model, choices, self.metrics)
         try:
-            first = await _unless_disconnected(
+            first = await unless_disconnected(
                 request, asyncio.wait_for(merged.next(), self.cfg.max_queue_time_s))
         except TimeoutError:
             await merged.aclose()
@@ -266,20 +227,22 @@ class OpenAIServer:
             raise
         return merged, first
 
-    async def _respond(self, request: Request, body: Any, model: ServedModel,
-                       choices: list[Choice], kind: str, tools: ToolPlan | None = None,
-                       ) -> Response:
+    async def _respond(self, request: Request, body: Body, model: ServedModel,
+                       choices: list[Choice], tools: ToolPlan | None = None) -> Response:
         merged, first = await self._start(model, choices, request)
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
         created = int(time.time())
-        fmt = (ChatFormat(rid, created, model, body, tools) if kind == "chat"
-               else TextFormat(rid, created, model, body))
+        fmt: ChatFormat | TextFormat
+        if isinstance(body, ChatCompletionRequest):
+            fmt = ChatFormat(f"chatcmpl-{secrets.token_hex(12)}", created, model, body, tools)
+        else:
+            fmt = TextFormat(f"cmpl-{secrets.token_hex(12)}", created, model, body)
         if body.stream:
-            return StreamingResponse(_sse(merged, first, choices, fmt, body),
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(merged, first, choices, fmt, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            await _unless_disconnected(request, _collect(merged, first))
+            await unless_disconnected(request, collect(merged, first))
         except GenerationFailed as e:
             raise failed_error(e) from e
         finally:
@@ -310,7 +273,7 @@ class OpenAIServer:
         for c in choices:
             c.prompt_text = texts[c.index // body.n] if body.echo else None
         self._admit(key, model, choices, priority)
-        return await self._respond(request, body, model, choices, "text")
+        return await self._respond(request, body, model, choices)
 
     def _prompts(self, prompt: Any, model: ServedModel) -> tuple[list[list[int]], list[str]]:
         if isinstance(prompt, str):
@@ -366,7 +329,7 @@ class OpenAIServer:
             for c in choices:
                 c.request = constrain(c.request, tools.structured)
         self._admit(key, model, choices, priority)
-        return await self._respond(request, body, model, choices, "chat", tools)
+        return await self._respond(request, body, model, choices, tools)
 
     def list_models(self, request: Request) -> dict[str, Any]:
         self.authenticate(request)
@@ -400,60 +363,3 @@ def _finite(x: float) -> float | None:
 
 def _decode(model: ServedModel, ids: Sequence[int]) -> str:
     return str(model.tokenizer.decode(list(ids)))
-
-
-async def _collect(merged: Merged, first: tuple[Choice, Delta] | None) -> None:
-    item = first
-    while item is not None:
-        choice, delta = item
-        choice.add(delta)
-        item = await merged.next()
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response started."""
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """``await work``, unless the client disconnects first: then cancel it (which aborts
-    its generations) and raise ``ClientGone``. After the body was read, ``receive`` only
-    ever yields ``http.disconnect``."""
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientGone
-    return task.result()
-
-
-async def _sse(merged: Merged, first: tuple[Choice, Delta] | None, choices: list[Choice],
-               fmt: Any, body: Any) -> AsyncIterator[str]:
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    try:
-        for chunk in fmt.opening(choices):
-            yield sse_event(chunk)
-        item = first
-        while item is not None:
-            choice, delta = item
-            choice.add(delta)
-            yield sse_event(fmt.chunk(choice, delta))
-            item = await merged.next()
-        if include_usage:
-            yield sse_event(fmt.usage_chunk(usage(choices)))
-    except GenerationFailed as e:
-        err = failed_error(e)
-        yield sse_event({"error": {"message": err.message, "type": err.type, "param": None,
-                                "code": err.code}})
-    finally:
-        await merged.aclose()
-    yield "data: [DONE]\n\n"

@@ -1,0 +1,125 @@
+"""Running a response's generations, independent of the endpoints
+(``engine.frontend.openai_server``).
+
+A response's choices are generated at once: ``Merged`` interleaves their deltas as they
+arrive, and closing it (also on cancellation) aborts every generation still running. The
+deltas end either in one body (``collect``) or as Server-Sent Events (``sse``).
+``unless_disconnected`` waits for work unless the client goes away first, which aborts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any
+
+from fastapi import Request
+
+from engine.frontend.metrics import EngineMetrics
+from engine.frontend.openai_format import (
+    ChatFormat,
+    Choice,
+    TextFormat,
+    failed_error,
+    sse_event,
+    usage,
+)
+from engine.frontend.serving import Delta, GenerationFailed, ServedModel, generate
+
+
+class Merged:
+    """The deltas of several generations, interleaved as they arrive: ``(choice, delta)``.
+
+    ``aclose`` (also on cancellation) stops every generation still running, which aborts
+    it in its pool.
+    """
+
+    def __init__(self, model: ServedModel, choices: Sequence[Choice],
+                 metrics: EngineMetrics) -> None:
+        self._queue: asyncio.Queue[tuple[Choice, Delta | Exception | None]] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(model, c, metrics)) for c in choices]
+        self._open = len(choices)
+
+    async def _pump(self, model: ServedModel, choice: Choice, metrics: EngineMetrics) -> None:
+        try:
+            async for delta in generate(model, choice.request, metrics):
+                self._queue.put_nowait((choice, delta))
+            self._queue.put_nowait((choice, None))
+        except Exception as e:  # delivered to the consumer (cancellation propagates)
+            self._queue.put_nowait((choice, e))
+
+    async def next(self) -> tuple[Choice, Delta] | None:
+        """The next delta, or None when every generation has ended."""
+        while self._open:
+            choice, item = await self._queue.get()
+            if item is None:
+                self._open -= 1
+                continue
+            if isinstance(item, Exception):
+                raise item
+            return choice, item
+        return None
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def collect(merged: Merged, first: tuple[Choice, Delta] | None) -> None:
+    """Add every delta to its choice, from ``first`` to the end of every generation."""
+    item = first
+    while item is not None:
+        choice, delta = item
+        choice.add(delta)
+        item = await merged.next()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response started."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """``await work``, unless the client disconnects first: then cancel it (which aborts
+    its generations) and raise ``ClientGone``. After the body was read, ``receive`` only
+    ever yields ``http.disconnect``."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+async def sse(merged: Merged, first: tuple[Choice, Delta] | None, choices: list[Choice],
+              fmt: TextFormat | ChatFormat, include_usage: bool) -> AsyncIterator[str]:
+    """The stream's SSE events: the opening chunks, one chunk per delta, the usage chunk
+    when asked for, an error event if the generation fails, and ``[DONE]``."""
+    try:
+        for chunk in fmt.opening(choices):
+            yield sse_event(chunk)
+        item = first
+        while item is not None:
+            choice, delta = item
+            choice.add(delta)
+            yield sse_event(fmt.chunk(choice, delta))
+            item = await merged.next()
+        if include_usage:
+            yield sse_event(fmt.usage_chunk(usage(choices)))
+    except GenerationFailed as e:
+        err = failed_error(e)
+        yield sse_event({"error": {"message": err.message, "type": err.type, "param": None,
+                                "code": err.code}})
+    finally:
+        await merged.aclose()
+    yield "data: [DONE]\n\n"

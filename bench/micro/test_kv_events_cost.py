@@ -1,6 +1,6 @@
 """pytest-benchmark: what KV events cost the scheduler's loop, at their worst.
 
-    python -m pytest bench/micro/test_kv_events.py --benchmark-enable
+    python -m pytest bench/micro/test_kv_events_cost.py --benchmark-enable
 
 Each round admits four new 512-token prompts (``max_tokens`` 1) on one worker whose cache
 holds exactly them, prefills them in one step and finishes them: every step registers 128

@@ -48,7 +48,7 @@ def run_inprocess(requests, repeat: int, stats: dict | None = None, **options) -
     if stats is not None and steps:
         stats["steps_per_run"] = len(steps) // repeat
         stats["step_ms"] = round(1e3 * statistics.mean(steps), 3)
-        if adapter0 is not None:  # the vllm runner's own bookkeeping (vllm_runner.step)
+        if adapter0 is not None:  # the vllm runner's own bookkeeping (VllmRunner.step)
             adapter = runner.adapter_time_s - adapter0
             stats["adapter_ms_per_step"] = round(1e3 * adapter / len(steps), 4)
             stats["adapter_share_of_step"] = round(adapter / sum(steps), 4)

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
 from engine.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, replace
 from engine.models.info import ModelInfo, context_length, load_model_info, read_hf_config
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,18 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def torch_device(device: str | torch.device) -> torch.device:
+    """The device a runner runs on (``cuda:1``, ``cpu``; ``auto`` only for a runner built
+    from an unresolved config, as tests do): the one place a worker turns its device name
+    into a ``torch.device`` and checks that CUDA is there (ValueError)."""
+    import torch
+
+    dev = torch.device(resolve_device(device) if isinstance(device, str) else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    return dev
+
+
 def dtype_bytes(dtype: str, device: str) -> int:
     """Bytes per KV element: ``auto`` is float32 on CPU and bfloat16 on CUDA (as
     ``engine.models.loader.resolve_dtype``)."""
@@ -48,12 +64,32 @@ def dtype_bytes(dtype: str, device: str) -> int:
     return _DTYPE_BYTES[dtype]
 
 
+def kv_cache_blocks(cache: CacheConfig, info: ModelInfo, dtype_bytes: int, *,
+                    tp_size: int = 1, reserved: int = 0, check: bool = True) -> int:
+    """KV blocks of ``cache.block_size`` tokens a runner allocates: ``--num-kv-blocks``, or
+    as many as ``--kv-cache-memory`` holds (each tensor-parallel rank holds its share of the
+    KV heads), less ``reserved`` (vLLM's null block 0). The one sizing of the KV cache, for
+    both runners and for the context ``resolve_config`` decides. ``check``: refuse fewer
+    than 2 (ConfigError naming the flags)."""
+    if cache.num_blocks is not None:
+        blocks = cache.num_blocks
+    else:
+        per_block = info.kv_bytes_per_block(cache.block_size, dtype_bytes) // tp_size
+        blocks = int(cache.kv_cache_memory_gib * (1 << 30)) // per_block - reserved
+    if check and blocks < 2:
+        if cache.num_blocks is not None:
+            raise ConfigError(f"--num-kv-blocks: at least 2 are needed, got {blocks}")
+        besides = f" besides {reserved} reserved" if reserved else ""
+        raise ConfigError(
+            f"--kv-cache-memory: {cache.kv_cache_memory_gib} GiB holds {blocks} blocks of "
+            f"{cache.block_size} tokens{besides}; at least 2 are needed (raise "
+            f"--kv-cache-memory or set --num-kv-blocks)")
+    return blocks
+
+
 def vllm_num_blocks(cache: CacheConfig, info: ModelInfo, dtype: str, device: str) -> int:
     """KV blocks the vllm runner asks vLLM for (besides vLLM's reserved block 0)."""
-    if cache.num_blocks is not None:
-        return cache.num_blocks
-    per_block = info.kv_bytes_per_block(cache.block_size, dtype_bytes(dtype, device))
-    return int(cache.kv_cache_memory_gib * (1 << 30)) // per_block - 1
+    return kv_cache_blocks(cache, info, dtype_bytes(dtype, device), reserved=1, check=False)
 
 
 def model_context(model: ModelConfig, cfg: EngineConfig) -> int:

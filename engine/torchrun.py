@@ -104,20 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=cfg.launch.log_level, stream=sys.stderr,
                         format=f"%(asctime)s rank {rank} %(levelname)s: %(message)s")
-    import torch
     import torch.distributed as dist
 
-    from engine.models.parallel import TensorParallel
+    from engine.models.parallel import TensorParallel, init_world
 
     slot = Topology.rank_slot(cfg, rank, world, local_rank)
-    use_cuda, size = slot.device is not None, cfg.worker.tensor_parallel_size
-    if use_cuda and size > 1:
-        torch.cuda.set_device(local_rank)
-    # CPU tensors (addresses, each step's batch) go over gloo; GPU all-reduces over NCCL.
-    from engine.worker.process import TP_TIMEOUT
-
-    dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda and size > 1 else "gloo",
-                            timeout=TP_TIMEOUT)
+    size = cfg.worker.tensor_parallel_size
+    init_world(slot.device, size)
     tp = None
     if size > 1:
         for first in range(0, world, size):  # every rank creates every group, in order

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +30,10 @@ from torch import nn
 
 if TYPE_CHECKING:
     from engine.models.llama import LlamaConfig
+
+#: A tensor-parallel group's other ranks wait in a collective for their leader's next step
+#: however long the engine stays idle.
+TP_TIMEOUT = timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,22 @@ class TensorParallel:
             raise ValueError(f"{total} items do not split over {self.size} ranks")
         n = total // self.size
         return self.rank * n, (self.rank + 1) * n
+
+
+def init_world(device: str | None, tp_size: int, *, init_method: str | None = None,
+               rank: int | None = None, world_size: int | None = None) -> None:
+    """Join this process's ``torch.distributed`` world: the one ``init_process_group`` of the
+    engine (a launcher's tensor-parallel group meets through ``init_method``, a file in its
+    run directory; torchrun's ranks through torchrun's environment, ``init_method`` None).
+    CPU tensors (addresses, each step's batch) go over gloo; with a CUDA ``device`` and
+    ``tp_size > 1`` the all-reduces go over NCCL, on ``device`` made current."""
+    nccl = device is not None and device.startswith("cuda") and tp_size > 1
+    if nccl:
+        torch.cuda.set_device(device)  # NCCL works on the current device
+    kwargs: dict[str, Any] = {} if init_method is None else {
+        "init_method": init_method, "rank": rank, "world_size": world_size}
+    dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", timeout=TP_TIMEOUT,
+                            **kwargs)
 
 
 def is_sharded(tp: TensorParallel | None) -> bool:

@@ -1,6 +1,9 @@
 """Build the model runner a worker config asks for. What a runner needs decided (its block
-size on CPU, the context it holds) is decided before any process starts, in
-``engine.resolve``."""
+size on CPU, the context it holds, the device) is decided before any process starts, in
+``engine.resolve``.
+
+Imports go one way: this module imports ``engine.worker.native_runner`` or the
+``engine.worker.vllm`` package lazily (each pulls in torch or vLLM), and neither imports it."""
 
 from __future__ import annotations
 
@@ -53,13 +56,13 @@ def make_runner(
         if tp is not None and tp.size > 1:
             raise ConfigError("--tensor-parallel-size: only the native runner splits a model "
                               "over ranks so far")
-        from engine.worker.vllm_plan import VllmVersionError, check_vllm_version
+        from engine.worker.vllm.checks import VllmVersionError, check_vllm_version
 
         try:
             check_vllm_version()  # before importing anything of vLLM's: a clear message
         except VllmVersionError as e:
             raise ConfigError(f"--runner: {e}") from e
-        from engine.worker.vllm_runner import VllmRunner
+        from engine.worker.vllm.runner import VllmRunner
 
         return VllmRunner(model_config, cache_config, worker_config, device=device,
                           **vllm_limits(scheduler_config))

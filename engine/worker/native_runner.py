@@ -32,6 +32,7 @@ from engine.models.info import load_model_info
 from engine.models.layers import AttentionMetadata
 from engine.models.loader import load_model, resolve_dtype
 from engine.models.parallel import TensorParallel
+from engine.resolve import kv_cache_blocks, torch_device
 from engine.worker.cuda_graphs import DecodeGraphs
 from engine.worker.host_batch import HostBatch, tp_recv, tp_send
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
@@ -51,15 +52,6 @@ class _Request:
     num_output_tokens: int
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
 class NativeRunner(ModelRunner):
     def __init__(
         self,
@@ -67,10 +59,11 @@ class NativeRunner(ModelRunner):
         cache_config: CacheConfig,
         worker_config: WorkerConfig,
         *,
-        device: str | None = None,
+        device: str | torch.device | None = None,
         tp: TensorParallel | None = None,
     ) -> None:
-        self.device = resolve_device(device if device is not None else worker_config.device)
+        # The worker's resolved device (its slot's GPU, else ``--device``).
+        self.device = torch_device(device if device is not None else worker_config.device)
         #: Tensor parallelism: rank 0 of the group (the leader) is the worker the pool sees;
         #: it sends each step's batch to the other ranks (``follow``), which run the same
         #: forward pass on their shards.
@@ -90,18 +83,8 @@ class NativeRunner(ModelRunner):
         # context_length): the pool and the frontend see the same number.
         self.max_model_len = self.info.max_model_len
         self.block_size = cache_config.block_size
-        if cache_config.num_blocks is not None:
-            self.num_blocks = cache_config.num_blocks
-        else:
-            per_block = self.info.kv_bytes_per_block(self.block_size, self.dtype.itemsize)
-            per_block //= self.tp.size if self.tp else 1  # each rank holds its KV heads
-            self.num_blocks = int(cache_config.kv_cache_memory_gib * (1 << 30)) // per_block
-        if self.num_blocks < 2:
-            raise ValueError(
-                f"KV cache of {cache_config.kv_cache_memory_gib} GiB holds {self.num_blocks} "
-                f"blocks of {self.block_size} tokens; at least 2 are needed (raise "
-                f"--kv-cache-memory or set --num-kv-blocks)"
-            )
+        self.num_blocks = kv_cache_blocks(cache_config, self.info, self.dtype.itemsize,
+                                          tp_size=self.tp.size if self.tp else 1)
         shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed, not empty: attention may read (masked) padding slots, and stale memory
         # could hold NaN.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -29,11 +28,6 @@ if TYPE_CHECKING:
     from engine.models.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
-
-#: A tensor-parallel group's other ranks wait in a collective for their leader's next step
-#: however long the engine stays idle.
-TP_TIMEOUT = timedelta(days=365)
-
 
 def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int,
           incarnation: int = 0) -> None:
@@ -77,17 +71,12 @@ def run_worker(cfg: EngineConfig, slot: WorkerSlot, run_dir: str, *,
     tp = None
     if size > 1:
         # The group meets through a file in the run directory, new for each incarnation.
-        import torch
         import torch.distributed as dist
 
-        if device is not None:
-            torch.cuda.set_device(device)  # NCCL works on the current device
+        from engine.models.parallel import TensorParallel, init_world
 
-        from engine.models.parallel import TensorParallel
-
-        store = f"file://{run_dir}/tp-{pool_index}-{worker_id}-{incarnation}"
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device else "gloo", init_method=store,
-                                rank=slot.tp_rank, world_size=size, timeout=TP_TIMEOUT)
+        init_world(device, size, init_method=f"file://{run_dir}/tp-{pool_index}-{worker_id}-"
+                   f"{incarnation}", rank=slot.tp_rank, world_size=size)
         tp = TensorParallel(rank=slot.tp_rank, size=size, group=dist.group.WORLD)
     serve_worker(cfg, pool_index, worker_id, incarnation,
                  pool_address=ipc.pool_addresses(run_dir, pool_index).workers,

@@ -71,7 +71,7 @@ def native_runner():
 @pytest.fixture(scope="package")
 def vllm_runner():
     require_vllm()
-    from engine.worker.vllm_runner import VllmRunner
+    from engine.worker.vllm.runner import VllmRunner
 
     runner = VllmRunner(ModelConfig(), CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS),
                         WorkerConfig(num_threads=1))

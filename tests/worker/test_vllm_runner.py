@@ -20,7 +20,7 @@ import torch
 from engine.config import CacheConfig, ConfigError, ModelConfig, SchedulerConfig, WorkerConfig
 from engine.messages import CachedRequestData, NewRequestData, SamplingParams, StepPlan
 from engine.models.info import load_model_info
-from engine.worker.vllm_plan import VLLM_VERSION, VllmVersionError, check_vllm_version
+from engine.worker.vllm.checks import VLLM_VERSION, VllmVersionError, check_vllm_version
 
 from .harness import BLOCK, NUM_BLOCKS, require_vllm
 
@@ -70,7 +70,7 @@ def test_version_check_names_what_is_needed() -> None:
 def test_factory_reports_a_version_mismatch_as_a_runner_error(monkeypatch) -> None:
     """What a worker reports at start-up when vLLM is missing or another version: the flag,
     what is needed, what is installed and how to install it (no vLLM needed to test it)."""
-    import engine.worker.vllm_plan as vp
+    import engine.worker.vllm.checks as vp
     from engine.worker.factory import make_runner
 
     def old_vllm() -> str:
@@ -89,7 +89,7 @@ def test_cpu_block_size_error_names_the_flag_and_why(vllm_installed) -> None:
     engine is configured, with an error that names the flag, the reason and the fix (the
     launcher prints the worker's error as is: "worker-0-0 failed to start: ConfigError(...)")."""
     from engine.worker.factory import make_runner
-    from engine.worker.vllm_runner import VllmRunner
+    from engine.worker.vllm.runner import VllmRunner
 
     want = (r"^--block-size: the vllm runner on CPU needs a multiple of 32 \(vLLM's CPU "
             r"attention kernel\), got 16; use --block-size 32$")
@@ -105,7 +105,7 @@ def test_cpu_block_size_error_names_the_flag_and_why(vllm_installed) -> None:
 def test_factory_builds_vllm_lazily(vllm_installed, monkeypatch) -> None:
     """make_runner('vllm') hands the configs to VllmRunner; the native path never imports
     vLLM (checked in a fresh interpreter)."""
-    import engine.worker.vllm_runner as vr
+    import engine.worker.vllm.runner as vr
     from engine.worker.factory import make_runner
 
     seen = {}
@@ -137,7 +137,7 @@ def test_factory_builds_vllm_lazily(vllm_installed, monkeypatch) -> None:
 def test_plugin_entry_point_registers_the_custom_backend(vllm_installed) -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from engine.worker import vllm_plugin
+    from engine.worker.vllm import plugin as vllm_plugin
 
     eps = {ep.name: ep for ep in metadata.entry_points(group="vllm.general_plugins")}
     assert eps["engine_attention"].load() is vllm_plugin.register
@@ -155,7 +155,7 @@ def test_plugin_entry_point_registers_the_custom_backend(vllm_installed) -> None
 def test_plugin_metadata_and_kv_views_on_cpu(vllm_installed) -> None:
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    from engine.worker.vllm_plugin import (
+    from engine.worker.vllm.plugin import (
         EngineAttentionImpl,
         EngineAttentionMetadataBuilder,
         kv_views,
@@ -195,7 +195,7 @@ def test_plugin_metadata_and_kv_views_on_cpu(vllm_installed) -> None:
 def test_translation_cost_is_small(vllm_installed) -> None:
     """The adapter's own work per step (validate + build the SchedulerOutput) for a batch of
     64 decodes stays well under a millisecond-scale budget (docs/vllm.md has the figures)."""
-    from engine.worker.vllm_plan import PlanTranslator
+    from engine.worker.vllm.plan import PlanTranslator
 
     t = PlanTranslator(num_blocks=4096, block_size=BLOCK, max_model_len=2048, vocab_size=4096,
                        eos_token_ids=INFO.eos_token_ids)

@@ -1,7 +1,7 @@
 """The penalties of a resumed request under the vllm runner: a vLLM logits processor.
 
 Our scheduler preempts by dropping a request and later sending it again as new, its outputs
-appended to its tokens (``engine/worker/vllm_plan.py``). vLLM then holds those outputs as
+appended to its tokens (``engine/worker/vllm/plan.py``). vLLM then holds those outputs as
 *prompt* tokens, and its own frequency and presence penalties, which count output tokens
 only, would forget them: the resumed request would repeat what it was told not to. (The
 repetition penalty covers prompt and output alike, so it alone is unaffected.)
@@ -30,7 +30,7 @@ from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from engine.messages import SamplingParams
 from engine.worker.sampler import apply_penalties
-from engine.worker.vllm_plan import RESUMED_PENALTIES
+from engine.worker.vllm.plan import RESUMED_PENALTIES
 
 __all__ = ["RESUMED_PENALTIES", "ResumedPenalties"]
 

@@ -32,10 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 #: Name of the backend in vLLM's registry and logs.
-BACKEND_NAME = "CUSTOM"
-BACKEND_PATH = "engine.worker.vllm_plugin.EngineAttentionBackend"
-#: ``ENGINE_VLLM_ATTENTION`` value that selects it in the vllm runner.
-SELECT_VALUE = "engine"
+BACKEND_NAME = "CUSTOM"  # ``ENGINE_VLLM_ATTENTION=engine`` selects it (checks.py)
+BACKEND_PATH = "engine.worker.vllm.plugin.EngineAttentionBackend"
 
 try:  # vLLM's base classes when it is installed; plain objects otherwise
     from vllm.v1.attention.backend import (

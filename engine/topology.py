@@ -5,14 +5,16 @@ where they meet. Both entry points build one: ``python -m engine.launch``
 control plane on rank 0, every worker on its own rank, dialing in over TCP).
 
 Addresses: ``ipc://`` sockets in ``run_dir`` (``engine.ipc.pool_addresses``); with
-``listen_host`` set, each pool's worker socket and the launcher's inbox also listen on TCP.
+``listen_host`` set, each pool's worker socket and the launcher's inbox also listen on TCP,
+as CURVE servers with the launch's keys (``curve``, made by torchrun's rank 0; engine.ipc).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
+from engine.ipc import CurveKeys
 
 
 def worker_name(pool_index: int, worker_id: int, tp_rank: int = 0) -> str:
@@ -51,6 +53,12 @@ class Topology:
     remote_workers: tuple[str, ...] = ()
     #: Also listen on TCP at this address (torchrun: for the other ranks' workers).
     listen_host: str | None = None
+    #: The launch's CURVE keys, server secret included: every TCP listener is CURVE.
+    curve: CurveKeys | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.listen_host is not None and (self.curve is None or not self.curve.server_secret):
+            raise ValueError("a Topology that listens on TCP needs the launch's CURVE keys")
 
     @property
     def pools(self) -> range:
@@ -73,12 +81,13 @@ class Topology:
         return cls(len(cfg.models), w.num_workers, w.tensor_parallel_size, tuple(slots))
 
     @classmethod
-    def torchrun(cls, cfg: EngineConfig) -> Topology:
-        """The control plane's view under torchrun: every worker is remote."""
+    def torchrun(cls, cfg: EngineConfig, curve: CurveKeys) -> Topology:
+        """The control plane's view under torchrun: every worker is remote, dialing in over
+        TCP with ``curve`` (rank 0's keys for this launch)."""
         names = tuple(worker_name(p, w) for p in range(len(cfg.models))
                       for w in range(cfg.worker.num_workers))
         return cls(len(cfg.models), cfg.worker.num_workers, cfg.worker.tensor_parallel_size,
-                   (), names, listen_host="0.0.0.0")
+                   (), names, listen_host="0.0.0.0", curve=curve)
 
     @staticmethod
     def rank_slot(cfg: EngineConfig, rank: int, world_size: int,

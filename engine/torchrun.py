@@ -31,6 +31,10 @@ ordinary workers: it places requests across all of them and owns every block tab
 - Without tensor parallelism a rank runs its worker in a child that it restarts if it dies
   (``engine.supervisor``, the launcher's restart policy; telling the launcher, so the pool
   recomputes the worker's requests): no request is lost.
+- The TCP sockets between ranks are ZeroMQ CURVE: rank 0 makes this launch's keys
+  (``engine.ipc.CurveKeys``) and broadcasts them with the addresses, over torchrun's process
+  group; the pool and the launcher admit only holders of the client key. Without CURVE in
+  libzmq every rank refuses to start.
   A tensor-parallel rank runs its shard in its own process, and its group follows
   torchrun's gang semantics (one dies, torchrun stops or restarts them all).
 """
@@ -50,7 +54,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine import env
+from engine import env, ipc
 from engine.config import ConfigError, EngineConfig, config_from_args, replace
 from engine.resolve import resolve_config
 from engine.supervisor import Child, ProcessSpec, Supervisor, SupervisorError
@@ -99,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rank, world, local_rank, local_world = rank_env()
         cfg = torchrun_config(argv, world, local_world)
-    except (ConfigError, ValueError) as e:
+        ipc.require_curve()
+    except (ConfigError, ValueError, ipc.CurveError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.launch.log_level, stream=sys.stderr,
@@ -121,8 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     control: Supervisor | None = None
     box: list[Any] = [None]
     if rank == 0:
-        control, box[0] = _start_control_plane(cfg)
-    dist.broadcast_object_list(box, src=0)  # the others wait here until the pool listens
+        control, box[0] = _start_control_plane(cfg, ipc.CurveKeys.generate())
+    # The others wait here until the pool listens. The keys go with the addresses: over the
+    # process group's connections, once, not into torchrun's store (which any peer that
+    # reaches its port can read for the whole run).
+    dist.broadcast_object_list(box, src=0)
     addresses: dict[str, Any] | None = box[0]
     if addresses is None:  # the control plane failed to start (it said why)
         return (_exit_code(control) or 1) if rank == 0 else 1
@@ -139,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         serve_worker(cfg, slot.pool_index, slot.worker_id, 0,
                      pool_address=addresses["pools"][slot.pool_index],
-                     launcher=addresses["launcher"], device=slot.device, tp=tp)
+                     launcher=addresses["launcher"], device=slot.device, tp=tp,
+                     curve=addresses["curve"])
     finally:
         if control is not None:
             control.shutdown(grace_s=CONTROL_STOP_S)
@@ -156,7 +165,6 @@ def _supervise_rank(cfg: EngineConfig, slot: WorkerSlot, addresses: dict[str, An
     (``WorkerDied``, over TCP) and has the pool recompute the worker's requests elsewhere,
     so a dead worker loses no request here either. Returns when the pool stops the worker
     (exit 0), on SIGTERM, or when the control plane (rank 0) ends."""
-    from engine import ipc
     from engine import messages as m
     from engine.launch import restart_policy
     from engine.process import die_with_parent
@@ -168,7 +176,8 @@ def _supervise_rank(cfg: EngineConfig, slot: WorkerSlot, addresses: dict[str, An
 
     def died(child: Child, incarnation: int) -> None:
         ipc.notify_launcher(addresses["launcher"], m.WorkerDied(
-            worker_id=slot.worker_id, incarnation=child.incarnation, pool_index=slot.pool_index))
+            worker_id=slot.worker_id, incarnation=child.incarnation, pool_index=slot.pool_index),
+            addresses["curve"])
 
     workers = Supervisor(restart_policy(cfg), on_restart=died)
     workers.spawn(ProcessSpec(slot.name, "engine.torchrun:rank_worker", (cfg, slot, addresses),
@@ -202,28 +211,32 @@ def rank_worker(cfg: EngineConfig, slot: WorkerSlot, addresses: dict[str, Any], 
     init_process(f"engine-{slot.name}", cfg.launch.log_level)
     serve_worker(cfg, slot.pool_index, slot.worker_id, incarnation,
                  pool_address=addresses["pools"][slot.pool_index],
-                 launcher=addresses["launcher"], device=slot.device)
+                 launcher=addresses["launcher"], device=slot.device, curve=addresses["curve"])
 
 
 # --------------------------------------------------------------------------- rank 0
 
 
-def _start_control_plane(cfg: EngineConfig) -> tuple[Supervisor, dict[str, Any] | None]:
-    """Start launcher, pool and frontend in a child; return its supervisor and the
-    addresses workers dial, or None if it stopped before its pool listened."""
+def _start_control_plane(cfg: EngineConfig, curve: ipc.CurveKeys
+                         ) -> tuple[Supervisor, dict[str, Any] | None]:
+    """Start launcher, pool and frontend in a child (``curve``: this launch's keys, handed
+    over on its stdin); return its supervisor and what workers need to dial in (addresses
+    and the client's keys), or None if it stopped before its pool listened."""
     host = env.advertise_host()
     scratch = Path(tempfile.mkdtemp(prefix="engine-rank0-"))
     ports_file = scratch / "ports.json"
     control = Supervisor()
     child = control.spawn(ProcessSpec("launcher", "engine.torchrun:control_plane",
-                                      (cfg, str(ports_file))))
+                                      (cfg, str(ports_file), curve)))
     deadline = time.monotonic() + cfg.launch.ready_timeout_s
     try:
         while child.exitcode is None and time.monotonic() < deadline:
             if ports_file.exists():
                 ports = json.loads(ports_file.read_text())
-                addresses = {"launcher": f"tcp://{host}:{ports['launcher_port']}",
-                             "pools": [f"tcp://{host}:{p}" for p in ports["worker_ports"]]}
+                addresses: dict[str, Any] = {
+                    "launcher": f"tcp://{host}:{ports['launcher_port']}",
+                    "pools": [f"tcp://{host}:{p}" for p in ports["worker_ports"]],
+                    "curve": curve.for_peers()}
                 log.info("pools listening for workers at %s", ", ".join(addresses["pools"]))
                 return control, addresses
             time.sleep(0.1)
@@ -235,7 +248,7 @@ def _start_control_plane(cfg: EngineConfig) -> tuple[Supervisor, dict[str, Any] 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def control_plane(cfg: EngineConfig, ports_file: str) -> int:
+def control_plane(cfg: EngineConfig, ports_file: str, curve: ipc.CurveKeys) -> int:
     """Child of rank 0: ``python -m engine.launch`` without workers of its own; the pools'
     TCP ports go to ``ports_file`` for rank 0 to hand to the other ranks."""
     from engine.launch import Launcher
@@ -247,7 +260,7 @@ def control_plane(cfg: EngineConfig, ports_file: str) -> int:
 
     logging.basicConfig(level=cfg.launch.log_level, stream=sys.stderr,
                         format="%(asctime)s launcher %(levelname)s: %(message)s")
-    return Launcher(cfg, Topology.torchrun(cfg), publish=publish).run()
+    return Launcher(cfg, Topology.torchrun(cfg, curve), publish=publish).run()
 
 
 def _running(control: Supervisor | None) -> bool:

@@ -52,7 +52,8 @@ STATS_INTERVAL_S = 0.25
 
 class PoolService:
     def __init__(self, cfg: EngineConfig, pool_index: int, run_dir: str,
-                 clock: Callable[[], float] = time.time, listen_host: str | None = None) -> None:
+                 clock: Callable[[], float] = time.time, listen_host: str | None = None,
+                 curve: ipc.CurveKeys | None = None) -> None:
         model_cfg = cfg.models[pool_index]
         self.name = model_cfg.name
         self.info = load_model_info(model_cfg)
@@ -69,10 +70,11 @@ class PoolService:
         self.requests = ipc.make_socket(self.ctx, zmq.PULL, addrs.requests, bind=True)
         self.outputs = ipc.make_socket(self.ctx, zmq.PUSH, addrs.outputs, bind=True)
         self.workers = ipc.make_socket(self.ctx, zmq.ROUTER, addrs.workers, bind=True)
-        # Under torchrun, workers on other ranks dial in over TCP.
+        # Under torchrun, workers on other ranks dial in over TCP (CURVE: engine.ipc).
         self.worker_port: int | None = None
         if listen_host is not None:
-            self.worker_port = ipc.bind_tcp(self.workers, listen_host)
+            assert curve is not None, "a TCP listener needs the launch's CURVE keys"
+            self.worker_port = ipc.bind_tcp(self.workers, listen_host, curve)
         self.control = ipc.make_socket(self.ctx, zmq.PULL, addrs.control, bind=True)
         self.poller = zmq.Poller()
         for sock in (self.requests, self.workers, self.control):
@@ -111,7 +113,7 @@ class PoolService:
                                             zmq.NOBLOCK)
         if self.kv_events is not None:
             self.kv_events.close()
-        self.ctx.destroy(linger=500 if self.worker_port is not None else 0)
+        ipc.destroy(self.ctx, linger=500 if self.worker_port is not None else 0)
 
     def _drain(self, sock: zmq.Socket[Any], codec: ipc.Codec[Any], handle: Callable[[Any], None]) -> None:
         while True:
@@ -246,15 +248,16 @@ class PoolService:
 
 
 def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str,
-             listen_host: str | None = None) -> None:
+             listen_host: str | None = None, curve: ipc.CurveKeys | None = None) -> None:
     """Process entry point of a pool's scheduler (``listen_host``: its worker socket also
-    listens on TCP there, for workers on other torchrun ranks)."""
+    listens on TCP there, as a CURVE server with ``curve``, for workers on other torchrun
+    ranks)."""
     from engine.process import fail_start, init_process
 
     name = f"pool-{pool_index}"
     init_process(f"engine-{name}", cfg.launch.log_level)
     try:
-        service = PoolService(cfg, pool_index, run_dir, listen_host=listen_host)
+        service = PoolService(cfg, pool_index, run_dir, listen_host=listen_host, curve=curve)
     except Exception as e:
         log.exception("pool %d failed to start", pool_index)
         ipc.notify_launcher(run_dir, m.ProcessFailed(name=name, message=repr(e)))

@@ -85,9 +85,10 @@ def run_worker(cfg: EngineConfig, slot: WorkerSlot, run_dir: str, *,
 
 def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation: int, *,
                  pool_address: str, launcher: str, device: str | None = None,
-                 tp: TensorParallel | None = None) -> None:
+                 tp: TensorParallel | None = None, curve: ipc.CurveKeys | None = None) -> None:
     """Load the model, dial the pool at ``pool_address``, say ready (to the pool, and to the
-    launcher: its run directory, or its ``tcp://`` address from another node), then serve
+    launcher: its run directory, or its ``tcp://`` address from another node, dialed with
+    the launch's CURVE keys ``curve``), then serve
     plans until the pool says stop. ``device`` overrides ``--device`` (a torchrun rank's
     own GPU). With ``tp``, rank 0 of the group does all that and the other ranks only run
     the forward passes it sends them (``NativeRunner.follow``). The caller has set the
@@ -101,10 +102,10 @@ def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation
                              device=device, tp=tp)
     except Exception as e:
         log.exception("%s failed to start", name)
-        ipc.notify_launcher(launcher, m.ProcessFailed(name=name, message=repr(e)))
+        ipc.notify_launcher(launcher, m.ProcessFailed(name=name, message=repr(e)), curve)
         raise fail_start() from e
     if tp is not None and tp.rank > 0:
-        ipc.notify_launcher(launcher, m.ProcessReady(name=name))
+        ipc.notify_launcher(launcher, m.ProcessReady(name=name), curve)
         log.info("%s ready: following rank 0 of its tensor-parallel group", name)
         try:
             runner.follow()  # type: ignore[attr-defined]
@@ -113,10 +114,11 @@ def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation
         return
     ctx: zmq.Context[Any] = zmq.Context()
     sock = ipc.make_socket(ctx, zmq.DEALER, pool_address, bind=False,
-                           identity=ipc.worker_identity(worker_id))
+                           identity=ipc.worker_identity(worker_id), curve=curve)
     sock.send(ipc.encode(m.WorkerReady(worker_id=worker_id, num_blocks=runner.num_blocks,
                                        block_size=runner.block_size, incarnation=incarnation)))
-    ipc.notify_launcher(launcher, m.ProcessReady(name=name, info={"num_blocks": runner.num_blocks}))
+    ipc.notify_launcher(launcher, m.ProcessReady(name=name, info={"num_blocks": runner.num_blocks}),
+                        curve)
     log.info("%s ready: %d KV blocks of %d tokens", name, runner.num_blocks, runner.block_size)
     try:
         serve(runner, sock, worker_id, incarnation)

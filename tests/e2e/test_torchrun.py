@@ -6,7 +6,9 @@ parallel).
 engine.torchrun``): rank 0 runs the
 launcher, pool and frontend and its own worker; rank 1 is a worker that dials the pool over
 TCP. Both workers must hold running requests at once (the scheduler places across ranks),
-every stream completes, no KV block leaks, and SIGTERM to torchrun leaves no process.
+every stream completes, no KV block leaks, and SIGTERM to torchrun leaves no process. The
+TCP sockets are CURVE: a rogue peer (plain, or with keys of its own) never completes a
+handshake with the pool or the launcher, and the engine serves on unharmed.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pathlib import Path
 
 import openai
 import pytest
+import zmq
 from e2e.engine_proc import Streams, alive, free_blocks, launched, metric, wait_idle
+from zmq.utils.monitor import recv_monitor_message
 
-from engine import torchrun
+from engine import ipc, torchrun
 from engine.models.default import default_model_dir
 from engine.topology import Topology
 
@@ -57,6 +61,60 @@ def _named(proc, name: str) -> list[int]:
     return [p for p, title in _descendants(proc.pid).items() if title == name]
 
 
+def _listening_tcp_ports(pid: int) -> set[int]:
+    """The TCP ports ``pid`` listens on (/proc: its socket inodes in the LISTEN state)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _rogue_gets_nothing_through(port: int) -> None:
+    """A plain ZeroMQ peer and a CURVE peer with keys of its own dial ``port`` with a
+    worker's identity: neither completes a handshake (socket monitor), so nothing they send
+    is delivered (if it were, the pool would fail to decode it)."""
+    ctx: zmq.Context = zmq.Context()
+    try:
+        server_public, _ = zmq.curve_keypair()
+        client_public, client_secret = zmq.curve_keypair()
+        for keys in (None, (server_public, client_public, client_secret)):
+            rogue = ctx.socket(zmq.DEALER)
+            rogue.linger = 0
+            rogue.identity = ipc.worker_identity(1)
+            if keys is not None:
+                rogue.curve_serverkey, rogue.curve_publickey, rogue.curve_secretkey = keys
+            mon = rogue.get_monitor_socket()
+            rogue.connect(f"tcp://127.0.0.1:{port}")
+            rogue.send(b"\xc1 not msgpack", zmq.NOBLOCK)  # queued while it connects
+            events = []
+            deadline = time.monotonic() + 3
+            while mon.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                events.append(recv_monitor_message(mon)["event"])
+                if events[-1] & (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH):
+                    break
+            assert zmq.EVENT_CONNECTED in events, f"port {port}: no connection ({events})"
+            assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in events, \
+                f"port {port}: a rogue ({'plain' if keys is None else 'CURVE'}) got in"
+            rogue.disable_monitor()
+            mon.close(linger=0)
+            rogue.close(linger=0)
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_two_ranks_serve_together_survive_a_dead_worker_and_stop_on_sigterm() -> None:
     """Both ranks hold running requests at once; then rank 1's worker is SIGKILLed
     mid-stream: its rank restarts it, the pool recomputes its requests, every stream ends
@@ -84,6 +142,14 @@ def test_two_ranks_serve_together_survive_a_dead_worker_and_stop_on_sigterm() ->
         assert busy_both, "the two requests never ran on both ranks at once"
         assert outs == {p: want[p] for p in PROMPTS[:2]}
         assert wait_idle(port, [NUM_BLOCKS, NUM_BLOCKS]) == [NUM_BLOCKS, NUM_BLOCKS]
+
+        (pool,) = _named(proc, "engine-pool-0")  # its worker socket on TCP, and the
+        launcher = int(Path(f"/proc/{pool}/stat").read_text().split(") ")[1].split()[1])
+        tcp = [*_listening_tcp_ports(pool), *_listening_tcp_ports(launcher)]  # inbox's
+        assert len(tcp) == 2, tcp
+        for listener in tcp:
+            _rogue_gets_nothing_through(listener)
+        assert _named(proc, "engine-pool-0") == [pool], "the pool did not survive the rogues"
 
         (victim,) = _named(proc, "engine-worker-0-1")
         streams = Streams(base, PROMPTS, MAX_TOKENS)
@@ -188,8 +254,9 @@ def test_flag_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
     assert cfg.worker.num_workers == 2 and len(cfg.models) == 2
     cfg = torchrun.torchrun_config(["--workers", "2"], world_size=2, local_world_size=2)
     assert cfg.worker.num_workers == 2 and cfg.worker.device in ("cpu", "cuda")
-    topo = Topology.torchrun(cfg)  # the control plane: every worker dials in over TCP
-    assert (topo.local_workers, topo.listen_host) == ((), "0.0.0.0")
+    keys = ipc.CurveKeys.generate()
+    topo = Topology.torchrun(cfg, keys)  # the control plane: every worker dials in over TCP
+    assert (topo.local_workers, topo.listen_host, topo.curve) == ((), "0.0.0.0", keys)
     assert topo.remote_workers == ("worker-0-0", "worker-0-1")
     assert Topology.rank_slot(cfg, 1, 2, 1).name == "worker-0-1"
     cfg = torchrun.torchrun_config(["-tp", "2"], world_size=4, local_world_size=4)

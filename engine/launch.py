@@ -10,8 +10,12 @@ all have, the launcher prints ``engine ready: http://HOST:PORT grpc://HOST:PORT`
 Then it supervises (``engine.supervisor``): a worker that exits is restarted (its whole
 tensor-parallel group with it, with backoff, up to ``--max-restarts`` in
 ``--restart-window``) and its pool is told (the pool re-places the worker's requests, which
-are recomputed; their streams go on). Any other process exiting is fatal. SIGINT/SIGTERM
-stop everything. Children get SIGKILL from the kernel if the launcher itself dies.
+are recomputed; their streams go on). A pool that exits is restarted the same way, on the
+same sockets: its workers live on and register with the new incarnation when it greets them
+(engine/pool/service.py, engine/worker/process.py), and the frontend resubmits its open
+requests as continuations (engine/frontend/pool_client.py). Under torchrun (pools listening
+on TCP ports published once to the other ranks) a pool's exit is fatal, and so is the
+frontend's everywhere. SIGINT/SIGTERM stop everything. Children get SIGKILL from the kernel if the launcher itself dies.
 
 This module does not import the frontend stack (fastapi, grpc) or a runner: each child
 imports its own (``engine.child``), so torchrun's ranks, which import this module, do not
@@ -40,14 +44,21 @@ from engine.topology import Topology, WorkerSlot
 log = logging.getLogger("engine.launch")
 
 
+POOL_TARGET = "engine.pool.service:run_pool"
+
+
 class LaunchError(RuntimeError):
     pass
 
 
 def process_specs(cfg: EngineConfig, topo: Topology, run_dir: str) -> list[ProcessSpec]:
     """Every process this launcher starts, in start order (pools, workers, frontend)."""
-    specs = [ProcessSpec(f"pool-{i}", "engine.pool.service:run_pool",
-                         (cfg, i, run_dir, topo.listen_host, topo.curve)) for i in topo.pools]
+    # Under torchrun a restarted pool would bind other TCP ports than those the other ranks
+    # were given: its death stays fatal there.
+    restart_pools = topo.listen_host is None
+    specs = [ProcessSpec(f"pool-{i}", POOL_TARGET, (cfg, i, run_dir, topo.listen_host,
+                                                     topo.curve),
+                         restart=restart_pools) for i in topo.pools]
     specs += [ProcessSpec(slot.name, "engine.worker.process:run_worker", (cfg, slot, run_dir),
                           restart=True, group=slot.group, pass_incarnation=True)
               for slot in topo.local_workers]
@@ -81,7 +92,7 @@ class Launcher:
             ipc.make_socket(self.ctx, zmq.PUSH, ipc.pool_addresses(self.run_dir, i).control, bind=False)
             for i in self.topo.pools
         ]
-        self.supervisor = Supervisor(restart_policy(cfg), on_restart=self._worker_died)
+        self.supervisor = Supervisor(restart_policy(cfg), on_restart=self._child_died)
         self.stop_signal: int | None = None
         self.grpc_port = cfg.frontend.grpc_port
         self.http_port = cfg.frontend.http_port
@@ -157,8 +168,13 @@ class Launcher:
         log.info("received %s; shutting down", signal.Signals(self.stop_signal).name)
         return 0
 
-    def _worker_died(self, child: Child, incarnation: int) -> None:
-        """A local worker (or a rank of its group) died: the pool recomputes its requests."""
+    def _child_died(self, child: Child, incarnation: int) -> None:
+        """A local worker (or a rank of its group) died: the pool recomputes its requests.
+        A pool died: nothing to tell (its restart greets its workers, the frontend sees the
+        new incarnation in its stats)."""
+        if child.spec.target == POOL_TARGET:
+            log.warning("%s died; its open requests are resubmitted to its restart", child.name)
+            return
         slot = child.spec.args[1]
         assert isinstance(slot, WorkerSlot), child.spec
         self.pool_controls[slot.pool_index].send(ipc.encode(
@@ -176,7 +192,8 @@ class Launcher:
 
     def shutdown(self) -> None:
         """Stop the frontend first (no new requests), then pools, then workers."""
-        self.supervisor.shutdown(order=lambda c: (c.name != "frontend", c.spec.restart))
+        self.supervisor.shutdown(order=lambda c: (c.name != "frontend",
+                                                  c.spec.target != POOL_TARGET))
         ipc.destroy(self.ctx, linger=0)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

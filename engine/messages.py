@@ -9,7 +9,7 @@ Channels (see docs/architecture.md):
 
     frontend  -> pool      FrontendToPool   AddRequest | AbortRequests
     pool      -> frontend  PoolToFrontend   PoolOutputs
-    pool      -> worker    PoolToWorker     StepPlan | Shutdown
+    pool      -> worker    PoolToWorker     PoolHello | StepPlan | Shutdown
     worker    -> pool      WorkerToPool     WorkerReady | StepResult | WorkerError
     launcher  -> pool      LauncherToPool   WorkerDied | Shutdown
     any       -> launcher  ToLauncher       ProcessReady | ProcessFailed | WorkerDied (torchrun)
@@ -23,7 +23,10 @@ new request carrying its prompt plus the tokens it had already produced.
 A pool that dies loses its requests; the frontend resubmits each one whose client is still
 there to the pool's next incarnation (told apart by ``PoolStats.pool_incarnation``) as a
 *continuation*: the same request with ``EngineRequest.output_token_ids``, the tokens already
-streamed, which the scheduler treats exactly as a preempted request's outputs.
+streamed, which the scheduler treats exactly as a preempted request's outputs. Its workers
+live on: each pool incarnation greets every worker (``PoolHello``) before its first plan to
+it, and a worker greeted by an incarnation it does not know drops every request it holds and
+registers again (``WorkerReady``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any, TypeAlias
 import msgspec
 
 #: Bumped whenever a message changes shape; processes of one engine must agree.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -328,8 +331,18 @@ class StepResult(_Msg, tag=True):
     grammar_ended_ids: list[str] = []
 
 
+class PoolHello(_Msg, tag=True):
+    """A pool incarnation's first message to a worker, before any plan to it. A worker that
+    does not know ``pool_incarnation`` (``PoolStats.pool_incarnation``) drops every request
+    it holds (they were the dead pool's) and answers ``WorkerReady``; everything the worker
+    receives before the hello is the previous incarnation's, everything after it this one's."""
+
+    pool_incarnation: int
+
+
 class WorkerReady(_Msg, tag=True):
-    """A worker's hello: its KV capacity in blocks, sent once at start (and at restart)."""
+    """A worker's hello: its KV capacity in blocks, sent at start (and at restart) and in
+    answer to each new pool incarnation's ``PoolHello``."""
 
     worker_id: int
     num_blocks: int
@@ -374,7 +387,7 @@ class ProcessFailed(_Msg, tag=True):
 
 FrontendToPool: TypeAlias = AddRequest | AbortRequests
 PoolToFrontend: TypeAlias = PoolOutputs
-PoolToWorker: TypeAlias = StepPlan | Shutdown
+PoolToWorker: TypeAlias = PoolHello | StepPlan | Shutdown
 WorkerToPool: TypeAlias = WorkerReady | StepResult | WorkerError
 LauncherToPool: TypeAlias = WorkerDied | Shutdown
 ToLauncher: TypeAlias = ProcessReady | ProcessFailed | WorkerDied

@@ -28,6 +28,8 @@ ordinary workers: it places requests across all of them and owns every block tab
   worker remote, sockets also on TCP), ``Topology.rank_slot`` for each rank's worker.
 - Ctrl-C or SIGTERM stops the control plane, its pool tells every worker to stop, each
   leader tells its group, and every rank exits.
+- A pool that dies stops the engine here (``python -m engine.launch`` restarts it): its
+  worker socket's TCP port was published once, and a restarted pool would bind another.
 - Without tensor parallelism a rank runs its worker in a child that it restarts if it dies
   (``engine.supervisor``, the launcher's restart policy; telling the launcher, so the pool
   recomputes the worker's requests): no request is lost.

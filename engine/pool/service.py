@@ -23,6 +23,20 @@ and results carry the incarnation, and:
   ignored, and so is a death of one already replaced;
 - a ``StepResult`` or ``WorkerError`` counts only if it answers the plan in flight, from the
   incarnation it was sent to; anything else is a dead incarnation's and is dropped.
+
+Pool restart. When this process dies the launcher starts a new one on the same sockets;
+the workers live on and their DEALERs reconnect. Each incarnation greets every worker
+(``PoolHello``, once, before its first plan to it): the worker ids of the config, as soon as
+each is connected (``ROUTER_MANDATORY`` refuses a send to an identity not connected yet, so
+the greeting is retried every ``GREET_RETRY_S`` until it goes out), and any other worker
+that registers. A worker greeted by an incarnation it does not know drops every request it
+holds and answers ``WorkerReady`` (engine/worker/process.py); a repeated ``WorkerReady``
+of the incarnation already registered (a worker greeted at start) is ignored here.
+A worker is given plans only once greeted, so a worker's stream holds the old pool's
+messages, then the hello, then this pool's plans. ``close`` tells the workers to stop only
+when the engine stops (SIGTERM, the launcher's ``Shutdown``) or when no restart comes
+(under torchrun, where a pool's death stops the engine); a pool that crashes leaves them
+waiting for the next one.
 """
 
 from __future__ import annotations
@@ -48,6 +62,8 @@ log = logging.getLogger(__name__)
 #: Stats reach the frontend at least this often, outputs or not: they are the pool's
 #: heartbeat (the frontend says NOT_SERVING after 1 s without them) and admission's input.
 STATS_INTERVAL_S = 0.25
+#: How often a pool retries greeting (``PoolHello``) the config's workers not connected yet.
+GREET_RETRY_S = 0.02
 
 
 class PoolService:
@@ -79,6 +95,9 @@ class PoolService:
         self.poller = zmq.Poller()
         for sock in (self.requests, self.workers, self.control):
             self.poller.register(sock, zmq.POLLIN)
+        #: Workers to greet: the config's, and any other that registers.
+        self.expected = set(range(cfg.worker.num_workers))
+        self.greeted: set[int] = set()
         self.dead: dict[int, int] = {}  # worker id -> its newest incarnation reported dead
         self.pending: list[m.RequestOutput] = []
         self.sent_at: dict[int, float] = {}  # worker id -> when its in-flight plan was sent
@@ -90,7 +109,8 @@ class PoolService:
 
     def run(self) -> None:
         while self.running:
-            busy = any(self.scheduler.has_work(w) for w in self.scheduler.workers)
+            busy = any(self.scheduler.has_work(w) for w in self.scheduler.workers
+                       if w in self.greeted)
             ready = dict(self.poller.poll(0 if busy else self._until_stats_ms()))
             now = self.clock()
             if self.control in ready:
@@ -99,15 +119,17 @@ class PoolService:
                 self._drain_workers()
             if self.requests in ready:
                 self._drain(self.requests, ipc.FRONTEND_TO_POOL, self._on_request)
+            self._greet()
             self._dispatch(now)
             if self.kv_events is not None:
                 self.kv_events.publish(self.scheduler.drain_kv_events(), now)
             self._flush(now)
 
-    def close(self) -> None:
+    def close(self, stop_workers: bool = True) -> None:
         """Tell every worker to stop (the launcher also signals the workers it started;
-        workers that dialed in from other ranks only hear this), then close the sockets."""
-        for w in self.scheduler.workers:
+        workers that dialed in from other ranks only hear this), then close the sockets.
+        ``stop_workers=False``: leave them waiting for the pool's next incarnation."""
+        for w in self.scheduler.workers if stop_workers else ():
             with contextlib.suppress(zmq.ZMQError):  # not connected: nothing to tell
                 self.workers.send_multipart([ipc.worker_identity(w), ipc.encode(m.Shutdown())],
                                             zmq.NOBLOCK)
@@ -165,9 +187,12 @@ class PoolService:
                       msg.protocol_version, m.PROTOCOL_VERSION)
             return
         ws = self.scheduler.workers.get(w)
-        if inc <= self.dead.get(w, -1) or (ws is not None and inc <= ws.incarnation):
+        if inc <= self.dead.get(w, -1) or (ws is not None and inc < ws.incarnation):
             log.warning("worker %d: hello of incarnation %d ignored (that incarnation is dead "
                         "or replaced)", w, inc)
+            return
+        if ws is not None and inc == ws.incarnation:  # it answers this pool's greeting
+            log.debug("worker %d (incarnation %d): registered already", w, inc)
             return
         if ws is not None:  # its WorkerDied is still on its way
             log.warning("worker %d incarnation %d replaces incarnation %d; %d requests "
@@ -204,8 +229,28 @@ class PoolService:
 
     # ------------------------------------------------------------------ output
 
+    def _greet(self) -> None:
+        """Greet each worker of the config (or registered) not greeted yet, if connected."""
+        for w in (self.expected | self.scheduler.workers.keys()) - self.greeted:
+            self._hello(w)
+
+    def _hello(self, w: int) -> bool:
+        """Send worker ``w`` this incarnation's ``PoolHello`` unless done; False while it
+        is not connected (``ROUTER_MANDATORY``: retried next turn)."""
+        if w not in self.greeted:
+            hello = m.PoolHello(pool_incarnation=self.incarnation)
+            try:
+                self.workers.send_multipart([ipc.worker_identity(w), ipc.encode(hello)],
+                                            zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return False
+            self.greeted.add(w)
+        return True
+
     def _dispatch(self, now: float) -> None:
         for w in list(self.scheduler.workers):
+            if not self._hello(w):  # a plan may only follow this pool's hello
+                continue
             plan = self.scheduler.schedule(w, now)
             if plan is None:
                 continue
@@ -236,6 +281,8 @@ class PoolService:
     def _until_stats_ms(self) -> int:
         """Milliseconds until the next heartbeat is due (an idle poll wakes up for it)."""
         due = self.last_stats + STATS_INTERVAL_S - self.clock()
+        if not self.expected <= self.greeted:  # and again soon for the greetings due
+            due = min(due, GREET_RETRY_S)
         return max(0, min(int(STATS_INTERVAL_S * 1000), int(due * 1000) + 1))
 
     def _flush(self, now: float) -> None:
@@ -264,7 +311,13 @@ def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str,
         raise fail_start() from e
     info = {} if service.worker_port is None else {"worker_port": service.worker_port}
     ipc.notify_launcher(run_dir, m.ProcessReady(name=name, info=info))
+    # A crash leaves the workers to the restarted pool; under torchrun (TCP) none comes.
+    stop_workers = listen_host is not None
     try:
         service.run()
+        stop_workers = True  # the launcher's Shutdown
+    except SystemExit:  # SIGTERM: the engine stops
+        stop_workers = True
+        raise
     finally:
-        service.close()
+        service.close(stop_workers)

@@ -1,11 +1,23 @@
 """The worker process: receive a StepPlan, run it on the model runner, send the StepResult.
 
-It says hello with its KV capacity once its model is loaded, and then only answers plans.
-A step that raises is reported as ``WorkerError`` (the pool fails that step's requests);
-the worker itself goes on. A plan addressed to another incarnation is dropped unread: the
-pool sent it to this worker's dead predecessor before it heard of the death, and the
-predecessor's address (its ZMQ identity) is now this process's (engine/pool/service.py).
+It says hello (``WorkerReady``, its KV capacity) once its model is loaded, and then answers
+plans. A step that raises is reported as ``WorkerError`` (the pool fails that step's
+requests); the worker itself goes on. A plan addressed to another incarnation is dropped
+unread: the pool sent it to this worker's dead predecessor before it heard of the death, and
+the predecessor's address (its ZMQ identity) is now this process's (engine/pool/service.py).
 Results and errors carry the incarnation.
+
+Pool restart. The worker outlives its pool: when the pool process dies, the worker's DEALER
+reconnects to the same address on its own, and the launcher's new pool binds it again. Each
+pool incarnation greets each worker (``PoolHello``) before its first plan to it. The
+worker's socket is one ordered stream across the reconnect (ZeroMQ keeps a connecting
+socket's queues), so what comes before a hello is the old pool's and what comes after it the
+new one's. A hello from a pool incarnation the worker does not know therefore means: every
+request held so far belonged to a pool that is gone. The worker drops them all
+(``ModelRunner.drop``: their state and grammar matchers; their KV blocks are overwritten
+later) and says ``WorkerReady`` again, with the same incarnation (a fresh pool accepts any;
+one that registered the worker already ignores the repeat). Its answers to plans of the dead
+pool reach the new pool before that ``WorkerReady`` and are dropped there as stale.
 """
 
 from __future__ import annotations
@@ -31,32 +43,56 @@ log = logging.getLogger(__name__)
 
 def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int,
           incarnation: int = 0) -> None:
+    """Say ``WorkerReady`` on ``sock`` (a DEALER dialing the pool), then answer the pool's
+    messages until it says ``Shutdown``; see the module doc for a pool's restart."""
+    ready = ipc.encode(m.WorkerReady(worker_id=worker_id, num_blocks=runner.num_blocks,
+                                     block_size=runner.block_size, incarnation=incarnation))
+    sock.send(ready)
+    pool: int | None = None  # the pool incarnation that greeted this worker last
+    held: set[str] = set()  # every request the runner may hold (a superset: a failed step's)
     while True:
         msg = ipc.POOL_TO_WORKER.decode(sock.recv(copy=False).buffer)
         match msg:
+            case m.PoolHello(pool_incarnation=new) if new != pool:
+                if held:
+                    log.warning("pool restarted (incarnation %d): dropping the %d requests "
+                                "of the previous one", new, len(held))
+                    runner.drop(sorted(held))
+                    held.clear()
+                pool = new
+                sock.send(ready)
+            case m.PoolHello():
+                pass
             case m.StepPlan() if msg.incarnation != incarnation:
                 log.warning("dropped step %d, addressed to incarnation %d of worker %d (this "
                             "is incarnation %d)", msg.step_id, msg.incarnation, worker_id,
                             incarnation)
             case m.StepPlan():
-                start = time.perf_counter()
-                try:
-                    result = runner.step(msg)
-                except GroupError:
-                    log.exception("step %d broke the tensor-parallel group; exiting so the "
-                                  "group restarts", msg.step_id)
-                    raise
-                except Exception as e:
-                    log.exception("step %d failed", msg.step_id)
-                    sock.send(ipc.encode(m.WorkerError(step_id=msg.step_id, worker_id=worker_id,
-                                                       message=f"{type(e).__name__}: {e}",
-                                                       incarnation=incarnation)))
-                    continue
-                result.incarnation = incarnation
-                result.execute_time_s = time.perf_counter() - start
-                sock.send(ipc.encode(result))
+                held.difference_update(msg.finished_request_ids)
+                held.update(r.request_id for r in msg.new_requests)
+                _run_step(runner, sock, msg, worker_id, incarnation)
             case m.Shutdown():
                 return
+
+
+def _run_step(runner: ModelRunner, sock: zmq.Socket[Any], plan: m.StepPlan, worker_id: int,
+              incarnation: int) -> None:
+    start = time.perf_counter()
+    try:
+        result = runner.step(plan)
+    except GroupError:
+        log.exception("step %d broke the tensor-parallel group; exiting so the group "
+                      "restarts", plan.step_id)
+        raise
+    except Exception as e:
+        log.exception("step %d failed", plan.step_id)
+        sock.send(ipc.encode(m.WorkerError(step_id=plan.step_id, worker_id=worker_id,
+                                           message=f"{type(e).__name__}: {e}",
+                                           incarnation=incarnation)))
+        return
+    result.incarnation = incarnation
+    result.execute_time_s = time.perf_counter() - start
+    sock.send(ipc.encode(result))
 
 
 def run_worker(cfg: EngineConfig, slot: WorkerSlot, run_dir: str, *,
@@ -115,13 +151,11 @@ def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation
     ctx: zmq.Context[Any] = zmq.Context()
     sock = ipc.make_socket(ctx, zmq.DEALER, pool_address, bind=False,
                            identity=ipc.worker_identity(worker_id), curve=curve)
-    sock.send(ipc.encode(m.WorkerReady(worker_id=worker_id, num_blocks=runner.num_blocks,
-                                       block_size=runner.block_size, incarnation=incarnation)))
     ipc.notify_launcher(launcher, m.ProcessReady(name=name, info={"num_blocks": runner.num_blocks}),
                         curve)
     log.info("%s ready: %d KV blocks of %d tokens", name, runner.num_blocks, runner.block_size)
     try:
-        serve(runner, sock, worker_id, incarnation)
+        serve(runner, sock, worker_id, incarnation)  # says WorkerReady to the pool first
     finally:
         runner.close()
         ctx.destroy(linger=0)

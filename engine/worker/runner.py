@@ -11,6 +11,9 @@ knows and the block table the scheduler gave it, and applies each ``StepPlan``'s
    their KV into the slots its block table gives, attending to its whole context;
 5. sample one token for every request whose known tokens are now all computed, append it
    to the request's known tokens, and return them in a ``StepResult``.
+
+When its pool restarts, the worker forgets every request it holds (``drop``): the new pool
+knows none of them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ class ModelRunner(ABC):
     @abstractmethod
     def step(self, plan: StepPlan) -> StepResult:
         """Apply the plan's deltas, run the forward pass, sample; see the module doc."""
+
+    def drop(self, request_ids: list[str]) -> None:
+        """Forget these requests (their state, their grammar matchers; ids it does not hold
+        are ignored); their KV blocks are simply overwritten later. The default runs a plan
+        that only finishes them, the path every runner takes for aborted requests."""
+        if request_ids:
+            self.step(StepPlan(step_id=-1, worker_id=-1, finished_request_ids=list(request_ids)))
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory; the runner is not used afterwards."""

@@ -117,12 +117,17 @@ def metric(engine: str, name: str, model: str) -> float:
 
 
 def stream_greedy(base: str, prompt: str, max_tokens: int,
-                  started: threading.Semaphore | None = None) -> str:
+                  started: threading.Semaphore | None = None,
+                  go: threading.Barrier | None = None) -> str:
     """A greedy completion (EOS ignored) streamed from the engine at ``base``; ``started``
-    is released at its first token."""
+    is released at its first token; with ``go``, the request is sent once every party of
+    the barrier has its client ready (streams started together overlap even on a loaded
+    machine, where importing and building a client can take a second)."""
     import openai
 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+    if go is not None:
+        go.wait(timeout=60)
     text: list[str] = []
     for chunk in client.completions.create(model="default", prompt=prompt, max_tokens=max_tokens,
                                            temperature=0.0, stream=True,
@@ -140,9 +145,10 @@ class Streams:
     def __init__(self, base: str, prompts: Sequence[str], max_tokens: int) -> None:
         self.out: dict[str, str] = {}
         self._started = threading.Semaphore(0)
+        go = threading.Barrier(len(prompts))
 
         def run(prompt: str) -> None:
-            self.out[prompt] = stream_greedy(base, prompt, max_tokens, self._started)
+            self.out[prompt] = stream_greedy(base, prompt, max_tokens, self._started, go)
 
         self.threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
         for t in self.threads:

@@ -64,8 +64,11 @@ class Wire:
     def plan(self) -> m.StepPlan:
         """The pool's next step for the worker, as the process holding the identity gets it."""
         self.service._dispatch(0.0)
-        assert self.peer.poll(5000), "no plan sent"
-        msg = ipc.POOL_TO_WORKER.decode(self.peer.recv())
+        while True:  # after the pool's greeting, sent once, before its first plan
+            assert self.peer.poll(5000), "no plan sent"
+            msg = ipc.POOL_TO_WORKER.decode(self.peer.recv())
+            if not isinstance(msg, m.PoolHello):
+                break
         assert isinstance(msg, m.StepPlan)
         return msg
 
@@ -260,6 +263,7 @@ def check_worker_serve(router: zmq.Socket[Any], dealer: zmq.Socket[Any]) -> None
     assert router.poll(5000)
     router.recv_multipart()
     thread.start()
+    assert isinstance(ipc.WORKER_TO_POOL.decode(router.recv_multipart()[1]), m.WorkerReady)
 
     def to_worker(msg: m.PoolToWorker) -> None:
         router.send_multipart([ipc.worker_identity(W), ipc.encode(msg)])

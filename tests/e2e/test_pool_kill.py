@@ -1,0 +1,61 @@
+"""SIGKILL the pool (scheduler) process under 16 concurrent greedy streams: the launcher
+restarts it, its workers reset their KV and register with the new incarnation, and the
+frontend resubmits every stream as a continuation. Every stream completes with the text of
+an undisturbed run (no token repeated or missing), the KV blocks return to their idle
+baseline, and health says so again.
+
+Needs the launcher's pool restart (the supervisor of issue 14): with a launcher that exits
+when its pool dies, this test fails, as it should.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from e2e.engine_proc import Streams, children, launched, wait_idle
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+NUM_KV_BLOCKS = 256
+MAX_TOKENS = 400
+PROMPTS = [
+    "Return a list of", "The default value is", "Raise ValueError if", "This module provides",
+    "Create a new", "If the file", "Return True if the", "The result is a",
+    "Convert the string", "Open the socket and", "Return the number of", "Set the current",
+    "This class implements", "Read the data from", "Return a new dictionary", "When the timeout",
+]
+
+
+def _pool_pid(launcher_pid: int) -> int | None:
+    pids = [pid for pid, args in children(launcher_pid) if args.startswith("engine-pool-0")]
+    return pids[0] if pids else None
+
+
+def test_sigkill_the_pool_mid_stream_loses_nothing() -> None:
+    with launched("--workers", "2", "--num-kv-blocks", str(NUM_KV_BLOCKS)) as (proc, port):
+        base = f"http://127.0.0.1:{proc.http_port}"  # type: ignore[attr-defined]
+        undisturbed = Streams(base, PROMPTS, MAX_TOKENS).join()
+        assert len(undisturbed) == len(PROMPTS)
+        assert wait_idle(port, [NUM_KV_BLOCKS] * 2) == [NUM_KV_BLOCKS] * 2
+        pool = _pool_pid(proc.pid)
+        assert pool is not None
+
+        streams = Streams(base, PROMPTS, MAX_TOKENS)
+        streams.wait_under_way()
+        os.kill(pool, signal.SIGKILL)
+        out = streams.join(timeout=120)
+        assert all(not t.is_alive() for t in streams.threads), "a stream hangs"
+        for prompt in PROMPTS:
+            assert out.get(prompt) == undisturbed[prompt], prompt
+
+        restarted = _pool_pid(proc.pid)
+        assert restarted is not None and restarted != pool, "the pool was not restarted"
+        assert wait_idle(port, [NUM_KV_BLOCKS] * 2, timeout=60) == [NUM_KV_BLOCKS] * 2
+        deadline = time.time() + 10
+        while time.time() < deadline and httpx.get(f"{base}/health").status_code != 200:
+            time.sleep(0.2)
+        assert httpx.get(f"{base}/health").status_code == 200

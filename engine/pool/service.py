@@ -219,8 +219,7 @@ class PoolService:
     def _in_flight(self, worker_id: int, step_id: int, incarnation: int) -> m.StepPlan | None:
         """The plan in flight to the worker if a message of ``incarnation`` about
         ``step_id`` answers it; None for a stale message (dropped, and logged)."""
-        ws = self.scheduler.workers.get(worker_id)
-        plan = ws.in_flight if ws is not None else None
+        plan = self.scheduler.in_flight(worker_id)
         if plan is None or plan.step_id != step_id or plan.incarnation != incarnation:
             log.info("worker %d: dropped a stale answer to step %d from incarnation %d",
                      worker_id, step_id, incarnation)
@@ -270,9 +269,8 @@ class PoolService:
 
     def _stats(self) -> m.PoolStats:
         stats = self.scheduler.stats()
-        workers = self.scheduler.workers
-        stats.worker_ids = sorted(workers)
-        stats.num_waiting_per_worker = [len(workers[w].waiting) for w in stats.worker_ids]
+        stats.worker_ids = sorted(self.scheduler.workers)
+        stats.num_waiting_per_worker = [self.scheduler.num_waiting(w) for w in stats.worker_ids]
         stats.step_batch_sizes, stats.step_num_tokens, stats.step_times_s = self.steps
         stats.pool_incarnation = self.incarnation
         self.steps = ([], [], [])

@@ -1,6 +1,9 @@
 """Scheduling policies: queue order, admission preemption and victims, as small plugins.
 
-A policy ranks; it never mutates scheduler state. Select one by name (``--policy``) or by
+A policy ranks; it never mutates scheduler state. The scheduler's step asks it through
+hooks whose defaults do nothing: ``admission_victims`` (preemptive admission),
+``urgent`` (exclusive prefill) and ``admission_gate`` (the outranked share); only
+``priority`` turns them on, through its class flags. Select one by name (``--policy``) or by
 import path (``package.module:Class``, a subclass of ``Policy``). Placement across workers is
 a separate plugin (``engine.scheduler.placement``).
 
@@ -25,7 +28,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from engine.scheduler.request import Request
+from engine.scheduler.request import Request, RequestStatus
 
 
 class WorkerView(Protocol):
@@ -75,6 +78,91 @@ class Policy:
 
     def on_served(self, req: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
         """Accounting hook: tokens just computed for ``req`` (prefill chunk) or produced."""
+
+    # ------------------------------------------------------------------ step hooks
+
+    def admission_victims(self, head: Request, running: Sequence[Request]) -> list[Request]:
+        """Preemptive admission: the running requests ``head`` may take the place of when it
+        cannot be admitted, in the order to preempt them (none unless ``preemptive``)."""
+        if not self.preemptive:
+            return []
+        return sorted((r for r in running if self.may_preempt(head, r)), key=self.victim_key)
+
+    def urgent(self, running: Sequence[Request], waiting: Sequence[Request],
+               worker_id: int) -> Request | None:
+        """Exclusive prefill: of the requests with prompt tokens to compute in this step
+        (running chunks and the next waiting request), the first by ``queue_key``; the
+        requests it may preempt sit the step out, keeping their blocks, so the step holds
+        only work it does not outrank and its first token comes sooner. None (nobody sits
+        out) unless ``exclusive_prefill``."""
+        if not self.exclusive_prefill:
+            return None
+        candidates = [r for r in running if r.num_computed_tokens + 1 < r.num_tokens]
+        for req in waiting:
+            if req.status is RequestStatus.WAITING and req.worker_id == worker_id:
+                candidates.append(req)
+                break
+        return min(candidates, key=self.queue_key) if candidates else None
+
+    def outranked_limit(self, max_num_seqs: int) -> int | None:
+        """The sequences the requests outranked by a worker's top request may hold
+        (``outranked_seq_share`` of ``max_num_seqs``; None: all). ValueError for a share
+        outside (0, 1]."""
+        share = self.outranked_seq_share
+        if share is None:
+            return None
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"--policy: {self.name}: outranked_seq_share must be in (0, 1], "
+                             f"got {share}")
+        return max(1, int(share * max_num_seqs))
+
+    def admission_gate(self, running: list[Request], urgent: Request | None,
+                       max_num_seqs: int) -> AdmissionGate | None:
+        """What stops admission early in a step: requests ``urgent`` outranks, and those
+        beyond the outranked share. None (nothing) by default."""
+        limit = self.outranked_limit(max_num_seqs)
+        if urgent is None and limit is None:
+            return None
+        return AdmissionGate(self, running, urgent, limit)
+
+
+class AdmissionGate:
+    """One step's admission stops for a policy that outranks: no waiting request ``urgent``
+    outranks is admitted, and with ``limit``, the requests the worker's top request outranks
+    (the top: its best running request, or the first that could be admitted) may hold at
+    most ``limit`` sequences; running ones are never evicted for it."""
+
+    __slots__ = ("_outranked", "limit", "policy", "running", "seats", "top", "urgent")
+
+    def __init__(self, policy: Policy, running: list[Request], urgent: Request | None,
+                 limit: int | None) -> None:
+        self.policy = policy
+        self.running = running  # the worker's, read when the first request asks
+        self.urgent = urgent
+        self.limit = limit
+        self.top: Request | None = None
+        self.seats = 0  # outranked requests that may still join (once ``top`` is known)
+        self._outranked = False
+
+    def admits(self, req: Request) -> bool:
+        """Whether ``req`` (and so anything after it in admission order) may be admitted."""
+        may_preempt = self.policy.may_preempt
+        if self.urgent is not None and may_preempt(self.urgent, req):
+            return False
+        if self.limit is None:
+            return True
+        if self.top is None:  # once per step, and only when something could be admitted
+            key = self.policy.queue_key
+            top = min(self.running, key=key, default=req)
+            self.top = req if key(req) < key(top) else top
+            self.seats = self.limit - sum(1 for r in self.running if may_preempt(self.top, r))
+        self._outranked = may_preempt(self.top, req)
+        return not (self._outranked and self.seats <= 0)
+
+    def admitted(self, req: Request) -> None:
+        """``req``, just let through by ``admits``, is in the step."""
+        if self._outranked:
+            self.seats -= 1
 
 
 class PriorityPolicy(Policy):

@@ -125,7 +125,7 @@ def parse_engine_config(text: str) -> tuple[str, list[str]]:
 
 def _engine_flags() -> set[str]:
     try:
-        from engine.config import build_parser
+        from engine.cli import build_parser
     except ImportError:  # pragma: no cover - the engine is part of this repository
         return set()
     return {s for action in build_parser()._actions for s in action.option_strings}

@@ -36,7 +36,8 @@ import zmq
 
 from engine import ipc
 from engine import messages as m
-from engine.config import ConfigError, EngineConfig, config_from_args
+from engine.cli import config_from_args
+from engine.config import ConfigError, EngineConfig
 from engine.resolve import resolve_config
 from engine.supervisor import Child, ProcessSpec, RestartPolicy, Supervisor, SupervisorError
 from engine.topology import Topology, WorkerSlot

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.chat import chat_prompt_ids
-from engine.config import EngineConfig, config_from_dict
+from engine.cli import config_from_dict
+from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.frontend.serving import check_sampling
 from engine.messages import EngineRequest, RequestOutput, SamplingParams

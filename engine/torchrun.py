@@ -57,7 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from engine import env, ipc
-from engine.config import ConfigError, EngineConfig, config_from_args, replace
+from engine.cli import config_from_args
+from engine.config import ConfigError, EngineConfig, replace
 from engine.resolve import resolve_config
 from engine.supervisor import Child, ProcessSpec, Supervisor, SupervisorError
 from engine.topology import Topology, WorkerSlot

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, config_from_args, replace
+from engine.cli import config_from_args
+from engine.config import ConfigError, replace
 
 
 def test_defaults_serve_the_embedded_model_on_localhost():
@@ -150,7 +151,8 @@ def test_cli_is_built_from_the_config_fields():
     dataclasses and the CLI agree on every default (cuda_graph_max_batch included)."""
     import dataclasses
 
-    from engine.config import SECTIONS, EngineConfig, build_parser, flag_fields
+    from engine.cli import SECTIONS, build_parser, flag_fields
+    from engine.config import EngineConfig
 
     help_text = " ".join(build_parser().format_help().split())
     for _, section in SECTIONS:
@@ -165,7 +167,7 @@ def test_cli_is_built_from_the_config_fields():
         assert a == b, name
     assert cli.models == plain.models
     with pytest.raises(ConfigError, match="unknown option 'wokers'"):
-        from engine.config import config_from_dict
+        from engine.cli import config_from_dict
 
         config_from_dict({"wokers": 2})
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.config import config_from_args
+from engine.cli import config_from_args
 from engine.frontend.metrics import EngineMetrics
 from engine.messages import PoolStats
 

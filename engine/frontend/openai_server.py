@@ -49,7 +49,7 @@ from engine.frontend.openai_protocol import (
     CompletionRequest,
     unsupported_field,
 )
-from engine.frontend.openai_stream import Merged, collect, sse, unless_disconnected
+from engine.frontend.openai_stream import Generations, collect, sse, start, unless_disconnected
 from engine.frontend.serving import (
     Delta,
     GenerationFailed,
@@ -197,11 +197,11 @@ class OpenAIServer:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(extra)))
 
     async def _start(self, model: ServedModel, choices: Sequence[Choice],
-                     request: Request) -> tuple[Merged, tuple[Choice, Delta] | None]:
+                     request: Request) -> tuple[Generations, tuple[Choice, Delta] | None]:
         """Start every generation and wait for the first delta (the status is committed
         then): 503 after ``--max-queue-time`` without one, or if the pool is unreachable.
         A client that disconnects meanwhile aborts everything."""
-        merged = Merged(model, choices, self.metrics)
+        merged = start(model, choices, self.metrics)
         try:
             first = await unless_disconnected(
                 request, asyncio.wait_for(merged.next(), self.cfg.max_queue_time_s))

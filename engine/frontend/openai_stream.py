@@ -1,17 +1,20 @@
 """Running a response's generations, independent of the endpoints
 (``engine.frontend.openai_server``).
 
-A response's choices are generated at once: ``Merged`` interleaves their deltas as they
-arrive, and closing it (also on cancellation) aborts every generation still running. The
-deltas end either in one body (``collect``) or as Server-Sent Events (``sse``).
+A response's choices are generated at once (``start``): with ``n`` > 1, ``Merged``
+interleaves their deltas as they arrive, one task per choice feeding one queue; the common
+single choice is ``Single``, its one generation iterated directly (no task, no second queue
+on top of the pool client's per-request one). Either way ``next`` gives ``(choice, delta)``
+and closing (also on cancellation) aborts every generation still running. The deltas end
+either in one body (``collect``) or as Server-Sent Events (``sse``).
 ``unless_disconnected`` waits for work unless the client goes away first, which aborts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from typing import Any, cast
 
 from fastapi import Request
 
@@ -66,7 +69,52 @@ class Merged:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def collect(merged: Merged, first: tuple[Choice, Delta] | None) -> None:
+class Single:
+    """One generation's deltas, ``(choice, delta)``, pulled straight from ``generate``.
+
+    The generation starts on the first ``next``. A ``next`` cancelled while it waits
+    (``--max-queue-time``, a client gone) closes the generation, which aborts it in its
+    pool; ``aclose`` aborts one suspended between deltas.
+    """
+
+    def __init__(self, model: ServedModel, choice: Choice, metrics: EngineMetrics) -> None:
+        self._choice = choice
+        # ``generate`` is an async generator function (typed as the iterator it returns).
+        self._deltas = cast(AsyncGenerator[Delta, None],
+                            generate(model, choice.request, metrics))
+        self._waiting = False
+
+    async def next(self) -> tuple[Choice, Delta] | None:
+        """The next delta, or None when the generation has ended."""
+        self._waiting = True
+        try:
+            delta = await anext(self._deltas)
+        except StopAsyncIteration:
+            return None
+        finally:
+            self._waiting = False
+        return self._choice, delta
+
+    async def aclose(self) -> None:
+        # A ``next`` still waiting here has been cancelled (the only way ``aclose`` runs
+        # beside one): its CancelledError closes the generation; an async generator cannot
+        # be closed while it runs.
+        if not self._waiting:
+            await self._deltas.aclose()
+
+
+#: The running generations of one response.
+Generations = Merged | Single
+
+
+def start(model: ServedModel, choices: Sequence[Choice], metrics: EngineMetrics) -> Generations:
+    """Run every choice's generation: directly for one, merged for several."""
+    if len(choices) == 1:
+        return Single(model, choices[0], metrics)
+    return Merged(model, choices, metrics)
+
+
+async def collect(merged: Generations, first: tuple[Choice, Delta] | None) -> None:
     """Add every delta to its choice, from ``first`` to the end of every generation."""
     item = first
     while item is not None:
@@ -101,7 +149,7 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
-async def sse(merged: Merged, first: tuple[Choice, Delta] | None, choices: list[Choice],
+async def sse(merged: Generations, first: tuple[Choice, Delta] | None, choices: list[Choice],
               fmt: TextFormat | ChatFormat, include_usage: bool) -> AsyncIterator[str]:
     """The stream's SSE events: the opening chunks, one chunk per delta, the usage chunk
     when asked for, an error event if the generation fails, and ``[DONE]``."""

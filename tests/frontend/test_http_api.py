@@ -571,23 +571,29 @@ def test_shedding_refuses_sheddable_only(make_env: Callable[..., Env]) -> None:
 
 
 def test_queue_timeout_is_503_and_aborts(make_env: Callable[..., Env]) -> None:
+    """One choice (iterated directly) and several (merged): every generation is aborted."""
     e = make_env(max_queue_time_s=0.3)
     for stream in (False, True):
-        r = e.post("/v1/completions", {"prompt": "x", "user": "hold", "stream": stream})
-        assert_error(r, 503, "service_unavailable", "--max-queue-time")
-        rid = e.pools[0].added[-1].request_id
-        assert wait_for(lambda rid=rid: rid in e.pools[0].aborted)
+        for n in (1, 3):
+            before = len(e.pools[0].added)
+            r = e.post("/v1/completions", {"prompt": "x", "user": "hold", "stream": stream,
+                                           "n": n})
+            assert_error(r, 503, "service_unavailable", "--max-queue-time")
+            rids = [a.request_id for a in e.pools[0].added[before:]]
+            assert len(rids) == n
+            assert wait_for(lambda rids=rids: set(rids) <= set(e.pools[0].aborted))
 
 
+@pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("stream", [False, True])
-def test_client_disconnect_aborts(env: Env, stream: bool) -> None:
-    n = len(env.pools[0].added)
+def test_client_disconnect_aborts(env: Env, stream: bool, n: int) -> None:
+    before = len(env.pools[0].added)
     with pytest.raises(httpx.ReadTimeout):
-        env.post("/v1/completions", {"prompt": "x", "user": "hold", "stream": stream},
+        env.post("/v1/completions", {"prompt": "x", "user": "hold", "stream": stream, "n": n},
                  timeout=0.5)
-    assert wait_for(lambda: len(env.pools[0].added) > n)
-    rid = env.pools[0].added[-1].request_id
-    assert wait_for(lambda: rid in env.pools[0].aborted)
+    assert wait_for(lambda: len(env.pools[0].added) == before + n)
+    rids = [a.request_id for a in env.pools[0].added[before:]]
+    assert wait_for(lambda: set(rids) <= set(env.pools[0].aborted))
 
 
 def test_disconnect_mid_stream_aborts(env: Env) -> None:

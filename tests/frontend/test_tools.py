@@ -11,7 +11,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from engine.config import TOOL_CALL_PARSERS, ConfigError, config_from_args, config_from_dict
+from engine.cli import config_from_args, config_from_dict
+from engine.config import TOOL_CALL_PARSERS, ConfigError
 from engine.frontend.serving import InvalidRequest
 from engine.frontend.tool_parsers import (
     PARSERS,

@@ -12,13 +12,8 @@ import zmq
 from fakes import FakeWorker, make_request
 from vllm.distributed import kv_events as vllm_events
 
-from engine.config import (
-    ConfigError,
-    KVEventsConfig,
-    SchedulerConfig,
-    config_from_args,
-    parse_kv_events_config,
-)
+from engine.cli import config_from_args
+from engine.config import ConfigError, KVEventsConfig, SchedulerConfig, parse_kv_events_config
 from engine.kv_events import (
     END_SEQ,
     AllBlocksCleared,

@@ -13,7 +13,7 @@ import zmq
 
 from engine import ipc
 from engine import messages as m
-from engine.config import config_from_dict
+from engine.cli import config_from_dict
 from engine.frontend import health
 from engine.pool.service import STATS_INTERVAL_S, PoolService
 

@@ -13,7 +13,7 @@ from fakes import make_request, reference_output
 from pool.test_pool_service import fake_worker_thread
 
 from engine import ipc
-from engine.config import config_from_dict
+from engine.cli import config_from_dict
 from engine.frontend.pool_client import PoolClient
 from engine.pool.service import PoolService
 

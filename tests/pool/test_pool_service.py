@@ -10,7 +10,7 @@ from fakes import FakeWorker, make_request, reference_output
 
 from engine import ipc
 from engine import messages as m
-from engine.config import config_from_dict
+from engine.cli import config_from_dict
 from engine.pool.service import PoolService
 
 

@@ -1,0 +1,734 @@
+"""Soak benchmark: mixed load, client aborts and SIGKILLs, for minutes; nothing may be lost.
+
+    python -m bench.soak --minutes 30                      # the real run (a quiet machine)
+    python -m bench.soak --minutes 2 --rate 2 --kill worker --kill-every 30 --json soak.json \\
+        -- --num-threads 1                                  # after "--": engine.launch flags
+
+It launches the engine (``bench.engine_server.running_engine``), warms it up, then measures the
+idle baseline: every process's RSS (from ``/proc``: the launcher's descendants, each named by
+its role, ``worker-0-0``, ``pool-0``, ``frontend``) and each pool's free KV blocks (the gRPC
+``Health`` RPC: exact per-worker counts). Then, for ``--minutes``:
+
+- **Load**: one request every ``1/--rate`` seconds (a steady rate, open loop), each drawn
+  from a seeded generator: ``/v1/chat/completions`` or ``/v1/completions``, streamed or not,
+  a prompt of 4-64 words, 8-96 output tokens, greedy with ``ignore_eos`` (so a completed
+  request must have exactly ``max_tokens`` tokens: a repeated or dropped token after a
+  recomputation or a continuation shows up as a mismatch).
+- **Client aborts**: ``--abort-fraction`` of the requests are abandoned on purpose: a stream
+  is closed after a random number of token events, a non-streamed request after a random
+  delay (the connection closes; the engine must free the request's KV).
+- **Kills**: every ``--kill-every`` seconds one process is SIGKILLed, cycling through the
+  kinds of ``--kill`` (default ``worker,pool,frontend``); the victim is a random process of
+  that kind. After each kill the benchmark waits (``--recovery-timeout``) for a new process
+  of that role and ``/health`` 200, and records the time. If the launcher exits (an
+  unhandled death), the run stops there and fails: it never hangs.
+
+Each request ends in exactly one outcome (``classify``): ``completed`` (with its token
+count), ``aborted`` (by us), ``cut`` (a transport error on a connection that was open when a
+frontend was killed: the connection reset is the designed outcome), ``failed`` (an HTTP
+error, a connection error, an error event, a finish reason of ``abort``/``error``), or
+``lost`` (no answer and no error within ``--request-timeout``, or a stream that ended
+without a ``finish_reason``). After the load the benchmark waits for the engine to be idle
+and measures again. The run passes when nothing is lost, the engine survived every kill,
+every process's RSS grew by at most ``--rss-tolerance`` (10%) over its start, and each
+pool's free KV blocks are back at the baseline. A JSON report (``--json``) and a short table;
+exit code 0 on a pass, 1 otherwise.
+
+Not in CI: ``tests/bench/test_soak.py`` covers the pure parts (outcome accounting, the kill
+schedule, the process roles, the RSS table) without an engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from bench.engine_server import RunningEngine, running_engine
+from bench.loadgen.client import ClientConfig, make_client
+
+KINDS = ("worker", "pool", "frontend")
+COMPLETED, ABORTED, CUT, FAILED, LOST = "completed", "aborted", "cut", "failed", "lost"
+OUTCOMES = (COMPLETED, ABORTED, CUT, FAILED, LOST)
+_FAILED_FINISH_REASONS = ("abort", "error")
+#: A /health 200 this soon after a kill may predate the death (engine.frontend.health's
+#: STALE_AFTER_S, 1 s, plus a heartbeat).
+HEALTH_STALE_S = 1.25
+_WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
+          "small", "birds", "sing", "about", "rivers", "import", "def", "return", "class",
+          "lambda", "yield", "value", "list", "dict")
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of the load. ``abort_after_events``: a stream closed after that many
+    token events; ``abort_after_s``: a non-streamed request abandoned after that delay."""
+
+    index: int
+    chat: bool
+    stream: bool
+    prompt: str
+    max_tokens: int
+    abort_after_events: int | None = None
+    abort_after_s: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return ("chat" if self.chat else "completions") + (" stream" if self.stream else "")
+
+
+def draw_request(rng: random.Random, index: int, abort_fraction: float,
+                 stream_fraction: float = 0.7) -> RequestSpec:
+    chat, stream = rng.random() < 0.5, rng.random() < stream_fraction
+    prompt = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 64)))
+    max_tokens = rng.randint(8, 96)
+    events = seconds = None
+    if rng.random() < abort_fraction:
+        if stream:
+            events = rng.randint(1, max_tokens - 1)
+        else:
+            seconds = rng.uniform(0.02, 0.5)
+    return RequestSpec(index, chat, stream, prompt, max_tokens, events, seconds)
+
+
+def request_body(spec: RequestSpec, model: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": spec.max_tokens, "temperature": 0.0,
+                            "ignore_eos": True, "stream": spec.stream}
+    if spec.chat:
+        body["messages"] = [{"role": "user", "content": spec.prompt}]
+    else:
+        body["prompt"] = spec.prompt
+    if spec.stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+@dataclass
+class Result:
+    """What became of one request; times in seconds since the run started."""
+
+    index: int
+    kind: str
+    max_tokens: int
+    sent_s: float
+    end_s: float = 0.0
+    outcome: str = FAILED
+    reason: str = ""  # why it failed, was lost or was cut ("" when completed or aborted)
+    tokens: int = 0  # output tokens (usage, else token events)
+    finish_reason: str | None = None
+
+
+@dataclass
+class StreamState:
+    """A server-sent event stream, event by event (``feed``), then its verdict (``end``)."""
+
+    token_events: int = 0
+    usage_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str = ""
+
+    def feed(self, event: Mapping[str, Any]) -> None:
+        if "error" in event:
+            self.error = f"error event: {json.dumps(event['error'])[:160]}"
+            return
+        if choices := event.get("choices"):
+            choice = choices[0]
+            delta = choice.get("delta") or {}
+            if choice.get("text") or delta.get("content"):
+                self.token_events += 1
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        if usage := event.get("usage"):
+            self.usage_tokens = int(usage.get("completion_tokens", 0))
+
+    @property
+    def tokens(self) -> int:
+        return self.usage_tokens if self.usage_tokens is not None else self.token_events
+
+    def end(self) -> tuple[str, str]:
+        """(outcome, reason) of a stream the server ended (with ``[DONE]`` or not)."""
+        return answer_outcome(self.finish_reason, self.error)
+
+
+def answer_outcome(finish_reason: str | None, error: str = "") -> tuple[str, str]:
+    """The outcome of an answer the server finished: an error event or a failed finish
+    reason is a failure; no finish reason at all is a lost request (the client cannot tell
+    whether its text is whole)."""
+    if error:
+        return FAILED, error
+    if finish_reason in _FAILED_FINISH_REASONS:
+        return FAILED, f"finish_reason {finish_reason}"
+    if finish_reason is None:
+        return LOST, "ended without finish_reason"
+    return COMPLETED, ""
+
+
+#: A request sent this soon after a frontend kill may still go out on a kept-alive
+#: connection to the dead process (the client cannot know yet): its reset is a cut too.
+CUT_GRACE_S = 2.0
+_CONNECT_ERRORS = ("ConnectError", "ConnectTimeout")
+
+
+def transport_outcome(sent_s: float, end_s: float, frontend_kills_s: Iterable[float],
+                      error: str) -> tuple[str, str]:
+    """A connection error or reset (``error``: the exception's name): ``cut`` when it was on
+    a connection open at a frontend kill (the request in flight then, or sent on a kept-alive
+    connection within ``CUT_GRACE_S`` after it; a refused new connection is not one), else
+    ``failed``."""
+    for k in frontend_kills_s:
+        if sent_s <= k <= end_s or (error not in _CONNECT_ERRORS
+                                    and k <= sent_s <= k + CUT_GRACE_S):
+            return CUT, error
+    return FAILED, error
+
+
+async def run_request(client: httpx.AsyncClient, base_url: str, spec: RequestSpec,
+                      model: str, timeout_s: float, t0: float,
+                      frontend_kills_s: list[float]) -> Result:
+    """Send ``spec`` and return its outcome; never raises (but for cancellation)."""
+    path = "/v1/chat/completions" if spec.chat else "/v1/completions"
+    res = Result(spec.index, spec.kind, spec.max_tokens, time.monotonic() - t0)
+    body = request_body(spec, model)
+    transport_error = ""
+    try:
+        async with asyncio.timeout(timeout_s) as overall:
+            if spec.stream:
+                await _stream(client, base_url + path, body, spec, res)
+            else:
+                await _unary(client, base_url + path, body, spec, res)
+    except TimeoutError:
+        if not overall.expired():  # pragma: no cover - a timeout raised by the server code
+            raise
+        res.outcome, res.reason = LOST, f"no answer within {timeout_s:g} s"
+    except httpx.TimeoutException as e:
+        res.outcome, res.reason = LOST, f"{type(e).__name__} (client timeout)"
+    except httpx.HTTPError as e:
+        transport_error = type(e).__name__
+    res.end_s = time.monotonic() - t0
+    if transport_error:
+        res.outcome, res.reason = transport_outcome(res.sent_s, res.end_s, frontend_kills_s,
+                                                    transport_error)
+    return res
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                  spec: RequestSpec, res: Result) -> None:
+    state = StreamState()
+    async with client.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            res.outcome, res.reason = FAILED, f"HTTP {resp.status_code}"
+            return
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                state.feed(json.loads(data))
+            except (ValueError, TypeError, AttributeError, IndexError):
+                state.error = f"malformed event: {data[:80]}"
+                break
+            if (spec.abort_after_events is not None
+                    and state.token_events >= spec.abort_after_events
+                    and state.finish_reason is None):
+                res.outcome, res.tokens = ABORTED, state.tokens
+                return  # leaving the block closes the connection mid-stream
+    res.outcome, res.reason = state.end()
+    res.tokens, res.finish_reason = state.tokens, state.finish_reason
+
+
+async def _unary(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                 spec: RequestSpec, res: Result) -> None:
+    abort = asyncio.timeout(spec.abort_after_s)
+    try:
+        async with abort:
+            resp = await client.post(url, json=body)
+    except TimeoutError:
+        if abort.expired():  # we gave up: the connection is closed under the server
+            res.outcome = ABORTED
+            return
+        raise
+    if resp.status_code != 200:
+        res.outcome, res.reason = FAILED, f"HTTP {resp.status_code}"
+        return
+    try:
+        answer = resp.json()
+        choice = answer["choices"][0]
+        res.finish_reason = choice.get("finish_reason")
+        res.tokens = int((answer.get("usage") or {}).get("completion_tokens", 0))
+        res.outcome, res.reason = answer_outcome(res.finish_reason)
+    except (ValueError, KeyError, IndexError, TypeError):
+        res.outcome, res.reason = FAILED, "malformed answer"
+
+
+def summarize(results: Sequence[Result]) -> dict[str, Any]:
+    """Counts per outcome and per request kind, failure reasons, and completed requests
+    whose token count is not their ``max_tokens`` (``ignore_eos``: it must be)."""
+    outcomes = Counter(r.outcome for r in results)
+    by_kind: dict[str, Counter[str]] = {}
+    for r in results:
+        by_kind.setdefault(r.kind, Counter())[r.outcome] += 1
+    completed = [r for r in results if r.outcome == COMPLETED]
+    mismatched = [r.index for r in completed if r.tokens != r.max_tokens]
+    return {
+        "requests": len(results),
+        "outcomes": {o: outcomes.get(o, 0) for o in OUTCOMES},
+        "by_kind": {k: {o: c.get(o, 0) for o in OUTCOMES} for k, c in sorted(by_kind.items())},
+        "completed_tokens": sum(r.tokens for r in completed),
+        "token_count_mismatches": len(mismatched),
+        "mismatched_requests": mismatched[:20],
+        "failure_reasons": dict(Counter(r.reason for r in results if r.outcome == FAILED)),
+        "cut_reasons": dict(Counter(r.reason for r in results if r.outcome == CUT)),
+        "lost_requests": [{"index": r.index, "kind": r.kind, "reason": r.reason}
+                          for r in results if r.outcome == LOST][:20],
+    }
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    name: str  # its role: "launcher", "frontend", "pool-0", "worker-0-0", or "other"
+    rss: int = 0  # bytes
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.name)
+
+
+def kind_of(name: str) -> str:
+    return name.split("-", 1)[0] if name.startswith(("worker-", "pool-")) else name
+
+
+def role_of(argv: Sequence[str]) -> str:
+    """A process's role from its command line: ``python -m engine.child NAME`` until it sets
+    its title, then ``engine-NAME`` (``engine.process.init_process``)."""
+    args = [a for a in argv if a]
+    if not args:
+        return "other"
+    if args[0].startswith("engine-"):
+        return args[0].split()[0].removeprefix("engine-")
+    if "engine.child" in args and args.index("engine.child") + 1 < len(args):
+        return args[args.index("engine.child") + 1]
+    if "engine.launch" in args:
+        return "launcher"
+    return "other"
+
+
+def read_processes(root: int, proc_dir: str = "/proc") -> list[Proc]:
+    """``root`` and its descendants, each with its role and RSS (vanished ones skipped)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir(proc_dir):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"{proc_dir}/{entry}/stat") as f:
+                    stat = f.read()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+        tree += frontier
+    procs = []
+    page = os.sysconf("SC_PAGE_SIZE")
+    for pid in tree:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"{proc_dir}/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"{proc_dir}/{pid}/statm") as f:
+                rss = int(f.read().split()[1]) * page
+            name = "launcher" if pid == root else role_of(argv)
+            procs.append(Proc(pid, name, rss))
+    return procs
+
+
+def kill_schedule(duration_s: float, every_s: float, kinds: Sequence[str]
+                  ) -> list[tuple[float, str]]:
+    """(time, kind) of each kill: at ``every_s``, ``2 * every_s``, ... before ``duration_s``,
+    cycling through ``kinds``."""
+    if every_s <= 0:
+        raise ValueError(f"--kill-every must be > 0, got {every_s}")
+    if not kinds:
+        return []
+    n = int(duration_s // every_s)
+    if n * every_s >= duration_s:
+        n -= 1
+    return [(every_s * (i + 1), kinds[i % len(kinds)]) for i in range(max(0, n))]
+
+
+def parse_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown process kind(s) {', '.join(unknown)}: choose among {', '.join(KINDS)}")
+    return kinds
+
+
+def pick_victim(procs: Sequence[Proc], kind: str, rng: random.Random) -> Proc | None:
+    candidates = sorted((p for p in procs if p.kind == kind), key=lambda p: p.name)
+    return rng.choice(candidates) if candidates else None
+
+
+def restart_counts(pids_seen: Mapping[str, set[int]]) -> dict[str, int]:
+    """Restarts per role: the pids seen for it, less the first."""
+    return {name: len(pids) - 1 for name, pids in sorted(pids_seen.items())
+            if name not in ("launcher", "other")}
+
+
+@dataclass(frozen=True)
+class RssRow:
+    name: str
+    kind: str
+    start_mib: float
+    end_mib: float | None  # None: no process of that role at the end
+    change: float | None  # (end - start) / start
+    restarted: bool  # another pid at the end than at the start
+    ok: bool  # present, and grown by at most the tolerance
+
+
+def rss_table(start: Iterable[Proc], end: Iterable[Proc], tolerance: float = 0.10
+              ) -> list[RssRow]:
+    """One row per role present at the start (``other`` processes left out): its RSS then
+    and at the end. A process may shrink (a restarted one starts cold); growing by more than
+    ``tolerance`` fails."""
+    ends = {p.name: p for p in end if p.name != "other"}
+    rows = []
+    order = {"launcher": 0, "frontend": 1, "pool": 2, "worker": 3}
+    mib = 1024.0 * 1024.0
+    for p in sorted(start, key=lambda p: (order.get(p.kind, 9), p.name)):
+        if p.name == "other":
+            continue
+        q = ends.get(p.name)
+        if q is None:
+            rows.append(RssRow(p.name, p.kind, p.rss / mib, None, None, False, False))
+            continue
+        change = (q.rss - p.rss) / p.rss if p.rss else 0.0
+        rows.append(RssRow(p.name, p.kind, p.rss / mib, q.rss / mib, change, q.pid != p.pid,
+                           change <= tolerance))
+    return rows
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+async def free_blocks(grpc_port: int) -> dict[str, dict[str, Any]]:
+    """Per pool: free KV blocks (summed over its workers), running and waiting requests,
+    from the gRPC ``Health`` RPC (exact counts; ``/metrics`` has only a usage fraction)."""
+    import grpc
+
+    from engine.frontend.proto import pb2, pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        resp = await pb2_grpc.EngineStub(channel).Health(pb2.HealthRequest(), timeout=5.0)
+    return {p.model: {"free_blocks": sum(p.num_free_blocks), "running": p.num_running,
+                      "waiting": p.num_waiting, "live_workers": p.live_workers, "ok": p.ok}
+            for p in resp.pools}
+
+
+async def healthy(client: httpx.AsyncClient, base_url: str) -> bool:
+    try:
+        return (await client.get(base_url + "/health", timeout=2.0)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def wait_idle(engine: RunningEngine, client: httpx.AsyncClient, base_url: str,
+                    timeout_s: float, want_free: Mapping[str, int] | None = None
+                    ) -> dict[str, dict[str, Any]] | None:
+    """Poll until healthy with nothing running or waiting (and, given ``want_free``, those
+    free blocks per pool); the last reading (None if none could be had)."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while engine.proc.poll() is None:
+        if await healthy(client, base_url):
+            with contextlib.suppress(Exception):
+                last = await free_blocks(engine.grpc_port)
+                idle = all(p["running"] == 0 and p["waiting"] == 0 for p in last.values())
+                if idle and (want_free is None or all(
+                        last.get(k, {}).get("free_blocks") == v for k, v in want_free.items())):
+                    return last
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    return last
+
+
+@dataclass
+class Soak:
+    """The run's mutable state: results, kills, pids seen per role."""
+
+    engine: RunningEngine
+    args: argparse.Namespace
+    t0: float = 0.0
+    results: list[Result] = field(default_factory=list)
+    kills: list[dict[str, Any]] = field(default_factory=list)
+    frontend_kills_s: list[float] = field(default_factory=list)
+    pids_seen: dict[str, set[int]] = field(default_factory=dict)
+    engine_exit: str = ""  # why the engine stopped during the run ("" if it did not)
+    sending_s: float = 0.0  # when the load stopped sending (its drain not counted)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.engine.http_port}"
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def scan(self) -> list[Proc]:
+        procs = read_processes(self.engine.proc.pid)
+        for p in procs:
+            self.pids_seen.setdefault(p.name, set()).add(p.pid)
+        return procs
+
+    def engine_died(self, after: str) -> bool:
+        code = self.engine.proc.poll()
+        if code is None:
+            return False
+        if not self.engine_exit:
+            self.engine_exit = f"the engine exited (code {code}) {after}"
+        return True
+
+
+async def load(soak: Soak, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+    args, rng = soak.args, random.Random(soak.args.seed)
+    tasks: list[asyncio.Task[Result]] = []
+    duration, interval = args.minutes * 60.0, 1.0 / args.rate
+    i = 0
+    while not stop.is_set() and soak.now() < duration:
+        spec = draw_request(rng, i, args.abort_fraction, args.stream_fraction)
+        tasks.append(asyncio.create_task(run_request(
+            client, soak.base_url, spec, args.model, args.request_timeout, soak.t0,
+            soak.frontend_kills_s)))
+        i += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, i * interval - soak.now()))
+    soak.sending_s = soak.now()
+    soak.results = list(await asyncio.gather(*tasks))
+
+
+async def killer(soak: Soak, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+    args, rng = soak.args, random.Random(soak.args.seed + 1)
+    for at, kind in kill_schedule(args.minutes * 60.0, args.kill_every, args.kill):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, at - soak.now()))
+        if stop.is_set():
+            return
+        victim = pick_victim(soak.scan(), kind, rng)
+        if victim is None:
+            soak.kills.append({"at_s": round(soak.now(), 2), "kind": kind, "victim": None})
+            continue
+        killed_at = soak.now()
+        if kind == "frontend":
+            soak.frontend_kills_s.append(killed_at)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim.pid, signal.SIGKILL)
+        event: dict[str, Any] = {"at_s": round(killed_at, 2), "kind": kind,
+                                 "victim": victim.name, "pid": victim.pid, "recovered_s": None}
+        soak.kills.append(event)
+        seen_down = False
+        while soak.now() - killed_at < args.recovery_timeout:
+            await asyncio.sleep(0.2)
+            if soak.engine_died(f"after {victim.name} was killed at {killed_at:.1f} s"):
+                event["engine_exited"] = True
+                stop.set()
+                return
+            back = any(p.name == victim.name and p.pid != victim.pid for p in soak.scan())
+            up = await healthy(client, soak.base_url)
+            seen_down = seen_down or not up
+            # /health may still show the stats from before the death for up to its
+            # staleness limit: a 200 counts once a 503 was seen or that time has passed.
+            if back and up and (seen_down or soak.now() - killed_at > HEALTH_STALE_S):
+                event["recovered_s"] = round(soak.now() - killed_at, 2)
+                break
+
+
+async def watcher(soak: Soak, stop: asyncio.Event) -> None:
+    """Notices the engine's exit even without a kill (and records every pid seen)."""
+    while not stop.is_set():
+        if soak.engine_died("during the run"):
+            stop.set()
+            return
+        soak.scan()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def warm_up(soak: Soak, client: httpx.AsyncClient) -> None:
+    rng = random.Random(soak.args.seed - 1)
+    specs = [draw_request(rng, -1 - i, 0.0) for i in range(soak.args.warmup)]
+    results = await asyncio.gather(*(run_request(client, soak.base_url, s, soak.args.model,
+                                                 soak.args.request_timeout, soak.t0, [])
+                                     for s in specs))
+    bad = [r for r in results if r.outcome != COMPLETED]
+    if bad:
+        raise RuntimeError(f"warm-up request failed: {bad[0].outcome} {bad[0].reason}")
+
+
+async def soak_run(engine: RunningEngine, args: argparse.Namespace) -> dict[str, Any]:
+    soak = Soak(engine, args, t0=time.monotonic())
+    cfg = ClientConfig(soak.base_url, args.model, timeout_s=args.request_timeout + 5.0)
+    async with make_client(cfg) as client:
+        await warm_up(soak, client)
+        baseline = await wait_idle(engine, client, soak.base_url, args.settle_timeout)
+        if baseline is None:
+            raise RuntimeError("no idle reading of the engine after the warm-up")
+        start_procs = soak.scan()
+        soak.t0 = time.monotonic()
+        stop = asyncio.Event()
+        watch = asyncio.create_task(watcher(soak, stop))
+        kill = asyncio.create_task(killer(soak, client, stop))
+        try:
+            await load(soak, client, stop)
+        finally:
+            load_s = soak.sending_s or soak.now()
+            stop.set()
+            await asyncio.gather(watch, kill)
+        want = {k: v["free_blocks"] for k, v in baseline.items()}
+        end = None
+        if not soak.engine_died("during the drain"):
+            end = await wait_idle(engine, client, soak.base_url, args.settle_timeout, want)
+        end_procs = soak.scan() if engine.proc.poll() is None else []
+    return report(soak, load_s, baseline, end, start_procs, end_procs)
+
+
+def report(soak: Soak, load_s: float, baseline: Mapping[str, dict[str, Any]],
+           end: Mapping[str, dict[str, Any]] | None, start_procs: Sequence[Proc],
+           end_procs: Sequence[Proc]) -> dict[str, Any]:
+    args = soak.args
+    summary = summarize(soak.results)
+    rows = rss_table(start_procs, end_procs, args.rss_tolerance)
+    kv = {name: {"baseline_free": b["free_blocks"],
+                 "end_free": None if end is None else end.get(name, {}).get("free_blocks")}
+          for name, b in baseline.items()}
+    problems = []
+    if summary["outcomes"][LOST]:
+        problems.append(f"{summary['outcomes'][LOST]} request(s) lost")
+    if soak.engine_exit:
+        problems.append(soak.engine_exit)
+    if summary["token_count_mismatches"]:
+        problems.append(f"{summary['token_count_mismatches']} completed request(s) with a "
+                        "token count other than max_tokens")
+    problems += [f"RSS of {r.name}: " + ("gone" if r.end_mib is None else
+                                         f"{r.start_mib:.0f} -> {r.end_mib:.0f} MiB")
+                 for r in rows if not r.ok and end_procs]
+    problems += [f"KV blocks of pool {n}: {v['baseline_free']} free at baseline, "
+                 f"{v['end_free']} at the end" for n, v in kv.items()
+                 if v["end_free"] != v["baseline_free"] and not soak.engine_exit]
+    problems += [f"{k['victim']} killed at {k['at_s']} s: no recovery within "
+                 f"{args.recovery_timeout:g} s" for k in soak.kills
+                 if k.get("victim") and k["recovered_s"] is None and not k.get("engine_exited")]
+    return {
+        "config": {k: v for k, v in vars(args).items()},
+        "load_s": round(load_s, 1),
+        "offered_rate": round(len(soak.results) / load_s, 3) if load_s else 0.0,
+        **summary,
+        "kills": soak.kills,
+        "restarts": restart_counts(soak.pids_seen),
+        "rss": [asdict(r) for r in rows],
+        "kv": kv,
+        "engine_exit": soak.engine_exit or None,
+        "passed": not problems,
+        "problems": problems,
+    }
+
+
+def format_report(rep: Mapping[str, Any]) -> str:
+    out = rep["outcomes"]
+    lines = [
+        f"soak: {rep['requests']} requests in {rep['load_s']:.0f} s "
+        f"({rep['offered_rate']:.2f} req/s), {rep['completed_tokens']} tokens completed",
+        f"{'outcome':<19}" + "".join(f"{o:>10}" for o in OUTCOMES),
+        f"{'all':<19}" + "".join(f"{out[o]:>10}" for o in OUTCOMES),
+    ]
+    lines += [f"{k:<19}" + "".join(f"{c[o]:>10}" for o in OUTCOMES)
+              for k, c in rep["by_kind"].items()]
+    if rep["failure_reasons"]:
+        lines.append("failed: " + ", ".join(f"{r} x{n}" for r, n in
+                                            rep["failure_reasons"].items()))
+    for k in rep["kills"]:
+        if k.get("victim") is None:
+            lines.append(f"kill {k['kind']} at {k['at_s']} s: no such process")
+        else:
+            rec = k["recovered_s"]
+            lines.append(f"kill {k['victim']} (pid {k['pid']}) at {k['at_s']} s: "
+                         + ("engine exited" if k.get("engine_exited") else
+                            f"back in {rec} s" if rec is not None else "not back"))
+    lines.append("restarts: " + (", ".join(f"{n} {c}" for n, c in rep["restarts"].items()
+                                           if c) or "none"))
+    lines.append(f"{'process':<19}{'RSS start MiB':>14}{'end MiB':>9}  change")
+    for r in rep["rss"]:
+        end = "-" if r["end_mib"] is None else f"{r['end_mib']:.0f}"
+        change = "-" if r["change"] is None else f"{r['change']:+.1%}"
+        lines.append(f"{r['name']:<19}{r['start_mib']:>14.0f}{end:>9}  {change}"
+                     + (" (restarted)" if r["restarted"] else ""))
+    for name, v in rep["kv"].items():
+        lines.append(f"KV free blocks, pool {name}: baseline {v['baseline_free']}, "
+                     f"end {v['end_free']}")
+    lines.append("PASS" if rep["passed"] else "FAIL: " + "; ".join(rep["problems"]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--minutes", type=float, default=30.0, help="length of the load")
+    p.add_argument("--rate", type=float, default=4.0, help="requests per second, steady")
+    p.add_argument("--kill", type=parse_kinds, default=list(KINDS),
+                   help="process kinds to SIGKILL in turn, comma-separated (empty: none)")
+    p.add_argument("--kill-every", type=float, default=180.0, help="seconds between kills")
+    p.add_argument("--abort-fraction", type=float, default=0.1,
+                   help="share of the requests the client abandons mid-way")
+    p.add_argument("--stream-fraction", type=float, default=0.7, help="share streamed")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds without an answer or an error before a request counts lost")
+    p.add_argument("--recovery-timeout", type=float, default=60.0,
+                   help="seconds a killed process has to be back (and /health 200)")
+    p.add_argument("--settle-timeout", type=float, default=60.0,
+                   help="seconds for the engine to be idle with its KV back at the end")
+    p.add_argument("--rss-tolerance", type=float, default=0.10,
+                   help="the RSS growth per process that fails the run")
+    p.add_argument("--warmup", type=int, default=8, help="requests before the baseline")
+    p.add_argument("--model", default="default", help="served model name")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("engine_args", nargs="*", help="after --: flags for engine.launch")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.rate <= 0 or args.minutes <= 0:
+        build_parser().error("--rate and --minutes must be > 0")
+    if args.kill:
+        kill_schedule(args.minutes * 60.0, args.kill_every, args.kill)  # validates
+    with running_engine(args.engine_args) as engine:
+        rep = asyncio.run(soak_run(engine, args))
+    print(format_report(rep))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=1)
+    return 0 if rep["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,6 +72,7 @@ POOL_TO_WORKER: Codec[m.PoolToWorker] = Codec(m.PoolToWorker)
 WORKER_TO_POOL: Codec[m.WorkerToPool] = Codec(m.WorkerToPool)
 LAUNCHER_TO_POOL: Codec[m.LauncherToPool] = Codec(m.LauncherToPool)
 TO_LAUNCHER: Codec[m.ToLauncher] = Codec(m.ToLauncher)
+LAUNCHER_TO_FRONTEND: Codec[m.LauncherToFrontend] = Codec(m.LauncherToFrontend)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ def pool_addresses(run_dir: str | Path, pool_index: int) -> PoolAddresses:
 
 def launcher_address(run_dir: str | Path) -> str:
     return f"ipc://{Path(run_dir)}/launcher.sock"
+
+
+def frontend_control_address(run_dir: str | Path) -> str:
+    """Launcher -> frontend (``NotServing``): the frontend binds, the launcher connects."""
+    return f"ipc://{Path(run_dir)}/frontend-ctl.sock"
 
 
 def make_run_dir() -> str:

@@ -14,8 +14,15 @@ are recomputed; their streams go on). A pool that exits is restarted the same wa
 same sockets: its workers live on and register with the new incarnation when it greets them
 (engine/pool/service.py, engine/worker/process.py), and the frontend resubmits its open
 requests as continuations (engine/frontend/pool_client.py). Under torchrun (pools listening
-on TCP ports published once to the other ranks) a pool's exit is fatal, and so is the
-frontend's everywhere. SIGINT/SIGTERM stop everything. Children get SIGKILL from the kernel if the launcher itself dies.
+on TCP ports published once to the other ranks) a pool's exit is fatal. A frontend that
+exits is restarted on the ports it had bound (the same ones when they were chosen by the
+OS), everywhere, torchrun included (it lives with the launcher, and talks to the pools over
+``ipc://``); every pool is told (``FrontendDied``) and aborts that frontend's requests,
+whose clients' connections died with it. A restart storm (``--max-restarts`` failures in
+``--restart-window``) stops the engine with exit code 1; first, while the frontend lives,
+the launcher tells it (``NotServing``) and waits ``NOT_SERVING_S`` so that health probes
+see NOT_SERVING and why. SIGINT/SIGTERM stop everything. Children get SIGKILL from the
+kernel if the launcher itself dies.
 
 This module does not import the frontend stack (fastapi, grpc) or a runner: each child
 imports its own (``engine.child``), so torchrun's ranks, which import this module, do not
@@ -24,6 +31,8 @@ load them either.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import shutil
 import signal
@@ -39,13 +48,24 @@ from engine import messages as m
 from engine.cli import config_from_args
 from engine.config import ConfigError, EngineConfig
 from engine.resolve import resolve_config
-from engine.supervisor import Child, ProcessSpec, RestartPolicy, Supervisor, SupervisorError
+from engine.supervisor import (
+    Child,
+    ProcessSpec,
+    RestartPolicy,
+    RestartStorm,
+    Supervisor,
+    SupervisorError,
+)
 from engine.topology import Topology, WorkerSlot
 
 log = logging.getLogger("engine.launch")
 
 
 POOL_TARGET = "engine.pool.service:run_pool"
+FRONTEND = "frontend"
+#: How long the frontend says NOT_SERVING (with the reason) before a restart storm stops
+#: the engine: several probes of a load balancer or Kubernetes (periods of 1 s and up).
+NOT_SERVING_S = 3.0
 
 
 class LaunchError(RuntimeError):
@@ -63,7 +83,8 @@ def process_specs(cfg: EngineConfig, topo: Topology, run_dir: str) -> list[Proce
     specs += [ProcessSpec(slot.name, "engine.worker.process:run_worker", (cfg, slot, run_dir),
                           restart=True, group=slot.group, pass_incarnation=True)
               for slot in topo.local_workers]
-    specs.append(ProcessSpec("frontend", "engine.frontend.process:run_frontend", (cfg, run_dir)))
+    specs.append(ProcessSpec(FRONTEND, "engine.frontend.process:run_frontend", (cfg, run_dir),
+                             restart=True, pass_incarnation=True))
     return specs
 
 
@@ -93,6 +114,9 @@ class Launcher:
             ipc.make_socket(self.ctx, zmq.PUSH, ipc.pool_addresses(self.run_dir, i).control, bind=False)
             for i in self.topo.pools
         ]
+        self.frontend_control = ipc.make_socket(self.ctx, zmq.PUSH,
+                                                ipc.frontend_control_address(self.run_dir),
+                                                bind=False)
         self.supervisor = Supervisor(restart_policy(cfg), on_restart=self._child_died)
         self.stop_signal: int | None = None
         self.grpc_port = cfg.frontend.grpc_port
@@ -141,11 +165,21 @@ class Launcher:
                         if "worker_port" in info:
                             self._on_pool_port(int(name.removeprefix("pool-")),
                                                int(info["worker_port"]))
-                        if name == "frontend":
-                            self.grpc_port = int(info.get("grpc_port", self.grpc_port))
-                            self.http_port = int(info.get("http_port", self.http_port))
+                        if name == FRONTEND:
+                            self._on_frontend_ports(int(info.get("http_port", self.http_port)),
+                                                    int(info.get("grpc_port", self.grpc_port)))
                     case m.ProcessFailed(name=name, message=text):
                         raise LaunchError(f"{name} failed to start: {text}")
+
+    def _on_frontend_ports(self, http_port: int, grpc_port: int) -> None:
+        """The frontend bound these ports: its restarts bind them again (``--http-port 0``
+        picks a port once)."""
+        self.http_port, self.grpc_port = http_port, grpc_port
+        child = self.supervisor.children[FRONTEND]
+        cfg, run_dir = child.spec.args
+        cfg = dataclasses.replace(cfg, frontend=dataclasses.replace(
+            cfg.frontend, http_port=http_port, grpc_port=grpc_port))
+        child.spec = dataclasses.replace(child.spec, args=(cfg, run_dir))
 
     def _on_pool_port(self, pool_index: int, port: int) -> None:
         self.worker_ports[pool_index] = port
@@ -165,16 +199,42 @@ class Launcher:
                     self.pool_controls[msg.pool_index].send(ipc.encode(msg))
             if self.stop_signal is not None:  # Ctrl-C: children may be exiting already
                 break
-            self.supervisor.check()  # raises when the engine must stop
+            try:
+                self.supervisor.check()  # raises when the engine must stop
+            except RestartStorm as e:
+                self._report_not_serving(str(e))
+                raise
         log.info("received %s; shutting down", signal.Signals(self.stop_signal).name)
         return 0
+
+    def _report_not_serving(self, reason: str) -> None:
+        """A restart storm stops the engine: if the frontend lives, it says NOT_SERVING with
+        ``reason`` for ``NOT_SERVING_S`` first (Ctrl-C cuts the wait short)."""
+        frontend = self.supervisor.children.get(FRONTEND)
+        if frontend is None or frontend.exitcode is not None:
+            return
+        log.error("restart storm: %s; health says NOT_SERVING for %.0f s, then the engine "
+                  "stops", reason, NOT_SERVING_S)
+        with contextlib.suppress(zmq.ZMQError):
+            self.frontend_control.send(ipc.encode(m.NotServing(reason=f"restart storm: {reason}")),
+                                       zmq.NOBLOCK)
+        deadline = time.monotonic() + NOT_SERVING_S
+        while self.stop_signal is None and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _child_died(self, child: Child, incarnation: int) -> None:
         """A local worker (or a rank of its group) died: the pool recomputes its requests.
         A pool died: nothing to tell (its restart greets its workers, the frontend sees the
-        new incarnation in its stats)."""
+        new incarnation in its stats). The frontend died: every pool aborts its requests."""
         if child.spec.target == POOL_TARGET:
             log.warning("%s died; its open requests are resubmitted to its restart", child.name)
+            return
+        if child.name == FRONTEND:
+            log.warning("the frontend (incarnation %d) died; its requests are aborted, it "
+                        "restarts on ports http %d, grpc %d", child.incarnation, self.http_port,
+                        self.grpc_port)
+            for control in self.pool_controls:
+                control.send(ipc.encode(m.FrontendDied(incarnation=child.incarnation)))
             return
         slot = child.spec.args[1]
         assert isinstance(slot, WorkerSlot), child.spec
@@ -193,7 +253,7 @@ class Launcher:
 
     def shutdown(self) -> None:
         """Stop the frontend first (no new requests), then pools, then workers."""
-        self.supervisor.shutdown(order=lambda c: (c.name != "frontend",
+        self.supervisor.shutdown(order=lambda c: (c.name != FRONTEND,
                                                   c.spec.target != POOL_TARGET))
         ipc.destroy(self.ctx, linger=0)
         shutil.rmtree(self.run_dir, ignore_errors=True)

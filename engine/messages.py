@@ -11,7 +11,8 @@ Channels (see docs/architecture.md):
     pool      -> frontend  PoolToFrontend   PoolOutputs
     pool      -> worker    PoolToWorker     PoolHello | StepPlan | Shutdown
     worker    -> pool      WorkerToPool     WorkerReady | StepResult | WorkerError
-    launcher  -> pool      LauncherToPool   WorkerDied | Shutdown
+    launcher  -> pool      LauncherToPool   WorkerDied | FrontendDied | Shutdown
+    launcher  -> frontend  LauncherToFrontend  NotServing
     any       -> launcher  ToLauncher       ProcessReady | ProcessFailed | WorkerDied (torchrun)
 
 Workers are stateful, like vLLM's: a request's tokens and sampling parameters reach a worker
@@ -27,6 +28,10 @@ streamed, which the scheduler treats exactly as a preempted request's outputs. I
 live on: each pool incarnation greets every worker (``PoolHello``) before its first plan to
 it, and a worker greeted by an incarnation it does not know drops every request it holds and
 registers again (``WorkerReady``).
+
+A frontend that dies takes its clients' connections with it: the launcher restarts it and
+tells every pool (``FrontendDied``), which aborts the requests of that frontend incarnation
+(``AddRequest.frontend_incarnation``) and frees their KV.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any, TypeAlias
 import msgspec
 
 #: Bumped whenever a message changes shape; processes of one engine must agree.
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -131,7 +136,12 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
 
 
 class AddRequest(_Msg, tag=True):
+    """``frontend_incarnation``: the frontend process that sent it (0, then 1, 2, ... per
+    restart): a pool told that incarnation died (``FrontendDied``) aborts its requests and
+    drops any of its ``AddRequest``s still on the way."""
+
     request: EngineRequest
+    frontend_incarnation: int = 0
 
 
 class AbortRequests(_Msg, tag=True):
@@ -371,6 +381,21 @@ class WorkerDied(_Msg, tag=True):
     pool_index: int = 0  # read by the launcher (the pool knows its own)
 
 
+class FrontendDied(_Msg, tag=True):
+    """From the launcher to every pool: this incarnation of the frontend exited (it is being
+    restarted). Every request it sent is abandoned (its client's connection died with it):
+    the pool aborts them, freeing their KV, and drops its ``AddRequest``s that come later."""
+
+    incarnation: int = 0
+
+
+class NotServing(_Msg, tag=True):
+    """From the launcher to the frontend: the engine is about to stop (a restart storm);
+    health says NOT_SERVING with ``reason`` until it does."""
+
+    reason: str
+
+
 class Shutdown(_Msg, tag=True):
     reason: str = ""
 
@@ -389,5 +414,6 @@ FrontendToPool: TypeAlias = AddRequest | AbortRequests
 PoolToFrontend: TypeAlias = PoolOutputs
 PoolToWorker: TypeAlias = PoolHello | StepPlan | Shutdown
 WorkerToPool: TypeAlias = WorkerReady | StepResult | WorkerError
-LauncherToPool: TypeAlias = WorkerDied | Shutdown
+LauncherToPool: TypeAlias = WorkerDied | FrontendDied | Shutdown
+LauncherToFrontend: TypeAlias = NotServing
 ToLauncher: TypeAlias = ProcessReady | ProcessFailed | WorkerDied

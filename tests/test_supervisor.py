@@ -124,7 +124,8 @@ def test_launcher_does_not_load_the_frontend_stack():
 
 def test_the_launcher_restarts_pools_except_under_torchrun() -> None:
     """A pool's spec restarts it alone (its workers live on and register with the new one);
-    under torchrun its TCP port was handed out once, so its death stays fatal there."""
+    under torchrun its TCP port was handed out once, so its death stays fatal there. The
+    frontend restarts everywhere (it talks to the pools over ipc://), told its incarnation."""
     from engine.config import EngineConfig
     from engine.ipc import CurveKeys
     from engine.launch import process_specs
@@ -133,7 +134,8 @@ def test_the_launcher_restarts_pools_except_under_torchrun() -> None:
     cfg = EngineConfig()
     local = {s.name: s for s in process_specs(cfg, Topology.local(cfg, num_gpus=0), "/run")}
     assert local["pool-0"].restart and local["pool-0"].group_key == "pool-0"
-    assert local["worker-0-0"].restart and not local["frontend"].restart
+    assert local["worker-0-0"].restart
+    assert local["frontend"].restart and local["frontend"].pass_incarnation
     torchrun = Topology.torchrun(cfg, CurveKeys.generate())
     ranks = {s.name: s for s in process_specs(cfg, torchrun, "/run")}
-    assert not ranks["pool-0"].restart
+    assert not ranks["pool-0"].restart and ranks["frontend"].restart

@@ -8,6 +8,11 @@ silence longer than ``STALE_AFTER_S`` (1 s, four heartbeats) means its scheduler
 dead, stuck, or cut off from this frontend. The engine serves while every pool is healthy;
 otherwise the reasons name each pool that is not, and why.
 
+The engine may also be declared not serving as a whole (``report_not_serving``): when a
+restart storm stops it, the launcher tells the frontend (``NotServing``), which says so with
+the launcher's reason for a moment before everything stops, so probes and load balancers see
+why the endpoint is going away.
+
 The verdict is computed when asked (nothing is cached), except for ``grpc.health.v1``'s
 ``Watch``, which streams changes: ``StandardHealth.keep_fresh`` re-evaluates every
 ``WATCH_INTERVAL_S``, so a watcher hears of a death within ``STALE_AFTER_S +
@@ -55,18 +60,34 @@ class PoolHealth:
         return self.reason is None
 
 
+#: Set once by ``report_not_serving``: the engine is stopping, and why (process-wide: one
+#: frontend per process, and the verdict only ever goes from serving to stopping).
+_stopping: str | None = None
+
+
+def report_not_serving(reason: str) -> None:
+    """From now on every health API says NOT_SERVING with ``reason`` (the engine stops)."""
+    global _stopping
+    _stopping = reason
+
+
 @dataclass(frozen=True)
 class EngineHealth:
     pools: list[PoolHealth]
+    stopping: str | None = None  # the engine is stopping, and why
 
     @property
     def ok(self) -> bool:
-        return all(p.ok for p in self.pools)
+        return self.stopping is None and all(p.ok for p in self.pools)
 
     @property
     def reason(self) -> str | None:
-        """Why the engine does not serve ("; "-joined, one per unhealthy pool), or None."""
-        return "; ".join(p.reason for p in self.pools if p.reason is not None) or None
+        """Why the engine does not serve ("; "-joined: the engine's stop, then one per
+        unhealthy pool), or None."""
+        reasons = [p.reason for p in self.pools if p.reason is not None]
+        if self.stopping is not None:
+            reasons.insert(0, f"engine stopping: {self.stopping}")
+        return "; ".join(reasons) or None
 
 
 def pool_health(model: ServedModel, now: float) -> PoolHealth:
@@ -89,7 +110,7 @@ def pool_health(model: ServedModel, now: float) -> PoolHealth:
 def check(models: Iterable[ServedModel], now: float | None = None) -> EngineHealth:
     """The engine's health now (``now`` on ``time.monotonic``'s clock)."""
     t = time.monotonic() if now is None else now
-    return EngineHealth([pool_health(m, t) for m in models])
+    return EngineHealth([pool_health(m, t) for m in models], _stopping)
 
 
 class StandardHealth(grpc_health.aio.HealthServicer):  # type: ignore[misc]

@@ -97,8 +97,11 @@ class PoolClient:
 
     def __init__(self, addresses: ipc.PoolAddresses, name: str = "pool",
                  ctx: zmq.asyncio.Context | None = None, *,
-                 resume_timeout_s: float = 60.0) -> None:
+                 resume_timeout_s: float = 60.0, frontend_incarnation: int = 0) -> None:
         self.name = name
+        #: This frontend process's incarnation, on every ``AddRequest`` (engine/pool/service.py:
+        #: a pool told it died aborts its requests).
+        self.frontend_incarnation = frontend_incarnation
         #: A pool silent this long takes its open streams down with it (503 to clients).
         self.resume_timeout_s = resume_timeout_s
         #: The pool incarnation the client talks to (None before its first stats).
@@ -150,7 +153,7 @@ class PoolClient:
             raise ValueError(f"request id {request.request_id!r} is already running")
         stream = RequestStream(request)
         self._streams[stream.wire_id] = self._by_id[stream.request_id] = stream
-        self._send(AddRequest(request=request))
+        self._send(AddRequest(request=request, frontend_incarnation=self.frontend_incarnation))
         return stream
 
     def abort(self, request_ids: Iterable[str]) -> None:
@@ -235,7 +238,7 @@ class PoolClient:
         for stream in streams:
             request = stream._continuation()
             self._streams[stream.wire_id] = stream
-            self._send(AddRequest(request=request))
+            self._send(AddRequest(request=request, frontend_incarnation=self.frontend_incarnation))
         self.num_resubmitted += len(streams)
 
     async def _watch_loop(self) -> None:

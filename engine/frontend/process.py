@@ -1,6 +1,13 @@
 """The frontend process: load each pool's model info and tokenizer, connect to the pools,
 serve gRPC and HTTP on one event loop (sharing the pools, the metrics and the request
-lifecycle), report ready to the launcher, serve until SIGTERM / SIGINT."""
+lifecycle), report ready to the launcher, serve until SIGTERM / SIGINT.
+
+The launcher restarts a frontend that dies, on the same ports (the HTTP socket and gRPC's
+both set ``SO_REUSEADDR``), with the next ``incarnation``: every ``AddRequest`` carries it,
+so the pools can abort the requests of a dead incarnation (engine/pool/service.py). The
+frontend listens on its control socket for the launcher's ``NotServing`` (a restart storm
+stops the engine): health says NOT_SERVING with the reason until the launcher stops it.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +16,14 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any, cast
+
+import zmq
+import zmq.asyncio
 
 from engine import ipc
 from engine.config import EngineConfig
+from engine.frontend import health
 from engine.frontend.admission import Admission
 from engine.frontend.grpc_server import start_grpc_server
 from engine.frontend.http_server import start_http_server
@@ -19,7 +31,7 @@ from engine.frontend.metrics import EngineMetrics
 from engine.frontend.openai_server import OpenAIServer
 from engine.frontend.pool_client import PoolClient
 from engine.frontend.serving import ModelRegistry, ServedModel
-from engine.messages import ProcessFailed, ProcessReady
+from engine.messages import NotServing, ProcessFailed, ProcessReady
 from engine.models.info import load_model_info
 
 log = logging.getLogger("engine.frontend")
@@ -34,25 +46,40 @@ def load_tokenizer(path: str) -> object:
     return AutoTokenizer.from_pretrained(path)
 
 
-def connect_models(cfg: EngineConfig, run_dir: str) -> list[ServedModel]:
+def connect_models(cfg: EngineConfig, run_dir: str, incarnation: int = 0) -> list[ServedModel]:
     """One ``ServedModel`` per pool, in config order; call inside the running loop."""
     served = []
     for i, model_cfg in enumerate(cfg.models):
         info = load_model_info(model_cfg)
         tokenizer = load_tokenizer(str(info.path))
         pool = PoolClient(ipc.pool_addresses(run_dir, i), name=info.name,
-                          resume_timeout_s=cfg.frontend.max_queue_time_s)
+                          resume_timeout_s=cfg.frontend.max_queue_time_s,
+                          frontend_incarnation=incarnation)
         served.append(ServedModel(info=info, tokenizer=tokenizer, pool=pool))
     return served
 
 
+async def _listen_to_launcher(sock: zmq.asyncio.Socket) -> None:
+    """Apply the launcher's messages (``NotServing``) until cancelled."""
+    while True:
+        msg = ipc.LAUNCHER_TO_FRONTEND.decode(await sock.recv())
+        if isinstance(msg, NotServing):
+            log.error("the engine is stopping: %s; health says NOT_SERVING", msg.reason)
+            health.report_not_serving(msg.reason)
+
+
 async def _serve(cfg: EngineConfig, run_dir: str,
-                 on_ready: Callable[[dict[str, int]], None]) -> None:
+                 on_ready: Callable[[dict[str, int]], None], incarnation: int = 0) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    models = ModelRegistry(connect_models(cfg, run_dir))
+    control = cast(zmq.asyncio.Socket, ipc.make_socket(
+        zmq.asyncio.Context.instance(), zmq.PULL, ipc.frontend_control_address(run_dir),
+        bind=True))
+    listener: asyncio.Task[Any] = loop.create_task(_listen_to_launcher(control),
+                                                   name="launcher-control")
+    models = ModelRegistry(connect_models(cfg, run_dir, incarnation))
     metrics = EngineMetrics()
     for m in models:
         metrics.add_pool(m.name, m.pool)
@@ -69,18 +96,21 @@ async def _serve(cfg: EngineConfig, run_dir: str,
         http = await start_http_server(OpenAIServer(models, f, admission, metrics), f.host,
                                        f.http_port)
         on_ready({"grpc_port": grpc_port, "http_port": http.port})
-        log.info("frontend ready: http port %d, grpc port %d, models %s", http.port, grpc_port,
-                 [m.name for m in models])
+        log.info("frontend (incarnation %d) ready: http port %d, grpc port %d, models %s",
+                 incarnation, http.port, grpc_port, [m.name for m in models])
         await stop.wait()
         log.info("frontend stopping")
         await asyncio.gather(grpc_server.stop(SHUTDOWN_GRACE_S), http.stop(SHUTDOWN_GRACE_S))
     finally:
+        listener.cancel()
         for m in models:
             await m.pool.close()
+        control.close()
 
 
-def run_frontend(cfg: EngineConfig, run_dir: str) -> None:
-    """Process entry point. Exits non-zero (after telling the launcher) if startup fails."""
+def run_frontend(cfg: EngineConfig, run_dir: str, incarnation: int = 0) -> None:
+    """Process entry point. Exits non-zero (after telling the launcher) if startup fails.
+    ``incarnation``: 0, then one more per restart (the launcher's supervisor passes it)."""
     try:
         from setproctitle import setproctitle
 
@@ -97,7 +127,7 @@ def run_frontend(cfg: EngineConfig, run_dir: str) -> None:
         ready = True
 
     try:
-        asyncio.run(_serve(cfg, run_dir, on_ready))
+        asyncio.run(_serve(cfg, run_dir, on_ready, incarnation))
     except Exception as e:
         log.exception("frontend failed")
         if ready:  # the launcher sees the exit; ProcessFailed is for startup

@@ -37,6 +37,19 @@ messages, then the hello, then this pool's plans. ``close`` tells the workers to
 when the engine stops (SIGTERM, the launcher's ``Shutdown``) or when no restart comes
 (under torchrun, where a pool's death stops the engine); a pool that crashes leaves them
 waiting for the next one.
+
+Frontend death. The frontend's connections die with it, so every request this pool holds
+is abandoned (there is one frontend). Sends to the frontend never block: ``outputs`` is a
+PUSH with an unbounded high-water mark, which blocks only while no frontend is connected,
+so each batch goes out with ``NOBLOCK`` and one that finds no frontend is dropped, stats
+included (the restarted frontend reads the next heartbeat, ``STATS_INTERVAL_S`` later).
+The launcher tells the pool on the control socket (``FrontendDied`` with the dead
+incarnation); every ``AddRequest`` names the frontend incarnation that sent it, so the pool
+aborts exactly the requests of that incarnation and older (freeing their KV; their final
+outputs are dropped, nobody reads them), and drops an ``AddRequest`` of a dead incarnation
+that arrives later (ZeroMQ may still deliver what the dead frontend had queued). The order
+of the control socket and the request socket does not matter: a restarted frontend's
+requests carry a newer incarnation and are never aborted by its predecessor's death.
 """
 
 from __future__ import annotations
@@ -104,6 +117,10 @@ class PoolService:
         self.steps: tuple[list[int], list[int], list[float]] = ([], [], [])
         self.last_stats = 0.0
         self.running = True
+        #: Request id -> the frontend incarnation that sent it, while the scheduler holds it.
+        self.owners: dict[str, int] = {}
+        self.frontend_dead = -1  # the newest frontend incarnation reported dead
+        self.frontend_connected = False  # whether the latest batch found a frontend
 
     # ------------------------------------------------------------------ loop
 
@@ -158,7 +175,12 @@ class PoolService:
     def _on_request(self, msg: m.FrontendToPool) -> None:
         now = self.clock()
         match msg:
-            case m.AddRequest(request=req):
+            case m.AddRequest(request=req, frontend_incarnation=inc):
+                if inc <= self.frontend_dead:
+                    log.info("dropped request %s of dead frontend incarnation %d",
+                             req.request_id, inc)
+                    return
+                self.owners[req.request_id] = inc
                 self.pending += self.scheduler.add(req, now)
             case m.AbortRequests(request_ids=ids):
                 self.pending += self.scheduler.abort(ids, now)
@@ -213,8 +235,22 @@ class PoolService:
         match msg:
             case m.WorkerDied(worker_id=w, incarnation=inc):
                 self._on_died(w, inc)
+            case m.FrontendDied(incarnation=inc):
+                self._on_frontend_died(inc)
             case m.Shutdown():
                 self.running = False
+
+    def _on_frontend_died(self, inc: int) -> None:
+        """Abort every request of frontend incarnation ``inc`` or older; their final outputs
+        are dropped (the frontend they were for is gone)."""
+        self.frontend_dead = max(inc, self.frontend_dead)
+        ids = [rid for rid, owner in self.owners.items() if owner <= inc]
+        for rid in ids:
+            del self.owners[rid]
+        gone = set(ids)
+        self.pending = [o for o in self.pending if o.request_id not in gone]
+        self.scheduler.abort(ids, self.clock())
+        log.warning("frontend incarnation %d died; aborted its %d requests", inc, len(ids))
 
     def _in_flight(self, worker_id: int, step_id: int, incarnation: int) -> m.StepPlan | None:
         """The plan in flight to the worker if a message of ``incarnation`` about
@@ -287,7 +323,18 @@ class PoolService:
         if not self.pending and now - self.last_stats < STATS_INTERVAL_S:
             return
         msg = m.PoolOutputs(outputs=self.pending, stats=self._stats())
-        self.outputs.send(ipc.encode(msg))
+        for out in self.pending:
+            if out.finish_reason is not None:
+                self.owners.pop(out.request_id, None)
+        try:  # never block the loop on the frontend: without one, the batch is dropped
+            self.outputs.send(ipc.encode(msg), zmq.NOBLOCK)
+            if not self.frontend_connected:
+                log.info("frontend connected")
+            self.frontend_connected = True
+        except zmq.Again:
+            if self.frontend_connected:
+                log.warning("no frontend connected: dropping outputs and stats until one is")
+            self.frontend_connected = False
         self.pending = []
         self.last_stats = now
 

@@ -140,15 +140,20 @@ def stream_greedy(base: str, prompt: str, max_tokens: int,
 
 
 class Streams:
-    """Greedy streams of ``prompts``, one thread each, started at once."""
+    """Greedy streams of ``prompts``, one thread each, started at once; a stream that fails
+    leaves its exception in ``errors``."""
 
     def __init__(self, base: str, prompts: Sequence[str], max_tokens: int) -> None:
         self.out: dict[str, str] = {}
+        self.errors: dict[str, BaseException] = {}
         self._started = threading.Semaphore(0)
         go = threading.Barrier(len(prompts))
 
         def run(prompt: str) -> None:
-            self.out[prompt] = stream_greedy(base, prompt, max_tokens, self._started, go)
+            try:
+                self.out[prompt] = stream_greedy(base, prompt, max_tokens, self._started, go)
+            except Exception as e:
+                self.errors[prompt] = e
 
         self.threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
         for t in self.threads:

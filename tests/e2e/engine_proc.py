@@ -73,6 +73,15 @@ def worker_pids(launcher_pid: int) -> dict[str, int]:
     return {args: pid for pid, args in children(launcher_pid) if args.startswith("engine-worker")}
 
 
+#: Sixteen short prompts of the default model's domain, for tests that run many greedy streams.
+GREEDY_PROMPTS = (
+    "Return a list of", "The default value is", "Raise ValueError if", "This module provides",
+    "Create a new", "If the file", "Return True if the", "The result is a",
+    "Convert the string", "Open the socket and", "Return the number of", "Set the current",
+    "This class implements", "Read the data from", "Return a new dictionary", "When the timeout",
+)
+
+
 def free_blocks(port: int) -> list[int]:
     """Free KV blocks of every live worker of every pool, from Health."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -17,7 +17,13 @@ import time
 import grpc
 import pytest
 import torch
-from e2e.engine_proc import assert_ctrl_c_leaves_nothing, launched, wait_idle, worker_pids
+from e2e.engine_proc import (
+    GREEDY_PROMPTS,
+    assert_ctrl_c_leaves_nothing,
+    launched,
+    wait_idle,
+    worker_pids,
+)
 
 from engine.frontend.proto import pb2, pb2_grpc
 from engine.models.default import default_model_dir
@@ -26,12 +32,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NUM_KV_BLOCKS = 256
 MAX_TOKENS = 24
-PROMPTS = [
-    "Return a list of", "The default value is", "Raise ValueError if", "This module provides",
-    "Create a new", "If the file", "Return True if the", "The result is a",
-    "Convert the string", "Open the socket and", "Return the number of", "Set the current",
-    "This class implements", "Read the data from", "Return a new dictionary", "When the timeout",
-]
+PROMPTS = list(GREEDY_PROMPTS)
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,22 @@ import time
 import grpc
 import httpx
 import pytest
-from e2e.engine_proc import Streams, alive, children, free_blocks, launched, wait_idle
+from e2e.engine_proc import (
+    GREEDY_PROMPTS,
+    Streams,
+    alive,
+    children,
+    free_blocks,
+    launched,
+    wait_idle,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NUM_KV_BLOCKS = 256
 MAX_TOKENS = 400
-PROMPTS = [
-    "Return a list of", "The default value is", "Raise ValueError if", "This module provides",
-    "Create a new", "If the file", "Return True if the", "The result is a",
-    "Convert the string", "Open the socket and", "Return the number of", "Set the current",
-    "This class implements", "Read the data from", "Return a new dictionary", "When the timeout",
-]
+PROMPTS = list(GREEDY_PROMPTS)
 CHECKS = PROMPTS[:3]
 
 

@@ -16,18 +16,13 @@ import time
 
 import httpx
 import pytest
-from e2e.engine_proc import Streams, children, launched, wait_idle
+from e2e.engine_proc import GREEDY_PROMPTS, Streams, children, launched, wait_idle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NUM_KV_BLOCKS = 256
 MAX_TOKENS = 400
-PROMPTS = [
-    "Return a list of", "The default value is", "Raise ValueError if", "This module provides",
-    "Create a new", "If the file", "Return True if the", "The result is a",
-    "Convert the string", "Open the socket and", "Return the number of", "Set the current",
-    "This class implements", "Read the data from", "Return a new dictionary", "When the timeout",
-]
+PROMPTS = list(GREEDY_PROMPTS)
 
 
 def _pool_pid(launcher_pid: int) -> int | None:

@@ -5,7 +5,6 @@ every ``STATS_INTERVAL_S``, which is what the frontend's health check counts on
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 
@@ -23,14 +22,8 @@ def test_frontend_expects_this_heartbeat():
     assert health.STALE_AFTER_S >= 4 * STATS_INTERVAL_S  # a late heartbeat never flaps it
 
 
-def test_idle_pool_sends_stats_every_interval(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "max_position_embeddings": 256,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,
-        "num_hidden_layers": 2, "eos_token_id": 999}))
-    cfg = config_from_dict({"model": [str(model)], "block_size": 4, "workers": 1})
+def test_idle_pool_sends_stats_every_interval(tmp_path, model_dir):
+    cfg = config_from_dict({"model": [str(model_dir)], "block_size": 4, "workers": 1})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     service = PoolService(cfg, 0, str(run_dir))

@@ -101,18 +101,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     e.close()
 
 
-@pytest.fixture
-def make_env(tmp_path: Path) -> Iterator[Callable[..., Env]]:
-    """A separate frontend with its own config (keys, limits, shedding)."""
-    made: list[Env] = []
-
-    def make(**cfg: Any) -> Env:
-        made.append(Env(tmp_path, FrontendConfig(**cfg)))
-        return made[-1]
-
-    yield make
-    for e in made:
-        e.close()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:

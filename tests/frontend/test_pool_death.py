@@ -15,8 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -27,7 +26,6 @@ from frontend.fake_pool import SLOW_TOKEN_S, FakePool
 from frontend.test_http_api import Env, assert_error, sse, wait_for
 
 from engine import ipc
-from engine.config import FrontendConfig
 from engine.frontend.pool_client import PoolClient
 from engine.messages import (
     AbortRequests,
@@ -154,19 +152,6 @@ def test_pool_client_resubmits_continuations_to_a_new_incarnation() -> None:
 
 
 # --------------------------------------------------------------------------- HTTP
-
-
-@pytest.fixture
-def make_env(tmp_path: Path) -> Iterator[Callable[..., Env]]:
-    made: list[Env] = []
-
-    def make(**cfg: Any) -> Env:
-        made.append(Env(tmp_path, FrontendConfig(**cfg)))
-        return made[-1]
-
-    yield make
-    for e in made:
-        e.close()
 
 
 def _stream_text(e: Env, body: dict[str, Any], out: dict[str, Any], key: str,

@@ -16,23 +16,25 @@ from bench.soak import (
     CUT,
     FAILED,
     LOST,
-    Proc,
     Result,
     StreamState,
     answer_outcome,
     build_parser,
     draw_request,
     format_report,
+    request_body,
+    summarize,
+    transport_outcome,
+)
+from bench.soak_procs import (
+    Proc,
     kill_schedule,
     parse_kinds,
     pick_victim,
     read_processes,
-    request_body,
     restart_counts,
     role_of,
     rss_table,
-    summarize,
-    transport_outcome,
 )
 
 MIB = 1024 * 1024

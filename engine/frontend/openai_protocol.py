@@ -123,7 +123,7 @@ class ChatCompletionRequest(_Sampling):
 
 #: Fields defined by OpenAI or vLLM that are accepted and do not change the answer here
 #: (no warning): bookkeeping for OpenAI's platform, or hints this engine needs no help with.
-KNOWN_NO_OPS = frozenset({"metadata", "store", "service_tier", "skip_special_tokens",
+KNOWN_NO_OPS = frozenset({"metadata", "store", "service_tier",
                           "prompt_cache_key", "safety_identifier"})
 
 #: Fields OpenAI defines that would change the answer and that this engine does not
@@ -140,9 +140,11 @@ UNSUPPORTED = {
 }
 
 
-#: Fields SGLang's router (sglang-router) adds to every request it forwards, with the value
-#: at which they change nothing: accepted silently at that value, refused at any other.
-SGLANG_ROUTER_DEFAULTS: dict[str, Any] = {
+#: Fields accepted only at the value this engine always behaves by (accepted silently at it,
+#: refused at any other): vLLM's ``skip_special_tokens`` (the frontend always skips them),
+#: and what SGLang's router (sglang-router) adds to every request it forwards.
+DEFAULT_ONLY: dict[str, Any] = {
+    "skip_special_tokens": True,
     "no_stop_trim": False, "return_hidden_states": False, "continue_final_message": False,
     "separate_reasoning": True, "stream_reasoning": True,
 }
@@ -155,9 +157,9 @@ def unsupported_field(extra: dict[str, Any]) -> tuple[str, str] | None:
     for name, why in UNSUPPORTED.items():
         if extra.get(name) is not None:
             return name, why
-    for name, default in SGLANG_ROUTER_DEFAULTS.items():
+    for name, default in DEFAULT_ONLY.items():
         if extra.get(name) not in (None, default):
-            return name, f"{name} is SGLang's; only its default ({default}) is supported"
+            return name, f"only {name}: {str(default).lower()} is supported"
     modalities = extra.get("modalities")
     if modalities is not None and modalities != ["text"]:
         return "modalities", 'only text output is supported (modalities: ["text"])'

@@ -42,8 +42,8 @@ from engine.frontend.openai_format import (
     usage,
 )
 from engine.frontend.openai_protocol import (
+    DEFAULT_ONLY,
     KNOWN_NO_OPS,
-    SGLANG_ROUTER_DEFAULTS,
     UNSUPPORTED,
     ChatCompletionRequest,
     CompletionRequest,
@@ -192,7 +192,7 @@ class OpenAIServer:
         if refused is not None:
             raise bad_request(refused[1], refused[0])
         extra = (set(body.model_extra or {}) - KNOWN_NO_OPS - UNSUPPORTED.keys()
-                 - SGLANG_ROUTER_DEFAULTS.keys() - {"modalities"})
+                 - DEFAULT_ONLY.keys() - {"modalities"})
         if extra:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(extra)))
 

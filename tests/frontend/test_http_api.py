@@ -303,7 +303,7 @@ def test_prompt_logprobs_and_max_tokens_zero_refusals(env: Env, body: dict, para
     ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}), ("reasoning_effort", "high"),
     ("web_search_options", {}), ("verbosity", "low"), ("no_stop_trim", True),
-    ("return_hidden_states", True),
+    ("return_hidden_states", True), ("skip_special_tokens", False),
 ])
 def test_openai_fields_that_would_change_the_answer_are_refused(env: Env, field: str,
                                                                  value: object) -> None:

@@ -22,6 +22,11 @@ hands them to a real ``KVEventPublisher`` (its thread encodes and sends them on 
 socket nobody reads), as the pool does with ``--kv-events-config``; the drain and the hand-off
 are timed with the step, and the thread competes for the interpreter as it does in the pool.
 
+``--core`` drives the scheduler through the engine core (engine/core.py) as the pool does:
+each worker's ``core.step(now, (w,))`` schedules and submits to a handle whose result comes
+later, then ``core.complete(w, result, now)`` applies it; both are timed (the fake result is
+not), so the figures include the core's own cost on the hot path.
+
 ``--compare-vllm`` runs vLLM's own v1 scheduler (``vllm.v1.core.sched.scheduler.Scheduler``,
 from the installed vLLM) on the same requests in the same process: one vLLM scheduler per
 worker (a vLLM engine schedules one worker, or one data-parallel rank), each with the same
@@ -49,8 +54,9 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.config import KVEventsConfig, SchedulerConfig
+from engine.core import EngineCore
 from engine.kv_events import KVEventPublisher
-from engine.messages import EngineRequest, SamplingParams, StepResult
+from engine.messages import EngineRequest, SamplingParams, StepPlan, StepResult
 from engine.scheduler.scheduler import Scheduler
 
 
@@ -78,7 +84,7 @@ def fake_result(plan) -> StepResult:
 
 def run(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 64,
         block_size: int = 16, policy: str = "fcfs", placement: str = "cache-aware",
-        kv_events: bool = False) -> dict:
+        kv_events: bool = False, core: bool = False) -> dict:
     sched = build(num_running, num_workers, prompt_len, block_size, policy, placement, steps,
                   kv_events)
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +92,8 @@ def run(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 
                      if kv_events else None)
         cpu = time.process_time()
         try:
-            per_call = _time_steps(sched, steps, publisher)
+            per_call = (_time_core_steps(sched, steps) if core
+                        else _time_steps(sched, steps, publisher))
         finally:
             if publisher is not None:
                 publisher.close()  # waits for its thread to send everything queued
@@ -95,7 +102,7 @@ def run(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 
     median = statistics.median(per_call) * num_workers
     return {
         "running": num_running, "workers": num_workers, "steps": steps, "prompt_len": prompt_len,
-        "policy": policy, "placement": placement, "kv_events": kv_events,
+        "policy": policy, "placement": placement, "kv_events": kv_events, "core": core,
         "us_per_step": round(median * 1e6, 1),
         "us_per_request_step": round(median * 1e6 / num_running, 3),
         # The mean keeps the steps in which decodes cross a block boundary (registrations).
@@ -128,6 +135,45 @@ def _time_steps(sched: Scheduler, steps: int, publisher: KVEventPublisher | None
             if publisher is not None:
                 publisher.publish(sched.drain_kv_events(), now)
             per_call.append((t1 - t0) + (time.perf_counter() - t2))
+    return per_call
+
+
+class _Deferred:
+    """A handle keeping the plan, as the pool's socket does; the result comes later."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self) -> None:
+        self.plan: StepPlan | None = None
+
+    def ready(self) -> bool:
+        return True
+
+    def submit(self, plan: StepPlan, now: float) -> None:
+        self.plan = plan
+
+
+def _time_core_steps(sched: Scheduler, steps: int) -> list[float]:
+    """``_time_steps`` through the engine core: seconds of each worker's ``core.step`` +
+    ``core.complete``."""
+    workers = sorted(sched.workers)
+    handles = {w: _Deferred() for w in workers}
+    core = EngineCore(sched, handles=handles)
+    per_call = []
+    for step in range(steps + 1):  # the first: prefill everything, untimed
+        now = float(step)
+        for w in workers:
+            handle = handles[w]
+            t0 = time.perf_counter()
+            core.step(now, (w,))
+            t1 = time.perf_counter()
+            assert handle.plan is not None
+            result = fake_result(handle.plan)
+            t2 = time.perf_counter()
+            core.complete(w, result, now)
+            core.outputs.clear()  # the pool sends them once a turn
+            if step:
+                per_call.append((t1 - t0) + (time.perf_counter() - t2))
     return per_call
 
 
@@ -304,11 +350,13 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--kv-events", action="store_true",
                    help="record KV events and publish them as the pool does")
+    p.add_argument("--core", action="store_true",
+                   help="drive the scheduler through the engine core, as the pool does")
     p.add_argument("--compare-vllm", action="store_true",
                    help="also run vLLM's v1 scheduler on the same requests")
     args = p.parse_args()
     result = run(args.running, args.workers, args.steps, args.prompt_len, policy=args.policy,
-                 placement=args.placement, kv_events=args.kv_events)
+                 placement=args.placement, kv_events=args.kv_events, core=args.core)
     if args.compare_vllm:
         result.update(run_vllm(args.running, args.workers, args.steps, args.prompt_len))
         result["vllm_ratio"] = round(result["vllm_us_per_request_step"]

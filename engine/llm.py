@@ -8,6 +8,9 @@ tests and batch jobs (in the spirit of vLLM's ``LLM``)::
 
 With ``workers=N`` it builds N runners (each with its own weights and KV cache) and steps
 them in turn from one thread: placement and preemption behave as in the served engine.
+The drive loop is the engine core's (engine/core.py: each runner an ``InProcess`` handle)
+and each request's text, stop strings and logprob pairing its ``OutputTail``'s
+(engine/output_tail.py), both shared with the served engine.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from typing import Any
 from engine.chat import chat_prompt_ids
 from engine.cli import config_from_dict
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
+from engine.core import CoreObserver, EngineCore, InProcess
 from engine.frontend.serving import check_sampling
 from engine.messages import EngineRequest, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo, load_model_info
-from engine.prompt_logprobs import PromptLogprob, PromptLogprobsBuffer
+from engine.output_tail import OutputTail
+from engine.prompt_logprobs import PromptLogprob
 from engine.scheduler.scheduler import Scheduler
 from engine.structured import InvalidSpec, check_spec
 from engine.worker.runner import ModelRunner
@@ -52,9 +56,11 @@ class CompletionOutput:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, workers: int = 1, **options: Any) -> None:
+    def __init__(self, model: str | None = None, *, workers: int = 1,
+                 observer: CoreObserver | None = None, **options: Any) -> None:
         """``options`` take the launcher's flag names in snake_case (``num_kv_blocks``,
-        ``max_num_batched_tokens``, ``block_size``, ``dtype``, ``policy``, ...)."""
+        ``max_num_batched_tokens``, ``block_size``, ``dtype``, ``policy``, ...);
+        ``observer`` sees every scheduler input and decision (engine/core.py)."""
         from transformers import AutoTokenizer
 
         from engine.resolve import resolve_config
@@ -73,10 +79,10 @@ class LLM:
         ]
         self.scheduler = Scheduler(self.config.scheduler, block_size=self.config.cache.block_size,
                                    max_model_len=self.info.max_model_len)
+        self.core = EngineCore(self.scheduler, observer)
         for w, runner in enumerate(self.runners):
-            self.scheduler.add_worker(w, runner.num_blocks, time.time())
+            self.core.add_worker(w, InProcess(runner.step), runner.num_blocks, time.time())
         self._ids = itertools.count()
-        self._prompt_lps: dict[str, PromptLogprobsBuffer] = {}  # of the running requests
 
     def generate(
         self,
@@ -106,30 +112,25 @@ class LLM:
             except InvalidSpec as e:
                 raise ValueError(f"SamplingParams.structured ({sp.kind}) is invalid: {e}") from None
         results: dict[str, CompletionOutput] = {}
-        detoks: dict[str, IncrementalDetokenizer] = {}
+        tails: dict[str, OutputTail] = {}
+        core = self.core
         now = time.time()
         for prompt, sp in zip(prompt_list, params, strict=True):
             rid = f"llm-{next(self._ids)}"
             ids = (list(self.tokenizer.encode(prompt))
                    if isinstance(prompt, str) else [int(t) for t in prompt])
             results[rid] = CompletionOutput(rid, prompt if isinstance(prompt, str) else None, ids)
-            detoks[rid] = IncrementalDetokenizer(self.tokenizer, ids, sp.stop)
-            if sp.prompt_logprobs is not None:  # filled in place as the chunks arrive
-                buffer = self._prompt_lps[rid] = PromptLogprobsBuffer(ids)
-                results[rid].prompt_logprobs = buffer.entries
-            req = EngineRequest(request_id=rid, prompt_token_ids=tuple(ids), sampling=sp,
-                                priority=priority, arrival_time=now,
-                                eos_token_ids=self.info.eos_token_ids)
-            self._apply(self.scheduler.add(req, now), results, detoks)
-        while self.scheduler.num_unfinished:
-            for w, runner in enumerate(self.runners):
-                plan = self.scheduler.schedule(w, time.time())
-                if plan is not None:
-                    outs = self.scheduler.update(plan, runner.step(plan), time.time())
-                    self._apply(outs, results, detoks)
-            self._apply(self.scheduler.drain_outputs(), results, detoks)
-        for rid in results:
-            self._prompt_lps.pop(rid, None)
+            tail = tails[rid] = OutputTail(self.tokenizer, ids, sp)
+            if tail.prompt_logprobs is not None:  # filled in place as the chunks arrive
+                results[rid].prompt_logprobs = tail.prompt_logprobs.entries
+            core.add(EngineRequest(request_id=rid, prompt_token_ids=tuple(ids), sampling=sp,
+                                   priority=priority, arrival_time=now,
+                                   eos_token_ids=self.info.eos_token_ids), now)
+            self._apply(core.take_outputs(), results, tails)
+        while core.num_unfinished:
+            core.step(time.time())
+            self._apply(core.take_outputs(), results, tails)
+        self._apply(core.take_outputs(), results, tails)  # the last stop string's abort
         return list(results.values())
 
     def chat(self, messages: Sequence[Mapping[str, Any]],
@@ -141,28 +142,22 @@ class LLM:
         return self.generate([ids], sampling_params, priority=priority)[0]
 
     def _apply(self, outputs: list[RequestOutput], results: dict[str, CompletionOutput],
-               detoks: dict[str, IncrementalDetokenizer]) -> None:
+               tails: dict[str, OutputTail]) -> None:
         for o in outputs:
+            delta = tails[o.request_id].feed(o)
+            if delta is None:
+                continue  # nothing new, or already ended by a stop string
             res = results[o.request_id]
-            if res.finish_reason is not None:
-                continue  # already ended by a stop string
-            res.token_ids.extend(o.new_token_ids)
-            res.num_cached_tokens = max(res.num_cached_tokens, o.num_cached_tokens)
-            if o.prompt_logprobs is not None and o.request_id in self._prompt_lps:
-                self._prompt_lps[o.request_id].add(o.prompt_logprobs)
-            if o.logprobs is not None:
-                res.logprobs = (res.logprobs or []) + o.logprobs
-            if o.top_token_ids is not None and o.top_logprobs is not None:
-                res.top_logprobs = (res.top_logprobs or []) + [
-                    list(zip(ids, lps, strict=True))
-                    for ids, lps in zip(o.top_token_ids, o.top_logprobs, strict=True)]
-            _, stopped = detoks[o.request_id].append(o.new_token_ids)
-            if stopped:
-                res.finish_reason = "stop"
-                self.scheduler.abort([o.request_id], time.time())
-            elif o.finish_reason is not None:
-                res.finish_reason = o.finish_reason
+            res.token_ids += delta.token_ids
+            if delta.logprobs is not None:
+                res.logprobs = (res.logprobs or []) + delta.logprobs
+            if delta.top_logprobs is not None:
+                res.top_logprobs = (res.top_logprobs or []) + delta.top_logprobs
+            if delta.abort:  # a stop string matched: the scheduler still runs it
+                self.core.abort([o.request_id], time.time())
+            if delta.finish_reason is not None:
+                res.finish_reason = delta.finish_reason
                 res.error = o.error
-            if res.finish_reason is not None:
-                detoks[o.request_id].finish()  # release text held back for stop strings
-                res.text = detoks[o.request_id].text
+                res.text = tails[o.request_id].text
+                assert delta.usage is not None
+                res.num_cached_tokens = delta.usage.cached_tokens

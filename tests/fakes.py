@@ -6,6 +6,7 @@ import logging
 import zlib
 
 from engine.config import SchedulerConfig
+from engine.core import EngineCore, InProcess, IntegrityCheck
 from engine.messages import EngineRequest, PromptLogprobs, SamplingParams, StepPlan, StepResult
 from engine.scheduler.scheduler import Scheduler
 
@@ -138,22 +139,16 @@ def reference_output(req: EngineRequest) -> list[int]:
 
 def run_to_completion(sched: Scheduler, workers: dict[int, FakeWorker], now: float = 0.0,
                       max_steps: int = 10_000) -> dict[str, list[int]]:
-    """Step every worker until no request is left; return each request's output tokens."""
+    """Step every worker (the engine core's loop, integrity checked after every scheduler
+    call) until no request is left; return each request's output tokens."""
+    core = EngineCore(sched, IntegrityCheck(sched),
+                      handles={w: InProcess(worker.step) for w, worker in workers.items()})
     outputs: dict[str, list[int]] = {}
     for _ in range(max_steps):
         if sched.num_unfinished == 0:
             return outputs
-        progressed = False
-        for wid, worker in workers.items():
-            plan = sched.schedule(wid, now)
-            sched.check_integrity()
-            if plan is None:
-                continue
-            progressed = True
-            for o in sched.update(plan, worker.step(plan), now):
-                outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
-            sched.check_integrity()
-        for o in sched.drain_outputs():
-            outputs.setdefault(o.request_id, [])
+        progressed = core.step(now)
+        for o in core.take_outputs():
+            outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
         assert progressed or sched.num_unfinished == 0, "scheduler stalled"
     raise AssertionError("did not finish")

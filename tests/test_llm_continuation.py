@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from engine import LLM, SamplingParams, StructuredOutput
+from engine.core import EngineCore, InProcess
 from engine.messages import EngineRequest
 from engine.scheduler.scheduler import Scheduler
 
@@ -28,31 +29,29 @@ def llm() -> LLM:
     return LLM(workers=1, max_num_batched_tokens=32, num_kv_blocks=16)
 
 
-def _pool(llm: LLM) -> Scheduler:
+def _pool(llm: LLM) -> EngineCore:
     """A fresh scheduler over the runner: a restarted pool, its worker's KV empty to it."""
-    sched = Scheduler(llm.config.scheduler, block_size=llm.config.cache.block_size,
-                      max_model_len=llm.info.max_model_len)
-    sched.add_worker(0, llm.runners[0].num_blocks, time.time())
-    return sched
+    core = EngineCore(Scheduler(llm.config.scheduler, block_size=llm.config.cache.block_size,
+                                max_model_len=llm.info.max_model_len))
+    core.add_worker(0, InProcess(llm.runners[0].step), llm.runners[0].num_blocks, time.time())
+    return core
 
 
-def _run(llm: LLM, sched: Scheduler, req: EngineRequest, stop_after: int | None = None,
+def _run(llm: LLM, core: EngineCore, req: EngineRequest, stop_after: int | None = None,
          ) -> tuple[list[int], str | None]:
     """Run ``req``; with ``stop_after``, the pool dies once that many tokens are out."""
-    assert sched.add(req, time.time()) == []
+    core.add(req, time.time())
+    assert core.take_outputs() == []
     tokens: list[int] = []
     finish = None
-    while sched.num_unfinished:
-        plan = sched.schedule(0, time.time())
-        assert plan is not None
-        for o in sched.update(plan, llm.runners[0].step(plan), time.time()):
+    while core.num_unfinished:
+        core.step(time.time())
+        for o in core.take_outputs():
             tokens += o.new_token_ids
             finish = o.finish_reason or finish
         if stop_after is not None and len(tokens) >= stop_after:
-            sched.abort([req.request_id], time.time())  # the runner drops it next plan
-            plan = sched.schedule(0, time.time())
-            if plan is not None:
-                llm.runners[0].step(plan)
+            core.abort([req.request_id], time.time())  # the runner drops it next plan
+            core.step(time.time())
             return tokens, None
     return tokens, finish
 

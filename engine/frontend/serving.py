@@ -1,9 +1,10 @@
 """What every API of the frontend shares (gRPC and HTTP): the served models, request
 validation, and the lifecycle of one request.
 
-``generate`` sends a validated ``EngineRequest`` to its model's pool and yields ``Delta``s:
-new text (incrementally detokenized, stop strings cut), new token ids, their logprobs, and on
-the last one the finish reason and usage. Closing or cancelling the iterator before the end
+``generate`` sends a validated ``EngineRequest`` to its model's pool and yields ``Delta``s
+(engine/output_tail.py, shared with ``engine.LLM``): new text (incrementally detokenized,
+stop strings cut), new token ids, their logprobs, and on the last one the finish reason and
+usage. Closing or cancelling the iterator before the end
 (a client that went away, a timeout) aborts the request in its pool at once, which frees its
 KV blocks. Latency and token metrics are recorded here, so every API reports them alike.
 
@@ -23,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from engine.detokenizer import IncrementalDetokenizer
 from engine.frontend.pool_client import PoolClient
-from engine.messages import EngineRequest, Explanation, RequestOutput, SamplingParams
+from engine.messages import EngineRequest, SamplingParams
 from engine.models.info import ModelInfo
-from engine.prompt_logprobs import PromptLogprob, PromptLogprobsBuffer
+from engine.output_tail import Delta as Delta  # re-exported: the APIs import it from here
+from engine.output_tail import OutputTail
 
 if TYPE_CHECKING:
     from engine.frontend.metrics import EngineMetrics
@@ -273,34 +274,10 @@ def engine_request(model: ServedModel, request_id: str, prompt_ids: Sequence[int
 # --------------------------------------------------------------------------- generation
 
 
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-
-@dataclass
-class Delta:
-    """New output of one request since the previous delta."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    #: Per new token, the most likely tokens as (token id, logprob), best first.
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    #: "stop", "length" or "abort" on the last delta, else None.
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    explanation: Explanation | None = None
-    #: On the first delta of a request that asked for prompt logprobs: one entry per prompt
-    #: token, None for the first (nothing precedes it).
-    prompt_logprobs: list[PromptLogprob | None] | None = None
-
-
 async def generate(model: ServedModel, request: EngineRequest,
                    metrics: EngineMetrics | None = None) -> AsyncIterator[Delta]:
-    """Run one request to its end, yielding its deltas (empty ones are skipped).
+    """Run one request to its end, yielding its deltas (empty ones are skipped; the text,
+    stop strings and logprob pairing are the ``OutputTail``'s: engine/output_tail.py).
 
     Raises ``GenerationFailed`` when the pool fails the request or cannot be reached. The
     request is aborted in its pool if the iterator is closed or cancelled before its last
@@ -310,64 +287,36 @@ async def generate(model: ServedModel, request: EngineRequest,
         stream = model.pool.add(request)
     except RuntimeError as e:  # the pool client is closed or broken
         raise GenerationFailed(str(e), unavailable=True) from e
-    detok = IncrementalDetokenizer(model.tokenizer, request.prompt_token_ids,
-                                   request.sampling.stop)
+    tail = OutputTail(model.tokenizer, request.prompt_token_ids, request.sampling)
     timer = metrics.request_timer(model.name, request) if metrics else None
     done = False
-    completion = cached = 0
-    # Prompt logprobs arrive in chunks (one per prefill step) before the first token; they
-    # go out whole with the first delta.
-    prompt_lps = PromptLogprobsBuffer(request.prompt_token_ids) if request.sampling.prompt_logprobs is not None \
-        else None
     try:
         async for out in stream:
-            if out.prompt_logprobs is not None and prompt_lps is not None:
-                prompt_lps.add(out.prompt_logprobs)
             if out.finish_reason == "error":
                 done = True
                 if timer:
-                    timer.finish("error", completion, out.explanation)
+                    timer.finish("error", tail.num_output_tokens, out.explanation)
                 raise GenerationFailed(out.error or "the engine failed the request",
                                        unavailable=stream.unavailable)
-            completion += len(out.new_token_ids)
-            cached = out.num_cached_tokens or cached
             if timer and out.new_token_ids:
                 timer.tokens(len(out.new_token_ids))
-            text, stopped = detok.append(out.new_token_ids)
-            finish = out.finish_reason
-            if stopped:
-                if finish is None:  # the pool is still generating: stop it
-                    model.pool.abort([request.request_id])
-                finish = "stop"
-            elif finish is not None:
-                text += detok.finish()
-                finish = "stop" if detok.stopped else finish
-            if finish is not None:
+            delta = tail.feed(out)
+            if delta is None:
+                continue
+            if delta.abort:  # a stop string matched: stop the pool
+                model.pool.abort([request.request_id])
+            if delta.finish_reason is not None:
                 done = True
-                usage = Usage(out.num_prompt_tokens or len(request.prompt_token_ids),
-                              completion, cached)
                 if out.explanation is not None:
                     log.debug("request %s explanation: %s", request.request_id, out.explanation)
                 if timer:
-                    timer.finish(finish, completion, out.explanation, cached)
-                yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out), finish,
-                            usage, out.explanation,
-                            prompt_lps.take() if prompt_lps is not None else None)
+                    timer.finish(delta.finish_reason, tail.num_output_tokens, out.explanation,
+                                 tail.num_cached_tokens)
+                yield delta
                 return
-            if text or out.new_token_ids:
-                yield Delta(text, list(out.new_token_ids), out.logprobs, _top(out),
-                            prompt_logprobs=prompt_lps.take() if prompt_lps is not None
-                            else None)
+            yield delta
     finally:
         if not done:  # closed early: the client went away, a timeout, the server stopping
             model.pool.abort([request.request_id])
             if timer:
-                timer.finish("abort", completion, None)
-
-
-def _top(out: RequestOutput) -> list[list[tuple[int, float]]] | None:
-    if out.top_token_ids is None or out.top_logprobs is None:
-        return None
-    return [list(zip(ids, lps, strict=True))
-            for ids, lps in zip(out.top_token_ids, out.top_logprobs, strict=True)]
-
+                timer.finish("abort", tail.num_output_tokens, None)

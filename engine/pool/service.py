@@ -1,7 +1,9 @@
 """The scheduler process of one model pool: sockets around the pure ``Scheduler``.
 
 One thread, one loop: drain every socket without blocking, hand what arrived to the
-scheduler, give each idle worker its next step, send the outputs of this turn in one batch.
+engine core (engine/core.py: the scheduler's one drive loop; each worker is a ``_WorkerSocket``
+handle, whose results arrive later on the worker socket), give each idle worker its next
+step (``core.step``), send the outputs of this turn in one batch.
 It blocks in ``poll`` only when no worker can be given work, and never past the next
 heartbeat: stats go out every ``STATS_INTERVAL_S``, idle or not, each stamped with this
 process's ``incarnation`` (random, drawn at start): a frontend that sees it change knows the
@@ -66,6 +68,7 @@ import zmq
 from engine import ipc
 from engine import messages as m
 from engine.config import EngineConfig
+from engine.core import EngineCore, WorkerLost
 from engine.kv_events import KVEventPublisher
 from engine.models.info import load_model_info
 from engine.scheduler.scheduler import Scheduler
@@ -90,6 +93,7 @@ class PoolService:
         self.scheduler = Scheduler(cfg.scheduler, block_size=cfg.cache.block_size,
                                    max_model_len=self.info.max_model_len,
                                    kv_events=events is not None)
+        self.core = EngineCore(self.scheduler)
         self.kv_events = (None if events is None
                           else KVEventPublisher(events, pool_index, cfg.cache.block_size))
         self.clock = clock
@@ -112,7 +116,6 @@ class PoolService:
         self.expected = set(range(cfg.worker.num_workers))
         self.greeted: set[int] = set()
         self.dead: dict[int, int] = {}  # worker id -> its newest incarnation reported dead
-        self.pending: list[m.RequestOutput] = []
         self.sent_at: dict[int, float] = {}  # worker id -> when its in-flight plan was sent
         self.steps: tuple[list[int], list[int], list[float]] = ([], [], [])
         self.last_stats = 0.0
@@ -126,8 +129,7 @@ class PoolService:
 
     def run(self) -> None:
         while self.running:
-            busy = any(self.scheduler.has_work(w) for w in self.scheduler.workers
-                       if w in self.greeted)
+            busy = self.core.has_work()
             ready = dict(self.poller.poll(0 if busy else self._until_stats_ms()))
             now = self.clock()
             if self.control in ready:
@@ -137,7 +139,7 @@ class PoolService:
             if self.requests in ready:
                 self._drain(self.requests, ipc.FRONTEND_TO_POOL, self._on_request)
             self._greet()
-            self._dispatch(now)
+            self.core.step(now)
             if self.kv_events is not None:
                 self.kv_events.publish(self.scheduler.drain_kv_events(), now)
             self._flush(now)
@@ -181,9 +183,9 @@ class PoolService:
                              req.request_id, inc)
                     return
                 self.owners[req.request_id] = inc
-                self.pending += self.scheduler.add(req, now)
+                self.core.add(req, now)
             case m.AbortRequests(request_ids=ids):
-                self.pending += self.scheduler.abort(ids, now)
+                self.core.abort(ids, now)
 
     def _on_worker(self, msg: m.WorkerToPool) -> None:
         now = self.clock()
@@ -191,16 +193,16 @@ class PoolService:
             case m.WorkerReady():
                 self._on_ready(msg, now)
             case m.StepResult(worker_id=w):
-                plan = self._in_flight(w, msg.step_id, msg.incarnation)
-                if plan is not None:
-                    self._record_step(plan, now - self.sent_at.get(w, now))
-                    self.pending += self.scheduler.update(plan, msg, now)
-            case m.WorkerError(worker_id=w, message=text):
-                plan = self._in_flight(w, msg.step_id, msg.incarnation)
+                plan = self.core.complete(w, msg, now)
                 if plan is None:
-                    return
-                log.error("worker %d failed a step: %s", w, text)
-                self.pending += self.scheduler.fail_step(plan, text)
+                    self._stale(w, msg.step_id, msg.incarnation)
+                else:
+                    self._record_step(plan, now - self.sent_at.get(w, now))
+            case m.WorkerError(worker_id=w, message=text):
+                if self.core.fail(w, msg.step_id, msg.incarnation, text, now) is None:
+                    self._stale(w, msg.step_id, msg.incarnation)
+                else:
+                    log.error("worker %d failed a step: %s", w, text)
 
     def _on_ready(self, msg: m.WorkerReady, now: float) -> None:
         w, inc = msg.worker_id, msg.incarnation
@@ -220,7 +222,7 @@ class PoolService:
             log.warning("worker %d incarnation %d replaces incarnation %d; %d requests "
                         "re-placed to recompute", w, inc, ws.incarnation, ws.num_requests)
         log.info("worker %d (incarnation %d) ready with %d KV blocks", w, inc, msg.num_blocks)
-        self.scheduler.add_worker(w, msg.num_blocks, now, inc)
+        self.core.add_worker(w, _WorkerSocket(self, w), msg.num_blocks, now, inc)
 
     def _on_died(self, w: int, inc: int) -> None:
         self.dead[w] = max(inc, self.dead.get(w, -1))
@@ -228,7 +230,7 @@ class PoolService:
         if ws is None or ws.incarnation > inc:
             log.info("worker %d incarnation %d died (already replaced)", w, inc)
             return
-        moved = self.scheduler.remove_worker(w, self.clock())
+        moved = self.core.remove_worker(w, self.clock())
         log.warning("worker %d died; %d requests re-placed to recompute", w, len(moved))
 
     def _on_control(self, msg: m.LauncherToPool) -> None:
@@ -247,20 +249,15 @@ class PoolService:
         ids = [rid for rid, owner in self.owners.items() if owner <= inc]
         for rid in ids:
             del self.owners[rid]
+        self.core.abort(ids, self.clock())
         gone = set(ids)
-        self.pending = [o for o in self.pending if o.request_id not in gone]
-        self.scheduler.abort(ids, self.clock())
+        self.core.outputs = [o for o in self.core.outputs if o.request_id not in gone]
         log.warning("frontend incarnation %d died; aborted its %d requests", inc, len(ids))
 
-    def _in_flight(self, worker_id: int, step_id: int, incarnation: int) -> m.StepPlan | None:
-        """The plan in flight to the worker if a message of ``incarnation`` about
-        ``step_id`` answers it; None for a stale message (dropped, and logged)."""
-        plan = self.scheduler.in_flight(worker_id)
-        if plan is None or plan.step_id != step_id or plan.incarnation != incarnation:
-            log.info("worker %d: dropped a stale answer to step %d from incarnation %d",
-                     worker_id, step_id, incarnation)
-            return None
-        return plan
+    @staticmethod
+    def _stale(worker_id: int, step_id: int, incarnation: int) -> None:
+        log.info("worker %d: dropped a stale answer to step %d from incarnation %d",
+                 worker_id, step_id, incarnation)
 
     # ------------------------------------------------------------------ output
 
@@ -281,21 +278,6 @@ class PoolService:
                 return False
             self.greeted.add(w)
         return True
-
-    def _dispatch(self, now: float) -> None:
-        for w in list(self.scheduler.workers):
-            if not self._hello(w):  # a plan may only follow this pool's hello
-                continue
-            plan = self.scheduler.schedule(w, now)
-            if plan is None:
-                continue
-            try:
-                self.workers.send_multipart([ipc.worker_identity(w), ipc.encode(plan)])
-                self.sent_at[w] = now
-            except zmq.ZMQError as e:  # the worker is gone; the launcher restarts it
-                log.warning("worker %d unreachable (%s); re-placing its requests", w, e)
-                self.scheduler.remove_worker(w, now)
-        self.pending += self.scheduler.drain_outputs()
 
     def _record_step(self, plan: m.StepPlan, duration_s: float) -> None:
         sizes, tokens, times = self.steps
@@ -320,10 +302,11 @@ class PoolService:
         return max(0, min(int(STATS_INTERVAL_S * 1000), int(due * 1000) + 1))
 
     def _flush(self, now: float) -> None:
-        if not self.pending and now - self.last_stats < STATS_INTERVAL_S:
+        if not self.core.outputs and now - self.last_stats < STATS_INTERVAL_S:
             return
-        msg = m.PoolOutputs(outputs=self.pending, stats=self._stats())
-        for out in self.pending:
+        pending = self.core.take_outputs()
+        msg = m.PoolOutputs(outputs=pending, stats=self._stats())
+        for out in pending:
             if out.finish_reason is not None:
                 self.owners.pop(out.request_id, None)
         try:  # never block the loop on the frontend: without one, the batch is dropped
@@ -335,8 +318,31 @@ class PoolService:
             if self.frontend_connected:
                 log.warning("no frontend connected: dropping outputs and stats until one is")
             self.frontend_connected = False
-        self.pending = []
         self.last_stats = now
+
+
+class _WorkerSocket:
+    """Worker ``w`` as the engine core drives it: ready once this pool greeted it; a plan
+    goes out on the ROUTER, its result comes back later (``PoolService._on_worker``)."""
+
+    __slots__ = ("identity", "service", "worker_id")
+
+    def __init__(self, service: PoolService, worker_id: int) -> None:
+        self.service = service
+        self.worker_id = worker_id
+        self.identity = ipc.worker_identity(worker_id)
+
+    def ready(self) -> bool:
+        return self.service._hello(self.worker_id)  # a plan may only follow this pool's hello
+
+    def submit(self, plan: m.StepPlan, now: float) -> None:
+        try:
+            self.service.workers.send_multipart([self.identity, ipc.encode(plan)])
+        except zmq.ZMQError as e:  # the worker is gone; the launcher restarts it
+            log.warning("worker %d unreachable (%s); re-placing its requests",
+                        self.worker_id, e)
+            raise WorkerLost from e
+        self.service.sent_at[self.worker_id] = now
 
 
 def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str,

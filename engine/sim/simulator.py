@@ -1,11 +1,13 @@
 """A discrete-event simulator driving the real scheduler with simulated workers.
 
 Events are request arrivals (a sorted stream, plus later turns that arrive after their
-predecessor finishes) and step completions (a heap). After every event each idle worker is
-offered a step: ``scheduler.schedule(w, now)``; a ``FakeWorker`` applies the plan as a stateful
-runner would and answers with deterministic tokens, and the step completes at
-``now + cost_model(batch shape)``, when ``scheduler.update(plan, result, now)`` runs. The
-scheduler is the very code the engine runs; only the model and the clock are simulated.
+predecessor finishes) and step completions (a heap). The drive loop is the engine core's
+(engine/core.py), as in the pool: after every event each idle worker is offered a step
+(``core.step(now, idle workers)``); its handle (``SimWorker``) has a ``FakeWorker`` apply
+the plan as a stateful runner would and answer with deterministic tokens, and the step
+completes at ``now + cost_model(batch shape)``, when ``core.complete(w, result, now)``
+applies it. The scheduler is the very code the engine runs; only the model and the clock
+are simulated.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from itertools import chain
 from typing import Any
 
 from engine.config import SchedulerConfig
+from engine.core import CoreObserver, EngineCore, IntegrityCheck, ObserverTee
 from engine.messages import (
     CachedRequestData,
     EngineRequest,
@@ -141,17 +144,23 @@ class FakeWorker:
 
 
 class Simulator:
-    def __init__(self, requests: Iterable[SimRequest], cost: CostModel, config: SimConfig) -> None:
+    def __init__(self, requests: Iterable[SimRequest], cost: CostModel, config: SimConfig,
+                 observer: CoreObserver | None = None) -> None:
+        """``observer`` sees the scheduler's inputs and decisions (engine/core.py)."""
         self.cost = cost
         self.config = config
         self.sched = Scheduler(config.scheduler, block_size=config.block_size,
                                max_model_len=config.max_model_len)
-        for w in range(config.num_workers):
-            self.sched.add_worker(w, config.num_blocks, 0.0)
+        if config.check:  # check_integrity() after every scheduler call
+            check = IntegrityCheck(self.sched)
+            observer = check if observer is None else ObserverTee(observer, check)
+        self.core = EngineCore(self.sched, observer)
         self.workers = [FakeWorker(w, config.vocab_size) for w in range(config.num_workers)]
+        for w in range(config.num_workers):
+            self.core.add_worker(w, SimWorker(self, self.workers[w]), config.num_blocks, 0.0)
         self.stream: Iterator[SimRequest] = iter(requests)
         self.idle = list(range(config.num_workers))
-        self.in_flight: list[tuple[StepPlan, StepResult] | None] = [None] * config.num_workers
+        self.in_flight: list[StepResult | None] = [None] * config.num_workers
         self.events: list[tuple[float, int, int, object]] = []  # (time, seq, kind, payload)
         self.seq = 0
         self.records: dict[str, RequestRecord] = {}
@@ -211,42 +220,45 @@ class Simulator:
         self.records[req.request_id] = RequestRecord(req, now)
         sampling = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True,
                                   seed=req.seed)
-        self._record(self.sched.add(EngineRequest(
+        self.core.add(EngineRequest(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, sampling=sampling,
-            priority=req.priority, arrival_time=now, tenant=req.tenant), now), now)
+            priority=req.priority, arrival_time=now, tenant=req.tenant), now)
+        if self.core.outputs:
+            self._record(self.core.take_outputs(), now)
 
     def _offer_steps(self, now: float) -> None:
-        sched, check = self.sched, self.config.check
-        idle, step_time, records = self.idle, self.cost.step_time, self.records
-        for w in idle[:]:
-            plan = sched.schedule(w, now)
-            if check:
-                sched.check_integrity()
-            if plan is None:
-                continue
-            idle.remove(w)
-            result, shape = self.workers[w].step(plan)
-            result.execute_time_s = dt = step_time(*shape)
-            self.in_flight[w] = (plan, result)
-            self.seq += 1
-            heapq.heappush(self.events, (now + dt, self.seq, _STEP, w))
-            self.busy_s[w] += dt
-            self.num_steps += 1
-            self.num_scheduled += len(plan.new_requests) + len(plan.cached_requests)
-            for nr in plan.new_requests:
-                rec = records[nr.request_id]
-                rec.num_admissions += 1
-                if rec.first_scheduled is None:
-                    rec.first_scheduled = now
-        outputs = sched.drain_outputs()
-        if outputs:
-            self._record(outputs, now)
+        core = self.core
+        core.step(now, self.idle[:])
+        if core.outputs:
+            self._record(core.take_outputs(), now)
+
+    def _started(self, plan: StepPlan, result: StepResult, shape: BatchShape,
+                 now: float) -> None:
+        """Worker ``plan.worker_id`` runs ``plan`` from ``now``; ``result`` is its answer,
+        due when the cost model says."""
+        w = plan.worker_id
+        self.idle.remove(w)
+        result.execute_time_s = dt = self.cost.step_time(*shape)
+        self.in_flight[w] = result
+        self.seq += 1
+        heapq.heappush(self.events, (now + dt, self.seq, _STEP, w))
+        self.busy_s[w] += dt
+        self.num_steps += 1
+        self.num_scheduled += len(plan.new_requests) + len(plan.cached_requests)
+        records = self.records
+        for nr in plan.new_requests:
+            rec = records[nr.request_id]
+            rec.num_admissions += 1
+            if rec.first_scheduled is None:
+                rec.first_scheduled = now
 
     def _complete(self, w: int, now: float) -> None:
-        plan, result = self.in_flight[w]  # type: ignore[misc]
-        self._record(self.sched.update(plan, result, now), now)
-        if self.config.check:
-            self.sched.check_integrity()
+        result, self.in_flight[w] = self.in_flight[w], None
+        assert result is not None
+        core = self.core
+        core.complete(w, result, now)
+        if core.outputs:
+            self._record(core.take_outputs(), now)
         self.idle.append(w)
 
     def _record(self, outputs: list[RequestOutput], now: float) -> None:
@@ -271,6 +283,25 @@ class Simulator:
     def _push(self, at: float, kind: int, payload: object) -> None:
         self.seq += 1
         heapq.heappush(self.events, (at, self.seq, kind, payload))
+
+
+class SimWorker:
+    """A simulated worker as the engine core drives it: ``submit`` runs the plan on its
+    ``FakeWorker`` at once and schedules the step's end; the result reaches the core then
+    (``Simulator._complete``)."""
+
+    __slots__ = ("sim", "worker")
+
+    def __init__(self, sim: Simulator, worker: FakeWorker) -> None:
+        self.sim = sim
+        self.worker = worker
+
+    def ready(self) -> bool:
+        return True
+
+    def submit(self, plan: StepPlan, now: float) -> None:
+        result, shape = self.worker.step(plan)
+        self.sim._started(plan, result, shape, now)
 
 
 def instrument(sched: Scheduler) -> dict[str, list[float]]:

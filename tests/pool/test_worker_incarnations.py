@@ -63,7 +63,7 @@ class Wire:
 
     def plan(self) -> m.StepPlan:
         """The pool's next step for the worker, as the process holding the identity gets it."""
-        self.service._dispatch(0.0)
+        self.service.core.step(0.0)
         while True:  # after the pool's greeting, sent once, before its first plan
             assert self.peer.poll(5000), "no plan sent"
             msg = ipc.POOL_TO_WORKER.decode(self.peer.recv())
@@ -73,11 +73,10 @@ class Wire:
         return msg
 
     def collect(self) -> None:
-        for o in self.service.pending:
+        for o in self.service.core.take_outputs():
             self.tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
             if o.finish_reason:
                 self.finished[o.request_id] = o.finish_reason
-        self.service.pending = []
 
     def run(self, worker: FakeWorker, requests: list[m.EngineRequest]) -> None:
         """Step ``worker`` until every request finished; each plan must be for it."""

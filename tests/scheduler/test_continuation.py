@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from fakes import FakeWorker, make_request, make_scheduler, reference_output, run_to_completion
 
+from engine.core import EngineCore, InProcess, IntegrityCheck
 from engine.messages import EngineRequest, SamplingParams
 
 
@@ -30,23 +31,21 @@ def _run_until(sched, workers, reqs: list[EngineRequest], num_outputs: dict[str,
         assert sched.add(r, 0.0) == []
     got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
     ended: set[str] = set()
+    core = EngineCore(sched, IntegrityCheck(sched),
+                      handles={w: InProcess(worker.step) for w, worker in workers.items()})
     for _ in range(1000):
         done = [rid for rid, toks in got.items()
                 if rid not in ended and len(toks) >= num_outputs[rid]]
-        sched.abort(done, 0.0)
+        core.abort(done, 0.0)
         ended.update(done)
         if sched.num_unfinished == 0:
             return got
-        for wid, worker in workers.items():
-            plan = sched.schedule(wid, 0.0)
-            if plan is None:
-                continue
-            for o in sched.update(plan, worker.step(plan), 0.0):
-                if o.request_id not in ended:
-                    got[o.request_id] += o.new_token_ids
-                    if o.finish_reason is not None:
-                        ended.add(o.request_id)
-            sched.check_integrity()
+        core.step(0.0)
+        for o in core.take_outputs():
+            if o.request_id not in ended:
+                got[o.request_id] += o.new_token_ids
+                if o.finish_reason is not None:
+                    ended.add(o.request_id)
     raise AssertionError("did not stop")
 
 

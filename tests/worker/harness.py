@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from engine.config import SchedulerConfig
+from engine.core import CoreObserver, EngineCore, InProcess
 from engine.messages import (
     CachedRequestData,
     EngineRequest,
@@ -178,6 +179,17 @@ class Driver:
 # --------------------------------------------------------------------------- the real scheduler
 
 
+class _Plans(CoreObserver):
+    """Every plan the core made, in order."""
+
+    def __init__(self) -> None:
+        self.plans: list[StepPlan] = []
+
+    def on_plan(self, worker_id: int, plan: StepPlan | None, now: float) -> None:
+        if plan is not None:
+            self.plans.append(plan)
+
+
 @dataclass
 class EngineRun:
     outputs: dict[str, list[int]]
@@ -190,12 +202,16 @@ class EngineRun:
 def run_engine(runner, prompts: list[list[int]], sampling: SamplingParams = GREEDY, *,
                num_blocks: int | None = None, max_num_batched_tokens: int = 512,
                abort_after: dict[str, int] | None = None, tag: str = "r") -> EngineRun:
-    """Our Scheduler driving one runner (as ``engine.LLM`` does), on at most ``num_blocks``
-    of its KV blocks (all by default). ``abort_after``: abort a request once it has that many
-    tokens. Requests are ``f"{tag}{i}"``; EOS is the runner's model's."""
+    """Our Scheduler driving one runner through the engine core (as ``engine.LLM`` does),
+    on at most ``num_blocks`` of its KV blocks (all by default). ``abort_after``: abort a
+    request once it has that many tokens. Requests are ``f"{tag}{i}"``; EOS is the runner's
+    model's."""
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
                       block_size=runner.block_size, max_model_len=runner.max_model_len)
-    sched.add_worker(0, runner.num_blocks if num_blocks is None else num_blocks, 0.0)
+    plans = _Plans()
+    core = EngineCore(sched, plans)
+    core.add_worker(0, InProcess(runner.step),
+                    runner.num_blocks if num_blocks is None else num_blocks, 0.0)
     eos = tuple(runner.info.eos_token_ids)
     outputs: dict[str, list[int]] = {}
     reasons: dict[str, str | None] = {}
@@ -203,28 +219,26 @@ def run_engine(runner, prompts: list[list[int]], sampling: SamplingParams = GREE
     for i, p in enumerate(prompts):
         rid = f"{tag}{i}"
         outputs[rid], reasons[rid] = [], None
-        assert not sched.add(EngineRequest(request_id=rid, prompt_token_ids=tuple(p),
-                                           sampling=sampling, eos_token_ids=eos), 0.0)
-    plans: list[StepPlan] = []
+        core.add(EngineRequest(request_id=rid, prompt_token_ids=tuple(p), sampling=sampling,
+                               eos_token_ids=eos), 0.0)
+        assert not core.take_outputs()
     now = 0.0
     while sched.num_unfinished:
         now += 1.0
-        plan = sched.schedule(0, now)
-        assert plan is not None, "the scheduler stalled"
-        plans.append(plan)
-        outs = sched.update(plan, runner.step(plan), now) + sched.drain_outputs()
-        for o in outs:
+        assert core.step(now), "the scheduler stalled"
+        for o in core.take_outputs():
             outputs[o.request_id].extend(o.new_token_ids)
             if o.logprobs is not None:
                 logprobs.setdefault(o.request_id, []).extend(o.logprobs)
             reasons[o.request_id] = o.finish_reason or reasons[o.request_id]
         for rid, n in (abort_after or {}).items():
             if rid in sched.requests and len(outputs[rid]) >= n:
-                sched.abort([rid], now)
+                core.abort([rid], now)
+                core.take_outputs()
                 reasons[rid] = "abort"
     # hand the last finished ids to the worker: a shared runner must end up empty
     ws = sched.workers[0]
     runner.step(StepPlan(step_id=10**9, worker_id=0, finished_request_ids=ws.to_drop))
     ws.to_drop = []
     sched.check_integrity()
-    return EngineRun(outputs, reasons, sched, plans, logprobs)
+    return EngineRun(outputs, reasons, sched, plans.plans, logprobs)

@@ -26,7 +26,7 @@ from engine.frontend.serving import check_sampling
 from engine.messages import EngineRequest, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo, load_model_info
 from engine.prompt_logprobs import PromptLogprob, PromptLogprobsBuffer
-from engine.scheduler.scheduler import Scheduler
+from engine.scheduler.record import flush_recording, open_scheduler
 from engine.structured import InvalidSpec, check_spec
 from engine.worker.runner import ModelRunner
 
@@ -71,8 +71,10 @@ class LLM:
             make_runner(model_cfg, self.config.cache, self.config.worker, self.config.scheduler)
             for _ in range(workers)
         ]
-        self.scheduler = Scheduler(self.config.scheduler, block_size=self.config.cache.block_size,
-                                   max_model_len=self.info.max_model_len)
+        self.scheduler = open_scheduler(self.config.scheduler,
+                                        block_size=self.config.cache.block_size,
+                                        max_model_len=self.info.max_model_len,
+                                        record_path=self.config.scheduler.record_decisions)
         for w, runner in enumerate(self.runners):
             self.scheduler.add_worker(w, runner.num_blocks, time.time())
         self._ids = itertools.count()
@@ -128,6 +130,7 @@ class LLM:
                     outs = self.scheduler.update(plan, runner.step(plan), time.time())
                     self._apply(outs, results, detoks)
             self._apply(self.scheduler.drain_outputs(), results, detoks)
+        flush_recording(self.scheduler)
         for rid in results:
             self._prompt_lps.pop(rid, None)
         return list(results.values())

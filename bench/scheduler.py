@@ -57,16 +57,19 @@ from engine.config import KVEventsConfig, SchedulerConfig
 from engine.core import EngineCore
 from engine.kv_events import KVEventPublisher
 from engine.messages import EngineRequest, SamplingParams, StepPlan, StepResult
+from engine.scheduler.record import close_recording, open_scheduler
 from engine.scheduler.scheduler import Scheduler
 
 
 def build(num_running: int, num_workers: int, prompt_len: int, block_size: int,
-          policy: str, placement: str, steps: int, kv_events: bool = False) -> Scheduler:
+          policy: str, placement: str, steps: int, kv_events: bool = False,
+          record_path: str | None = None) -> Scheduler:
     per_worker = -(-num_running // num_workers)
     blocks_per_req = -(-(prompt_len + steps + 64) // block_size)
     cfg = SchedulerConfig(max_num_batched_tokens=max(8192, per_worker * prompt_len),
                           max_num_seqs=per_worker, policy=policy, placement=placement)
-    sched = Scheduler(cfg, block_size=block_size, max_model_len=1 << 20, kv_events=kv_events)
+    sched = open_scheduler(cfg, block_size=block_size, max_model_len=1 << 20,
+                           kv_events=kv_events, record_path=record_path)
     for w in range(num_workers):
         sched.add_worker(w, per_worker * blocks_per_req + 16, 0.0)
     sp = SamplingParams(max_tokens=1 << 30, temperature=0.0, ignore_eos=True)
@@ -116,25 +119,12 @@ def run(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 
 
 def _time_steps(sched: Scheduler, steps: int, publisher: KVEventPublisher | None) -> list[float]:
     """Seconds of each worker's schedule + update (+ the KV events' drain and hand-off)."""
-    workers = sorted(sched.workers)
-    for w in workers:  # prefill everything in one step per worker
-        plan = sched.schedule(w, 0.0)
-        sched.update(plan, fake_result(plan), 0.0)
+    _prefill(sched)
     if publisher is not None:
         publisher.publish(sched.drain_kv_events(), 0.0)
     per_call = []
     for step in range(steps):
-        now = 1.0 + step
-        for w in workers:
-            t0 = time.perf_counter()
-            plan = sched.schedule(w, now)
-            t1 = time.perf_counter()
-            result = fake_result(plan)
-            t2 = time.perf_counter()
-            sched.update(plan, result, now)
-            if publisher is not None:
-                publisher.publish(sched.drain_kv_events(), now)
-            per_call.append((t1 - t0) + (time.perf_counter() - t2))
+        per_call += _time_step(sched, 1.0 + step, publisher)
     return per_call
 
 
@@ -175,6 +165,56 @@ def _time_core_steps(sched: Scheduler, steps: int) -> list[float]:
             if step:
                 per_call.append((t1 - t0) + (time.perf_counter() - t2))
     return per_call
+
+
+def _prefill(sched: Scheduler) -> None:
+    for w in sorted(sched.workers):  # prefill everything in one step per worker
+        plan = sched.schedule(w, 0.0)
+        sched.update(plan, fake_result(plan), 0.0)
+
+
+def _time_step(sched: Scheduler, now: float,
+               publisher: KVEventPublisher | None = None) -> list[float]:
+    per_call = []
+    for w in sorted(sched.workers):
+        t0 = time.perf_counter()
+        plan = sched.schedule(w, now)
+        t1 = time.perf_counter()
+        result = fake_result(plan)
+        t2 = time.perf_counter()
+        sched.update(plan, result, now)
+        if publisher is not None:
+            publisher.publish(sched.drain_kv_events(), now)
+        per_call.append((t1 - t0) + (time.perf_counter() - t2))
+    return per_call
+
+
+def run_record(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 64,
+               block_size: int = 16, policy: str = "fcfs",
+               placement: str = "cache-aware") -> dict:
+    """The cost of ``--record-decisions``: two schedulers on the same requests, one recording
+    to a file, stepped alternately (so the machine's noise hits both alike); the median of
+    one worker's schedule + update of each, and the recording's bytes per step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "decisions.rec")
+        plain = build(num_running, num_workers, prompt_len, block_size, policy, placement, steps)
+        rec = build(num_running, num_workers, prompt_len, block_size, policy, placement, steps,
+                    record_path=path)
+        _prefill(plain)
+        _prefill(rec)
+        times: tuple[list[float], list[float]] = ([], [])
+        for step in range(steps):
+            for sched, acc in ((plain, times[0]), (rec, times[1])) if step % 2 else (
+                    (rec, times[1]), (plain, times[0])):
+                acc += _time_step(sched, 1.0 + step)
+        close_recording(rec)
+        size = os.path.getsize(path)
+    base, recorded = (statistics.median(t) * num_workers for t in times)
+    return {"running": num_running, "workers": num_workers, "steps": steps,
+            "us_per_step": round(base * 1e6, 1), "record_us_per_step": round(recorded * 1e6, 1),
+            "record_overhead": round(recorded / base - 1, 4),
+            "record_bytes_per_step": round(size / (steps + 1)),
+            "python": platform.python_version()}
 
 
 ADD_TOKENS = 192  # new prompt tokens of each request ``time_adds`` adds
@@ -354,7 +394,19 @@ def main() -> None:
                    help="drive the scheduler through the engine core, as the pool does")
     p.add_argument("--compare-vllm", action="store_true",
                    help="also run vLLM's v1 scheduler on the same requests")
+    p.add_argument("--record", action="store_true",
+                   help="only: the cost of --record-decisions, a recording scheduler beside "
+                   "a plain one")
     args = p.parse_args()
+    if args.record:
+        result = run_record(args.running, args.workers, args.steps, args.prompt_len,
+                            policy=args.policy, placement=args.placement)
+        print(json.dumps(result) if args.json else
+              f"{result['running']} running on {result['workers']} workers: "
+              f"{result['us_per_step']} us per step, {result['record_us_per_step']} us "
+              f"recording ({result['record_overhead']:+.1%}), "
+              f"{result['record_bytes_per_step']} bytes per step")
+        return
     result = run(args.running, args.workers, args.steps, args.prompt_len, policy=args.policy,
                  placement=args.placement, kv_events=args.kv_events, core=args.core)
     if args.compare_vllm:

@@ -152,6 +152,10 @@ class SchedulerConfig:
                       "preemption victims (or module:Class)", metavar="NAME", type=str)
     placement: str = opt("cache-aware", "--placement", "placement across workers (or "
                          "module:Class)", metavar="NAME", type=str)
+    record_decisions: str | None = opt(
+        None, "--record-decisions", "write every input of the scheduler and every plan it "
+        "makes to this file, for python -m engine.sim --replay (several models: "
+        "PATH.<pool index>)", metavar="PATH", type=str, parse=os.path.abspath, shown="off")
 
 
 #: ``--cuda-graph-max-batch`` when not given: ``--max-num-seqs``, at most this.

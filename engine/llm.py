@@ -30,7 +30,7 @@ from engine.messages import EngineRequest, RequestOutput, SamplingParams
 from engine.models.info import ModelInfo, load_model_info
 from engine.output_tail import OutputTail
 from engine.prompt_logprobs import PromptLogprob
-from engine.scheduler.scheduler import Scheduler
+from engine.scheduler.record import flush_recording, open_scheduler
 from engine.structured import InvalidSpec, check_spec
 from engine.worker.runner import ModelRunner
 
@@ -77,8 +77,10 @@ class LLM:
             make_runner(model_cfg, self.config.cache, self.config.worker, self.config.scheduler)
             for _ in range(workers)
         ]
-        self.scheduler = Scheduler(self.config.scheduler, block_size=self.config.cache.block_size,
-                                   max_model_len=self.info.max_model_len)
+        self.scheduler = open_scheduler(self.config.scheduler,
+                                        block_size=self.config.cache.block_size,
+                                        max_model_len=self.info.max_model_len,
+                                        record_path=self.config.scheduler.record_decisions)
         self.core = EngineCore(self.scheduler, observer)
         for w, runner in enumerate(self.runners):
             self.core.add_worker(w, InProcess(runner.step), runner.num_blocks, time.time())
@@ -131,6 +133,7 @@ class LLM:
             core.step(time.time())
             self._apply(core.take_outputs(), results, tails)
         self._apply(core.take_outputs(), results, tails)  # the last stop string's abort
+        flush_recording(self.scheduler)
         return list(results.values())
 
     def chat(self, messages: Sequence[Mapping[str, Any]],

@@ -71,7 +71,7 @@ from engine.config import EngineConfig
 from engine.core import EngineCore, WorkerLost
 from engine.kv_events import KVEventPublisher
 from engine.models.info import load_model_info
-from engine.scheduler.scheduler import Scheduler
+from engine.scheduler.record import close_recording, open_scheduler, pool_record_path
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,11 @@ class PoolService:
         self.name = model_cfg.name
         self.info = load_model_info(model_cfg)
         events = cfg.cache.kv_events
-        self.scheduler = Scheduler(cfg.scheduler, block_size=cfg.cache.block_size,
-                                   max_model_len=self.info.max_model_len,
-                                   kv_events=events is not None)
+        self.scheduler = open_scheduler(
+            cfg.scheduler, block_size=cfg.cache.block_size,
+            max_model_len=self.info.max_model_len, kv_events=events is not None,
+            record_path=pool_record_path(cfg.scheduler.record_decisions, pool_index,
+                                         len(cfg.models)), run_id=run_dir, pool=self.name)
         self.core = EngineCore(self.scheduler)
         self.kv_events = (None if events is None
                           else KVEventPublisher(events, pool_index, cfg.cache.block_size))
@@ -154,6 +156,7 @@ class PoolService:
                                             zmq.NOBLOCK)
         if self.kv_events is not None:
             self.kv_events.close()
+        close_recording(self.scheduler)
         ipc.destroy(self.ctx, linger=500 if self.worker_port is not None else 0)
 
     def _drain(self, sock: zmq.Socket[Any], codec: ipc.Codec[Any], handle: Callable[[Any], None]) -> None:

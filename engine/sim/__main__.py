@@ -81,10 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-turn: mean pause after a response before the next turn (5)")
     g = p.add_argument_group("engine (defaults: the cost file's [engine] table)")
     g.add_argument("--workers", type=int, default=8, help="simulated workers (8)")
-    g.add_argument("--policy", type=_names, default=[SchedulerConfig().policy],
-                   help="comma-separated policies (default: the engine's)")
-    g.add_argument("--placement", type=_names, default=[SchedulerConfig().placement],
-                   help="comma-separated placements (default: the engine's)")
+    g.add_argument("--policy", type=_names,
+                   help="comma-separated policies (default: the engine's; --replay: one, "
+                   "default the recording's)")
+    g.add_argument("--placement", type=_names,
+                   help="comma-separated placements (default: the engine's; --replay: one, "
+                   "default the recording's)")
     g.add_argument("--cost", metavar="FILE", help="cost model file (TOML or JSON)")
     g.add_argument("--block-size", type=int)
     g.add_argument("--num-blocks", type=int, help="KV blocks per worker")
@@ -98,11 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true", help="check scheduler invariants (slow)")
     g.add_argument("--profile", action="store_true",
                    help="time the scheduler's calls; report scheduler vs simulator time")
+    g.add_argument("--replay", metavar="PATH", help="replay a --record-decisions file "
+                   "through a fresh scheduler and check every plan is the recorded one "
+                   "(engine/sim/replay.py)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replay:
+        return _replay(args)
+    args.policy = args.policy or [SchedulerConfig().policy]
+    args.placement = args.placement or [SchedulerConfig().placement]
     try:
         cost = CostModel.load(args.cost)
         config = _sim_config(args, cost)
@@ -139,6 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from engine.sim import replay
+
+    policy, placement = args.policy or [None], args.placement or [None]
+    if len(policy) > 1 or len(placement) > 1:
+        print("python -m engine.sim: error: --replay takes one --policy and one --placement",
+              file=sys.stderr)
+        return 2
+    return replay.main(args.replay, policy[0], placement[0], args.check)
 
 
 def _sim_config(args: argparse.Namespace, cost: CostModel) -> SimConfig:

@@ -1,0 +1,294 @@
+"""Recording the scheduler's decisions: every input it is given and every plan it makes.
+
+``--record-decisions PATH`` makes the pool build a ``RecordingScheduler``: the ``Scheduler``
+itself, whose public entry points also append one frame each to a recording. Because the
+scheduler is pure (time comes in as ``now``, no randomness, no clock; its queues and maps
+iterate in insertion order), those frames are all it takes to rebuild its every decision:
+``python -m engine.sim --replay PATH`` (engine/sim/replay.py) feeds them to a fresh
+scheduler and checks that each plan it makes is the recorded one.
+
+The file is a stream of frames, each a 4-byte little-endian length and one MessagePack
+``Frame`` (msgspec tagged array structs, the wire's encoding):
+
+- ``Header``: the format, the protocol version, the ``SchedulerConfig`` as a table, the
+  block size and the model's context: what it takes to rebuild the scheduler; ``run_id``
+  names the launch. A header starts a *segment*: a pool restarted in the same launch appends
+  a new segment (its scheduler starts empty); a new launch overwrites the file.
+- ``Add`` (the ``EngineRequest``), ``Abort``, ``AddWorker``, ``RemoveWorker``: the inputs,
+  each with its ``now``;
+- ``Schedule``: a call that could do something (the worker was idle with work), its ``now``
+  and the plan it returned (or None); calls on a busy or empty worker return None and change
+  nothing, so they are not written;
+- ``Update``: the ``StepResult`` applied to the worker's plan in flight, with its ``now``
+  (the logprobs are dropped: they reach the outputs and never a decision); results the
+  scheduler would ignore as stale are not written; ``FailStep``: a worker's error.
+
+Cost: frames are encoded into one buffer (``encode_into``) written to the file each
+``FLUSH_BYTES``; ``bench.scheduler --record`` measures the cost against the scheduler's own
+(docs/simulator.md). A pool killed outright loses at most the last unflushed buffer; the
+reader stops at a torn last frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import msgspec
+
+from engine.config import SchedulerConfig
+from engine.messages import (
+    PROTOCOL_VERSION,
+    EngineRequest,
+    RequestOutput,
+    StepPlan,
+    StepResult,
+)
+from engine.scheduler.scheduler import Scheduler
+
+FORMAT_VERSION = 1
+#: The buffer goes to the file once it holds this many bytes (and on ``flush``/``close``).
+FLUSH_BYTES = 1 << 20
+_LEN = struct.Struct("<I")
+
+
+class _Frame(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    pass
+
+
+class Header(_Frame, tag=0):
+    format: int
+    protocol_version: int
+    scheduler: dict[str, Any]  # SchedulerConfig's fields
+    block_size: int
+    max_model_len: int
+    run_id: str = ""
+    pool: str = ""
+
+
+class Add(_Frame, tag=1):
+    now: float
+    request: EngineRequest
+
+
+class Abort(_Frame, tag=2):
+    now: float
+    request_ids: list[str]
+
+
+class AddWorker(_Frame, tag=3):
+    now: float
+    worker_id: int
+    num_blocks: int
+    incarnation: int = 0
+
+
+class RemoveWorker(_Frame, tag=4):
+    now: float
+    worker_id: int
+
+
+class Schedule(_Frame, tag=5):
+    now: float
+    worker_id: int
+    plan: StepPlan | None = None
+
+
+class Update(_Frame, tag=6):
+    now: float
+    worker_id: int  # the plan's worker (the plan answered is the one in flight there)
+    result: StepResult
+
+
+class FailStep(_Frame, tag=7):
+    worker_id: int
+    message: str
+
+
+Frame = Header | Add | Abort | AddWorker | RemoveWorker | Schedule | Update | FailStep
+
+
+class Recorder:
+    """Appends frames to a file through one buffer."""
+
+    def __init__(self, path: str, header: Header) -> None:
+        self.path = path
+        self._enc = msgspec.msgpack.Encoder()
+        self._buf = bytearray()
+        mode = "ab" if _same_run(path, header.run_id) else "wb"
+        self._file = open(path, mode)  # noqa: SIM115 - closed by close()
+        self.emit(header)
+
+    def emit(self, frame: Frame) -> None:
+        buf = self._buf
+        start = len(buf)
+        buf += b"\0\0\0\0"
+        self._enc.encode_into(frame, buf, start + 4)
+        _LEN.pack_into(buf, start, len(buf) - start - 4)
+        if len(buf) >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._file.write(self._buf)
+            self._buf.clear()
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.flush()
+            self._file.close()
+
+
+def _same_run(path: str, run_id: str) -> bool:
+    """Whether ``path`` holds a recording of launch ``run_id`` (a restarted pool appends)."""
+    if not run_id or not os.path.exists(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    first = next(iter_frames(head), None)
+    return isinstance(first, Header) and first.run_id == run_id
+
+
+class RecordingScheduler(Scheduler):
+    """The ``Scheduler``, each public entry point also writing its frame (after the call;
+    ``add_worker``'s own removal of a worker of the same id is not written: replaying
+    ``add_worker`` does it again)."""
+
+    def __init__(self, path: str, config: SchedulerConfig, *, block_size: int,
+                 max_model_len: int, kv_events: bool = False, run_id: str = "",
+                 pool: str = "") -> None:
+        super().__init__(config, block_size=block_size, max_model_len=max_model_len,
+                         kv_events=kv_events)
+        fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "record_decisions"}
+        self.recorder = Recorder(path, Header(
+            format=FORMAT_VERSION, protocol_version=PROTOCOL_VERSION, scheduler=fields,
+            block_size=block_size, max_model_len=max_model_len, run_id=run_id, pool=pool))
+        self._emit = self.recorder.emit
+        self._in_add_worker = False
+
+    def close(self) -> None:
+        self.recorder.close()
+
+    def add(self, request: EngineRequest, now: float) -> list[RequestOutput]:
+        out = super().add(request, now)
+        self._emit(Add(now=now, request=request))
+        return out
+
+    def abort(self, request_ids: Iterable[str], now: float) -> list[RequestOutput]:
+        ids = list(request_ids)
+        out = super().abort(ids, now)
+        self._emit(Abort(now=now, request_ids=ids))
+        return out
+
+    def add_worker(self, worker_id: int, num_blocks: int, now: float,
+                   incarnation: int = 0) -> None:
+        self._in_add_worker = True
+        try:
+            super().add_worker(worker_id, num_blocks, now, incarnation)
+        finally:
+            self._in_add_worker = False
+        self._emit(AddWorker(now=now, worker_id=worker_id, num_blocks=num_blocks,
+                             incarnation=incarnation))
+
+    def remove_worker(self, worker_id: int, now: float) -> list[str]:
+        moved = super().remove_worker(worker_id, now)
+        if not self._in_add_worker:
+            self._emit(RemoveWorker(now=now, worker_id=worker_id))
+        return moved
+
+    def schedule(self, worker_id: int, now: float) -> StepPlan | None:
+        if not self.has_work(worker_id):
+            return None  # what schedule() answers, changing nothing: not written
+        plan = super().schedule(worker_id, now)
+        self._emit(Schedule(now=now, worker_id=worker_id, plan=plan))
+        return plan
+
+    def update(self, plan: StepPlan, result: StepResult, now: float) -> list[RequestOutput]:
+        if self.in_flight(plan.worker_id) is not plan:
+            return []  # a stale plan: update() ignores it
+        out = super().update(plan, result, now)
+        if result.logprobs is not None or result.top_logprobs is not None:
+            result = msgspec.structs.replace(result, logprobs=None, top_token_ids=None,
+                                             top_logprobs=None)
+        self._emit(Update(now=now, worker_id=plan.worker_id, result=result))
+        return out
+
+    def fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:
+        if self.in_flight(plan.worker_id) is not plan:
+            return []
+        out = super().fail_step(plan, message)
+        self._emit(FailStep(worker_id=plan.worker_id, message=message))
+        return out
+
+
+def open_scheduler(config: SchedulerConfig, *, block_size: int, max_model_len: int,
+                   kv_events: bool = False, record_path: str | None = None, run_id: str = "",
+                   pool: str = "") -> Scheduler:
+    """A ``Scheduler``, recording to ``record_path`` when one is given."""
+    if record_path is None:
+        return Scheduler(config, block_size=block_size, max_model_len=max_model_len,
+                         kv_events=kv_events)
+    return RecordingScheduler(record_path, config, block_size=block_size,
+                              max_model_len=max_model_len, kv_events=kv_events,
+                              run_id=run_id, pool=pool)
+
+
+def pool_record_path(path: str | None, pool_index: int, num_pools: int) -> str | None:
+    """Where pool ``pool_index`` records: ``PATH`` with one pool, ``PATH.<index>`` with more."""
+    if path is None:
+        return None
+    return path if num_pools == 1 else f"{path}.{pool_index}"
+
+
+def flush_recording(sched: Scheduler) -> None:
+    """Write out what ``sched`` recorded so far, if it records."""
+    if isinstance(sched, RecordingScheduler):
+        sched.recorder.flush()
+
+
+def close_recording(sched: Scheduler) -> None:
+    """Flush and close ``sched``'s recording, if it records."""
+    if isinstance(sched, RecordingScheduler):
+        sched.close()
+
+
+def iter_frames(data: bytes | memoryview) -> Iterator[Frame]:
+    """The frames of a recording in order; a torn last frame (a pool killed mid-write) ends
+    the stream. ``msgspec.ValidationError`` for a frame that is not one."""
+    dec = msgspec.msgpack.Decoder(Frame)
+    view = memoryview(data)
+    pos, end = 0, len(view)
+    while pos + 4 <= end:
+        (n,) = _LEN.unpack_from(view, pos)
+        if pos + 4 + n > end:
+            return
+        yield dec.decode(view[pos + 4:pos + 4 + n])
+        pos += 4 + n
+
+
+def read_segments(path: str) -> list[list[Frame]]:
+    """The segments of a recording (each a ``Header`` and the frames after it).
+    ValueError for a file that is not a recording."""
+    with open(path, "rb") as f:
+        data = f.read()
+    segments: list[list[Frame]] = []
+    try:
+        for frame in iter_frames(data):
+            if isinstance(frame, Header):
+                if frame.format != FORMAT_VERSION:
+                    raise ValueError(f"{path}: recording format {frame.format}, this engine "
+                                     f"reads {FORMAT_VERSION}")
+                segments.append([frame])
+            elif not segments:
+                raise ValueError(f"{path}: no header before the first frame")
+            else:
+                segments[-1].append(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"{path}: not a decision recording: {e}") from e
+    if not segments:
+        raise ValueError(f"{path}: empty, or not a decision recording")
+    return segments

@@ -111,7 +111,7 @@ def _worker(run_dir: str, worker_id: int, num_blocks: int, block_size: int,
     """Runs every plan at once: tracks each request's known and computed tokens only, and
     samples a random token for each request whose known tokens are all computed."""
     rng = random.Random(seed)
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     sock = ipc.make_socket(ctx, zmq.DEALER, ipc.pool_addresses(run_dir, 0).workers, bind=False,
                            identity=ipc.worker_identity(worker_id))
     sock.send(ipc.encode(m.WorkerReady(worker_id=worker_id, num_blocks=num_blocks,
@@ -147,7 +147,7 @@ class Frontend:
     """Sends soak-like requests, ``concurrency`` at a time, and abandons some mid-way."""
 
     def __init__(self, run_dir: str, tokenizer: Any, seed: int) -> None:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         addrs = ipc.pool_addresses(run_dir, 0)
         self.push = ipc.make_socket(ctx, zmq.PUSH, addrs.requests, bind=False)
         self.pull = ipc.make_socket(ctx, zmq.PULL, addrs.outputs, bind=False)

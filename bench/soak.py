@@ -369,6 +369,7 @@ class Soak:
     engine_exit: str = ""  # why the engine stopped during the run ("" if it did not)
     sending_s: float = 0.0  # when the load stopped sending (its drain not counted)
     fill: dict[str, int] = field(default_factory=dict)  # the prefix-cache fill (fill_cache)
+    end_fill: dict[str, Any] = field(default_factory=dict)  # the one before the end reading
 
     @property
     def base_url(self) -> str:
@@ -479,14 +480,18 @@ def fill_done(blocks_cached: int, total_blocks: int, factor: float) -> bool:
 
 
 async def fill_cache(soak: Soak, client: httpx.AsyncClient,
-                     idle: Mapping[str, dict[str, Any]]) -> dict[str, int]:
-    """Fill every pool's prefix cache before the baseline (``--fill-factor``; 0: no fill).
+                     idle: Mapping[str, dict[str, Any]], seed: int) -> dict[str, int]:
+    """Fill every pool's prefix cache before the baseline, and again before the end reading
+    (``--fill-factor``; 0: no fill), with prompts drawn from ``seed``.
 
     The pool's prefix-cache index holds an entry per cached block (its hash, its tokens, its
     place in the LRU queue: about 0.9 KiB each, docs/benchmarks.md "The pool's RSS"), so a
     pool's RSS grows until the cache is full, then stays flat while LRU eviction replaces
     entries. Measured from an empty cache, that bounded growth reads as a leak (31 -> 37 MiB
-    in the first 30-minute run); measured from a full one, only a leak grows. Prefill-only
+    in the first 30-minute run); measured from a full one, only a leak grows. The end is
+    read with a full cache too, so a restarted process (a pool restarted with an empty
+    index) is compared at the same cached-block count, and a leak cannot hide behind the
+    index it has not refilled yet. Prefill-only
     requests (``max_tokens`` 1, prompts of ``--fill-words`` random words) fill it fast: the
     prompt's full blocks are cached once computed, counted from each answer's
     ``usage.prompt_tokens``, until ``fill_done``."""
@@ -494,7 +499,7 @@ async def fill_cache(soak: Soak, client: httpx.AsyncClient,
     total = sum(p["free_blocks"] for p in idle.values())  # idle: every block is free
     if args.fill_factor <= 0:
         return {"requests": 0, "blocks": 0, "total_blocks": total}
-    rng = random.Random(args.seed - 2)
+    rng = random.Random(seed)
     url = f"{soak.base_url}/v1/completions"
     cached = sent = 0
 
@@ -505,7 +510,7 @@ async def fill_cache(soak: Soak, client: httpx.AsyncClient,
         if resp.status_code != 200:
             raise RuntimeError(f"cache fill request failed: HTTP {resp.status_code} "
                                f"{resp.text[:200]}")
-        return int(resp.json()["usage"]["prompt_tokens"]) // args.block_size
+        return int(resp.json()["usage"]["prompt_tokens"]) // int(args.block_size)
 
     while not fill_done(cached, total, args.fill_factor):
         batch = await asyncio.gather(*(one() for _ in range(8)))
@@ -521,7 +526,7 @@ async def soak_run(engine: RunningEngine, args: argparse.Namespace) -> dict[str,
         idle = await wait_idle(engine, client, soak.base_url, args.settle_timeout)
         if idle is None:
             raise RuntimeError("no idle reading of the engine after the warm-up")
-        soak.fill = await fill_cache(soak, client, idle)
+        soak.fill = await fill_cache(soak, client, idle, args.seed - 2)
         baseline = await wait_idle(engine, client, soak.base_url, args.settle_timeout)
         if baseline is None:
             raise RuntimeError("no idle reading of the engine after the cache fill")
@@ -539,6 +544,12 @@ async def soak_run(engine: RunningEngine, args: argparse.Namespace) -> dict[str,
         want = {k: v["free_blocks"] for k, v in baseline.items()}
         end = None
         if not soak.engine_died("during the drain"):
+            end = await wait_idle(engine, client, soak.base_url, args.settle_timeout, want)
+        if end is not None and args.fill_factor > 0:  # new prompts: the cache full again
+            try:
+                soak.end_fill = await fill_cache(soak, client, end, args.seed - 3)
+            except (RuntimeError, httpx.HTTPError) as e:
+                soak.end_fill = {"error": f"{type(e).__name__}: {e}"[:200]}
             end = await wait_idle(engine, client, soak.base_url, args.settle_timeout, want)
         end_procs = soak.scan() if engine.proc.poll() is None else []
     return report(soak, load_s, baseline, end, start_procs, end_procs)
@@ -558,6 +569,8 @@ def report(soak: Soak, load_s: float, baseline: Mapping[str, dict[str, Any]],
         problems.append(f"{summary['outcomes'][LOST]} request(s) lost")
     if soak.engine_exit:
         problems.append(soak.engine_exit)
+    if "error" in soak.end_fill:
+        problems.append(f"the cache fill before the end reading failed: {soak.end_fill['error']}")
     if summary["token_count_mismatches"]:
         problems.append(f"{summary['token_count_mismatches']} completed request(s) with a "
                         "token count other than max_tokens")
@@ -576,6 +589,7 @@ def report(soak: Soak, load_s: float, baseline: Mapping[str, dict[str, Any]],
         "offered_rate": round(len(soak.results) / load_s, 3) if load_s else 0.0,
         **summary,
         "cache_fill": soak.fill,
+        "cache_fill_end": soak.end_fill,
         "kills": soak.kills,
         "restarts": restart_counts(soak.pids_seen),
         "rss": [asdict(r) for r in rows],
@@ -607,9 +621,10 @@ def format_report(rep: Mapping[str, Any]) -> str:
             lines.append(f"kill {k['victim']} (pid {k['pid']}) at {k['at_s']} s: "
                          + ("engine exited" if k.get("engine_exited") else
                             f"back in {rec} s" if rec is not None else "not back"))
-    if fill := rep.get("cache_fill"):
-        lines.append(f"cache fill: {fill['requests']} requests, {fill['blocks']} blocks cached "
-                     f"for {fill['total_blocks']} KV blocks")
+    for what, key in (("cache fill", "cache_fill"), ("cache fill at the end", "cache_fill_end")):
+        if (fill := rep.get(key)) and "error" not in fill:
+            lines.append(f"{what}: {fill['requests']} requests, {fill['blocks']} blocks "
+                         f"cached for {fill['total_blocks']} KV blocks")
     lines.append("restarts: " + (", ".join(f"{n} {c}" for n, c in rep["restarts"].items()
                                            if c) or "none"))
     lines.append(f"{'process':<19}{'RSS start MiB':>14}{'end MiB':>9}  change")

@@ -281,9 +281,11 @@ def test_the_cache_fill_stops_once_the_pool_blocks_are_cached_with_margin():
 def test_the_report_shows_the_cache_fill():
     rep = {**summarize([result(0, COMPLETED)]), "load_s": 60.0, "offered_rate": 1.0,
            "cache_fill": {"requests": 400, "blocks": 20_500, "total_blocks": 16_384},
+           "cache_fill_end": {"requests": 392, "blocks": 20_490, "total_blocks": 16_384},
            "kills": [], "restarts": {}, "rss": [], "kv": {}, "passed": True, "problems": []}
-    assert "cache fill: 400 requests, 20500 blocks cached for 16384 KV blocks" in \
-        format_report(rep)
+    text = format_report(rep)
+    assert "cache fill: 400 requests, 20500 blocks cached for 16384 KV blocks" in text
+    assert "cache fill at the end: 392 requests, 20490 blocks cached" in text
 
 
 def test_pool_rss_verdict_is_the_growth_after_the_cache_is_full():

@@ -4,8 +4,10 @@
     python -m bench.soak --minutes 2 --rate 2 --kill worker --kill-every 30 --json soak.json \\
         -- --num-threads 1                                  # after "--": engine.launch flags
 
-It launches the engine (``bench.engine_server.running_engine``), warms it up, then measures the
-idle baseline: every process's RSS (from ``/proc``: the launcher's descendants, each named by
+It launches the engine (``bench.engine_server.running_engine``), warms it up, fills every
+pool's prefix cache (``fill_cache``: the index grows with the cache and is bounded by the KV
+size, so the baseline is taken once it is full and only a leak can grow past it), then
+measures the idle baseline: every process's RSS (from ``/proc``: the launcher's descendants, each named by
 its role, ``worker-0-0``, ``pool-0``, ``frontend``) and each pool's free KV blocks (the gRPC
 ``Health`` RPC: exact per-worker counts). Then, for ``--minutes``:
 
@@ -366,6 +368,8 @@ class Soak:
     pids_seen: dict[str, set[int]] = field(default_factory=dict)
     engine_exit: str = ""  # why the engine stopped during the run ("" if it did not)
     sending_s: float = 0.0  # when the load stopped sending (its drain not counted)
+    fill: dict[str, int] = field(default_factory=dict)  # the prefix-cache fill (fill_cache)
+    end_fill: dict[str, Any] = field(default_factory=dict)  # the one before the end reading
 
     @property
     def base_url(self) -> str:
@@ -464,14 +468,68 @@ async def warm_up(soak: Soak, client: httpx.AsyncClient) -> None:
         raise RuntimeError(f"warm-up request failed: {bad[0].outcome} {bad[0].reason}")
 
 
+def fill_prompt(rng: random.Random, words: int) -> str:
+    """A prompt of ``words`` random words: its blocks are new to the prefix cache."""
+    return " ".join(rng.choice(_WORDS) for _ in range(words))
+
+
+def fill_done(blocks_cached: int, total_blocks: int, factor: float) -> bool:
+    """Whether the fill's requests have cached ``factor`` times every KV block of the pool:
+    placement spreads them over the workers, so a margin above 1 fills every worker."""
+    return blocks_cached >= factor * total_blocks
+
+
+async def fill_cache(soak: Soak, client: httpx.AsyncClient,
+                     idle: Mapping[str, dict[str, Any]], seed: int) -> dict[str, int]:
+    """Fill every pool's prefix cache before the baseline, and again before the end reading
+    (``--fill-factor``; 0: no fill), with prompts drawn from ``seed``.
+
+    The pool's prefix-cache index holds an entry per cached block (its hash, its tokens, its
+    place in the LRU queue: about 0.9 KiB each, docs/benchmarks.md "The pool's RSS"), so a
+    pool's RSS grows until the cache is full, then stays flat while LRU eviction replaces
+    entries. Measured from an empty cache, that bounded growth reads as a leak (31 -> 37 MiB
+    in the first 30-minute run); measured from a full one, only a leak grows. The end is
+    read with a full cache too, so a restarted process (a pool restarted with an empty
+    index) is compared at the same cached-block count, and a leak cannot hide behind the
+    index it has not refilled yet. Prefill-only
+    requests (``max_tokens`` 1, prompts of ``--fill-words`` random words) fill it fast: the
+    prompt's full blocks are cached once computed, counted from each answer's
+    ``usage.prompt_tokens``, until ``fill_done``."""
+    args = soak.args
+    total = sum(p["free_blocks"] for p in idle.values())  # idle: every block is free
+    if args.fill_factor <= 0:
+        return {"requests": 0, "blocks": 0, "total_blocks": total}
+    rng = random.Random(seed)
+    url = f"{soak.base_url}/v1/completions"
+    cached = sent = 0
+
+    async def one() -> int:
+        body = {"model": args.model, "prompt": fill_prompt(rng, args.fill_words),
+                "max_tokens": 1, "temperature": 0.0}
+        resp = await client.post(url, json=body)
+        if resp.status_code != 200:
+            raise RuntimeError(f"cache fill request failed: HTTP {resp.status_code} "
+                               f"{resp.text[:200]}")
+        return int(resp.json()["usage"]["prompt_tokens"]) // int(args.block_size)
+
+    while not fill_done(cached, total, args.fill_factor):
+        batch = await asyncio.gather(*(one() for _ in range(8)))
+        cached, sent = cached + sum(batch), sent + len(batch)
+    return {"requests": sent, "blocks": cached, "total_blocks": total}
+
+
 async def soak_run(engine: RunningEngine, args: argparse.Namespace) -> dict[str, Any]:
     soak = Soak(engine, args, t0=time.monotonic())
     cfg = ClientConfig(soak.base_url, args.model, timeout_s=args.request_timeout + 5.0)
     async with make_client(cfg) as client:
         await warm_up(soak, client)
+        idle = await wait_idle(engine, client, soak.base_url, args.settle_timeout)
+        if idle is None:
+            raise RuntimeError("no idle reading of the engine after the warm-up")
+        soak.fill = await fill_cache(soak, client, idle, args.seed - 2)
         baseline = await wait_idle(engine, client, soak.base_url, args.settle_timeout)
         if baseline is None:
-            raise RuntimeError("no idle reading of the engine after the warm-up")
+            raise RuntimeError("no idle reading of the engine after the cache fill")
         start_procs = soak.scan()
         soak.t0 = time.monotonic()
         stop = asyncio.Event()
@@ -486,6 +544,12 @@ async def soak_run(engine: RunningEngine, args: argparse.Namespace) -> dict[str,
         want = {k: v["free_blocks"] for k, v in baseline.items()}
         end = None
         if not soak.engine_died("during the drain"):
+            end = await wait_idle(engine, client, soak.base_url, args.settle_timeout, want)
+        if end is not None and args.fill_factor > 0:  # new prompts: the cache full again
+            try:
+                soak.end_fill = await fill_cache(soak, client, end, args.seed - 3)
+            except (RuntimeError, httpx.HTTPError) as e:
+                soak.end_fill = {"error": f"{type(e).__name__}: {e}"[:200]}
             end = await wait_idle(engine, client, soak.base_url, args.settle_timeout, want)
         end_procs = soak.scan() if engine.proc.poll() is None else []
     return report(soak, load_s, baseline, end, start_procs, end_procs)
@@ -505,6 +569,8 @@ def report(soak: Soak, load_s: float, baseline: Mapping[str, dict[str, Any]],
         problems.append(f"{summary['outcomes'][LOST]} request(s) lost")
     if soak.engine_exit:
         problems.append(soak.engine_exit)
+    if "error" in soak.end_fill:
+        problems.append(f"the cache fill before the end reading failed: {soak.end_fill['error']}")
     if summary["token_count_mismatches"]:
         problems.append(f"{summary['token_count_mismatches']} completed request(s) with a "
                         "token count other than max_tokens")
@@ -522,6 +588,8 @@ def report(soak: Soak, load_s: float, baseline: Mapping[str, dict[str, Any]],
         "load_s": round(load_s, 1),
         "offered_rate": round(len(soak.results) / load_s, 3) if load_s else 0.0,
         **summary,
+        "cache_fill": soak.fill,
+        "cache_fill_end": soak.end_fill,
         "kills": soak.kills,
         "restarts": restart_counts(soak.pids_seen),
         "rss": [asdict(r) for r in rows],
@@ -553,6 +621,10 @@ def format_report(rep: Mapping[str, Any]) -> str:
             lines.append(f"kill {k['victim']} (pid {k['pid']}) at {k['at_s']} s: "
                          + ("engine exited" if k.get("engine_exited") else
                             f"back in {rec} s" if rec is not None else "not back"))
+    for what, key in (("cache fill", "cache_fill"), ("cache fill at the end", "cache_fill_end")):
+        if (fill := rep.get(key)) and "error" not in fill:
+            lines.append(f"{what}: {fill['requests']} requests, {fill['blocks']} blocks "
+                         f"cached for {fill['total_blocks']} KV blocks")
     lines.append("restarts: " + (", ".join(f"{n} {c}" for n, c in rep["restarts"].items()
                                            if c) or "none"))
     lines.append(f"{'process':<19}{'RSS start MiB':>14}{'end MiB':>9}  change")
@@ -591,6 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-tolerance", type=float, default=0.10,
                    help="the RSS growth per process that fails the run")
     p.add_argument("--warmup", type=int, default=8, help="requests before the baseline")
+    p.add_argument("--fill-factor", type=float, default=1.25,
+                   help="before the baseline, cache this many times the pool's KV blocks "
+                        "with prefill-only requests, so the prefix-cache index is full "
+                        "(0: no fill; the RSS check then counts the index's growth)")
+    p.add_argument("--fill-words", type=int, default=400, help="words per fill prompt")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="the engine's KV block size (counts the fill's cached blocks)")
     p.add_argument("--model", default="default", help="served model name")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report here")

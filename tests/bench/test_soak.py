@@ -266,3 +266,34 @@ def test_the_table_shows_outcomes_kills_rss_kv_and_the_verdict():
     assert "restarts: worker-0-0 1" in text and "+2.5%" in text
     assert "baseline 4096, end 4096" in text
     assert text.splitlines()[-1].startswith("FAIL: the engine exited")
+
+
+def test_the_cache_fill_stops_once_the_pool_blocks_are_cached_with_margin():
+    from bench.soak import fill_done, fill_prompt
+
+    assert not fill_done(16_383, 16_384, 1.0) and fill_done(16_384, 16_384, 1.0)
+    assert not fill_done(20_000, 16_384, 1.25) and fill_done(20_480, 16_384, 1.25)
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    a, b = fill_prompt(rng_a, 400), fill_prompt(rng_a, 400)
+    assert a == fill_prompt(rng_b, 400) and a != b and len(a.split()) == 400
+
+
+def test_the_report_shows_the_cache_fill():
+    rep = {**summarize([result(0, COMPLETED)]), "load_s": 60.0, "offered_rate": 1.0,
+           "cache_fill": {"requests": 400, "blocks": 20_500, "total_blocks": 16_384},
+           "cache_fill_end": {"requests": 392, "blocks": 20_490, "total_blocks": 16_384},
+           "kills": [], "restarts": {}, "rss": [], "kv": {}, "passed": True, "problems": []}
+    text = format_report(rep)
+    assert "cache fill: 400 requests, 20500 blocks cached for 16384 KV blocks" in text
+    assert "cache fill at the end: 392 requests, 20490 blocks cached" in text
+
+
+def test_pool_rss_verdict_is_the_growth_after_the_cache_is_full():
+    from bench.pool_rss import verdict
+
+    rows = [{"sent": n, "cached_blocks": c, "rss": r * MIB}
+            for n, c, r in ((0, 0, 50), (1000, 8000, 57), (2000, 16_300, 64), (8000, 16_301, 71))]
+    v = verdict(rows, 16_384)  # full at 2000 (99%): 7 MiB over 6000 requests
+    assert v["full_at"] == 2000 and v["growth_after_full_mib"] == 7.0
+    assert v["bytes_per_request"] == pytest.approx(7 * MIB / 6000, abs=0.1)
+    assert verdict(rows[:2], 16_384)["full_at"] is None

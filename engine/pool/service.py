@@ -68,6 +68,7 @@ from engine import messages as m
 from engine.config import EngineConfig
 from engine.kv_events import KVEventPublisher
 from engine.models.info import load_model_info
+from engine.profiling import StepProfiler, profile_path
 from engine.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,9 @@ class PoolService:
         self.owners: dict[str, int] = {}
         self.frontend_dead = -1  # the newest frontend incarnation reported dead
         self.frontend_connected = False  # whether the latest batch found a frontend
+        path = cfg.launch.profile_steps
+        self.profiler = None if path is None else StepProfiler(
+            profile_path(path, pool_index), pool_index, self.incarnation, cfg.cache.block_size)
 
     # ------------------------------------------------------------------ loop
 
@@ -152,6 +156,8 @@ class PoolService:
                                             zmq.NOBLOCK)
         if self.kv_events is not None:
             self.kv_events.close()
+        if self.profiler is not None:
+            self.profiler.close()
         ipc.destroy(self.ctx, linger=500 if self.worker_port is not None else 0)
 
     def _drain(self, sock: zmq.Socket[Any], codec: ipc.Codec[Any], handle: Callable[[Any], None]) -> None:
@@ -181,6 +187,8 @@ class PoolService:
                              req.request_id, inc)
                     return
                 self.owners[req.request_id] = inc
+                if self.profiler is not None:
+                    self.profiler.on_add(req, now)
                 self.pending += self.scheduler.add(req, now)
             case m.AbortRequests(request_ids=ids):
                 self.pending += self.scheduler.abort(ids, now)
@@ -194,6 +202,8 @@ class PoolService:
                 plan = self._in_flight(w, msg.step_id, msg.incarnation)
                 if plan is not None:
                     self._record_step(plan, now - self.sent_at.get(w, now))
+                    if self.profiler is not None:
+                        self.profiler.on_result(plan, msg, now)
                     self.pending += self.scheduler.update(plan, msg, now)
             case m.WorkerError(worker_id=w, message=text):
                 plan = self._in_flight(w, msg.step_id, msg.incarnation)
@@ -292,6 +302,8 @@ class PoolService:
             try:
                 self.workers.send_multipart([ipc.worker_identity(w), ipc.encode(plan)])
                 self.sent_at[w] = now
+                if self.profiler is not None:
+                    self.profiler.on_send(plan, self.clock())
             except zmq.ZMQError as e:  # the worker is gone; the launcher restarts it
                 log.warning("worker %d unreachable (%s); re-placing its requests", w, e)
                 self.scheduler.remove_worker(w, now)
@@ -323,6 +335,8 @@ class PoolService:
         if not self.pending and now - self.last_stats < STATS_INTERVAL_S:
             return
         msg = m.PoolOutputs(outputs=self.pending, stats=self._stats())
+        if self.profiler is not None:
+            self.profiler.on_outputs(self.pending, self.clock())
         for out in self.pending:
             if out.finish_reason is not None:
                 self.owners.pop(out.request_id, None)

@@ -6,6 +6,9 @@ offered a step: ``scheduler.schedule(w, now)``; a ``FakeWorker`` applies the pla
 runner would and answers with deterministic tokens, and the step completes at
 ``now + cost_model(batch shape)``, when ``scheduler.update(plan, result, now)`` runs. The
 scheduler is the very code the engine runs; only the model and the clock are simulated.
+The cost model's host terms (``CostModel.HOST``) delay a request's admission by ``admit_s``,
+each token's arrival at the client by ``stream_s``, and a worker's next step by
+``host_time(requests)``; all 0 in a cost file fitted on the runner alone.
 """
 
 from __future__ import annotations
@@ -161,14 +164,15 @@ class Simulator:
         self.num_steps = 0
         self.num_scheduled = 0
         self.busy_s = [0.0] * config.num_workers
+        self.admit_s, self.stream_s = cost.admit_s, cost.stream_s
 
     def run(self) -> SimResult:
         start = time.perf_counter()
         events, now, heappop = self.events, 0.0, heapq.heappop
         nxt = next(self.stream, None)
         while nxt is not None or events:
-            if nxt is not None and (not events or nxt.arrival_time <= events[0][0]):
-                now = max(now, nxt.arrival_time)
+            if nxt is not None and (not events or nxt.arrival_time + self.admit_s <= events[0][0]):
+                now = max(now, nxt.arrival_time + self.admit_s)
                 self._arrive(nxt, now)
                 nxt = next(self.stream, None)
             else:
@@ -202,13 +206,13 @@ class Simulator:
         if prev is None or prev.finish is None:
             self.followers.setdefault(req.after, []).append(req)
         else:
-            self._push(max(now, prev.finish + req.think_time), _ARRIVAL, req)
+            self._push(max(now, prev.finish + req.think_time + self.admit_s), _ARRIVAL, req)
 
     def _admit(self, req: SimRequest, now: float) -> None:
         self.deferred.discard(req.request_id)
         if req.request_id in self.records:
             raise ValueError(f"duplicate request id {req.request_id!r} in the workload")
-        self.records[req.request_id] = RequestRecord(req, now)
+        self.records[req.request_id] = RequestRecord(req, now - self.admit_s)
         sampling = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True,
                                   seed=req.seed)
         self._record(self.sched.add(EngineRequest(
@@ -218,6 +222,7 @@ class Simulator:
     def _offer_steps(self, now: float) -> None:
         sched, check = self.sched, self.config.check
         idle, step_time, records = self.idle, self.cost.step_time, self.records
+        host_time = self.cost.host_time
         for w in idle[:]:
             plan = sched.schedule(w, now)
             if check:
@@ -229,7 +234,8 @@ class Simulator:
             result.execute_time_s = dt = step_time(*shape)
             self.in_flight[w] = (plan, result)
             self.seq += 1
-            heapq.heappush(self.events, (now + dt, self.seq, _STEP, w))
+            heapq.heappush(self.events, (now + dt + host_time(plan.num_requests), self.seq,
+                                         _STEP, w))
             self.busy_s[w] += dt
             self.num_steps += 1
             self.num_scheduled += len(plan.new_requests) + len(plan.cached_requests)
@@ -251,6 +257,7 @@ class Simulator:
 
     def _record(self, outputs: list[RequestOutput], now: float) -> None:
         records, append = self.records, self.itl.append
+        now += self.stream_s  # when the client has them
         for out in outputs:
             rec = records[out.request_id]
             if out.new_token_ids:
@@ -266,7 +273,7 @@ class Simulator:
                 rec.finish_reason = out.finish_reason
                 rec.error = out.error
                 for follower in self.followers.pop(out.request_id, ()):
-                    self._push(now + follower.think_time, _ARRIVAL, follower)
+                    self._push(now + follower.think_time + self.admit_s, _ARRIVAL, follower)
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         self.seq += 1

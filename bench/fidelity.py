@@ -6,14 +6,19 @@
 Per worker count, it launches the engine (default model, ``--profile-steps``), warms it up,
 then:
 
+Calibration and judged runs are interleaved per workload, so drifts in the machine's other
+load fall on both alike.
+
 1. **calibrates**: serves each workload (``chat-short``, ``shared-prefix``, ``priority-mix``,
    scaled 8x) generated with ``--calibrate-seed`` through ``bench.loadgen``'s client, and fits
    a cost file from the recording of those runs and their client TTFTs
    (``engine.sim.calibrate``, the same as ``python -m engine.sim fit``);
 2. **judges**: serves the same workloads generated with ``--judge-seed`` (other prompts,
-   lengths and arrivals), and simulates each file with the calibrated cost file and, for
-   reference, with the committed default cost file (no host terms), on the same engine
-   settings (blocks, budget, sequences, placement).
+   lengths and arrivals), twice (``--repeat-live``: the second run against the first is the
+   machine's own run-to-run spread), and simulates each file with the calibrated cost file and, for
+   reference, without the fitted step-time noise and with the committed default cost file
+   (no host terms, no noise), on the same engine settings (blocks, budget, sequences,
+   placement).
 
 It prints, per workload and worker count, each metric (TTFT p50/p99, TPOT p50/p99, mean
 step time, output throughput) live / simulated / error; ``--json`` writes every figure.
@@ -113,11 +118,15 @@ def run_workers(workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, 
     names = args.workloads
     with launched_engine(engine_args) as (http, _grpc):
         serve(workload("chat-short", 99, workers, 3.0, args.scale), http)  # warm-up
-        calib = {n: serve(workload(n, args.calibrate_seed, workers, args.duration, args.scale,
-                                   args.rate), http) for n in names}
         judge_reqs = {n: workload(n, args.judge_seed, workers, args.duration, args.scale,
                                args.rate) for n in names}
-        judged = {n: serve(judge_reqs[n], http) for n in names}
+        calib, judged, again = {}, {}, {}
+        for n in names:  # interleaved, so that the machine's load drifts into all alike
+            calib[n] = serve(workload(n, args.calibrate_seed, workers, args.duration,
+                                      args.scale, args.rate), http)
+            judged[n] = serve(judge_reqs[n], http)
+            if args.repeat_live:
+                again[n] = serve(judge_reqs[n], http)
     rows = read_recording(rec)
     calib_rows = [r for _, t0, t1 in calib.values() for r in window(rows, t0, t1)]
     ttfts = [q["ttft_s"] for s, _, _ in calib.values() for q in s["requests"]
@@ -133,26 +142,37 @@ def run_workers(workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, 
         live["mean_step_s"] = float(np.mean([r["execute_s"] for r in steps])) if steps else None
         live.pop("requests")
         reqs = judge_reqs[n]
+        repeat: dict[str, Any] = {}
+        if n in again:  # the same file served again: the machine's own run-to-run spread
+            live2, t0, t1 = again[n]
+            steps2 = step_rows(window(rows, t0, t1))
+            live2["mean_step_s"] = (float(np.mean([r["execute_s"] for r in steps2]))
+                                    if steps2 else None)
+            repeat = compare(live, live2)
         out["workloads"][n] = {
-            "num_requests": len(reqs), "live_steps": len(steps),
+            "num_requests": len(reqs), "live_steps": len(steps), "live_again": repeat,
             "calibrated": compare(live, simulate(reqs, cal.cost, workers)),
+            "no_noise": compare(live, simulate(reqs, replace(cal.cost, noise_quantiles=(),
+                                                            noise_rho=0.0), workers)),
             "default_cost": compare(live, simulate(reqs, replace(base), workers)),
         }
     return out
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = ["| workers | workload | metric | live | simulated | error | default cost file |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| workers | workload | metric | live | simulated | error | error without noise "
+             "| error, default cost file | live again |", "|---|---|---|---|---|---|---|---|---|"]
     for w, res in results.items():
         for n, wl in res["workloads"].items():
             for k in METRICS:
                 c, d = wl["calibrated"][k], wl["default_cost"][k]
+                e = wl["no_noise"][k]
+                again = wl["live_again"].get(k, {}).get("error")
                 scale = 1.0 if k == "throughput_tok_s" else 1e3
                 unit = "tok/s" if k == "throughput_tok_s" else "ms"
                 lines.append(f"| {w} | {n} | {k} ({unit}) | {_num(c['live'], scale)} | "
                              f"{_num(c['sim'], scale)} | {_pct(c['error'])} | "
-                             f"{_pct(d['error'])} |")
+                             f"{_pct(e['error'])} | {_pct(d['error'])} | {_pct(again)} |")
     return "\n".join(lines)
 
 
@@ -178,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge-seed", type=int, default=2)
     p.add_argument("--base", help="cost file for the engine shape and the reference column "
                    "(default: the committed default cost file)")
+    p.add_argument("--repeat-live", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve each judged file twice: the second run's error against the first "
+                   "is the machine's own spread, the floor of any prediction (on)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--keep", help="keep the recordings and cost files in this directory")
     args = p.parse_args(argv)

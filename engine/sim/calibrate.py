@@ -11,6 +11,9 @@ The recording is what ``--profile-steps`` writes (engine/profiling.py). The fit:
   cycle spent outside its forward pass: ``t_result - t_send - execute_s`` (IPC both ways,
   encoding, the pool's turn) plus the next plan's ``gap_s`` (the scheduler's update and
   schedule, other workers' handling); least squares on the step's requests;
+- **noise** (``[noise]``): the ratio of each step's measured to fitted time, as 101
+  quantiles scaled so the mean step time is kept, and the lag-1 autocorrelation of its normal
+  scores along each worker's steps (``cost_model.StepNoise``; ``--no-noise``: none);
 - **admit** (``admit_s``): the mean of ``t - frontend_t`` of the ``add`` rows (frontend stamp
   to the scheduler);
 - **stream** (``stream_s``): only with the client's view of the same requests
@@ -32,6 +35,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -89,9 +93,42 @@ def pool_ttfts(rows: Sequence[dict[str, Any]]) -> list[float]:
             if r["kind"] == "first" and r["request"] in added]
 
 
+def fit_noise(steps: Sequence[dict[str, Any]], pred: np.ndarray,
+              points: int = 101) -> tuple[tuple[float, ...], float]:
+    """(ratio quantiles, rho) of measured over fitted step times (see the module doc)."""
+    y = np.array([r["execute_s"] for r in steps])
+    pred = np.maximum(pred, 1e-4)
+    ratio = y / pred
+    q = np.quantile(ratio, np.linspace(0.0, 1.0, points))
+    # StepNoise interpolates between quantiles: its mean is their trapezoid mean; scale it to
+    # E[ratio] = mean measured / mean fitted, so the simulated mean step is the measured one
+    q *= (y.sum() / pred.sum()) / sampled_mean(q)
+    quantiles = tuple(float(x) for x in q)
+    ranks = np.empty(len(ratio))
+    ranks[np.argsort(ratio, kind="stable")] = np.arange(len(ratio))
+    normal = NormalDist()
+    z = [normal.inv_cdf((k + 0.5) / len(ratio)) for k in ranks]
+    by_worker: dict[int, list[tuple[float, float]]] = {}
+    for row, score in zip(steps, z, strict=True):
+        by_worker.setdefault(row["worker"], []).append((row["t_send"], score))
+    pairs = [(a[1], b[1]) for series in by_worker.values()
+             for a, b in itertools.pairwise(sorted(series))]
+    rho = 0.0
+    if len(pairs) >= 3:
+        rho = float(np.corrcoef(np.array(pairs).T)[0, 1])
+        rho = 0.0 if not np.isfinite(rho) else min(0.99, max(-0.99, rho))
+    return quantiles, rho
+
+
+def sampled_mean(quantiles: Sequence[float] | np.ndarray) -> float:
+    """The mean ratio ``StepNoise`` draws from these quantiles."""
+    q = np.asarray(quantiles, dtype=float)
+    return float((q[:-1] + q[1:]).mean() / 2)
+
+
 def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
                   client_ttfts: Sequence[float] = (), relative: bool = False,
-                  source: str = "") -> Calibration:
+                  source: str = "", noise: bool = True) -> Calibration:
     """A cost model from recording ``rows`` (see the module doc); ValueError when the
     recording holds too few steps to fit."""
     steps = step_rows(rows)
@@ -115,8 +152,10 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
     if client_ttfts and ttfts:
         stream = max(0.0, float(np.mean(client_ttfts)) - float(np.mean(ttfts)) - admit)
     values: dict[str, Any] = dict(zip(CostModel.COEFFICIENTS, coef, strict=True))
+    quantiles, rho = fit_noise(steps, pred) if noise else ((), 0.0)
     cost = replace(base, **values, admit_s=admit, stream_s=stream, host_step_s=host_step,
-                   host_request_s=host_request, source=source or base.source)
+                   host_request_s=host_request, source=source or base.source,
+                   noise_quantiles=quantiles, noise_rho=rho)
     report = {
         "steps": len(steps), "median_rel_error": float(np.median(rel)),
         "p90_rel_error": float(np.quantile(rel, 0.9)),
@@ -154,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", type=float, help="unix seconds: ignore rows before")
     p.add_argument("--until", type=float, help="unix seconds: ignore rows after")
     p.add_argument("--relative", action="store_true", help="fit step times on relative error")
+    p.add_argument("--no-noise", action="store_true", help="no [noise] table: every simulated "
+                   "step takes exactly the model's time")
     args = p.parse_args(argv)
     try:
         base = CostModel.load(args.base)
         rows = window(read_recording(args.recording), args.since, args.until)
         cal = fit_recording(rows, base, client_ttfts_of(args.client_results), args.relative,
-                            source=f"{PROG} {args.recording}")
+                            source=f"{PROG} {args.recording}", noise=not args.no_noise)
     except (OSError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

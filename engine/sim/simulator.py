@@ -8,7 +8,8 @@ runner would and answers with deterministic tokens, and the step completes at
 scheduler is the very code the engine runs; only the model and the clock are simulated.
 The cost model's host terms (``CostModel.HOST``) delay a request's admission by ``admit_s``,
 each token's arrival at the client by ``stream_s``, and a worker's next step by
-``host_time(requests)``; all 0 in a cost file fitted on the runner alone.
+``host_time(requests)``; all 0 in a cost file fitted on the runner alone. A ``[noise]``
+table multiplies each step's time by a seeded draw (``cost_model.StepNoise``).
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ class Simulator:
         self.num_scheduled = 0
         self.busy_s = [0.0] * config.num_workers
         self.admit_s, self.stream_s = cost.admit_s, cost.stream_s
+        self.noise = cost.noise(config.num_workers)
 
     def run(self) -> SimResult:
         start = time.perf_counter()
@@ -231,7 +233,10 @@ class Simulator:
                 continue
             idle.remove(w)
             result, shape = self.workers[w].step(plan)
-            result.execute_time_s = dt = step_time(*shape)
+            dt = step_time(*shape)
+            if self.noise is not None:
+                dt *= self.noise(w)
+            result.execute_time_s = dt
             self.in_flight[w] = (plan, result)
             self.seq += 1
             heapq.heappush(self.events, (now + dt + host_time(plan.num_requests), self.seq,

@@ -7,14 +7,22 @@ import json
 from dataclasses import replace
 
 import msgspec
+import numpy as np
 import pytest
 
 from engine import messages as m
 from engine.config import EngineConfig, LaunchConfig, ModelConfig, SchedulerConfig
 from engine.profiling import StepProfiler, profile_path, read_recording
 from engine.sim.__main__ import main
-from engine.sim.calibrate import fit_recording, host_samples, pool_ttfts, step_rows
-from engine.sim.cost_model import BatchShape, CostModel
+from engine.sim.calibrate import (
+    fit_noise,
+    fit_recording,
+    host_samples,
+    pool_ttfts,
+    sampled_mean,
+    step_rows,
+)
+from engine.sim.cost_model import BatchShape, CostModel, StepNoise
 from engine.sim.metrics import SLO, summarize
 from engine.sim.simulator import SimConfig, Simulator
 from engine.sim.workloads import WorkloadConfig, make_workload
@@ -212,3 +220,39 @@ def test_cost_files_round_trip_host_terms_and_refuse_unknown_ones(tmp_path):
     path.write_text(TRUTH.to_toml().replace("admit_s", "admitt_s"))
     with pytest.raises(ValueError, match="admitt_s"):
         CostModel.load(path)
+
+
+# --------------------------------------------------------------------------- step-time noise
+
+
+def test_noise_fit_recovers_the_ratio_distribution_and_its_burstiness():
+    truth_q = tuple(float(q) for q in np.quantile(
+        np.random.default_rng(0).lognormal(0.0, 0.5, 5000), np.linspace(0, 1, 101)))
+    noise = StepNoise(truth_q, 0.8, num_workers=2, seed=3)
+    steps, pred = [], []
+    for i in range(6000):
+        w = i % 2
+        steps.append({"worker": w, "t_send": float(i), "execute_s": 0.01 * noise(w)})
+        pred.append(0.01)
+    quantiles, rho = fit_noise(steps, np.array(pred))
+    assert rho == pytest.approx(0.8, abs=0.05)
+    measured = np.array([s["execute_s"] for s in steps])
+    assert sampled_mean(quantiles) * 0.01 == pytest.approx(measured.mean())  # mean kept
+    for p in (0.1, 0.5, 0.9):
+        assert np.interp(p, np.linspace(0, 1, 101), quantiles) * 0.01 == pytest.approx(
+            np.quantile(measured, p), rel=0.02)
+
+
+def test_noise_makes_steps_vary_around_the_model_and_repeats_per_seed(tmp_path):
+    q = tuple(float(x) for x in np.linspace(0.5, 1.5, 11))
+    noisy = replace(TRUTH, noise_quantiles=q, noise_rho=0.5)
+    path = tmp_path / "c.toml"
+    path.write_text(noisy.to_toml())
+    assert CostModel.load(path) == replace(noisy, noise_quantiles=tuple(
+        float(f"{x:.5g}") for x in q))
+    runs = [Simulator(iter(workload()), cost, CONFIG).run() for cost in (TRUTH, noisy, noisy)]
+    plain, a, b = (summarize(r, SLO()) for r in runs)
+    assert a == b | {"wall_s": a["wall_s"]}  # seeded
+    assert a["tpot_p99"] != plain["tpot_p99"]
+    mean = [sum(r.busy_s) / r.num_steps for r in runs]
+    assert mean[1] == pytest.approx(mean[0], rel=0.1)

@@ -240,6 +240,10 @@ class LaunchConfig:
                             type=int)
     restart_window_s: float = opt(60.0, "--restart-window", "the window of --max-restarts",
                                   metavar="SECONDS", type=float)
+    profile_steps: str | None = opt(None, "--profile-steps", "record every step (batch "
+                                    "composition, worker and host times) as JSON lines here, "
+                                    "to calibrate the simulator (engine.profiling)",
+                                    metavar="PATH", type=str, shown="off")
 
 
 @dataclass(frozen=True)

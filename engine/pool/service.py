@@ -71,6 +71,7 @@ from engine.config import EngineConfig
 from engine.core import EngineCore, WorkerLost
 from engine.kv_events import KVEventPublisher
 from engine.models.info import load_model_info
+from engine.profiling import StepProfiler, profile_path
 from engine.scheduler.record import close_recording, open_scheduler, pool_record_path
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,9 @@ class PoolService:
         self.owners: dict[str, int] = {}
         self.frontend_dead = -1  # the newest frontend incarnation reported dead
         self.frontend_connected = False  # whether the latest batch found a frontend
+        path = cfg.launch.profile_steps
+        self.profiler = None if path is None else StepProfiler(
+            profile_path(path, pool_index), pool_index, self.incarnation, cfg.cache.block_size)
 
     # ------------------------------------------------------------------ loop
 
@@ -157,6 +161,8 @@ class PoolService:
         if self.kv_events is not None:
             self.kv_events.close()
         close_recording(self.scheduler)
+        if self.profiler is not None:
+            self.profiler.close()
         ipc.destroy(self.ctx, linger=500 if self.worker_port is not None else 0)
 
     def _drain(self, sock: zmq.Socket[Any], codec: ipc.Codec[Any], handle: Callable[[Any], None]) -> None:
@@ -186,6 +192,8 @@ class PoolService:
                              req.request_id, inc)
                     return
                 self.owners[req.request_id] = inc
+                if self.profiler is not None:
+                    self.profiler.on_add(req, now)
                 self.core.add(req, now)
             case m.AbortRequests(request_ids=ids):
                 self.core.abort(ids, now)
@@ -201,6 +209,8 @@ class PoolService:
                     self._stale(w, msg.step_id, msg.incarnation)
                 else:
                     self._record_step(plan, now - self.sent_at.get(w, now))
+                    if self.profiler is not None:
+                        self.profiler.on_result(plan, msg, now)
             case m.WorkerError(worker_id=w, message=text):
                 if self.core.fail(w, msg.step_id, msg.incarnation, text, now) is None:
                     self._stale(w, msg.step_id, msg.incarnation)
@@ -309,6 +319,8 @@ class PoolService:
             return
         pending = self.core.take_outputs()
         msg = m.PoolOutputs(outputs=pending, stats=self._stats())
+        if self.profiler is not None:
+            self.profiler.on_outputs(pending, self.clock())
         for out in pending:
             if out.finish_reason is not None:
                 self.owners.pop(out.request_id, None)
@@ -346,6 +358,8 @@ class _WorkerSocket:
                         self.worker_id, e)
             raise WorkerLost from e
         self.service.sent_at[self.worker_id] = now
+        if self.service.profiler is not None:
+            self.service.profiler.on_send(plan, self.service.clock())
 
 
 def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str,

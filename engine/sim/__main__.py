@@ -8,6 +8,8 @@ step-time cost model (``--cost``, default ``engine/sim/default_cost.toml``). Pri
 or with ``--json`` one JSON object: ``workload``, ``config``, ``cost_model`` and ``runs`` (one
 object of metrics per pair, with ``policy`` and ``placement``); with a single pair its metrics
 are also at the top level. See docs/simulator.md.
+``python -m engine.sim fit RECORDING --out FILE`` fits a cost file from the engine's
+``--profile-steps`` recording (engine/sim/calibrate.py).
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fit"]:  # python -m engine.sim fit RECORDING: engine/sim/calibrate.py
+        from engine.sim.calibrate import main as fit_main
+
+        return fit_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.replay:
         return _replay(args)

@@ -8,6 +8,10 @@ the plan as a stateful runner would and answer with deterministic tokens, and th
 completes at ``now + cost_model(batch shape)``, when ``core.complete(w, result, now)``
 applies it. The scheduler is the very code the engine runs; only the model and the clock
 are simulated.
+The cost model's host terms (``CostModel.HOST``) delay a request's admission by ``admit_s``,
+each token's arrival at the client by ``stream_s``, and a worker's next step by
+``host_time(requests)``; all 0 in a cost file fitted on the runner alone. A ``[noise]``
+table multiplies each step's time by a seeded draw (``cost_model.StepNoise``).
 """
 
 from __future__ import annotations
@@ -170,14 +174,16 @@ class Simulator:
         self.num_steps = 0
         self.num_scheduled = 0
         self.busy_s = [0.0] * config.num_workers
+        self.admit_s, self.stream_s = cost.admit_s, cost.stream_s
+        self.noise = cost.noise(config.num_workers)
 
     def run(self) -> SimResult:
         start = time.perf_counter()
         events, now, heappop = self.events, 0.0, heapq.heappop
         nxt = next(self.stream, None)
         while nxt is not None or events:
-            if nxt is not None and (not events or nxt.arrival_time <= events[0][0]):
-                now = max(now, nxt.arrival_time)
+            if nxt is not None and (not events or nxt.arrival_time + self.admit_s <= events[0][0]):
+                now = max(now, nxt.arrival_time + self.admit_s)
                 self._arrive(nxt, now)
                 nxt = next(self.stream, None)
             else:
@@ -211,13 +217,13 @@ class Simulator:
         if prev is None or prev.finish is None:
             self.followers.setdefault(req.after, []).append(req)
         else:
-            self._push(max(now, prev.finish + req.think_time), _ARRIVAL, req)
+            self._push(max(now, prev.finish + req.think_time + self.admit_s), _ARRIVAL, req)
 
     def _admit(self, req: SimRequest, now: float) -> None:
         self.deferred.discard(req.request_id)
         if req.request_id in self.records:
             raise ValueError(f"duplicate request id {req.request_id!r} in the workload")
-        self.records[req.request_id] = RequestRecord(req, now)
+        self.records[req.request_id] = RequestRecord(req, now - self.admit_s)
         sampling = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True,
                                   seed=req.seed)
         self.core.add(EngineRequest(
@@ -238,10 +244,14 @@ class Simulator:
         due when the cost model says."""
         w = plan.worker_id
         self.idle.remove(w)
-        result.execute_time_s = dt = self.cost.step_time(*shape)
+        dt = self.cost.step_time(*shape)
+        if self.noise is not None:
+            dt *= self.noise(w)
+        result.execute_time_s = dt
         self.in_flight[w] = result
         self.seq += 1
-        heapq.heappush(self.events, (now + dt, self.seq, _STEP, w))
+        heapq.heappush(self.events, (now + dt + self.cost.host_time(plan.num_requests),
+                                     self.seq, _STEP, w))
         self.busy_s[w] += dt
         self.num_steps += 1
         self.num_scheduled += len(plan.new_requests) + len(plan.cached_requests)
@@ -263,6 +273,7 @@ class Simulator:
 
     def _record(self, outputs: list[RequestOutput], now: float) -> None:
         records, append = self.records, self.itl.append
+        now += self.stream_s  # when the client has them
         for out in outputs:
             rec = records[out.request_id]
             if out.new_token_ids:
@@ -278,7 +289,7 @@ class Simulator:
                 rec.finish_reason = out.finish_reason
                 rec.error = out.error
                 for follower in self.followers.pop(out.request_id, ()):
-                    self._push(now + follower.think_time, _ARRIVAL, follower)
+                    self._push(now + follower.think_time + self.admit_s, _ARRIVAL, follower)
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         self.seq += 1

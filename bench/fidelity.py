@@ -1,0 +1,229 @@
+"""How well the simulator predicts the live engine: ``python -m bench.fidelity``.
+
+    flock /work/bench.lock python -m bench.fidelity [--workers 1,2] [--duration 20] \\
+        [--calibrate-seed 1] [--judge-seed 2] [--json docs/fidelity.json]
+
+Per worker count, it launches the engine (default model, ``--profile-steps``), warms it up,
+then:
+
+Calibration and judged runs are interleaved per workload, so drifts in the machine's other
+load fall on both alike.
+
+1. **calibrates**: serves each workload (``chat-short``, ``shared-prefix``, ``priority-mix``,
+   scaled 8x) generated with ``--calibrate-seed`` through ``bench.loadgen``'s client, and fits
+   a cost file from the recording of those runs and their client TTFTs
+   (``engine.sim.calibrate``, the same as ``python -m engine.sim fit``);
+2. **judges**: serves the same workloads generated with ``--judge-seed`` (other prompts,
+   lengths and arrivals), twice (``--repeat-live``: the second run against the first is the
+   machine's own run-to-run spread), and simulates each file with the calibrated cost file and, for
+   reference, without the fitted step-time noise and with the committed default cost file
+   (no host terms, no noise), on the same engine settings (blocks, budget, sequences,
+   placement).
+
+It prints, per workload and worker count, each metric (TTFT p50/p99, TPOT p50/p99, mean
+step time, output throughput) live / simulated / error; ``--json`` writes every figure.
+Live mean step time is the mean ``execute_s`` of the recording's steps in that run's window;
+the simulated one is the cost model's mean over the simulated steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.engine_server import launched_engine
+from bench.loadgen.client import ClientConfig
+from bench.loadgen.metrics import summarize as live_summary
+from bench.loadgen.replay import replay
+from engine.config import SchedulerConfig
+from engine.profiling import read_recording
+from engine.sim.calibrate import fit_recording, step_rows, window
+from engine.sim.cost_model import CostModel
+from engine.sim.metrics import SLO
+from engine.sim.metrics import summarize as sim_summary
+from engine.sim.simulator import SimConfig, Simulator
+from engine.sim.workloads import SimRequest, WorkloadConfig, make_workload
+
+METRICS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "mean_step_s", "throughput_tok_s")
+WORKLOADS = ("chat-short", "shared-prefix", "priority-mix")
+
+
+def workload(name: str, seed: int, workers: int, duration: float, scale: float,
+             rate_per_worker: float = 10.0) -> list[SimRequest]:
+    """The requests of one run: about ``duration`` seconds at ``rate_per_worker`` x
+    ``workers`` requests/s (shared-prefix: groups of 8 requests)."""
+    rate = rate_per_worker * workers
+    if name == "shared-prefix":
+        per_group = 8
+        groups = max(1, round(rate * duration / per_group))
+        cfg = WorkloadConfig(name=name, rate=rate, seed=seed, scale=scale, groups=groups,
+                             per_group=per_group, max_model_len=2048)
+    else:
+        cfg = WorkloadConfig(name=name, rate=rate, duration=duration, seed=seed, scale=scale,
+                             max_model_len=2048)
+    return list(make_workload(cfg).requests())
+
+
+def serve(requests: list[SimRequest], port: int) -> tuple[dict[str, Any], float, float]:
+    """Replay ``requests`` on the engine; (client summary with per-request rows, start,
+    end) in unix seconds."""
+    cfg = ClientConfig(f"http://127.0.0.1:{port}", "default", None, 120.0, "as-is")
+    t0 = time.time()
+    run = asyncio.run(replay(requests, cfg))
+    t1 = time.time()
+    summary = live_summary(run.records, run.duration_s, {})
+    summary["requests"] = [r.to_json() for r in run.records]
+    return summary, t0, t1
+
+
+def simulate(requests: list[SimRequest], cost: CostModel, workers: int) -> dict[str, Any]:
+    e = cost.engine
+    config = SimConfig(num_workers=workers, block_size=e.block_size, num_blocks=e.num_blocks,
+                       max_model_len=e.max_model_len,
+                       scheduler=SchedulerConfig(max_num_batched_tokens=e.max_num_batched_tokens,
+                                                 max_num_seqs=e.max_num_seqs))
+    result = Simulator(iter(requests), cost, config).run()
+    out = sim_summary(result, SLO())
+    out["mean_step_s"] = sum(result.busy_s) / max(1, result.num_steps)
+    return out
+
+
+def compare(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
+    """Per metric: live, simulated, relative error."""
+    out = {}
+    for k in METRICS:
+        a, b = live.get(k), sim.get(k)
+        err = (b - a) / a if a and b is not None else None
+        out[k] = {"live": a, "sim": b, "error": err}
+    return out
+
+
+def run_workers(workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    base = CostModel.load(args.base)
+    rec = tmp / f"steps-{workers}.jsonl"
+    engine_args = ["--workers", str(workers), "--profile-steps", str(rec),
+                   "--num-threads", str(args.num_threads),
+                   "--num-kv-blocks", str(base.engine.num_blocks),
+                   "--max-num-batched-tokens", str(base.engine.max_num_batched_tokens),
+                   "--max-num-seqs", str(base.engine.max_num_seqs)]
+    names = args.workloads
+    with launched_engine(engine_args) as (http, _grpc):
+        serve(workload("chat-short", 99, workers, 3.0, args.scale), http)  # warm-up
+        judge_reqs = {n: workload(n, args.judge_seed, workers, args.duration, args.scale,
+                               args.rate) for n in names}
+        calib, judged, again = {}, {}, {}
+        for n in names:  # interleaved, so that the machine's load drifts into all alike
+            calib[n] = serve(workload(n, args.calibrate_seed, workers, args.duration,
+                                      args.scale, args.rate), http)
+            judged[n] = serve(judge_reqs[n], http)
+            if args.repeat_live:
+                again[n] = serve(judge_reqs[n], http)
+    rows = read_recording(rec)
+    calib_rows = [r for _, t0, t1 in calib.values() for r in window(rows, t0, t1)]
+    ttfts = [q["ttft_s"] for s, _, _ in calib.values() for q in s["requests"]
+             if q["outcome"] == "completed" and q["ttft_s"] is not None]
+    cal = fit_recording(calib_rows, base, ttfts, source=f"bench.fidelity, {workers} worker(s), "
+                        f"seed {args.calibrate_seed}")
+    cost_path = tmp / f"cost-{workers}.toml"
+    cost_path.write_text(cal.cost.to_toml(json.dumps(cal.report)), encoding="utf-8")
+    out: dict[str, Any] = {"cost": cal.cost.describe(), "fit": cal.report, "workloads": {}}
+    for n in names:
+        live, t0, t1 = judged[n]
+        steps = step_rows(window(rows, t0, t1))
+        live["mean_step_s"] = float(np.mean([r["execute_s"] for r in steps])) if steps else None
+        live.pop("requests")
+        reqs = judge_reqs[n]
+        repeat: dict[str, Any] = {}
+        if n in again:  # the same file served again: the machine's own run-to-run spread
+            live2, t0, t1 = again[n]
+            steps2 = step_rows(window(rows, t0, t1))
+            live2["mean_step_s"] = (float(np.mean([r["execute_s"] for r in steps2]))
+                                    if steps2 else None)
+            repeat = compare(live, live2)
+        out["workloads"][n] = {
+            "num_requests": len(reqs), "live_steps": len(steps), "live_again": repeat,
+            "calibrated": compare(live, simulate(reqs, cal.cost, workers)),
+            "no_noise": compare(live, simulate(reqs, replace(cal.cost, noise_quantiles=(),
+                                                            noise_rho=0.0), workers)),
+            "default_cost": compare(live, simulate(reqs, replace(base), workers)),
+        }
+    return out
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = ["| workers | workload | metric | live | simulated | error | error without noise "
+             "| error, default cost file | live again |", "|---|---|---|---|---|---|---|---|---|"]
+    for w, res in results.items():
+        for n, wl in res["workloads"].items():
+            for k in METRICS:
+                c, d = wl["calibrated"][k], wl["default_cost"][k]
+                e = wl["no_noise"][k]
+                again = wl["live_again"].get(k, {}).get("error")
+                scale = 1.0 if k == "throughput_tok_s" else 1e3
+                unit = "tok/s" if k == "throughput_tok_s" else "ms"
+                lines.append(f"| {w} | {n} | {k} ({unit}) | {_num(c['live'], scale)} | "
+                             f"{_num(c['sim'], scale)} | {_pct(c['error'])} | "
+                             f"{_pct(e['error'])} | {_pct(d['error'])} | {_pct(again)} |")
+    return "\n".join(lines)
+
+
+def _num(v: float | None, scale: float) -> str:
+    return "-" if v is None else f"{v * scale:.1f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.1%}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", default="1,2", help="worker counts, comma-separated (1,2)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per run")
+    p.add_argument("--scale", type=float, default=8.0, help="workload length divisor (8)")
+    p.add_argument("--rate", type=float, default=5.0, help="requests/s per worker (5)")
+    p.add_argument("--num-threads", type=int, default=1,
+                   help="torch threads per worker (1: the default cost file's setting)")
+    p.add_argument("--calibrate-seed", type=int, default=1)
+    p.add_argument("--judge-seed", type=int, default=2)
+    p.add_argument("--base", help="cost file for the engine shape and the reference column "
+                   "(default: the committed default cost file)")
+    p.add_argument("--repeat-live", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve each judged file twice: the second run's error against the first "
+                   "is the machine's own spread, the floor of any prediction (on)")
+    p.add_argument("--json", help="write every figure here")
+    p.add_argument("--keep", help="keep the recordings and cost files in this directory")
+    args = p.parse_args(argv)
+    args.workloads = [n for n in args.workloads.split(",") if n]
+    bad = set(args.workloads) - set(WORKLOADS)
+    if bad:
+        p.error(f"--workloads: unknown {sorted(bad)}; choose from {WORKLOADS}")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(args.keep or d)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for w in (int(x) for x in args.workers.split(",")):
+            results[str(w)] = run_workers(w, args, tmp)
+            print(f"{w} worker(s) done: fit {json.dumps(results[str(w)]['fit'])}",
+                  file=sys.stderr)
+    print(format_table(results))
+    if args.json:
+        meta = {"command": "python -m bench.fidelity " + " ".join(argv or sys.argv[1:]),
+                "date": time.strftime("%Y-%m-%d")}
+        Path(args.json).write_text(json.dumps({**meta, "results": results}, indent=1) + "\n",
+                                   encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

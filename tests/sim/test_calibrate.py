@@ -1,0 +1,258 @@
+"""The step recorder (engine/profiling.py), the fit from a recording (engine/sim/calibrate.py)
+and the simulator's host terms."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import msgspec
+import numpy as np
+import pytest
+
+from engine import messages as m
+from engine.config import EngineConfig, LaunchConfig, ModelConfig, SchedulerConfig
+from engine.profiling import StepProfiler, profile_path, read_recording
+from engine.sim.__main__ import main
+from engine.sim.calibrate import (
+    fit_noise,
+    fit_recording,
+    host_samples,
+    pool_ttfts,
+    sampled_mean,
+    step_rows,
+)
+from engine.sim.cost_model import BatchShape, CostModel, StepNoise
+from engine.sim.metrics import SLO, summarize
+from engine.sim.simulator import SimConfig, Simulator
+from engine.sim.workloads import WorkloadConfig, make_workload
+
+TRUTH = CostModel(step_s=3e-3, prefill_token_s=1e-4, decode_seq_s=2e-4, context_token_s=2e-6,
+                  prefill_pair_s=1e-8, admit_s=2e-3, stream_s=5e-3, host_step_s=1e-3,
+                  host_request_s=5e-5)
+CONFIG = SimConfig(num_workers=2, num_blocks=512, max_model_len=1024,
+                   scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=16))
+GREEDY = m.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def workload(seed: int = 0, rate: float = 12.0):
+    return list(make_workload(WorkloadConfig(name="chat-short", rate=rate, duration=20.0,
+                                             seed=seed, scale=4, max_model_len=1024)).requests())
+
+
+def recorded_run(path, cost: CostModel = TRUTH, seed: int = 0):
+    """Simulate with ``cost`` while a StepProfiler records the scheduler's real plans, as the
+    pool's hooks do: a synthetic recording whose truth is known."""
+    sim = Simulator(iter(workload(seed)), cost, CONFIG)
+    prof = StepProfiler(path)
+    sched = sim.sched
+    add, schedule, update, drain = sched.add, sched.schedule, sched.update, sched.drain_outputs
+
+    def on_add(req, now):
+        stamped = msgspec.structs.replace(req, arrival_time=now - cost.admit_s)
+        prof.on_add(stamped, now)
+        return add(req, now)
+
+    def on_schedule(w, now):
+        plan = schedule(w, now)
+        if plan is not None:
+            prof.on_send(plan, now)
+        sim.last_now = now
+        return plan
+
+    def on_update(plan, result, now):
+        prof.on_result(plan, result, now)
+        outputs = update(plan, result, now)
+        prof.on_outputs(outputs, now)
+        return outputs
+
+    def on_drain():
+        outputs = drain()
+        prof.on_outputs(outputs, sim.last_now)
+        return outputs
+
+    sched.add, sched.schedule, sched.update, sched.drain_outputs = (
+        on_add, on_schedule, on_update, on_drain)
+    result = sim.run()
+    prof.close()
+    return result
+
+
+# --------------------------------------------------------------------------- the recorder
+
+
+def test_profiling_is_off_by_default(tmp_path, model_dir_cfg):
+    from engine.pool.service import PoolService
+
+    assert LaunchConfig().profile_steps is None
+    pool = PoolService(model_dir_cfg, 0, str(tmp_path))
+    try:
+        assert pool.profiler is None
+    finally:
+        pool.close(stop_workers=False)
+    assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_the_pool_opens_a_recording_when_asked(tmp_path, model_dir_cfg):
+    from engine.pool.service import PoolService
+
+    path = tmp_path / "steps.jsonl"
+    cfg = replace(model_dir_cfg, launch=LaunchConfig(profile_steps=str(path)))
+    pool = PoolService(cfg, 0, str(tmp_path))
+    pool.close(stop_workers=False)
+    rows = read_recording(path)
+    assert [r["kind"] for r in rows] == ["start"]
+    assert rows[0]["incarnation"] == pool.incarnation
+    assert profile_path(str(path), 1) == f"{path}.pool1"
+
+
+@pytest.fixture
+def model_dir_cfg(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "max_position_embeddings": 256,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,
+        "num_hidden_layers": 2, "eos_token_id": 999}))
+    return EngineConfig(models=(ModelConfig(path=str(d)),))
+
+
+def test_recorder_writes_steps_with_the_batch_composition(tmp_path):
+    path = tmp_path / "r.jsonl"
+    prof = StepProfiler(path)
+    req = m.EngineRequest(request_id="a", prompt_token_ids=list(range(10)), sampling=GREEDY,
+                          arrival_time=99.5)
+    prof.on_add(req, 100.0)
+    new = m.NewRequestData(request_id="a", token_ids=list(range(10)), sampling=GREEDY,
+                           block_ids=[0], num_computed_tokens=4, num_scheduled_tokens=6)
+    plan = m.StepPlan(step_id=1, worker_id=0, new_requests=[new])
+    prof.on_send(plan, 100.0)
+    prof.on_result(plan, m.StepResult(step_id=1, worker_id=0, request_ids=["a"], token_ids=[7],
+                                      execute_time_s=0.01), 100.02)
+    prof.on_outputs([m.RequestOutput(request_id="a", new_token_ids=[7])], 100.021)
+    plan2 = m.StepPlan(step_id=2, worker_id=0, cached_requests=[
+        m.CachedRequestData(request_id="a", num_scheduled_tokens=1)])
+    prof.on_send(plan2, 100.025)
+    prof.on_result(plan2, m.StepResult(step_id=2, worker_id=0, request_ids=["a"],
+                                       token_ids=[8], execute_time_s=0.004), 100.03)
+    prof.close()
+    rows = read_recording(path)
+    assert [r["kind"] for r in rows] == ["start", "add", "step", "first", "step"]
+    add, s1, first, s2 = rows[1:]
+    assert add["t"] - add["frontend_t"] == pytest.approx(0.5) and add["prompt_tokens"] == 10
+    assert s1 == s1 | {"worker": 0, "requests": 1, "tokens": 6, "prefill_rows": 1,
+                       "decode_rows": 0, "prefill_tokens": 6, "decode_seqs": 0,
+                       "context_tokens": 10, "prefill_pairs": 6 * 4 + 21, "max_context": 10,
+                       "t_send": 100.0, "t_result": 100.02, "execute_s": 0.01,
+                       "gap_s": None, "busy": False}
+    assert first["request"] == "a" and first["t"] == 100.021
+    assert s2["decode_seqs"] == 1 and s2["prefill_tokens"] == 0 and s2["context_tokens"] == 11
+    assert s2["busy"] and s2["gap_s"] == pytest.approx(0.005)
+    assert host_samples(step_rows(rows)) == [(1, pytest.approx(0.01 + 0.005))]
+    assert pool_ttfts(rows) == [pytest.approx(0.021)]
+
+
+# --------------------------------------------------------------------------- the fit
+
+
+def test_fit_recovers_a_known_cost_model_from_a_recording(tmp_path):
+    result = recorded_run(tmp_path / "r.jsonl")
+    rows = read_recording(tmp_path / "r.jsonl")
+    assert len(step_rows(rows)) == result.num_steps
+    client_ttfts = [r.first_token - r.arrival for r in result.records]
+    cal = fit_recording(rows, CostModel.load(), client_ttfts)
+    got = cal.cost
+    for name in (*CostModel.COEFFICIENTS, *CostModel.HOST):
+        assert getattr(got, name) == pytest.approx(getattr(TRUTH, name), rel=1e-3, abs=1e-9), name
+    assert cal.report["median_rel_error"] < 1e-6
+
+
+def test_a_fitted_cost_file_predicts_other_seeds(tmp_path, capsys):
+    recorded_run(tmp_path / "r.jsonl", seed=1)
+    out = tmp_path / "fit.toml"
+    assert main(["fit", str(tmp_path / "r.jsonl"), "--out", str(out)]) == 0
+    fitted = CostModel.load(out)  # no client results: stream_s is 0
+    assert fitted.stream_s == 0 and fitted.admit_s == pytest.approx(TRUTH.admit_s)
+    fitted = replace(fitted, stream_s=TRUTH.stream_s, engine=TRUTH.engine)
+    judge = workload(seed=2)
+    a = summarize(Simulator(iter(judge), TRUTH, CONFIG).run(), SLO())
+    b = summarize(Simulator(iter(judge), fitted, CONFIG).run(), SLO())
+    for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "throughput_tok_s"):
+        assert b[k] == pytest.approx(a[k], rel=1e-3), k
+
+
+def test_fit_refuses_a_recording_without_steps(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    StepProfiler(path).close()
+    assert main(["fit", str(path), "--out", str(tmp_path / "c.toml")]) == 2
+    assert "timed steps" in capsys.readouterr().err
+    path.write_text("not json\n")
+    assert main(["fit", str(path), "--out", str(tmp_path / "c.toml")]) == 2
+    assert "r.jsonl:1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- host terms
+
+
+def test_host_terms_delay_admission_streaming_and_the_next_step():
+    base = replace(TRUTH, admit_s=0.0, stream_s=0.0, host_step_s=0.0, host_request_s=0.0)
+    one = [r for r in workload() if r.max_tokens >= 2][:1]
+    one = [replace(one[0], arrival_time=1.0)]
+    a = Simulator(iter(one), base, CONFIG).run().records[0]
+    b = Simulator(iter(one), TRUTH, CONFIG).run().records[0]
+    assert a.arrival == b.arrival == 1.0
+    p = a.num_prompt_tokens
+    prefill = base.time_of(BatchShape(p, 0, p, p * (p + 1) // 2))
+    assert a.first_token - a.arrival == pytest.approx(prefill)
+    # a step's outputs come its host time after its forward pass (one request per step)
+    assert b.first_token - b.arrival == pytest.approx(
+        TRUTH.admit_s + prefill + TRUTH.host_time(1) + TRUTH.stream_s)
+    n = a.num_output_tokens
+    assert (b.finish - b.first_token) - (a.finish - a.first_token) == pytest.approx(
+        (n - 1) * TRUTH.host_time(1))
+
+
+def test_cost_files_round_trip_host_terms_and_refuse_unknown_ones(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(TRUTH.to_toml("x"))
+    assert CostModel.load(path) == TRUTH
+    assert "[host]" not in CostModel.load().to_toml()
+    path.write_text(TRUTH.to_toml().replace("admit_s", "admitt_s"))
+    with pytest.raises(ValueError, match="admitt_s"):
+        CostModel.load(path)
+
+
+# --------------------------------------------------------------------------- step-time noise
+
+
+def test_noise_fit_recovers_the_ratio_distribution_and_its_burstiness():
+    truth_q = tuple(float(q) for q in np.quantile(
+        np.random.default_rng(0).lognormal(0.0, 0.5, 5000), np.linspace(0, 1, 101)))
+    noise = StepNoise(truth_q, 0.8, num_workers=2, seed=3)
+    steps, pred = [], []
+    for i in range(6000):
+        w = i % 2
+        steps.append({"worker": w, "t_send": float(i), "execute_s": 0.01 * noise(w)})
+        pred.append(0.01)
+    quantiles, rho = fit_noise(steps, np.array(pred))
+    assert rho == pytest.approx(0.8, abs=0.05)
+    measured = np.array([s["execute_s"] for s in steps])
+    assert sampled_mean(quantiles) * 0.01 == pytest.approx(measured.mean())  # mean kept
+    for p in (0.1, 0.5, 0.9):
+        assert np.interp(p, np.linspace(0, 1, 101), quantiles) * 0.01 == pytest.approx(
+            np.quantile(measured, p), rel=0.02)
+
+
+def test_noise_makes_steps_vary_around_the_model_and_repeats_per_seed(tmp_path):
+    q = tuple(float(x) for x in np.linspace(0.5, 1.5, 11))
+    noisy = replace(TRUTH, noise_quantiles=q, noise_rho=0.5)
+    path = tmp_path / "c.toml"
+    path.write_text(noisy.to_toml())
+    assert CostModel.load(path) == replace(noisy, noise_quantiles=tuple(
+        float(f"{x:.5g}") for x in q))
+    runs = [Simulator(iter(workload()), cost, CONFIG).run() for cost in (TRUTH, noisy, noisy)]
+    plain, a, b = (summarize(r, SLO()) for r in runs)
+    assert a == b | {"wall_s": a["wall_s"]}  # seeded
+    assert a["tpot_p99"] != plain["tpot_p99"]
+    mean = [sum(r.busy_s) / r.num_steps for r in runs]
+    assert mean[1] == pytest.approx(mean[0], rel=0.1)

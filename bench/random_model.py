@@ -5,7 +5,8 @@
 For serving benchmarks where no checkpoint can be downloaded (the lent GPU machine reaches
 nothing): ``config.json`` with the preset's shapes (``llama3-8b``: Llama-3-8B's 32 layers,
 hidden 4096, 32 query / 8 KV heads, head dim 128, MLP 14336, vocabulary 128256, llama3
-rope; ``tiny``: a few MiB, for dry runs), ``generation_config.json``, the weights in bf16
+rope; ``gqa-small``: 4 layers, hidden 256, 8/2 heads, the saturation benchmark's model
+(issue 15); ``tiny``: a few MiB, for dry runs), ``generation_config.json``, the weights in bf16
 safetensors shards of at most ``--shard-gib`` with Hugging Face's names and an index (so
 transformers loads the directory too), and a tokenizer.
 
@@ -43,6 +44,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    },
+    # The issue-15 saturation model: one this project was not trained on (4 layers, hidden
+    # 256, GQA 8 query / 2 KV heads of 32, the default model's vocabulary and tokenizer).
+    "gqa-small": {
+        "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 768,
+        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "head_dim": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "rope_scaling": None, "tie_word_embeddings": False,
+        "bos_token_id": None, "eos_token_id": 0,
     },
     "tiny": {
         "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 256,

@@ -4,6 +4,13 @@ It reads ``(target, args, kwargs, parent pid)`` pickled on stdin, asks the kerne
 SIGKILL when its parent dies (before anything slow, so no window is left where the launcher
 dies and this process lives on), and only then imports the target's module and calls it.
 ``NAME`` is on the command line so ``ps`` tells children apart until they set their title.
+
+OpenMP (torch's intra-op threads in a CPU worker) is told to wait passively
+(``OMP_WAIT_POLICY=PASSIVE``, unless the environment already says otherwise) before anything
+imports torch: by default libgomp's idle threads spin between parallel regions, and on a
+small machine a worker's spinning threads take the cores the frontend and the pool need
+between steps (issue 15). A setting in the environment wins, so a dedicated machine can ask
+for ``ACTIVE``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ def main() -> None:
     # Ctrl-C reaches the whole process group; the supervisor coordinates shutdown, so a
     # child never dies of it (its target may install its own handler).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp
     target, args, kwargs, parent = pickle.load(sys.stdin.buffer)
     from engine.process import die_with_parent
 

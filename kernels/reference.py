@@ -147,10 +147,15 @@ def _one_sequence(
     k = _gather_context(k_cache, block_row, seq_len)
     v = _gather_context(v_cache, block_row, seq_len)
     # Query j sits at position seq_len - q_len + j; key position p is visible iff p <= it.
-    # (SDPA's is_causal aligns to the top-left corner, wrong once a prefix is cached.)
-    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-    k_pos = torch.arange(seq_len, device=q.device)
-    mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+    # SDPA's is_causal aligns to the top-left corner: right for a whole prompt (no cached
+    # prefix, q_len == seq_len), where the fused CPU kernel then also skips the key blocks
+    # above the diagonal (half the work, no mask read); wrong once a prefix is cached, so an
+    # extend passes the explicit mask.
+    mask = None
+    if q_len != seq_len:
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
     # 4-D inputs (a batch of one) reach PyTorch's fused CPU attention kernel; 3-D ones fall
     # back to the unfused path, about 3x slower.
     o = F.scaled_dot_product_attention(
@@ -158,6 +163,7 @@ def _one_sequence(
         k.float().transpose(0, 1)[None],  # [1, Hkv, seq_len, D]
         v.float().transpose(0, 1)[None],
         attn_mask=mask,
+        is_causal=mask is None and q_len > 1,
         scale=scale,
         enable_gqa=True,
     )

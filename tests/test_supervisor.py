@@ -139,3 +139,18 @@ def test_the_launcher_restarts_pools_except_under_torchrun() -> None:
     torchrun = Topology.torchrun(cfg, CurveKeys.generate())
     ranks = {s.name: s for s in process_specs(cfg, torchrun, "/run")}
     assert not ranks["pool-0"].restart and ranks["frontend"].restart
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_children_wait_passively_in_openmp_unless_told(tmp_path, monkeypatch, given, seen):
+    """A worker's idle OpenMP threads must not spin on the cores the frontend and the pool
+    need (engine/child.py); an explicit OMP_WAIT_POLICY in the environment wins."""
+    if given is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    out = tmp_path / "policy"
+    sup = Supervisor()
+    child = sup.spawn(ProcessSpec("env", "os:system", (f'echo "$OMP_WAIT_POLICY" > {out}',)))
+    assert child.proc.wait(timeout=30) == 0
+    assert out.read_text().strip() == seen

@@ -1,0 +1,129 @@
+"""Where a native-runner step's time goes at saturation, in process (no HTTP, no pool).
+
+    python -m bench.prefill_profile --model DIR [--num-requests 64] [--prompt-len 256]
+        [--output-len 64] [--num-threads 1] [--max-num-seqs 64]
+        [--max-num-batched-tokens 512] [--repeat 3] [--profile] [--top 25]
+
+Sends ``--num-requests`` random prompts of ``--prompt-len`` tokens, each generating exactly
+``--output-len`` tokens, all at once through ``engine.LLM`` (the scheduler and the native
+runner of the serving path, without the processes around them) and reports the median wall
+time and output tokens/s over ``--repeat`` runs after a warm-up, and the time of steps with a
+prefill chunk against pure decode steps. ``--profile`` adds one torch.profiler run and prints
+its ``--top`` operators by self CPU time: attention (SDPA), the KV gather, matmuls, the
+elementwise ops; the rest of the wall time is the host's (scheduler, batch building,
+sampling).
+
+    python -m bench.prefill_profile --write-workload random256x64.jsonl
+
+writes the served scenario of issue 15 for ``bench.compare --workload-file`` instead: 300
+requests of 256 random prompt ids (1..4095, numpy ``default_rng(0)``) and 64 output tokens,
+all arriving at 0 (see docs/benchmarks.md, "Saturation").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine import LLM, SamplingParams
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(1, vocab, length)] for _ in range(n)]
+
+
+def write_workload(path: str, n: int = 300, prompt_len: int = 256, output_len: int = 64,
+                   vocab: int = 4096, seed: int = 0) -> int:
+    """The saturation scenario as a ``bench.loadgen`` workload file; returns its size."""
+    from engine.sim.workloads import SimRequest, write_jsonl
+
+    rng = np.random.default_rng(seed)
+    return write_jsonl((SimRequest(request_id=f"r{i}", arrival_time=0.0,
+                                   prompt_token_ids=tuple(int(t) for t in
+                                                          rng.integers(1, vocab, prompt_len)),
+                                   max_tokens=output_len, seed=i) for i in range(n)), path)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, dtype="float32",
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              num_threads=args.num_threads)
+    vocab = llm.info.vocab_size
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    runner = llm.runners[0]
+    llm.generate(prompts(4, args.prompt_len, vocab, 99), [params] * 4)  # warm-up
+    step = runner.step
+    prefill_steps: list[float] = []
+    decode_steps: list[float] = []
+
+    def timed(plan: Any) -> Any:
+        t0 = time.perf_counter()
+        out = step(plan)
+        dt = time.perf_counter() - t0
+        n = sum(r.num_scheduled_tokens for r in plan.new_requests) + sum(
+            r.num_scheduled_tokens for r in plan.cached_requests)
+        running = len(plan.new_requests) + len(plan.cached_requests)
+        (decode_steps if n == running else prefill_steps).append(dt)
+        return out
+
+    runner.step = timed  # type: ignore[method-assign]
+    times = []
+    for i in range(args.repeat):
+        batch = prompts(args.num_requests, args.prompt_len, vocab, i)
+        t0 = time.perf_counter()
+        outs = llm.generate(batch, [params] * len(batch))
+        times.append(time.perf_counter() - t0)
+        assert sum(len(o.token_ids) for o in outs) == args.num_requests * args.output_len
+    wall = statistics.median(times)
+    result: dict[str, Any] = {
+        "wall_s": round(wall, 3),
+        "output_tok_s": round(args.num_requests * args.output_len / wall, 1),
+        "prefill_steps": len(prefill_steps) // args.repeat,
+        "prefill_step_ms": round(1e3 * statistics.median(prefill_steps), 3),
+        "prefill_share": round(sum(prefill_steps) / (sum(prefill_steps) + sum(decode_steps)), 3),
+        "decode_steps": len(decode_steps) // args.repeat,
+        "decode_step_ms": round(1e3 * statistics.median(decode_steps), 3)
+        if decode_steps else None,
+        "runs_s": [round(t, 3) for t in times],
+    }
+    if args.profile:
+        batch = prompts(args.num_requests, args.prompt_len, vocab, 1234)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            llm.generate(batch, [params] * len(batch))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    runner.step = step  # type: ignore[method-assign]
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.prefill_profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model")
+    p.add_argument("--write-workload", metavar="JSONL", help="write the served scenario and exit")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    if args.write_workload:
+        print(write_workload(args.write_workload))
+        return
+    if not args.model:
+        p.error("--model is required")
+    print(json.dumps(run(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -127,7 +127,8 @@ class OpenAIServer:
                priority: int) -> None:
         cost = sum(len(c.request.prompt_token_ids) + c.request.sampling.max_tokens
                    for c in choices)
-        refusal = self.admission.admit(key, model.name, priority, cost)
+        refusal = self.admission.admit(key, model.name, priority, cost,
+                                       [c.request for c in choices])
         if refusal is not None:
             self.metrics.count_refused(model.name, refusal.reason, priority)
             raise refusal_error(refusal)

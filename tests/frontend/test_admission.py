@@ -1,14 +1,15 @@
 """Admission pieces with a fake clock and a stand-in pool client: constant-time key check,
-token-bucket rate limits, the drain-rate estimate and the shedding rule."""
+token-bucket rate limits, the queue-wait prediction from the pool's state (queued prompt
+tokens, step rates, slots, KV, requests finishing) and the shedding rule."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pytest
 
 from engine.frontend.admission import ApiKeys, PoolLoad, RateLimiter, Refusal, Shedder
+from engine.frontend.drain import COLD_STEP_S, Backlog, predict
 from engine.messages import PoolStats
 
 
@@ -75,15 +76,109 @@ def test_predicted_wait_from_the_drain_rate() -> None:
     pool.num_active = 6
     pool.report(PoolStats(num_waiting=2, num_running=4, live_workers=1))
     assert load.num_waiting == 2
-    assert load.predicted_wait() == 0.0  # no drain rate yet, less than a batch waiting
+    # No completions yet: the 2 requests beyond the 4 busy slots wait for running ones, each
+    # predicted to take the mean output budget (16) of cold steps (0.1 s): 4 slots per 1.6 s.
+    assert load.prediction().bound == "slots"
+    assert load.predicted_wait() == pytest.approx(2 / (4 / (16 * COLD_STEP_S)))
     pool.num_active = 9  # sent since the stats: counted as waiting at once
-    assert load.num_waiting == 5 and math.isinf(load.predicted_wait())
-    for _ in range(5):  # 2 requests finish per second
+    assert load.num_waiting == 5
+    for _ in range(5):  # 2 requests finish per second: the measured rate takes over
         clock.t += 1
         pool.num_finished += 2
         pool.report(PoolStats(num_waiting=5, num_running=4, live_workers=1))
     assert load.drain_rate() == pytest.approx(2.0)
     assert load.predicted_wait() == pytest.approx(2.5)
+
+
+def fresh_pool(clock: Clock, free_blocks: int = 1000) -> tuple[FakePool, PoolLoad]:
+    """A fresh two-worker pool: nothing ran, nothing finished, 16-token KV blocks."""
+    pool = FakePool()
+    load = PoolLoad(pool, max_num_seqs=64, max_num_batched_tokens=512,  # type: ignore[arg-type]
+                    clock=clock)
+    pool.report(PoolStats(live_workers=2, block_size=16, num_free_blocks=[free_blocks] * 2,
+                          num_blocks=[free_blocks] * 2))
+    return pool, load
+
+
+def burst(pool: FakePool, load: PoolLoad, shedder: Shedder, n: int, prompt: int,
+          max_tokens: int = 64) -> tuple[int, list[Refusal]]:
+    """``n`` simultaneous sheddable requests, before the pool reports again."""
+    admitted, refused = 0, []
+    for _ in range(n):
+        refusal = shedder.admit(load, priority=-1)
+        if refusal is None:
+            load.note_sent(prompt, max_tokens)
+            pool.num_active += 1
+            admitted += 1
+        else:
+            refused.append(refusal)
+    return admitted, refused
+
+
+def test_a_fresh_engine_sheds_a_first_burst_by_its_queued_prompt_tokens() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    admitted, refused = burst(pool, load, Shedder(shed_queue_time_s=1.0), 400, prompt=200)
+    # Cold prefill rate: one 512-token budget per 0.1 s per worker, 10,240 tokens/s in all;
+    # 1 s of it holds 51.2 prompts of 200 tokens: the 53rd sees 52 * 200 tokens ahead.
+    assert admitted == 52 and len(refused) == 348
+    assert all(r.reason == "shed" and r.status == 429 for r in refused)
+    assert load.prediction().bound == "prefill"
+    assert refused[0].retry_after_s == pytest.approx(52 * 200 / 10_240)
+    assert refused[0].retry_after == "2" and "prompt tokens queued" in refused[0].message
+    # Critical requests are never shed, however deep the queue.
+    assert Shedder(1.0).admit(load, priority=0) is None
+
+
+def test_the_prefill_rate_comes_from_the_pools_full_steps() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    assert load.steps.tokens_per_s() == 512 / COLD_STEP_S
+    # Two full steps of 512 tokens in 20 ms each; small decode steps do not count.
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[512, 3, 512, 2],
+                          step_times_s=[0.02, 0.01, 0.02, 0.01]))
+    assert load.steps.tokens_per_s() == pytest.approx(25_600)
+    assert load.steps.step_s() == pytest.approx(0.015)
+    # 40,000 tokens queued in the pool, 2 workers, 64 running decodes per worker taking
+    # 64 of each step's 512 tokens: 25,600 * 2 * 7/8 = 44,800 prefill tokens/s.
+    pool.report(PoolStats(live_workers=2, num_waiting=100, num_waiting_tokens=40_000,
+                          num_running=128 - 100, block_size=16,
+                          num_free_blocks=[10_000, 10_000]))
+    pool.num_active = 128
+    prediction = load.prediction()
+    assert prediction.bound == "prefill"
+    assert prediction.wait_s == pytest.approx(40_000 / (25_600 * 2 * (1 - 14 / 512)))
+
+
+def test_prompts_beyond_the_free_kv_wait_for_running_requests() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock, free_blocks=50)  # 1,600 free tokens in all
+    pool.num_active = 12
+    pool.report(PoolStats(live_workers=2, num_waiting=4, num_waiting_tokens=3_200,
+                          num_running=8, block_size=16, num_free_blocks=[50, 50],
+                          step_num_tokens=[512], step_times_s=[0.01]))
+    prediction = load.prediction()
+    # Half the queued tokens do not fit: 2 of the 4 requests wait for the 8 running ones to
+    # finish, each after 16 steps of 10 ms: 50 finishing per second.
+    assert prediction.bound == "kv"
+    assert prediction.wait_s == pytest.approx(2 / (8 / (16 * 0.01)))
+    assert predict(Backlog(live_workers=1, waiting_requests=0, waiting_tokens=0,
+                           running_requests=3), max_num_seqs=4, budget=512,
+                   tokens_per_s=1e4, step_s=0.01, finish_rate=0,
+                   mean_output_tokens=16).wait_s == 0.0
+
+
+def test_requests_sent_since_the_stats_count_with_their_prompts() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    for prompt in (100, 300, 500):
+        load.note_sent(prompt, 16)
+    pool.num_active = 2  # the pool's stats say nothing of the last two sent
+    backlog = load.backlog()
+    assert backlog.waiting_requests == 2 and backlog.waiting_tokens == 800
+    assert backlog.free_kv_tokens == 2 * 1000 * 16
+    pool.report(PoolStats(live_workers=2, num_waiting=2, num_waiting_tokens=800))
+    assert load.backlog().waiting_tokens == 800  # now counted by the pool, not twice
 
 
 def test_shedder_refuses_only_sheddable_requests_above_the_threshold() -> None:

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine.frontend.openai_format import ApiError, refusal_error
 from engine.frontend.openai_server import PRIORITY_HEADER, OpenAIServer
 from engine.frontend.serving import ModelNotFound
+from engine.frontend.timing import stamp
 
 PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
@@ -49,8 +50,11 @@ class EarlyShed:
                    for name in self.server.admission.loads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS
-                or not self._saturated()):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS:
+            await self.app(scope, receive, send)
+            return
+        stamp(scope, "received")
+        if not self._saturated():
             await self.app(scope, receive, send)
             return
         chunks: list[Message] = []

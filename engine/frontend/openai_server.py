@@ -64,6 +64,8 @@ from engine.frontend.serving import (
     sampling_params,
 )
 from engine.frontend.structured import structured_output
+from engine.frontend.timing import HEADER as TIMING_HEADER
+from engine.frontend.timing import server_timing, stamp
 from engine.frontend.tools import (
     ToolPlan,
     constrain,
@@ -231,6 +233,9 @@ class OpenAIServer:
     async def _respond(self, request: Request, body: Body, model: ServedModel,
                        choices: list[Choice], tools: ToolPlan | None = None) -> Response:
         merged, first = await self._start(model, choices, request)
+        stamp(request.scope, "first")
+        timing = server_timing(request.scope)
+        headers = {TIMING_HEADER: timing} if timing else {}
         created = int(time.time())
         fmt: ChatFormat | TextFormat
         if isinstance(body, ChatCompletionRequest):
@@ -241,18 +246,19 @@ class OpenAIServer:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(merged, first, choices, fmt, include_usage),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache", **headers})
         try:
             await unless_disconnected(request, collect(merged, first))
         except GenerationFailed as e:
             raise failed_error(e) from e
         finally:
             await merged.aclose()
-        return JSONResponse(fmt.full(choices, usage(choices)))
+        return JSONResponse(fmt.full(choices, usage(choices)), headers=headers)
 
     # -- endpoints
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        stamp(request.scope, "parsed")
         key = self.authenticate(request)
         self._warn_unknown(body)
         model = self._model(body.model)
@@ -273,7 +279,9 @@ class OpenAIServer:
                                       prompt_logprobs=prompt_k, echo=body.echo)
         for c in choices:
             c.prompt_text = texts[c.index // body.n] if body.echo else None
+        stamp(request.scope, "tokenized")
         self._admit(key, model, choices, priority)
+        stamp(request.scope, "admitted")
         return await self._respond(request, body, model, choices)
 
     def _prompts(self, prompt: Any, model: ServedModel) -> tuple[list[list[int]], list[str]]:
@@ -296,6 +304,7 @@ class OpenAIServer:
         return ids, texts
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        stamp(request.scope, "parsed")
         key = self.authenticate(request)
         self._warn_unknown(body)
         model = self._model(body.model)
@@ -329,7 +338,9 @@ class OpenAIServer:
         if tools is not None and tools.structured is not None:  # a forced tool choice
             for c in choices:
                 c.request = constrain(c.request, tools.structured)
+        stamp(request.scope, "tokenized")
         self._admit(key, model, choices, priority)
+        stamp(request.scope, "admitted")
         return await self._respond(request, body, model, choices, tools)
 
     def list_models(self, request: Request) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Shedding before parsing (engine.frontend.early_shed): while a pool is saturated, a
 sheddable request gets its 429 before body validation and tokenization; everything the early
-look cannot settle (keys, bad JSON, unknown models, priority >= 0) takes the full path."""
+look cannot settle (keys, bad JSON, unknown models, priority >= 0) takes the full path.
+Admitted responses carry their frontend stage times (engine.frontend.timing)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from frontend.fake_pool import LIVE_WORKERS
 from frontend.test_http_api import Env, assert_error, wait_for
 
+from engine.frontend import timing
 from engine.messages import PoolStats
 
 KEY = {"Authorization": "Bearer k"}
@@ -47,6 +49,9 @@ def test_sheddable_requests_are_refused_before_validation(
     ok = e.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "priority": 1},
                 headers=KEY)
     assert ok.status_code == 200, ok.text
+    stages = timing.parse(ok.headers[timing.HEADER])  # where its time went, per stage
+    assert list(stages) == ["parse", "tokenize", "admit", "pool"]
+    assert all(ms >= 0 for ms in stages.values())
     metrics = e.client.get("/metrics").text
     assert ('engine:requests_refused_total{model_name="tiny",priority_class="sheddable",'
             'reason="shed"} 2.0') in metrics

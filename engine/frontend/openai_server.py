@@ -65,7 +65,7 @@ from engine.frontend.serving import (
 )
 from engine.frontend.structured import structured_output
 from engine.frontend.timing import HEADER as TIMING_HEADER
-from engine.frontend.timing import server_timing, stamp
+from engine.frontend.timing import note, server_timing, stamp
 from engine.frontend.tools import (
     ToolPlan,
     constrain,
@@ -134,6 +134,11 @@ class OpenAIServer:
         if refusal is not None:
             self.metrics.count_refused(model.name, refusal.reason, priority)
             raise refusal_error(refusal)
+
+    def _tokenized(self, request: Request, model: ServedModel) -> None:
+        """Stamp the end of tokenization, and the queue wait predicted for the request."""
+        stamp(request.scope, "tokenized")
+        note(request.scope, "predicted", self.admission.loads[model.name].predicted_wait())
 
     def _check_limits(self, model: ServedModel, prompt_ids: Sequence[int],
                       max_tokens: int | None, param: str, allow_zero: bool) -> int:
@@ -279,7 +284,7 @@ class OpenAIServer:
                                       prompt_logprobs=prompt_k, echo=body.echo)
         for c in choices:
             c.prompt_text = texts[c.index // body.n] if body.echo else None
-        stamp(request.scope, "tokenized")
+        self._tokenized(request, model)
         self._admit(key, model, choices, priority)
         stamp(request.scope, "admitted")
         return await self._respond(request, body, model, choices)
@@ -338,7 +343,7 @@ class OpenAIServer:
         if tools is not None and tools.structured is not None:  # a forced tool choice
             for c in choices:
                 c.request = constrain(c.request, tools.structured)
-        stamp(request.scope, "tokenized")
+        self._tokenized(request, model)
         self._admit(key, model, choices, priority)
         stamp(request.scope, "admitted")
         return await self._respond(request, body, model, choices, tools)

@@ -9,9 +9,12 @@ status and headers are committed at ``first`` (``engine.frontend.openai_server``
 stage is known when the header goes out, streaming or not. The header gives each stage's
 duration in milliseconds::
 
-    Server-Timing: parse;dur=0.41, tokenize;dur=0.12, admit;dur=0.01, pool;dur=18.3
+    Server-Timing: parse;dur=0.41, tokenize;dur=0.12, admit;dur=0.01, pool;dur=18.3,
+                   predicted;dur=12.0
 
-``pool`` is the time from sending to the first token: the pool's queue, the step that runs
+``predicted`` is the queue wait admission predicted for the request when it was admitted
+(``engine.frontend.drain``): against ``pool``, what it really waited, it is the predictor's
+error (``bench.flood`` reports it). ``pool`` is the time from sending to the first token: the pool's queue, the step that runs
 the prefill, the hops between processes, and the frontend's event loop delivering it. The
 client measures the rest (first byte received) itself; ``bench.flood`` reads these.
 """
@@ -33,11 +36,20 @@ def stamp(scope: MutableMapping[str, Any], name: str) -> None:
     scope.setdefault("state", {}).setdefault("stamps", {})[name] = time.perf_counter()
 
 
+def note(scope: MutableMapping[str, Any], name: str, seconds: float) -> None:
+    """Record a duration that is not between two stamps (e.g. the predicted queue wait)."""
+    scope.setdefault("state", {}).setdefault("notes", {})[name] = seconds
+
+
 def server_timing(scope: MutableMapping[str, Any]) -> str | None:
-    """The ``Server-Timing`` value of the stages whose two stamps exist (None if none)."""
-    stamps = scope.get("state", {}).get("stamps", {})
+    """The ``Server-Timing`` value of the stages whose two stamps exist, then the notes
+    (None if nothing)."""
+    state = scope.get("state", {})
+    stamps = state.get("stamps", {})
     parts = [f"{name};dur={1e3 * (stamps[end] - stamps[start]):.3f}"
              for name, start, end in STAGES if start in stamps and end in stamps]
+    parts += [f"{name};dur={1e3 * s:.3f}" for name, s in state.get("notes", {}).items()
+              if s != float("inf")]
     return ", ".join(parts) or None
 
 

@@ -50,7 +50,7 @@ def test_sheddable_requests_are_refused_before_validation(
                 headers=KEY)
     assert ok.status_code == 200, ok.text
     stages = timing.parse(ok.headers[timing.HEADER])  # where its time went, per stage
-    assert list(stages) == ["parse", "tokenize", "admit", "pool"]
+    assert list(stages) == ["parse", "tokenize", "admit", "pool", "predicted"]
     assert all(ms >= 0 for ms in stages.values())
     metrics = e.client.get("/metrics").text
     assert ('engine:requests_refused_total{model_name="tiny",priority_class="sheddable",'

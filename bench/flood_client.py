@@ -78,6 +78,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             "temperature": 0, "ignore_eos": True, "priority": args.priority}
     if args.stream:
         body["stream"] = True
+    body.update(json.loads(args.extra))
     records: list[dict[str, Any]] = []
     counter = iter(range(1 << 62))
 
@@ -122,6 +123,7 @@ def main() -> None:
     p.add_argument("--stream", action="store_true")
     p.add_argument("--retry", action="store_true", help="retry each 429 after Retry-After")
     p.add_argument("--prompt", default="hello")
+    p.add_argument("--extra", default="{}", help="JSON object merged into each body")
     p.add_argument("--tag", default="r", help="prefix of each request's distinct first word")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("-o", "--output", required=True)

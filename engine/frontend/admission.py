@@ -12,6 +12,9 @@ with 429 and a ``Retry-After`` equal to the predicted wait (the queue's drain ti
 everything else queues in the scheduler, whose priority policy serves it first, and gives up
 with 503 after ``max_queue_time_s`` without a first token (see ``engine.frontend.http``).
 A fresh engine sheds from its first request: no completion history is needed.
+With ``--shed-latency-factor`` (``engine.frontend.guard``), sheddable requests are also
+refused while the pool's steps run that many times slower than its light steps, or the
+frontend's event loop lags: what critical requests would pay for them.
 
 Rate limits are token buckets per API key (one shared bucket when no keys are configured):
 requests per minute, and tokens per minute charged at admission as prompt tokens plus
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 
 from engine.config import FrontendConfig
 from engine.frontend.drain import Backlog, Prediction, StepTimes, predict
+from engine.frontend.guard import GUARD_RETRY_S, LoopLag, guard_reason
 from engine.frontend.pool_client import PoolClient
 from engine.frontend.serving import DEFAULT_MAX_TOKENS, ServedModel
 from engine.messages import EngineRequest, PoolStats
@@ -167,7 +171,7 @@ class PoolLoad:
         self._samples.append((now, self.pool.num_finished))
         while len(self._samples) > 2 and now - self._samples[1][0] > DRAIN_WINDOW_S:
             self._samples.popleft()
-        self.steps.add(stats.step_num_tokens, stats.step_times_s)
+        self.steps.add(stats.step_num_tokens, stats.step_times_s, stats.step_batch_sizes)
 
     def note_sent(self, prompt_tokens: int, max_tokens: int) -> None:
         """An admitted request, about to reach the pool (any priority: all of them load it)."""
@@ -222,22 +226,32 @@ class PoolLoad:
 
 class Shedder:
     """Refuses sheddable requests to a saturated pool, with ``Retry-After`` set to the
-    predicted drain time of its queue."""
+    predicted drain time of its queue; and, with a ``latency_factor``, while serving them
+    would slow down everything else (``engine.frontend.guard``)."""
 
-    def __init__(self, shed_queue_time_s: float) -> None:
+    def __init__(self, shed_queue_time_s: float, latency_factor: float = 0.0,
+                 loop_lag: LoopLag | None = None) -> None:
         self.shed_queue_time_s = shed_queue_time_s
+        self.latency_factor = latency_factor
+        self.loop_lag = loop_lag
 
     def admit(self, load: PoolLoad, priority: int) -> Refusal | None:
         if priority >= 0:
             return None
         predicted = load.prediction()
         wait = predicted.wait_s
-        if wait <= self.shed_queue_time_s:
+        if wait > self.shed_queue_time_s:
+            return Refusal(429, "shed", f"the engine is saturated (predicted queue wait "
+                           f"{wait:.1f} s > --shed-queue-time {self.shed_queue_time_s} s: "
+                           f"{predicted.detail}) and this request is sheddable (priority "
+                           f"{priority}); retry later", retry_after_s=wait)
+        why = guard_reason(load.steps.slowdown(), self.loop_lag, self.latency_factor,
+                           load.pool.num_active)
+        if why is None:
             return None
-        return Refusal(429, "shed", f"the engine is saturated (predicted queue wait "
-                       f"{wait:.1f} s > --shed-queue-time {self.shed_queue_time_s} s: "
-                       f"{predicted.detail}) and this request is sheddable (priority "
-                       f"{priority}); retry later", retry_after_s=wait)
+        return Refusal(429, "shed", f"the engine is busy ({why}; predicted queue wait "
+                       f"{wait:.1f} s) and this request is sheddable (priority {priority}); "
+                       "retry later", retry_after_s=max(wait, GUARD_RETRY_S))
 
 
 class Admission:
@@ -248,7 +262,8 @@ class Admission:
                  max_num_seqs: int, max_num_batched_tokens: int = 512) -> None:
         self.keys = ApiKeys(cfg.api_keys)
         self.limiter = RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm)
-        self.shedder = Shedder(cfg.shed_queue_time_s)
+        self.loop_lag = LoopLag.on_running_loop() if cfg.shed_latency_factor else None
+        self.shedder = Shedder(cfg.shed_queue_time_s, cfg.shed_latency_factor, self.loop_lag)
         self.loads = {m.name: PoolLoad(m.pool, max_num_seqs, max_num_batched_tokens)
                       for m in models}
 

@@ -37,6 +37,12 @@ STEP_WINDOW = 128
 #: A step with at least this share of the token budget counts as full (its tokens/s is the
 #: prefill rate).
 FULL_STEP_SHARE = 0.5
+#: Steps of at most this many requests are light: the reference of ``StepTimes.slowdown``.
+LIGHT_BATCH = 2
+#: Steps behind the current step time of ``StepTimes.slowdown``.
+RECENT_STEPS = 16
+#: Light steps needed before ``StepTimes.slowdown`` says anything.
+MIN_LIGHT_STEPS = 8
 #: Decodes never take more than this share of a step's budget in the prediction (the
 #: scheduler fills the rest with prefill chunks).
 MAX_DECODE_SHARE = 0.9
@@ -71,14 +77,29 @@ class StepTimes:
         self.budget = budget
         self._full: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
         self._all: deque[float] = deque(maxlen=window)
+        self._light: deque[float] = deque(maxlen=window)
 
-    def add(self, tokens: list[int], times_s: list[float]) -> None:
-        for n, t in zip(tokens, times_s, strict=False):
+    def add(self, tokens: list[int], times_s: list[float],
+            batch_sizes: list[int] | None = None) -> None:
+        sizes = batch_sizes if batch_sizes and len(batch_sizes) == len(times_s) else None
+        for i, (n, t) in enumerate(zip(tokens, times_s, strict=False)):
             if t <= 0:
                 continue
             self._all.append(t)
             if n >= FULL_STEP_SHARE * self.budget:
                 self._full.append((n, t))
+            if sizes is not None and sizes[i] <= LIGHT_BATCH:
+                self._light.append(t)
+
+    def slowdown(self) -> float | None:
+        """How many times slower the latest steps are than the light ones (a batch of at most
+        ``LIGHT_BATCH``): what a critical request's wait for a step grows by. None before
+        ``MIN_LIGHT_STEPS`` light steps and ``RECENT_STEPS`` steps in all (a start is no
+        trend)."""
+        if len(self._light) < MIN_LIGHT_STEPS or len(self._all) < RECENT_STEPS:
+            return None
+        recent = list(self._all)[-RECENT_STEPS:]
+        return statistics.median(recent) / statistics.median(self._light)
 
     def tokens_per_s(self) -> float:
         """One worker's token rate in full steps (the cold prior before any)."""

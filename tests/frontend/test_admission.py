@@ -10,6 +10,7 @@ import pytest
 
 from engine.frontend.admission import ApiKeys, PoolLoad, RateLimiter, Refusal, Shedder
 from engine.frontend.drain import COLD_STEP_S, Backlog, predict
+from engine.frontend.guard import GUARD_RETRY_S, LAG_MIN_IN_FLIGHT, LOOP_LAG_LIMIT_S, LoopLag
 from engine.messages import PoolStats
 
 
@@ -194,3 +195,43 @@ def test_shedder_refuses_only_sheddable_requests_above_the_threshold() -> None:
     assert refusal is not None and refusal.reason == "shed" and refusal.retry_after == "3"
     assert shedder.admit(load, priority=0) is None and shedder.admit(load, priority=5) is None
     assert Shedder(shed_queue_time_s=5.0).admit(load, priority=-1) is None
+
+
+def test_the_latency_guard_sheds_while_steps_are_slower_than_light_ones() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5)
+    # Light steps (one request) of 10 ms, then batches three times as slow.
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 8, step_times_s=[0.01] * 8,
+                          step_batch_sizes=[1] * 8))
+    assert load.steps.slowdown() is None  # 8 steps: no trend yet
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[40] * 8, step_times_s=[0.03] * 8,
+                          step_batch_sizes=[40] * 8))
+    assert load.steps.slowdown() == pytest.approx(2.0)  # median of the last 16: 20 ms
+    refusal = guarded.admit(load, priority=-1)
+    assert refusal is not None and refusal.reason == "shed" and "2.0x slower" in refusal.message
+    assert refusal.retry_after_s == GUARD_RETRY_S  # nothing queued: the least retry
+    assert guarded.admit(load, priority=0) is None
+    assert Shedder(shed_queue_time_s=1.0).admit(load, priority=-1) is None  # factor 0: off
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 16, step_times_s=[0.012] * 16,
+                          step_batch_sizes=[2] * 16))  # light again: admitted again
+    assert load.steps.slowdown() == pytest.approx(1.0)  # they are light steps themselves
+    assert guarded.admit(load, priority=-1) is None
+
+
+def test_the_latency_guard_sheds_while_the_event_loop_lags_under_load() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    lag = LoopLag()
+    for _ in range(20):
+        lag.sample(0.02)  # every timer 20 ms late
+    assert lag.lag_s > LOOP_LAG_LIMIT_S
+    guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5, loop_lag=lag)
+    pool.num_active = LAG_MIN_IN_FLIGHT - 1  # few requests: the lag is not theirs
+    assert guarded.admit(load, priority=-1) is None
+    pool.num_active = LAG_MIN_IN_FLIGHT
+    refusal = guarded.admit(load, priority=-1)
+    assert refusal is not None and "event loop lags" in refusal.message
+    for _ in range(40):
+        lag.sample(-0.001)  # on time again (early counts as 0)
+    assert lag.lag_s < LOOP_LAG_LIMIT_S and guarded.admit(load, priority=-1) is None

@@ -193,17 +193,24 @@ class PoolLoad:
         return (stats.num_waiting if stats else 0) + self.num_unseen
 
     def backlog(self) -> Backlog:
+        """The pool's backlog. Its queued prompt tokens are the most of: the pool's count plus
+        the prompts sent since its stats, and the prompts of every request in flight without
+        a first token (the pool admits requests to its running set before their prefill is
+        done, and their remaining chunks are in no count of its own)."""
         stats = self.pool.stats
         unseen = self.num_unseen
         unseen_tokens = sum(itertools.islice(reversed(self._sent_prompts), unseen))
+        _, unstarted_tokens = self.pool.prefill_backlog()
         if stats is None:
             return Backlog(live_workers=0, waiting_requests=unseen,
-                           waiting_tokens=unseen_tokens, running_requests=0)
+                           waiting_tokens=max(unseen_tokens, unstarted_tokens),
+                           running_requests=0)
         free_kv = (sum(stats.num_free_blocks) * stats.block_size
                    if stats.block_size and stats.num_free_blocks else None)
         return Backlog(live_workers=stats.live_workers,
                        waiting_requests=stats.num_waiting + unseen,
-                       waiting_tokens=stats.num_waiting_tokens + unseen_tokens,
+                       waiting_tokens=max(stats.num_waiting_tokens + unseen_tokens,
+                                          unstarted_tokens),
                        running_requests=stats.num_running, free_kv_tokens=free_kv)
 
     def drain_rate(self) -> float:

@@ -139,6 +139,16 @@ class PoolClient:
     def num_active(self) -> int:
         return len(self._streams)
 
+    def prefill_backlog(self) -> tuple[int, int]:
+        """In-flight requests without a first token yet, and their tokens to compute (prompt,
+        and a continuation's earlier outputs): the prefill work ahead, queued or running."""
+        n = tokens = 0
+        for s in self._streams.values():
+            if len(s.output_token_ids) == len(s.request.output_token_ids):
+                n += 1
+                tokens += len(s.request.prompt_token_ids) + len(s.output_token_ids)
+        return n, tokens
+
     def silent_for(self, now: float | None = None) -> float | None:
         """Seconds since the pool's latest stats (None before the first)."""
         if self.stats_at is None:

@@ -30,6 +30,10 @@ class FakePool:
         self.stats_listeners: list[Callable[[PoolStats], None]] = []
         self.num_finished = 0
         self.num_active = 0
+        self.unstarted_tokens = 0  # prompt tokens of in-flight requests without a first token
+
+    def prefill_backlog(self) -> tuple[int, int]:
+        return 0, self.unstarted_tokens
 
     def report(self, stats: PoolStats) -> None:
         self.stats = stats
@@ -180,6 +184,11 @@ def test_requests_sent_since_the_stats_count_with_their_prompts() -> None:
     assert backlog.free_kv_tokens == 2 * 1000 * 16
     pool.report(PoolStats(live_workers=2, num_waiting=2, num_waiting_tokens=800))
     assert load.backlog().waiting_tokens == 800  # now counted by the pool, not twice
+    # The pool took them into its running set before their prefill was done: its queue is
+    # empty, but the frontend still waits for their first tokens.
+    pool.report(PoolStats(live_workers=2, num_running=2))
+    pool.unstarted_tokens = 800
+    assert load.backlog().waiting_tokens == 800
 
 
 def test_shedder_refuses_only_sheddable_requests_above_the_threshold() -> None:

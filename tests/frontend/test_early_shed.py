@@ -1,12 +1,16 @@
 """Shedding before parsing (engine.frontend.early_shed): while a pool is saturated, a
 sheddable request gets its 429 before body validation and tokenization; everything the early
 look cannot settle (keys, bad JSON, unknown models, priority >= 0) takes the full path.
-Admitted responses carry their frontend stage times (engine.frontend.timing)."""
+Admitted responses carry their frontend stage times (engine.frontend.timing); the pool
+client counts the prefill backlog admission predicts from."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 
+import httpx
 from frontend.fake_pool import LIVE_WORKERS
 from frontend.test_http_api import Env, assert_error, wait_for
 
@@ -61,3 +65,26 @@ def test_sheddable_requests_are_refused_before_validation(
     assert wait_for(lambda: e.post("/v1/completions", {"prompt": "x", "max_tokens": 1,
                                                        "priority": -1},
                                    headers=KEY).status_code == 200)
+
+
+def test_requests_without_a_first_token_are_the_prefill_backlog(
+        make_env: Callable[..., Env]) -> None:
+    e = make_env()
+    pool = e.fe.models[0].pool
+    assert pool.prefill_backlog() == (0, 0)
+    prompt = "hello world again"
+
+    def hold() -> None:  # the fake pool answers nothing to tenant "hold"
+        with contextlib.suppress(httpx.ReadTimeout):
+            e.post("/v1/completions", {"prompt": prompt, "max_tokens": 2, "user": "hold"},
+                   timeout=2)
+
+    held = threading.Thread(target=hold)
+    held.start()
+    try:
+        assert wait_for(lambda: pool.prefill_backlog() == (1, len(e.encode(prompt))))
+    finally:
+        held.join()  # its client gave up: the request is aborted
+    assert wait_for(lambda: pool.prefill_backlog() == (0, 0))
+    r = e.post("/v1/completions", {"prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 200 and pool.prefill_backlog() == (0, 0)

@@ -42,6 +42,8 @@ from engine.messages import EngineRequest, PoolStats
 DRAIN_WINDOW_S = 10.0
 #: Latest requests sent whose prompt lengths are kept (those the pool has not counted yet).
 SENT_WINDOW = 4096
+#: Seconds an admitted request counts as not yet added to its pool client, at most.
+NOT_ADDED_TTL_S = 1.0
 #: Weight of each new request in the mean output budget.
 OUTPUT_EWMA = 0.05
 
@@ -160,9 +162,11 @@ class PoolLoad:
         self.clock = clock
         self._samples: deque[tuple[float, int]] = deque()  # (time, pool.num_finished)
         self.steps = StepTimes(max_num_batched_tokens)
-        #: Prompt tokens of the latest requests sent, newest last: the ones the pool's
-        #: latest stats do not count yet are among them.
-        self._sent_prompts: deque[int] = deque(maxlen=SENT_WINDOW)
+        #: (time, prompt tokens) of the latest requests admitted, newest last: the ones not
+        #: added to the pool client yet, and those the pool's latest stats do not count, are
+        #: among them.
+        self._sent_prompts: deque[tuple[float, int]] = deque(maxlen=SENT_WINDOW)
+        self._num_admitted = 0
         self._mean_output = float(DEFAULT_MAX_TOKENS)
         pool.stats_listeners.append(self._on_stats)
 
@@ -175,12 +179,29 @@ class PoolLoad:
 
     def note_sent(self, prompt_tokens: int, max_tokens: int) -> None:
         """An admitted request, about to reach the pool (any priority: all of them load it)."""
-        self._sent_prompts.append(prompt_tokens)
+        self._sent_prompts.append((self.clock(), prompt_tokens))
+        self._num_admitted += 1
         self._mean_output += OUTPUT_EWMA * (max_tokens - self._mean_output)
 
     @property
+    def num_not_added(self) -> int:
+        """Requests admitted but not yet added to the pool client (their generation task has
+        not started: a burst is admitted faster than it is sent). Only those admitted within
+        ``NOT_ADDED_TTL_S`` count, so a request that failed in between cannot linger."""
+        pending = self._num_admitted - self.pool.num_added
+        if pending <= 0:
+            return 0
+        oldest = self.clock() - NOT_ADDED_TTL_S
+        recent = 0
+        for t, _ in reversed(self._sent_prompts):
+            if t < oldest or recent >= pending:
+                break
+            recent += 1
+        return recent
+
+    @property
     def num_unseen(self) -> int:
-        """Requests sent since the pool's latest stats (not in its counts yet)."""
+        """Requests added since the pool's latest stats (not in its counts yet)."""
         stats = self.pool.stats
         if stats is None:
             return self.pool.num_active
@@ -188,29 +209,34 @@ class PoolLoad:
 
     @property
     def num_waiting(self) -> int:
-        """Waiting requests: the pool's count, and those sent since its last stats."""
+        """Waiting requests: the pool's count, and those it has not seen yet."""
         stats = self.pool.stats
-        return (stats.num_waiting if stats else 0) + self.num_unseen
+        return (stats.num_waiting if stats else 0) + self.num_unseen + self.num_not_added
+
+    def _latest_prompts(self, n: int) -> int:
+        return sum(tokens for _, tokens in itertools.islice(reversed(self._sent_prompts), n))
 
     def backlog(self) -> Backlog:
-        """The pool's backlog. Its queued prompt tokens are the most of: the pool's count plus
-        the prompts sent since its stats, and the prompts of every request in flight without
-        a first token (the pool admits requests to its running set before their prefill is
-        done, and their remaining chunks are in no count of its own)."""
+        """The pool's backlog. Its queued prompt tokens are the most of two views: the
+        pool's count plus the prompts it has not seen (admitted, not yet added; added since
+        its stats), and the frontend's: the prompts of every request in flight without a
+        first token, plus those admitted, not yet added (the pool admits requests to its
+        running set before their prefill is done, and their remaining chunks are in no count
+        of its own)."""
         stats = self.pool.stats
-        unseen = self.num_unseen
-        unseen_tokens = sum(itertools.islice(reversed(self._sent_prompts), unseen))
+        not_added = self.num_not_added
+        unseen = not_added + self.num_unseen
         _, unstarted_tokens = self.pool.prefill_backlog()
+        frontend_view = unstarted_tokens + self._latest_prompts(not_added)
+        pool_view = self._latest_prompts(unseen)
         if stats is None:
             return Backlog(live_workers=0, waiting_requests=unseen,
-                           waiting_tokens=max(unseen_tokens, unstarted_tokens),
-                           running_requests=0)
+                           waiting_tokens=max(pool_view, frontend_view), running_requests=0)
         free_kv = (sum(stats.num_free_blocks) * stats.block_size
                    if stats.block_size and stats.num_free_blocks else None)
         return Backlog(live_workers=stats.live_workers,
                        waiting_requests=stats.num_waiting + unseen,
-                       waiting_tokens=max(stats.num_waiting_tokens + unseen_tokens,
-                                          unstarted_tokens),
+                       waiting_tokens=max(stats.num_waiting_tokens + pool_view, frontend_view),
                        running_requests=stats.num_running, free_kv_tokens=free_kv)
 
     def drain_rate(self) -> float:

@@ -116,6 +116,8 @@ class PoolClient:
         self.stats_listeners: list[Callable[[PoolStats], None]] = []
         #: Requests the pool reported finished (any reason), cumulative: its drain rate.
         self.num_finished = 0
+        #: Requests added (``add``), cumulative: admission counts those admitted, not added yet.
+        self.num_added = 0
         #: Set once the pool's first stats arrived (it then has its live workers).
         self.has_stats = asyncio.Event()
         self._ctx = ctx or zmq.asyncio.Context.instance()
@@ -162,6 +164,7 @@ class PoolClient:
         if request.request_id in self._by_id:
             raise ValueError(f"request id {request.request_id!r} is already running")
         stream = RequestStream(request)
+        self.num_added += 1
         self._streams[stream.wire_id] = self._by_id[stream.request_id] = stream
         self._send(AddRequest(request=request, frontend_incarnation=self.frontend_incarnation))
         return stream

@@ -30,6 +30,7 @@ class FakePool:
         self.stats_listeners: list[Callable[[PoolStats], None]] = []
         self.num_finished = 0
         self.num_active = 0
+        self.num_added = 0
         self.unstarted_tokens = 0  # prompt tokens of in-flight requests without a first token
 
     def prefill_backlog(self) -> tuple[int, int]:
@@ -114,6 +115,7 @@ def burst(pool: FakePool, load: PoolLoad, shedder: Shedder, n: int, prompt: int,
         if refusal is None:
             load.note_sent(prompt, max_tokens)
             pool.num_active += 1
+            pool.num_added += 1
             admitted += 1
         else:
             refused.append(refusal)
@@ -178,9 +180,17 @@ def test_requests_sent_since_the_stats_count_with_their_prompts() -> None:
     pool, load = fresh_pool(clock)
     for prompt in (100, 300, 500):
         load.note_sent(prompt, 16)
+    pool.num_added = 3
     pool.num_active = 2  # the pool's stats say nothing of the last two sent
     backlog = load.backlog()
     assert backlog.waiting_requests == 2 and backlog.waiting_tokens == 800
+    load.note_sent(1000, 16)  # admitted, its generation not started: not added yet
+    backlog = load.backlog()
+    assert load.num_not_added == 1
+    assert backlog.waiting_requests == 3 and backlog.waiting_tokens == 1800
+    clock.t += 2  # a request that never reached the pool client stops counting
+    assert load.num_not_added == 0 and load.backlog().waiting_requests == 2
+    pool.num_added = 4
     assert backlog.free_kv_tokens == 2 * 1000 * 16
     pool.report(PoolStats(live_workers=2, num_waiting=2, num_waiting_tokens=800))
     assert load.backlog().waiting_tokens == 800  # now counted by the pool, not twice

@@ -4,13 +4,14 @@ state: what admission sheds by (``engine.frontend.admission``) and what ``Retry-
 A waiting request waits for three things, and the prediction is the longest of the three:
 
 - **prefill**: the prompt tokens queued ahead of it (the pool's ``num_waiting_tokens`` plus
-  the prompts this frontend sent since the pool's latest stats, or, when more, the prompts of
-  every request in flight without a first token: the pool takes requests into its running
-  set before their prefill is done) go through the workers' token budgets, less the one token per step that each running request's decode takes. The
-  rate is measured from the pool's own step timings (``PoolStats.step_num_tokens`` /
-  ``step_times_s``) over its recent *full* steps (at least half the budget): small steps
-  cost mostly their fixed overhead and would understate it. Before any full step is seen
-  the rate is a cold prior, one budget per ``COLD_STEP_S``.
+  the prompts this frontend admitted since the pool's latest stats, or, when more, the
+  prompts of every request in flight without a first token: the pool takes requests into
+  its running set before their prefill is done) go through the workers' token budgets, less
+  the one token per step that each running request's decode takes. The rate is measured
+  from the pool's own step timings (``PoolStats.step_num_tokens`` / ``step_times_s``) over
+  its recent *full* steps (at least half the budget): small steps cost mostly their fixed
+  overhead and would understate it. Before any full step is seen the rate is a cold prior,
+  one budget per ``COLD_STEP_S``.
 - **slots**: a worker runs at most ``max_num_seqs`` requests; requests beyond the free slots
   wait for running ones to finish.
 - **KV**: prompt tokens beyond the workers' free KV blocks wait for running requests to finish

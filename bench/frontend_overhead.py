@@ -2,6 +2,7 @@
 time, in-process (``engine.LLM``), over gRPC and over HTTP (streaming SSE), side by side.
 
     python -m bench.frontend_overhead [--num-requests 20] [--max-tokens 64] [--json]
+    python -m bench.frontend_overhead --cpu [--max-tokens 64] [--json]
 
 Per request: the median latency of a 1-token request through each API minus in-process.
 Per token: the median of (latency of a ``--max-tokens`` request minus the 1-token latency)
@@ -10,6 +11,10 @@ figures are the cost one request pays (tokenization, two process hops, detokeniz
 or protobuf, the event loop), not throughput under load. Every request ignores EOS. The
 APIs take turns request by request, so load from other jobs on a shared machine falls on
 all of them alike.
+
+``--cpu``: the frontend process's own CPU time per request by kind (400, early 429, a whole
+request) and per streamed token, under fixed-rate load from a client that is not the
+bottleneck (``bench.frontend_cpu``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Callable
 import grpc
 import httpx
 
+from bench import frontend_cpu
 from bench.engine_server import launched_engine
 from engine import LLM, SamplingParams
 from engine.frontend.proto import pb2, pb2_grpc
@@ -108,10 +114,19 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=20, help="timed requests per case")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens of the long requests")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--cpu", action="store_true", help="the frontend's CPU per request kind "
+                   "and per streamed token (bench.frontend_cpu)")
     p.add_argument("launch_args", nargs="*", help="extra flags for engine.launch (after --)")
     args = p.parse_args()
     if args.max_tokens < 2:
         p.error("--max-tokens must be >= 2")
+    if args.cpu:
+        cpu = frontend_cpu.run(args.launch_args, max_tokens=args.max_tokens)
+        if args.json:
+            print(json.dumps(cpu, indent=2))
+        else:
+            frontend_cpu.report(cpu)
+        return
     results = run(args.num_requests, args.max_tokens, args.launch_args)
     if args.json:
         print(json.dumps(results, indent=2))

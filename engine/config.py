@@ -203,6 +203,10 @@ class FrontendConfig:
     shed_queue_time_s: float = opt(1.0, "--shed-queue-time", "predicted queue wait above "
                                    "which sheddable (negative-priority) requests get 429",
                                    metavar="SECONDS", type=float)
+    shed_latency_factor: float = opt(1.5, "--shed-latency-factor", "sheddable requests also "
+                                     "get 429 while the pool's steps run this many times "
+                                     "slower than its light ones or the frontend's event "
+                                     "loop lags (0: off)", metavar="X", type=float)
     max_queue_time_s: float = opt(60.0, "--max-queue-time", "a request without its first "
                                   "token after this long gets 503", metavar="SECONDS",
                                   type=float)
@@ -321,6 +325,8 @@ class EngineConfig:
             _check(limit is None or limit >= 1, flag, f"must be >= 1, got {limit}")
         _check(f.shed_queue_time_s >= 0, "--shed-queue-time",
                f"must be >= 0 seconds, got {f.shed_queue_time_s}")
+        _check(f.shed_latency_factor == 0 or f.shed_latency_factor >= 1,
+               "--shed-latency-factor", f"must be 0 (off) or >= 1, got {f.shed_latency_factor}")
         _check(f.max_queue_time_s > 0, "--max-queue-time",
                f"must be > 0 seconds, got {f.max_queue_time_s}")
         _check(f.tool_call_parser in (None, *TOOL_CALL_PARSERS), "--tool-call-parser",

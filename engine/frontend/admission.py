@@ -1,16 +1,20 @@
 """Admission control in the frontend: API keys, per-key rate limits, and load shedding,
 shared by the HTTP and gRPC APIs (``Admission``).
 
-Shedding keeps critical traffic fast under overload. Each pool's pressure is estimated from
-what the frontend sees at once (its own count of requests in flight, the pool's latest
-``PoolStats``) and from the pool's drain rate (requests finished per second over a sliding
-window). The predicted queue wait is the number of requests waiting over the drain rate.
-When it exceeds ``shed_queue_time_s`` the pool is saturated: sheddable requests (priority
-< 0) are refused with 429 and a ``Retry-After`` equal to the predicted wait; everything
-else queues in the scheduler, whose priority policy serves it first, and gives up with 503
-after ``max_queue_time_s`` without a first token (see ``engine.frontend.http``). Before the
-first completions there is no drain rate; the pool then counts as saturated once its
-waiting requests reach one full batch per live worker.
+Shedding keeps critical traffic fast under overload. Each pool's predicted queue wait comes
+from its real state (``engine.frontend.drain``): the prompt tokens queued ahead against the
+prefill rate of its recent steps, the requests beyond its free slots and the prompt tokens
+beyond its free KV against the rate at which running requests finish (measured over a
+sliding window once requests finish, predicted from the output budgets before), counting the
+requests this frontend sent since the pool's latest ``PoolStats``. When the wait exceeds
+``shed_queue_time_s`` the pool is saturated: sheddable requests (priority < 0) are refused
+with 429 and a ``Retry-After`` equal to the predicted wait (the queue's drain time);
+everything else queues in the scheduler, whose priority policy serves it first, and gives up
+with 503 after ``max_queue_time_s`` without a first token (see ``engine.frontend.http``).
+A fresh engine sheds from its first request: no completion history is needed.
+With ``--shed-latency-factor`` (``engine.frontend.guard``), sheddable requests are also
+refused while the pool's steps run that many times slower than its light steps, or the
+frontend's event loop lags: what critical requests would pay for them.
 
 Rate limits are token buckets per API key (one shared bucket when no keys are configured):
 requests per minute, and tokens per minute charged at admission as prompt tokens plus
@@ -20,6 +24,7 @@ requests per minute, and tokens per minute charged at admission as prompt tokens
 from __future__ import annotations
 
 import hmac
+import itertools
 import math
 import time
 from collections import deque
@@ -27,12 +32,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from engine.config import FrontendConfig
+from engine.frontend.drain import Backlog, Prediction, StepTimes, predict
+from engine.frontend.guard import GUARD_RETRY_S, LoopLag, guard_reason
 from engine.frontend.pool_client import PoolClient
-from engine.frontend.serving import ServedModel
-from engine.messages import PoolStats
+from engine.frontend.serving import DEFAULT_MAX_TOKENS, ServedModel
+from engine.messages import EngineRequest, PoolStats
 
 #: Seconds of history behind a pool's drain rate.
 DRAIN_WINDOW_S = 10.0
+#: Latest requests sent whose prompt lengths are kept (those the pool has not counted yet).
+SENT_WINDOW = 4096
+#: Seconds an admitted request counts as not yet added to its pool client, at most.
+NOT_ADDED_TTL_S = 1.0
+#: Weight of each new request in the mean output budget.
+OUTPUT_EWMA = 0.05
 
 
 @dataclass(frozen=True)
@@ -138,30 +151,93 @@ class RateLimiter:
 
 
 class PoolLoad:
-    """One pool's pressure as the frontend sees it, and its predicted queue wait."""
+    """One pool's pressure as the frontend sees it, and its predicted queue wait
+    (``engine.frontend.drain``)."""
 
-    def __init__(self, pool: PoolClient, max_num_seqs: int,
+    def __init__(self, pool: PoolClient, max_num_seqs: int, max_num_batched_tokens: int = 512,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
         self.max_num_seqs = max_num_seqs
+        self.budget = max_num_batched_tokens
         self.clock = clock
         self._samples: deque[tuple[float, int]] = deque()  # (time, pool.num_finished)
+        self.steps = StepTimes(max_num_batched_tokens)
+        #: (time, prompt tokens) of the latest requests admitted, newest last: the ones not
+        #: added to the pool client yet, and those the pool's latest stats do not count, are
+        #: among them.
+        self._sent_prompts: deque[tuple[float, int]] = deque(maxlen=SENT_WINDOW)
+        self._num_admitted = 0
+        self._mean_output = float(DEFAULT_MAX_TOKENS)
         pool.stats_listeners.append(self._on_stats)
 
-    def _on_stats(self, _stats: PoolStats) -> None:
+    def _on_stats(self, stats: PoolStats) -> None:
         now = self.clock()
         self._samples.append((now, self.pool.num_finished))
         while len(self._samples) > 2 and now - self._samples[1][0] > DRAIN_WINDOW_S:
             self._samples.popleft()
+        self.steps.add(stats.step_num_tokens, stats.step_times_s, stats.step_batch_sizes)
+
+    def note_sent(self, prompt_tokens: int, max_tokens: int) -> None:
+        """An admitted request, about to reach the pool (any priority: all of them load it)."""
+        self._sent_prompts.append((self.clock(), prompt_tokens))
+        self._num_admitted += 1
+        self._mean_output += OUTPUT_EWMA * (max_tokens - self._mean_output)
 
     @property
-    def num_waiting(self) -> int:
-        """Waiting requests: the pool's count, or more if requests sent since its last
-        stats are not in it yet."""
+    def num_not_added(self) -> int:
+        """Requests admitted but not yet added to the pool client (their generation task has
+        not started: a burst is admitted faster than it is sent). Only those admitted within
+        ``NOT_ADDED_TTL_S`` count, so a request that failed in between cannot linger."""
+        pending = self._num_admitted - self.pool.num_added
+        if pending <= 0:
+            return 0
+        oldest = self.clock() - NOT_ADDED_TTL_S
+        recent = 0
+        for t, _ in reversed(self._sent_prompts):
+            if t < oldest or recent >= pending:
+                break
+            recent += 1
+        return recent
+
+    @property
+    def num_unseen(self) -> int:
+        """Requests added since the pool's latest stats (not in its counts yet)."""
         stats = self.pool.stats
         if stats is None:
             return self.pool.num_active
-        return max(stats.num_waiting, self.pool.num_active - stats.num_running)
+        return max(0, self.pool.num_active - stats.num_running - stats.num_waiting)
+
+    @property
+    def num_waiting(self) -> int:
+        """Waiting requests: the pool's count, and those it has not seen yet."""
+        stats = self.pool.stats
+        return (stats.num_waiting if stats else 0) + self.num_unseen + self.num_not_added
+
+    def _latest_prompts(self, n: int) -> int:
+        return sum(tokens for _, tokens in itertools.islice(reversed(self._sent_prompts), n))
+
+    def backlog(self) -> Backlog:
+        """The pool's backlog. Its queued prompt tokens are the most of two views: the
+        pool's count plus the prompts it has not seen (admitted, not yet added; added since
+        its stats), and the frontend's: the prompts of every request in flight without a
+        first token, plus those admitted, not yet added (the pool admits requests to its
+        running set before their prefill is done, and their remaining chunks are in no count
+        of its own)."""
+        stats = self.pool.stats
+        not_added = self.num_not_added
+        unseen = not_added + self.num_unseen
+        _, unstarted_tokens = self.pool.prefill_backlog()
+        frontend_view = unstarted_tokens + self._latest_prompts(not_added)
+        pool_view = self._latest_prompts(unseen)
+        if stats is None:
+            return Backlog(live_workers=0, waiting_requests=unseen,
+                           waiting_tokens=max(pool_view, frontend_view), running_requests=0)
+        free_kv = (sum(stats.num_free_blocks) * stats.block_size
+                   if stats.block_size and stats.num_free_blocks else None)
+        return Backlog(live_workers=stats.live_workers,
+                       waiting_requests=stats.num_waiting + unseen,
+                       waiting_tokens=max(stats.num_waiting_tokens + pool_view, frontend_view),
+                       running_requests=stats.num_running, free_kv_tokens=free_kv)
 
     def drain_rate(self) -> float:
         """Requests finished per second over the window (0 before two samples)."""
@@ -170,35 +246,45 @@ class PoolLoad:
         (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
+    def prediction(self) -> Prediction:
+        """The predicted wait of a request arriving now, and what bounds it."""
+        return predict(self.backlog(), max_num_seqs=self.max_num_seqs, budget=self.budget,
+                       tokens_per_s=self.steps.tokens_per_s(), step_s=self.steps.step_s(),
+                       finish_rate=self.drain_rate(), mean_output_tokens=self._mean_output)
+
     def predicted_wait(self) -> float:
         """Seconds a request arriving now is predicted to wait before it runs."""
-        waiting = self.num_waiting
-        if waiting == 0:
-            return 0.0
-        rate = self.drain_rate()
-        if rate > 0:
-            return waiting / rate
-        live = self.pool.stats.live_workers if self.pool.stats else 0
-        return math.inf if waiting >= self.max_num_seqs * max(live, 1) else 0.0
+        return self.prediction().wait_s
 
 
 class Shedder:
-    """Refuses sheddable requests to a saturated pool."""
+    """Refuses sheddable requests to a saturated pool, with ``Retry-After`` set to the
+    predicted drain time of its queue; and, with a ``latency_factor``, while serving them
+    would slow down everything else (``engine.frontend.guard``)."""
 
-    def __init__(self, shed_queue_time_s: float) -> None:
+    def __init__(self, shed_queue_time_s: float, latency_factor: float = 0.0,
+                 loop_lag: LoopLag | None = None) -> None:
         self.shed_queue_time_s = shed_queue_time_s
+        self.latency_factor = latency_factor
+        self.loop_lag = loop_lag
 
     def admit(self, load: PoolLoad, priority: int) -> Refusal | None:
         if priority >= 0:
             return None
-        wait = load.predicted_wait()
-        if wait <= self.shed_queue_time_s:
+        predicted = load.prediction()
+        wait = predicted.wait_s
+        if wait > self.shed_queue_time_s:
+            return Refusal(429, "shed", f"the engine is saturated (predicted queue wait "
+                           f"{wait:.1f} s > --shed-queue-time {self.shed_queue_time_s} s: "
+                           f"{predicted.detail}) and this request is sheddable (priority "
+                           f"{priority}); retry later", retry_after_s=wait)
+        why = guard_reason(load.steps.slowdown(), self.loop_lag, self.latency_factor,
+                           load.pool.num_active)
+        if why is None:
             return None
-        retry = wait if math.isfinite(wait) else self.shed_queue_time_s * 2
-        return Refusal(429, "shed", f"the engine is saturated (predicted queue wait "
-                       f"{'unknown' if math.isinf(wait) else f'{wait:.1f} s'} > "
-                       f"--shed-queue-time {self.shed_queue_time_s} s) and this request is "
-                       f"sheddable (priority {priority}); retry later", retry_after_s=retry)
+        return Refusal(429, "shed", f"the engine is busy ({why}; predicted queue wait "
+                       f"{wait:.1f} s) and this request is sheddable (priority {priority}); "
+                       "retry later", retry_after_s=max(wait, GUARD_RETRY_S))
 
 
 class Admission:
@@ -206,14 +292,31 @@ class Admission:
     API key's rate limit and refused if sheddable and its pool is saturated."""
 
     def __init__(self, models: Iterable[ServedModel], cfg: FrontendConfig,
-                 max_num_seqs: int) -> None:
+                 max_num_seqs: int, max_num_batched_tokens: int = 512) -> None:
         self.keys = ApiKeys(cfg.api_keys)
         self.limiter = RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm)
-        self.shedder = Shedder(cfg.shed_queue_time_s)
-        self.loads = {m.name: PoolLoad(m.pool, max_num_seqs) for m in models}
+        self.loop_lag = LoopLag.on_running_loop() if cfg.shed_latency_factor else None
+        self.shedder = Shedder(cfg.shed_queue_time_s, cfg.shed_latency_factor, self.loop_lag)
+        self.loads = {m.name: PoolLoad(m.pool, max_num_seqs, max_num_batched_tokens)
+                      for m in models}
 
-    def admit(self, key: str, model_name: str, priority: int, num_tokens: int) -> Refusal | None:
+    def shed(self, model_name: str, priority: int) -> Refusal | None:
+        """The shedding decision alone (nothing charged): what the HTTP server asks before
+        it parses and tokenizes a request (``engine.frontend.early_shed``)."""
+        load = self.loads.get(model_name)
+        return self.shedder.admit(load, priority) if load is not None else None
+
+    def admit(self, key: str, model_name: str, priority: int, num_tokens: int,
+              requests: Sequence[EngineRequest] = ()) -> Refusal | None:
         """Charge ``num_tokens`` (prompt + max_tokens of every choice) to ``key`` unless the
-        request is refused; say why it is. A shed request costs the key nothing."""
-        return self.shedder.admit(self.loads[model_name], priority) or self.limiter.admit(
+        request is refused; say why it is. A shed request costs the key nothing. The
+        admitted ``requests`` (about to be sent) count in the pool's backlog until its
+        stats do."""
+        refusal = self.shedder.admit(self.loads[model_name], priority) or self.limiter.admit(
             key, num_tokens)
+        if refusal is None:
+            load = self.loads[model_name]
+            for r in requests:
+                load.note_sent(len(r.prompt_token_ids) + len(r.output_token_ids),
+                               r.sampling.max_tokens)
+        return refusal

@@ -158,7 +158,7 @@ class EngineServicer:
         if self.admission is None:
             return
         cost = len(ereq.prompt_token_ids) + ereq.sampling.max_tokens
-        refusal = self.admission.admit(key, model.name, ereq.priority, cost)
+        refusal = self.admission.admit(key, model.name, ereq.priority, cost, [ereq])
         if refusal is not None:
             if self.metrics is not None:
                 self.metrics.count_refused(model.name, refusal.reason, ereq.priority)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.frontend import discovery
+from engine.frontend.early_shed import EarlyShed
 from engine.frontend.metrics import CONTENT_TYPE
 from engine.frontend.openai_format import ApiError, bad_request
 from engine.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -165,6 +166,7 @@ def build_app(server: OpenAIServer) -> FastAPI:
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
+    app.add_middleware(EarlyShed, server=server)  # inside BodyLimit: 413 comes first
     app.add_middleware(BodyLimit, limit=server.cfg.max_request_bytes)
     return app
 

@@ -64,6 +64,8 @@ from engine.frontend.serving import (
     sampling_params,
 )
 from engine.frontend.structured import structured_output
+from engine.frontend.timing import HEADER as TIMING_HEADER
+from engine.frontend.timing import note, server_timing, stamp
 from engine.frontend.tools import (
     ToolPlan,
     constrain,
@@ -127,10 +129,16 @@ class OpenAIServer:
                priority: int) -> None:
         cost = sum(len(c.request.prompt_token_ids) + c.request.sampling.max_tokens
                    for c in choices)
-        refusal = self.admission.admit(key, model.name, priority, cost)
+        refusal = self.admission.admit(key, model.name, priority, cost,
+                                       [c.request for c in choices])
         if refusal is not None:
             self.metrics.count_refused(model.name, refusal.reason, priority)
             raise refusal_error(refusal)
+
+    def _tokenized(self, request: Request, model: ServedModel) -> None:
+        """Stamp the end of tokenization, and the queue wait predicted for the request."""
+        stamp(request.scope, "tokenized")
+        note(request.scope, "predicted", self.admission.loads[model.name].predicted_wait())
 
     def _check_limits(self, model: ServedModel, prompt_ids: Sequence[int],
                       max_tokens: int | None, param: str, allow_zero: bool) -> int:
@@ -230,6 +238,9 @@ class OpenAIServer:
     async def _respond(self, request: Request, body: Body, model: ServedModel,
                        choices: list[Choice], tools: ToolPlan | None = None) -> Response:
         merged, first = await self._start(model, choices, request)
+        stamp(request.scope, "first")
+        timing = server_timing(request.scope)
+        headers = {TIMING_HEADER: timing} if timing else {}
         created = int(time.time())
         fmt: ChatFormat | TextFormat
         if isinstance(body, ChatCompletionRequest):
@@ -240,18 +251,19 @@ class OpenAIServer:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(merged, first, choices, fmt, include_usage),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache", **headers})
         try:
             await unless_disconnected(request, collect(merged, first))
         except GenerationFailed as e:
             raise failed_error(e) from e
         finally:
             await merged.aclose()
-        return JSONResponse(fmt.full(choices, usage(choices)))
+        return JSONResponse(fmt.full(choices, usage(choices)), headers=headers)
 
     # -- endpoints
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        stamp(request.scope, "parsed")
         key = self.authenticate(request)
         self._warn_unknown(body)
         model = self._model(body.model)
@@ -272,7 +284,9 @@ class OpenAIServer:
                                       prompt_logprobs=prompt_k, echo=body.echo)
         for c in choices:
             c.prompt_text = texts[c.index // body.n] if body.echo else None
+        self._tokenized(request, model)
         self._admit(key, model, choices, priority)
+        stamp(request.scope, "admitted")
         return await self._respond(request, body, model, choices)
 
     def _prompts(self, prompt: Any, model: ServedModel) -> tuple[list[list[int]], list[str]]:
@@ -295,6 +309,7 @@ class OpenAIServer:
         return ids, texts
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        stamp(request.scope, "parsed")
         key = self.authenticate(request)
         self._warn_unknown(body)
         model = self._model(body.model)
@@ -328,7 +343,9 @@ class OpenAIServer:
         if tools is not None and tools.structured is not None:  # a forced tool choice
             for c in choices:
                 c.request = constrain(c.request, tools.structured)
+        self._tokenized(request, model)
         self._admit(key, model, choices, priority)
+        stamp(request.scope, "admitted")
         return await self._respond(request, body, model, choices, tools)
 
     def list_models(self, request: Request) -> dict[str, Any]:

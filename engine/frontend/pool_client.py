@@ -116,6 +116,8 @@ class PoolClient:
         self.stats_listeners: list[Callable[[PoolStats], None]] = []
         #: Requests the pool reported finished (any reason), cumulative: its drain rate.
         self.num_finished = 0
+        #: Requests added (``add``), cumulative: admission counts those admitted, not added yet.
+        self.num_added = 0
         #: Set once the pool's first stats arrived (it then has its live workers).
         self.has_stats = asyncio.Event()
         self._ctx = ctx or zmq.asyncio.Context.instance()
@@ -139,6 +141,16 @@ class PoolClient:
     def num_active(self) -> int:
         return len(self._streams)
 
+    def prefill_backlog(self) -> tuple[int, int]:
+        """In-flight requests without a first token yet, and their tokens to compute (prompt,
+        and a continuation's earlier outputs): the prefill work ahead, queued or running."""
+        n = tokens = 0
+        for s in self._streams.values():
+            if len(s.output_token_ids) == len(s.request.output_token_ids):
+                n += 1
+                tokens += len(s.request.prompt_token_ids) + len(s.output_token_ids)
+        return n, tokens
+
     def silent_for(self, now: float | None = None) -> float | None:
         """Seconds since the pool's latest stats (None before the first)."""
         if self.stats_at is None:
@@ -152,6 +164,7 @@ class PoolClient:
         if request.request_id in self._by_id:
             raise ValueError(f"request id {request.request_id!r} is already running")
         stream = RequestStream(request)
+        self.num_added += 1
         self._streams[stream.wire_id] = self._by_id[stream.request_id] = stream
         self._send(AddRequest(request=request, frontend_incarnation=self.frontend_incarnation))
         return stream

@@ -84,7 +84,8 @@ async def _serve(cfg: EngineConfig, run_dir: str,
     for m in models:
         metrics.add_pool(m.name, m.pool)
     f = cfg.frontend
-    admission = Admission(models, f, cfg.scheduler.max_num_seqs)
+    admission = Admission(models, f, cfg.scheduler.max_num_seqs,
+                          cfg.scheduler.max_num_batched_tokens)
     try:
         # Ready means /health says so: every pool has reported its workers (pools report
         # every STATS_INTERVAL_S; the launcher starts the frontend after all workers).

@@ -1,14 +1,16 @@
 """Admission pieces with a fake clock and a stand-in pool client: constant-time key check,
-token-bucket rate limits, the drain-rate estimate and the shedding rule."""
+token-bucket rate limits, the queue-wait prediction from the pool's state (queued prompt
+tokens, step rates, slots, KV, requests finishing) and the shedding rule."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pytest
 
 from engine.frontend.admission import ApiKeys, PoolLoad, RateLimiter, Refusal, Shedder
+from engine.frontend.drain import COLD_STEP_S, Backlog, predict
+from engine.frontend.guard import GUARD_RETRY_S, LAG_MIN_IN_FLIGHT, LOOP_LAG_LIMIT_S, LoopLag
 from engine.messages import PoolStats
 
 
@@ -28,6 +30,11 @@ class FakePool:
         self.stats_listeners: list[Callable[[PoolStats], None]] = []
         self.num_finished = 0
         self.num_active = 0
+        self.num_added = 0
+        self.unstarted_tokens = 0  # prompt tokens of in-flight requests without a first token
+
+    def prefill_backlog(self) -> tuple[int, int]:
+        return 0, self.unstarted_tokens
 
     def report(self, stats: PoolStats) -> None:
         self.stats = stats
@@ -75,15 +82,123 @@ def test_predicted_wait_from_the_drain_rate() -> None:
     pool.num_active = 6
     pool.report(PoolStats(num_waiting=2, num_running=4, live_workers=1))
     assert load.num_waiting == 2
-    assert load.predicted_wait() == 0.0  # no drain rate yet, less than a batch waiting
+    # No completions yet: the 2 requests beyond the 4 busy slots wait for running ones, each
+    # predicted to take the mean output budget (16) of cold steps (0.1 s): 4 slots per 1.6 s.
+    assert load.prediction().bound == "slots"
+    assert load.predicted_wait() == pytest.approx(2 / (4 / (16 * COLD_STEP_S)))
     pool.num_active = 9  # sent since the stats: counted as waiting at once
-    assert load.num_waiting == 5 and math.isinf(load.predicted_wait())
-    for _ in range(5):  # 2 requests finish per second
+    assert load.num_waiting == 5
+    for _ in range(5):  # 2 requests finish per second: the measured rate takes over
         clock.t += 1
         pool.num_finished += 2
         pool.report(PoolStats(num_waiting=5, num_running=4, live_workers=1))
     assert load.drain_rate() == pytest.approx(2.0)
     assert load.predicted_wait() == pytest.approx(2.5)
+
+
+def fresh_pool(clock: Clock, free_blocks: int = 1000) -> tuple[FakePool, PoolLoad]:
+    """A fresh two-worker pool: nothing ran, nothing finished, 16-token KV blocks."""
+    pool = FakePool()
+    load = PoolLoad(pool, max_num_seqs=64, max_num_batched_tokens=512,  # type: ignore[arg-type]
+                    clock=clock)
+    pool.report(PoolStats(live_workers=2, block_size=16, num_free_blocks=[free_blocks] * 2,
+                          num_blocks=[free_blocks] * 2))
+    return pool, load
+
+
+def burst(pool: FakePool, load: PoolLoad, shedder: Shedder, n: int, prompt: int,
+          max_tokens: int = 64) -> tuple[int, list[Refusal]]:
+    """``n`` simultaneous sheddable requests, before the pool reports again."""
+    admitted, refused = 0, []
+    for _ in range(n):
+        refusal = shedder.admit(load, priority=-1)
+        if refusal is None:
+            load.note_sent(prompt, max_tokens)
+            pool.num_active += 1
+            pool.num_added += 1
+            admitted += 1
+        else:
+            refused.append(refusal)
+    return admitted, refused
+
+
+def test_a_fresh_engine_sheds_a_first_burst_by_its_queued_prompt_tokens() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    admitted, refused = burst(pool, load, Shedder(shed_queue_time_s=1.0), 400, prompt=200)
+    # Cold prefill rate: one 512-token budget per 0.1 s per worker, 10,240 tokens/s in all;
+    # 1 s of it holds 51.2 prompts of 200 tokens: the 53rd sees 52 * 200 tokens ahead.
+    assert admitted == 52 and len(refused) == 348
+    assert all(r.reason == "shed" and r.status == 429 for r in refused)
+    assert load.prediction().bound == "prefill"
+    assert refused[0].retry_after_s == pytest.approx(52 * 200 / 10_240)
+    assert refused[0].retry_after == "2" and "prompt tokens queued" in refused[0].message
+    # Critical requests are never shed, however deep the queue.
+    assert Shedder(1.0).admit(load, priority=0) is None
+
+
+def test_the_prefill_rate_comes_from_the_pools_full_steps() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    assert load.steps.tokens_per_s() == 512 / COLD_STEP_S
+    # Two full steps of 512 tokens in 20 ms each; small decode steps do not count.
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[512, 3, 512, 2],
+                          step_times_s=[0.02, 0.01, 0.02, 0.01]))
+    assert load.steps.tokens_per_s() == pytest.approx(25_600)
+    assert load.steps.step_s() == pytest.approx(0.015)
+    # 40,000 tokens queued in the pool, 2 workers, 64 running decodes per worker taking
+    # 64 of each step's 512 tokens: 25,600 * 2 * 7/8 = 44,800 prefill tokens/s.
+    pool.report(PoolStats(live_workers=2, num_waiting=100, num_waiting_tokens=40_000,
+                          num_running=128 - 100, block_size=16,
+                          num_free_blocks=[10_000, 10_000]))
+    pool.num_active = 128
+    prediction = load.prediction()
+    assert prediction.bound == "prefill"
+    assert prediction.wait_s == pytest.approx(40_000 / (25_600 * 2 * (1 - 14 / 512)))
+
+
+def test_prompts_beyond_the_free_kv_wait_for_running_requests() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock, free_blocks=50)  # 1,600 free tokens in all
+    pool.num_active = 12
+    pool.report(PoolStats(live_workers=2, num_waiting=4, num_waiting_tokens=3_200,
+                          num_running=8, block_size=16, num_free_blocks=[50, 50],
+                          step_num_tokens=[512], step_times_s=[0.01]))
+    prediction = load.prediction()
+    # Half the queued tokens do not fit: 2 of the 4 requests wait for the 8 running ones to
+    # finish, each after 16 steps of 10 ms: 50 finishing per second.
+    assert prediction.bound == "kv"
+    assert prediction.wait_s == pytest.approx(2 / (8 / (16 * 0.01)))
+    assert predict(Backlog(live_workers=1, waiting_requests=0, waiting_tokens=0,
+                           running_requests=3), max_num_seqs=4, budget=512,
+                   tokens_per_s=1e4, step_s=0.01, finish_rate=0,
+                   mean_output_tokens=16).wait_s == 0.0
+
+
+def test_requests_sent_since_the_stats_count_with_their_prompts() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    for prompt in (100, 300, 500):
+        load.note_sent(prompt, 16)
+    pool.num_added = 3
+    pool.num_active = 2  # the pool's stats say nothing of the last two sent
+    backlog = load.backlog()
+    assert backlog.waiting_requests == 2 and backlog.waiting_tokens == 800
+    load.note_sent(1000, 16)  # admitted, its generation not started: not added yet
+    backlog = load.backlog()
+    assert load.num_not_added == 1
+    assert backlog.waiting_requests == 3 and backlog.waiting_tokens == 1800
+    clock.t += 2  # a request that never reached the pool client stops counting
+    assert load.num_not_added == 0 and load.backlog().waiting_requests == 2
+    pool.num_added = 4
+    assert backlog.free_kv_tokens == 2 * 1000 * 16
+    pool.report(PoolStats(live_workers=2, num_waiting=2, num_waiting_tokens=800))
+    assert load.backlog().waiting_tokens == 800  # now counted by the pool, not twice
+    # The pool took them into its running set before their prefill was done: its queue is
+    # empty, but the frontend still waits for their first tokens.
+    pool.report(PoolStats(live_workers=2, num_running=2))
+    pool.unstarted_tokens = 800
+    assert load.backlog().waiting_tokens == 800
 
 
 def test_shedder_refuses_only_sheddable_requests_above_the_threshold() -> None:
@@ -99,3 +214,43 @@ def test_shedder_refuses_only_sheddable_requests_above_the_threshold() -> None:
     assert refusal is not None and refusal.reason == "shed" and refusal.retry_after == "3"
     assert shedder.admit(load, priority=0) is None and shedder.admit(load, priority=5) is None
     assert Shedder(shed_queue_time_s=5.0).admit(load, priority=-1) is None
+
+
+def test_the_latency_guard_sheds_while_steps_are_slower_than_light_ones() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5)
+    # Light steps (one request) of 10 ms, then batches three times as slow.
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 8, step_times_s=[0.01] * 8,
+                          step_batch_sizes=[1] * 8))
+    assert load.steps.slowdown() is None  # 8 steps: no trend yet
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[40] * 8, step_times_s=[0.03] * 8,
+                          step_batch_sizes=[40] * 8))
+    assert load.steps.slowdown() == pytest.approx(2.0)  # median of the last 16: 20 ms
+    refusal = guarded.admit(load, priority=-1)
+    assert refusal is not None and refusal.reason == "shed" and "2.0x slower" in refusal.message
+    assert refusal.retry_after_s == GUARD_RETRY_S  # nothing queued: the least retry
+    assert guarded.admit(load, priority=0) is None
+    assert Shedder(shed_queue_time_s=1.0).admit(load, priority=-1) is None  # factor 0: off
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 16, step_times_s=[0.012] * 16,
+                          step_batch_sizes=[2] * 16))  # light again: admitted again
+    assert load.steps.slowdown() == pytest.approx(1.0)  # they are light steps themselves
+    assert guarded.admit(load, priority=-1) is None
+
+
+def test_the_latency_guard_sheds_while_the_event_loop_lags_under_load() -> None:
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    lag = LoopLag()
+    for _ in range(20):
+        lag.sample(0.02)  # every timer 20 ms late
+    assert lag.lag_s > LOOP_LAG_LIMIT_S
+    guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5, loop_lag=lag)
+    pool.num_active = LAG_MIN_IN_FLIGHT - 1  # few requests: the lag is not theirs
+    assert guarded.admit(load, priority=-1) is None
+    pool.num_active = LAG_MIN_IN_FLIGHT
+    refusal = guarded.admit(load, priority=-1)
+    assert refusal is not None and "event loop lags" in refusal.message
+    for _ in range(40):
+        lag.sample(-0.001)  # on time again (early counts as 0)
+    assert lag.lag_s < LOOP_LAG_LIMIT_S and guarded.admit(load, priority=-1) is None

@@ -1,0 +1,207 @@
+"""Critical latency under a flood of sheddable requests, and shedding from the first second
+(issue 15, targets 2 and 3), in one invocation on one engine:
+
+    python -m bench.flood [--duration 20] [--critical-rate 3] [--flood-rate 150] \\
+        [--burst 400] [-o DIR] [-- ENGINE_FLAGS]
+
+1. **burst**: on the fresh engine (no completion history), ``--burst`` sheddable requests
+   sent at once; each 429 is retried once after its ``Retry-After``. Reports how many were
+   admitted (not all: admission sheds by the engine's real state) and how many retries were.
+2. **alone**: the critical stream (priority 1, streamed, ``--critical-rate`` req/s at fixed
+   intervals) for ``--duration`` seconds.
+3. **flood**: the same critical stream, and a sheddable flood (priority -1, not streamed,
+   ``--flood-rate`` req/s) from another process, for ``--duration`` seconds.
+
+Each stream is its own process (``bench.flood_client``: bare asyncio, open loop, one
+connection per request), so the flood's client never delays the critical one. Every prompt
+starts with a distinct word (no prefix-cache hits between requests). The engine runs with
+``--workers 2 --policy priority`` and any flags after ``--``.
+
+Reported: critical TTFT p50/p99 alone and under the flood and their ratios (goal: p99 at most
+1.5x, every critical request served), the status counts of each stream (every sheddable one
+200 or 429 with ``Retry-After``), the critical requests' frontend stages from
+``Server-Timing`` (parse, tokenize, admit, pool to first token), and the ``Retry-After``
+error: for each shed request, its predicted wait against the realized one, the time until
+the flood's next request was admitted (the queue had drained below ``--shed-queue-time``);
+and for admitted requests, the predicted wait against the realized wait to the first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from bisect import bisect_right
+from pathlib import Path
+from typing import Any
+
+from bench.engine_server import launched_engine
+
+PROMPT = ("Summarize the following notes for the weekly report, keeping every number and "
+          "name exact and the order of the items unchanged: the build passed on all three "
+          "platforms, the cache hit rate rose, two regressions remain open, and the release "
+          "is planned for Thursday after the final review.")
+STAGES = ("parse", "tokenize", "admit", "pool")
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
+
+
+def client(port: int, out: Path, *, start_at: float, **flags: Any) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "bench.flood_client", "--port", str(port), "-o", str(out),
+           "--start-at", str(start_at), "--prompt", PROMPT]
+    for k, v in flags.items():
+        if v is True:
+            cmd.append(f"--{k.replace('_', '-')}")
+        elif v is not False:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return subprocess.Popen(cmd, text=True)
+
+
+def run_clients(port: int, out_dir: Path, streams: dict[str, dict[str, Any]]
+                ) -> dict[str, list[dict[str, Any]]]:
+    """Start each stream's process, all at the same moment; their records."""
+    start_at = time.time() + 2.0  # the processes import and connect first
+    procs = {name: client(port, out_dir / f"{name}.json", start_at=start_at, **flags)
+             for name, flags in streams.items()}
+    for name, proc in procs.items():
+        if proc.wait() != 0:
+            raise RuntimeError(f"client {name} failed ({proc.returncode})")
+    return {name: json.loads((out_dir / f"{name}.json").read_text()) for name in streams}
+
+
+def counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    c = {"200": 0, "429": 0, "429 without Retry-After": 0, "other": 0}
+    for r in records:
+        status = r.get("status")
+        if status == 200 and "error" not in r:
+            c["200"] += 1
+        elif status == 429:
+            c["429" if "retry_after" in r else "429 without Retry-After"] += 1
+        else:
+            c["other"] += 1
+    return c
+
+
+def critical_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    ttft = [r["ttft_ms"] for r in records if r.get("status") == 200 and "ttft_ms" in r]
+    out: dict[str, Any] = {"n": len(records), "served": len(ttft),
+                           "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+                           "ttft_max_ms": max(ttft, default=float("nan"))}
+    for stage in STAGES:
+        xs = [r["timing"][stage] for r in records if stage in r.get("timing", {})]
+        out[f"{stage}_p50_ms"], out[f"{stage}_p99_ms"] = pct(xs, 50), pct(xs, 99)
+    rest = [r["ttft_ms"] - sum(r["timing"].get(s, 0.0) for s in STAGES)
+            for r in records if "ttft_ms" in r and "timing" in r]
+    out["outside_p50_ms"], out["outside_p99_ms"] = pct(rest, 50), pct(rest, 99)
+    return out
+
+
+def retry_after_error(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Predicted against realized waits (seconds; positive: predicted too long)."""
+    admitted = sorted(r["sent"] for r in records if r.get("status") == 200)
+    shed_err = []
+    for r in records:
+        if r.get("status") == 429 and "predicted_s" in r:
+            i = bisect_right(admitted, r["sent"])
+            if i < len(admitted):
+                shed_err.append(r["predicted_s"] - (admitted[i] - r["sent"]))
+    admit_err = [(r["timing"]["predicted"] - r["timing"]["pool"]) / 1e3 for r in records
+                 if "predicted" in r.get("timing", {}) and "pool" in r.get("timing", {})]
+    retries = [r["retry"] for r in records if "retry" in r]
+    return {
+        "shed_n": len(shed_err), "shed_err_p50_s": pct(shed_err, 50),
+        "shed_abs_err_p50_s": pct([abs(e) for e in shed_err], 50),
+        "shed_abs_err_p90_s": pct([abs(e) for e in shed_err], 90),
+        "admitted_n": len(admit_err), "admitted_err_p50_s": pct(admit_err, 50),
+        "admitted_abs_err_p90_s": pct([abs(e) for e in admit_err], 90),
+        "retries": len(retries),
+        "retries_admitted": sum(1 for r in retries if r.get("status") == 200),
+    }
+
+
+def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    engine_args = ["--workers", "2", "--policy", "priority", *args.engine_args]
+    sheddable = {"priority": -1, "max_tokens": args.max_tokens, "tag": "s"}
+    critical = {"priority": 1, "stream": True, "max_tokens": args.max_tokens, "tag": "c",
+                "rate": args.critical_rate, "duration": args.duration}
+    result: dict[str, Any] = {"engine_args": engine_args}
+    with launched_engine(engine_args) as (port, _grpc):
+        if args.burst:
+            burst = run_clients(port, out_dir, {"burst": {**sheddable, "burst": args.burst,
+                                                          "retry": True}})["burst"]
+            result["burst"] = {"counts": counts(burst), "error": retry_after_error(burst)}
+            time.sleep(2.0)  # let it drain
+        alone = run_clients(port, out_dir, {"alone": critical})["alone"]
+        time.sleep(1.0)
+        both = run_clients(port, out_dir, {
+            "critical": critical,
+            "flood": {**sheddable, "rate": args.flood_rate, "duration": args.duration}})
+    a, f = critical_summary(alone), critical_summary(both["critical"])
+    result.update({
+        "alone": {**a, "counts": counts(alone)},
+        "flooded": {**f, "counts": counts(both["critical"])},
+        "flood": {"counts": counts(both["flood"]), "error": retry_after_error(both["flood"])},
+        "ratio_p50": f["ttft_p50_ms"] / a["ttft_p50_ms"],
+        "ratio_p99": f["ttft_p99_ms"] / a["ttft_p99_ms"],
+    })
+    return result
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"engine: {' '.join(r['engine_args'])}")
+    if "burst" in r:
+        b = r["burst"]
+        print(f"burst (fresh engine): {b['counts']}; retries after Retry-After admitted "
+              f"{b['error']['retries_admitted']}/{b['error']['retries']}; predicted - realized "
+              f"wait of admitted ones p50 {b['error']['admitted_err_p50_s']:.2f} s")
+    print(f"{'critical':<10}{'n':>5}{'served':>8}{'TTFT p50':>10}{'p99':>9}{'max':>9}"
+          + "".join(f"{s + ' p50/p99':>20}" for s in (*STAGES, "outside")))
+    for name in ("alone", "flooded"):
+        c = r[name]
+        print(f"{name:<10}{c['n']:>5}{c['served']:>8}{c['ttft_p50_ms']:>10.1f}"
+              f"{c['ttft_p99_ms']:>9.1f}{c['ttft_max_ms']:>9.1f}"
+              + "".join(f"{c[f'{s}_p50_ms']:>11.2f} /{c[f'{s}_p99_ms']:>7.1f}"
+                        for s in (*STAGES, "outside")))
+    print(f"ratio flooded / alone: p50 {r['ratio_p50']:.2f}x, p99 {r['ratio_p99']:.2f}x "
+          "(goal p99 <= 1.5x)")
+    fl = r["flood"]
+    print(f"flood: {fl['counts']}")
+    e = fl["error"]
+    print(f"Retry-After error (predicted - realized, s): shed {e['shed_n']}: p50 "
+          f"{e['shed_err_p50_s']:.2f}, |p50| {e['shed_abs_err_p50_s']:.2f}, |p90| "
+          f"{e['shed_abs_err_p90_s']:.2f}; admitted {e['admitted_n']}: p50 "
+          f"{e['admitted_err_p50_s']:.3f}, |p90| {e['admitted_abs_err_p90_s']:.3f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of each phase")
+    p.add_argument("--critical-rate", type=float, default=3.0)
+    p.add_argument("--flood-rate", type=float, default=150.0)
+    p.add_argument("--burst", type=int, default=400, help="0: skip the first-burst phase")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("-o", "--output-dir", help="keep the raw records and result.json here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("engine_args", nargs="*", help="extra flags for engine.launch (after --)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(args.output_dir or tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = run(args, out_dir)
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        report(result)
+
+
+if __name__ == "__main__":
+    main()

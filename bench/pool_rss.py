@@ -43,7 +43,7 @@ from typing import Any
 
 import zmq
 
-from bench.soak import draw_request
+from bench.soak_requests import draw_request
 from engine import ipc
 from engine import messages as m
 

@@ -10,22 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak import (
-    ABORTED,
-    COMPLETED,
-    CUT,
-    FAILED,
-    LOST,
-    Result,
-    StreamState,
-    answer_outcome,
-    build_parser,
-    draw_request,
-    format_report,
-    request_body,
-    summarize,
-    transport_outcome,
-)
+from bench.soak import build_parser, format_report
 from bench.soak_procs import (
     Proc,
     kill_schedule,
@@ -35,6 +20,20 @@ from bench.soak_procs import (
     restart_counts,
     role_of,
     rss_table,
+)
+from bench.soak_requests import (
+    ABORTED,
+    COMPLETED,
+    CUT,
+    FAILED,
+    LOST,
+    Result,
+    StreamState,
+    answer_outcome,
+    draw_request,
+    request_body,
+    summarize,
+    transport_outcome,
 )
 
 MIB = 1024 * 1024

@@ -31,17 +31,21 @@ pool hands ``update`` the bytes the result came in (``received``). MessagePack n
 by writing its bytes in place, so a ``Schedule`` frame is the tuple ``(5, now, worker id,
 msgspec.Raw(plan bytes))`` and decodes as the typed frame. The hot path appends that tuple
 to a list; each ``FLUSH_FRAMES`` frames the list is encoded as one batch (in C, the bytes
-copied once) and written. The in-process ``LLM`` encodes its plans and results for the
-recording only. ``bench.scheduler --record`` measures the pool's step with and without
-recording (docs/simulator.md). A pool killed outright loses at most its last unwritten
-batch; the reader stops at a torn last batch.
+copied once) and handed to a writer thread, so the scheduler's loop never waits on the disk.
+The in-process ``LLM`` encodes its plans and results for the recording only.
+``bench.scheduler --record`` measures the pool's step with and without recording
+(docs/simulator.md). A pool killed outright loses the batches not yet written; the reader
+stops at a torn last batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -58,13 +62,18 @@ from engine.messages import (
 )
 from engine.scheduler.scheduler import Scheduler
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 2  # 1: one length-prefixed frame at a time
 #: A batch goes to the file once it holds this many frames, or once the frames encoded by
 #: ``Recorder.emit`` (arrivals, workers: not plans or results) reach ``FLUSH_BYTES``.
 FLUSH_FRAMES = 512
 FLUSH_BYTES = 1 << 20
+#: Batches encoded and waiting for the writer thread, at most.
+QUEUE_BATCHES = 64
 _LEN = struct.Struct("<I")
 _SCHEDULE, _UPDATE = 5, 6  # the tags of ``Schedule`` and ``Update``
+_NOTHING_RECEIVED: tuple[StepResult | None, bytes | memoryview] = (None, b"")
 
 
 class _Frame(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -125,42 +134,78 @@ Frame = Header | Add | Abort | AddWorker | RemoveWorker | Schedule | Update | Fa
 
 class Recorder:
     """Appends frames to a file in batches: ``frames`` is the batch being built (the
-    ``RecordingScheduler`` appends its hot frames to it directly); it is written out once it
-    holds ``FLUSH_FRAMES`` frames or the frames ``emit`` encoded reach ``FLUSH_BYTES``, and
-    on ``flush`` / ``close``."""
+    ``RecordingScheduler`` appends its hot frames to it directly). A batch is encoded here
+    once it holds ``FLUSH_FRAMES`` frames or the frames ``emit`` encoded reach
+    ``FLUSH_BYTES`` (``spill``), and written by a thread of its own: the write's system call
+    (the kernel copying the bytes, the bulk of the cost) runs without the interpreter lock,
+    off the scheduler's loop. ``flush`` waits until everything appended is in the file. A
+    write that fails is logged once and recording stops (the engine serves on); at most
+    ``QUEUE_BATCHES`` batches wait for the writer, then ``spill`` waits for it."""
 
     def __init__(self, path: str, header: Header) -> None:
         self.path = path
         self._enc = msgspec.msgpack.Encoder()
         #: Each an encoded frame (``msgspec.Raw``) or a ``(tag, now, worker id, Raw)``.
         self.frames: list[Any] = []
-        self._size = 0  # bytes ``emit`` encoded since the last flush
+        self._size = 0  # bytes ``emit`` encoded since the last spill
         mode = "ab" if _same_run(path, header.run_id) else "wb"
         self._file = open(path, mode)  # noqa: SIM115 - closed by close()
+        self._queue: queue.Queue[tuple[bytes, bytes] | threading.Event | None] = queue.Queue(
+            QUEUE_BATCHES)
+        self.failed: Exception | None = None
+        self._writer = threading.Thread(target=self._write, name="record-decisions",
+                                        daemon=True)
+        self._writer.start()
         self.emit(header)
         self.flush()  # the header, a batch of its own: ``_same_run`` reads it alone
 
     def emit(self, frame: Frame) -> None:
         """Append ``frame``, encoded now (it may hold objects that change later)."""
         data = self._enc.encode(frame)
-        self.frames.append(msgspec.Raw(data))
+        self.frames.append(Raw(data))
         self._size += len(data)
         if self._size >= FLUSH_BYTES or len(self.frames) >= FLUSH_FRAMES:
-            self.flush()
+            self.spill()
 
-    def flush(self) -> None:
+    def spill(self) -> None:
+        """Encode the batch and hand it to the writer."""
         if self.frames:
             batch = self._enc.encode(self.frames)
-            self._file.write(_LEN.pack(len(batch)))
-            self._file.write(batch)
             self.frames.clear()  # in place: the recording scheduler holds the list
             self._size = 0
-        self._file.flush()
+            self._queue.put((_LEN.pack(len(batch)), batch))
+
+    def flush(self) -> None:
+        """Return once every frame appended so far is written to the file."""
+        self.spill()
+        if self._writer.is_alive():
+            done = threading.Event()
+            self._queue.put(done)
+            done.wait()
 
     def close(self) -> None:
-        if not self._file.closed:
-            self.flush()
-            self._file.close()
+        if self._writer.is_alive():
+            self.spill()
+            self._queue.put(None)
+            self._writer.join()
+        self._file.close()
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if isinstance(item, threading.Event):
+                    self._file.flush()
+                    item.set()
+                elif self.failed is None:
+                    self._file.write(item[0])
+                    self._file.write(item[1])
+            except Exception as e:  # the disk is full, the file gone: the engine serves on
+                if self.failed is None:
+                    log.error("--record-decisions: writing %s failed, recording stops: %s",
+                              self.path, e)
+                self.failed = e
+                if isinstance(item, threading.Event):
+                    item.set()
 
 
 def _same_run(path: str, run_id: str) -> bool:
@@ -196,8 +241,8 @@ class RecordingScheduler(Scheduler):
         self._in_add_worker = False
         self._plan: StepPlan | None = None  # the last plan made, and its bytes
         self._plan_data = b""
-        self._result: StepResult | None = None  # the result ``received`` last, its bytes
-        self._result_data: bytes | memoryview | None = None
+        #: The result ``received`` last and its bytes.
+        self._received: tuple[StepResult | None, bytes | memoryview] = _NOTHING_RECEIVED
 
     def close(self) -> None:
         self.recorder.close()
@@ -242,7 +287,7 @@ class RecordingScheduler(Scheduler):
         frames = self._frames
         frames.append((_SCHEDULE, now, worker_id, Raw(data)))
         if len(frames) >= FLUSH_FRAMES:
-            self.recorder.flush()
+            self.recorder.spill()
         return plan
 
     def plan_bytes(self, plan: StepPlan) -> bytes:
@@ -254,24 +299,26 @@ class RecordingScheduler(Scheduler):
         """``result`` was decoded from ``data`` (the pool's worker socket): ``update`` records
         these bytes instead of encoding it again. Only the next ``update`` of this very
         object uses them."""
-        self._result, self._result_data = result, data
+        self._received = (result, data)
 
     def update(self, plan: StepPlan, result: StepResult, now: float) -> list[RequestOutput]:
         ws = self.workers.get(plan.worker_id)
         if ws is None or ws.in_flight is not plan:
             return []  # a stale plan: update() ignores it
         out = Scheduler.update(self, plan, result, now)
-        data = self._result_data
+        received, self._received = self._received, _NOTHING_RECEIVED  # let its frame go
+        data: bytes | memoryview
         if result.logprobs is not None or result.top_logprobs is not None:
             data = self._encode(msgspec.structs.replace(
                 result, logprobs=None, top_token_ids=None, top_logprobs=None))
-        elif result is not self._result or data is None:
+        elif received[0] is result:
+            data = received[1]
+        else:
             data = self._encode(result)
-        self._result = self._result_data = None
         frames = self._frames
         frames.append((_UPDATE, now, plan.worker_id, Raw(data)))
         if len(frames) >= FLUSH_FRAMES:
-            self.recorder.flush()
+            self.recorder.spill()
         return out
 
     def fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:

@@ -260,3 +260,22 @@ def recorded_path(tmp_path) -> str:
     path = str(tmp_path / "h.rec")
     recorded_run(path)
     return path
+
+
+def test_a_failing_disk_stops_the_recording_not_the_scheduler(tmp_path, monkeypatch, caplog):
+    """The writer thread's failure is logged once; appending, flushing and closing go on
+    without blocking, however many batches follow."""
+    rec = record.Recorder(str(tmp_path / "f.rec"), Header(
+        format=record.FORMAT_VERSION, protocol_version=7, scheduler={}, block_size=4,
+        max_model_len=256))
+
+    def full(data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rec._file, "write", full)
+    for i in range(record.FLUSH_FRAMES * (record.QUEUE_BATCHES + 2)):
+        rec.emit(record.Abort(now=float(i), request_ids=["x"]))
+    rec.flush()
+    rec.close()
+    assert isinstance(rec.failed, OSError)
+    assert sum("recording stops" in r.message for r in caplog.records) == 1

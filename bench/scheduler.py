@@ -27,6 +27,10 @@ each worker's ``core.step(now, (w,))`` schedules and submits to a handle whose r
 later, then ``core.complete(w, result, now)`` applies it; both are timed (the fake result is
 not), so the figures include the core's own cost on the hot path.
 
+``--record`` (alone) times the pool's step (``schedule``, the plan's encoding, the result's
+decoding, ``update``) of a scheduler recording its decisions (``--record-decisions``) beside
+a plain one, stepped alternately; docs/simulator.md holds its figures.
+
 ``--compare-vllm`` runs vLLM's own v1 scheduler (``vllm.v1.core.sched.scheduler.Scheduler``,
 from the installed vLLM) on the same requests in the same process: one vLLM scheduler per
 worker (a vLLM engine schedules one worker, or one data-parallel rank), each with the same
@@ -424,8 +428,9 @@ def main() -> None:
     p.add_argument("--compare-vllm", action="store_true",
                    help="also run vLLM's v1 scheduler on the same requests")
     p.add_argument("--record", action="store_true",
-                   help="only: the cost of --record-decisions, a recording scheduler beside "
-                   "a plain one")
+                   help="only: the cost of --record-decisions to the pool's step (plan "
+                   "encoding and result decoding included), a recording scheduler beside a "
+                   "plain one")
     args = p.parse_args()
     if args.record:
         result = run_record(args.running, args.workers, args.steps, args.prompt_len,

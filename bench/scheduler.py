@@ -27,6 +27,10 @@ each worker's ``core.step(now, (w,))`` schedules and submits to a handle whose r
 later, then ``core.complete(w, result, now)`` applies it; both are timed (the fake result is
 not), so the figures include the core's own cost on the hot path.
 
+``--record`` (alone) times the pool's step (``schedule``, the plan's encoding, the result's
+decoding, ``update``) of a scheduler recording its decisions (``--record-decisions``) beside
+a plain one, stepped alternately; docs/simulator.md holds its figures.
+
 ``--compare-vllm`` runs vLLM's own v1 scheduler (``vllm.v1.core.sched.scheduler.Scheduler``,
 from the installed vLLM) on the same requests in the same process: one vLLM scheduler per
 worker (a vLLM engine schedules one worker, or one data-parallel rank), each with the same
@@ -53,11 +57,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from engine import ipc
 from engine.config import KVEventsConfig, SchedulerConfig
 from engine.core import EngineCore
 from engine.kv_events import KVEventPublisher
 from engine.messages import EngineRequest, SamplingParams, StepPlan, StepResult
-from engine.scheduler.record import close_recording, open_scheduler
+from engine.scheduler.record import close_recording, open_scheduler, plan_encoder, result_tap
 from engine.scheduler.scheduler import Scheduler
 
 
@@ -192,9 +197,13 @@ def _time_step(sched: Scheduler, now: float,
 def run_record(num_running: int, num_workers: int, steps: int = 200, prompt_len: int = 64,
                block_size: int = 16, policy: str = "fcfs",
                placement: str = "cache-aware") -> dict:
-    """The cost of ``--record-decisions``: two schedulers on the same requests, one recording
-    to a file, stepped alternately (so the machine's noise hits both alike); the median of
-    one worker's schedule + update of each, and the recording's bytes per step."""
+    """The cost of ``--record-decisions`` to the pool: two schedulers on the same requests,
+    one recording to a file, stepped alternately (so the machine's noise hits both alike).
+    Each times one worker's pool step: ``schedule``, the plan's encoding for the worker
+    (the recording one hands over the bytes it recorded), the result's decoding off the
+    wire (the fake worker's encoding is not timed) and ``update`` (the recording one records
+    the result's bytes as received). Reports the median of each and the recording's bytes
+    per step."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "decisions.rec")
         plain = build(num_running, num_workers, prompt_len, block_size, policy, placement, steps)
@@ -206,7 +215,7 @@ def run_record(num_running: int, num_workers: int, steps: int = 200, prompt_len:
         for step in range(steps):
             for sched, acc in ((plain, times[0]), (rec, times[1])) if step % 2 else (
                     (rec, times[1]), (plain, times[0])):
-                acc += _time_step(sched, 1.0 + step)
+                acc += _time_pool_step(sched, 1.0 + step)
         close_recording(rec)
         size = os.path.getsize(path)
     base, recorded = (statistics.median(t) * num_workers for t in times)
@@ -215,6 +224,30 @@ def run_record(num_running: int, num_workers: int, steps: int = 200, prompt_len:
             "record_overhead": round(recorded / base - 1, 4),
             "record_bytes_per_step": round(size / (steps + 1)),
             "python": platform.python_version()}
+
+
+def _time_pool_step(sched: Scheduler, now: float) -> list[float]:
+    """Seconds of each worker's step as the pool pays it (``run_record``)."""
+    encode_plan = plan_encoder(sched, ipc.encode)
+    tap = result_tap(sched)
+    decode = ipc.WORKER_TO_POOL.decode
+    per_call = []
+    for w in sorted(sched.workers):
+        t0 = time.perf_counter()
+        plan = sched.schedule(w, now)
+        assert plan is not None
+        sent = encode_plan(plan)
+        t1 = time.perf_counter()
+        assert ipc.POOL_TO_WORKER.decode(sent) == plan
+        data = ipc.encode(fake_result(plan))  # the worker's
+        t2 = time.perf_counter()
+        result = decode(data)
+        assert isinstance(result, StepResult)
+        if tap is not None:
+            tap(result, data)
+        sched.update(plan, result, now)
+        per_call.append((t1 - t0) + (time.perf_counter() - t2))
+    return per_call
 
 
 ADD_TOKENS = 192  # new prompt tokens of each request ``time_adds`` adds
@@ -395,8 +428,9 @@ def main() -> None:
     p.add_argument("--compare-vllm", action="store_true",
                    help="also run vLLM's v1 scheduler on the same requests")
     p.add_argument("--record", action="store_true",
-                   help="only: the cost of --record-decisions, a recording scheduler beside "
-                   "a plain one")
+                   help="only: the cost of --record-decisions to the pool's step (plan "
+                   "encoding and result decoding included), a recording scheduler beside a "
+                   "plain one")
     args = p.parse_args()
     if args.record:
         result = run_record(args.running, args.workers, args.steps, args.prompt_len,

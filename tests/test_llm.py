@@ -145,3 +145,21 @@ def test_structured_output_survives_preemption_and_bad_spec_raises(llm):
     with pytest.raises(ValueError, match="structured"):
         llm.generate(PROMPTS[0], SamplingParams(structured=bad))
     assert llm.scheduler.num_unfinished == 0
+
+
+def test_recorded_decisions_replay_with_logprobs(tmp_path):
+    """The in-process path records by encoding (no wire): a run with sampled logprobs (not
+    recorded) replays plan for plan once ``generate`` returns."""
+    from engine.scheduler.record import Update, read_segments
+    from engine.sim.replay import replay
+
+    path = str(tmp_path / "llm.rec")
+    llm = LLM(max_num_batched_tokens=32, num_kv_blocks=6, record_decisions=path)
+    outs = llm.generate(PROMPTS[:4], SamplingParams(max_tokens=8, temperature=0.0, logprobs=2,
+                                                         ignore_eos=True))
+    assert all(len(o.token_ids) == 8 and o.logprobs and len(o.logprobs) == 8 for o in outs)
+    segments = read_segments(path)  # readable now: ``generate`` flushed the recording
+    updates = [f for f in segments[0] if isinstance(f, Update)]
+    assert updates and all(u.result.logprobs is None for u in updates)
+    report = replay(segments, check=True)
+    assert report.divergence is None and report.num_plans > 4

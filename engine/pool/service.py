@@ -72,7 +72,13 @@ from engine.core import EngineCore, WorkerLost
 from engine.kv_events import KVEventPublisher
 from engine.models.info import load_model_info
 from engine.profiling import StepProfiler, profile_path
-from engine.scheduler.record import close_recording, open_scheduler, pool_record_path
+from engine.scheduler.record import (
+    close_recording,
+    open_scheduler,
+    plan_encoder,
+    pool_record_path,
+    result_tap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +103,9 @@ class PoolService:
             record_path=pool_record_path(cfg.scheduler.record_decisions, pool_index,
                                          len(cfg.models)), run_id=run_dir, pool=self.name)
         self.core = EngineCore(self.scheduler)
+        # Recording decisions taps the wire: the plan bytes sent, the result bytes received.
+        self.encode_plan = plan_encoder(self.scheduler, ipc.encode)
+        self.tap = result_tap(self.scheduler)
         self.kv_events = (None if events is None
                           else KVEventPublisher(events, pool_index, cfg.cache.block_size))
         self.clock = clock
@@ -179,7 +188,10 @@ class PoolService:
                 _identity, frame = self.workers.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._on_worker(ipc.WORKER_TO_POOL.decode(frame.buffer))
+            msg = ipc.WORKER_TO_POOL.decode(frame.buffer)
+            if self.tap is not None and isinstance(msg, m.StepResult):
+                self.tap(msg, frame.buffer)
+            self._on_worker(msg)
 
     # ------------------------------------------------------------------ handlers
 
@@ -352,7 +364,7 @@ class _WorkerSocket:
 
     def submit(self, plan: m.StepPlan, now: float) -> None:
         try:
-            self.service.workers.send_multipart([self.identity, ipc.encode(plan)])
+            self.service.workers.send_multipart([self.identity, self.service.encode_plan(plan)])
         except zmq.ZMQError as e:  # the worker is gone; the launcher restarts it
             log.warning("worker %d unreachable (%s); re-placing its requests",
                         self.worker_id, e)

@@ -32,3 +32,9 @@ def test_vllm_comparison_refuses_runs_longer_than_the_models_context():
 def test_bench_times_steps_with_kv_events_published():
     result = bench.run(16, 2, steps=20, kv_events=True)
     assert result["kv_events"] is True and result["us_per_step"] > 0
+
+
+def test_bench_times_the_pool_step_with_and_without_recording():
+    result = bench.run_record(16, 2, steps=10)
+    assert result["us_per_step"] > 0 and result["record_us_per_step"] > 0
+    assert result["record_bytes_per_step"] > 100  # two plans and two results a step

@@ -12,19 +12,23 @@ import msgspec
 import pytest
 from fakes import FakeWorker, make_request
 
+from engine import ipc
 from engine.cli import build_parser, config_from_args
 from engine.config import SchedulerConfig
+from engine.messages import StepPlan, StepResult
 from engine.scheduler import record
-from engine.scheduler.record import Header, RecordingScheduler, Schedule, read_segments
+from engine.scheduler.record import Header, RecordingScheduler, Schedule, Update, read_segments
 from engine.sim.__main__ import main as sim_main
 from engine.sim.replay import replay
 
 PREFIX = tuple(range(500, 516))  # four blocks of 4 tokens shared by half the requests
 
 
-def recorded_run(path: str, policy: str = "priority", run_id: str = "run") -> RecordingScheduler:
+def recorded_run(path: str, policy: str = "priority", run_id: str = "run",
+                 wire: bool = False) -> RecordingScheduler:
     """Two workers with 24 blocks each, 14 requests (priorities, a shared prefix), one abort,
-    worker 1 dying at tick 12 and coming back (incarnation 1) at tick 20."""
+    worker 1 dying at tick 12 and coming back (incarnation 1) at tick 20. ``wire``: plans and
+    results go over the wire as in the pool (``wire_step``)."""
     cfg = SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, policy=policy)
     sched = RecordingScheduler(path, cfg, block_size=4, max_model_len=256, run_id=run_id)
     workers = {w: FakeWorker(w, 24, 4) for w in (0, 1)}
@@ -50,7 +54,8 @@ def recorded_run(path: str, policy: str = "priority", run_id: str = "run") -> Re
         for w, worker in workers.items():
             plan = sched.schedule(w, now)
             if plan is not None:
-                sched.update(plan, worker.step(plan), now + 0.005)
+                result = wire_step(sched, worker, plan) if wire else worker.step(plan)
+                sched.update(plan, result, now + 0.005)
             sched.check_integrity()
         sched.drain_outputs()
         if tick > 20 and sched.num_unfinished == 0:
@@ -58,6 +63,24 @@ def recorded_run(path: str, policy: str = "priority", run_id: str = "run") -> Re
     assert sched.num_unfinished == 0
     sched.close()
     return sched
+
+
+def wire_step(sched: RecordingScheduler, worker: FakeWorker, plan: StepPlan,
+              logprobs: bool = False) -> StepResult:
+    """What the pool does: send the plan's bytes (``plan_bytes``), decode the worker's result
+    off the wire and tell the recording the bytes it came in (``received``)."""
+    sent = ipc.POOL_TO_WORKER.decode(record.plan_encoder(sched, ipc.encode)(plan))
+    assert sent == plan
+    result = worker.step(sent)
+    if logprobs:
+        result.logprobs = [-0.5] * len(result.token_ids)
+    data = ipc.encode(result)
+    decoded = ipc.WORKER_TO_POOL.decode(data)
+    assert isinstance(decoded, StepResult)
+    tap = record.result_tap(sched)
+    assert tap is not None
+    tap(decoded, memoryview(data))
+    return decoded
 
 
 @pytest.fixture()
@@ -79,6 +102,66 @@ def test_replay_is_identical(recording, capsys):
     assert report.divergence is None and report.num_plans == num_plans > 20
     assert sim_main(["--replay", recording]) == 0
     assert f"{num_plans} plans identical" in capsys.readouterr().out
+
+
+def test_the_wire_tap_records_what_encoding_would(recording, tmp_path):
+    """The pool's recording keeps the plan bytes it sends and the result bytes it receives:
+    the file is byte for byte the one the in-process path (encoding everything) writes, and
+    the plans sent are the plans made."""
+    tapped = str(tmp_path / "tapped.rec")
+    recorded_run(tapped, wire=True)
+    with open(recording, "rb") as a, open(tapped, "rb") as b:
+        assert a.read() == b.read()
+    assert replay(read_segments(tapped), check=True).divergence is None
+
+
+def test_the_recording_keeps_the_bytes_received(tmp_path):
+    """``update`` records the bytes ``received`` names, not an encoding of its own (here the
+    bytes carry another ``execute_time_s`` than the object, which a re-encoding would lose),
+    and ``plan_bytes`` hands out the bytes recorded."""
+    path = str(tmp_path / "rx.rec")
+    sched = RecordingScheduler(path, SchedulerConfig(), block_size=4, max_model_len=256)
+    sched.add_worker(0, 16, 0.0)
+    sched.add(make_request("a", prompt_len=5, max_tokens=3), 0.0)
+    plan = sched.schedule(0, 1.0)
+    assert plan is not None
+    sent = sched.plan_bytes(plan)
+    assert sent is sched.plan_bytes(plan) and ipc.POOL_TO_WORKER.decode(sent) == plan
+    result = FakeWorker(0, 16, 4).step(plan)
+    sched.received(result, ipc.encode(msgspec.structs.replace(result, execute_time_s=0.25)))
+    sched.update(plan, result, 1.5)
+    sched.close()
+    frames = read_segments(path)[0]
+    assert isinstance(frames[-2], Schedule) and frames[-2].plan == plan
+    assert isinstance(frames[-1], Update) and frames[-1].result.execute_time_s == 0.25
+
+
+def test_the_wire_tap_drops_logprobs(tmp_path):
+    path = str(tmp_path / "lp.rec")
+    sched = RecordingScheduler(path, SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4),
+                               block_size=4, max_model_len=256)
+    worker = FakeWorker(0, 16, 4)
+    sched.add_worker(0, 16, 0.0)
+    sched.add(make_request("a", prompt_len=5, max_tokens=3), 0.0)
+    while sched.num_unfinished:
+        plan = sched.schedule(0, 1.0)
+        assert plan is not None
+        sched.update(plan, wire_step(sched, worker, plan, logprobs=True), 1.0)
+    sched.close()
+    updates = [f for f in read_segments(path)[0] if isinstance(f, Update)]
+    assert len(updates) == 3 and all(u.result.logprobs is None and u.result.token_ids
+                                     for u in updates)
+    assert replay(read_segments(path)).divergence is None
+
+
+def test_a_format_1_recording_is_refused_by_name(tmp_path, capsys):
+    path = tmp_path / "old.rec"
+    header = msgspec.msgpack.encode(Header(format=1, protocol_version=7, scheduler={},
+                                           block_size=4, max_model_len=256))
+    path.write_bytes(len(header).to_bytes(4, "little") + header)
+    assert sim_main(["--replay", str(path)]) == 2
+    assert f"recording format 1, this engine reads {record.FORMAT_VERSION}" in \
+        capsys.readouterr().err
 
 
 def test_changed_policy_reports_the_first_divergence(recording, capsys):
@@ -177,3 +260,22 @@ def recorded_path(tmp_path) -> str:
     path = str(tmp_path / "h.rec")
     recorded_run(path)
     return path
+
+
+def test_a_failing_disk_stops_the_recording_not_the_scheduler(tmp_path, monkeypatch, caplog):
+    """The writer thread's failure is logged once; appending, flushing and closing go on
+    without blocking, however many batches follow."""
+    rec = record.Recorder(str(tmp_path / "f.rec"), Header(
+        format=record.FORMAT_VERSION, protocol_version=7, scheduler={}, block_size=4,
+        max_model_len=256))
+
+    def full(data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rec._file, "write", full)
+    for i in range(record.FLUSH_FRAMES * (record.QUEUE_BATCHES + 2)):
+        rec.emit(record.Abort(now=float(i), request_ids=["x"]))
+    rec.flush()
+    rec.close()
+    assert isinstance(rec.failed, OSError)
+    assert sum("recording stops" in r.message for r in caplog.records) == 1

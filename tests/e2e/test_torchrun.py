@@ -38,6 +38,9 @@ NUM_BLOCKS = 48
 
 PROMPTS = ("The first story begins", "A different tale starts", "def read(path):")
 MAX_TOKENS = 160
+#: The first two streams' length: long enough that both ranks' requests overlap for over a
+#: second even when the Health RPC that sees it takes a while on a loaded machine.
+LONG_TOKENS = 480
 
 
 def _descendants(pid: int) -> dict[int, str]:
@@ -121,26 +124,31 @@ def test_two_ranks_serve_together_survive_a_dead_worker_and_stop_on_sigterm() ->
     with the unsharded model's greedy text."""
     from engine import LLM, SamplingParams
 
-    want = {p: o.text for p, o in zip(PROMPTS, LLM(num_kv_blocks=64).generate(
+    llm = LLM(num_kv_blocks=64)
+    want = {p: o.text for p, o in zip(PROMPTS, llm.generate(
         list(PROMPTS), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)),
         strict=True)}
+    want_long = {p: o.text for p, o in zip(PROMPTS[:2], llm.generate(
+        list(PROMPTS[:2]), SamplingParams(temperature=0.0, max_tokens=LONG_TOKENS,
+                                          ignore_eos=True)), strict=True)}
     with launched("--num-kv-blocks", str(NUM_BLOCKS), "--max-num-batched-tokens", "64",
                   command=("bash", str(REPO / "launch" / "torchrun.sh")),
                   env={"NPROC": "2", "PYTHON": sys.executable}) as (proc, port):
         assert free_blocks(port) == [NUM_BLOCKS, NUM_BLOCKS], "two workers, one per rank"
         base = f"http://127.0.0.1:{proc.http_port}"
-        streams = Streams(base, PROMPTS[:2], MAX_TOKENS)
+        streams = Streams(base, PROMPTS[:2], LONG_TOKENS)
+        seen: list[list[int]] = []
         busy_both = False
         deadline = time.time() + 60
         while time.time() < deadline and any(t.is_alive() for t in streams.threads):
-            free = free_blocks(port)
+            seen.append(free := free_blocks(port))
             if all(f < NUM_BLOCKS for f in free):
                 busy_both = True
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         outs = streams.join()
-        assert busy_both, "the two requests never ran on both ranks at once"
-        assert outs == {p: want[p] for p in PROMPTS[:2]}
+        assert busy_both, f"the two requests never ran on both ranks at once: {seen}"
+        assert outs == want_long
         assert wait_idle(port, [NUM_BLOCKS, NUM_BLOCKS]) == [NUM_BLOCKS, NUM_BLOCKS]
 
         (pool,) = _named(proc, "engine-pool-0")  # its worker socket on TCP, and the

@@ -128,6 +128,9 @@ def ttft_parts(r: dict[str, Any]) -> dict[str, float] | None:
             **{s: t.get(s, 0.0) for s in PARTS if s not in ("accept", "stream")},
             "stream": r["ttft_ms"] - known, "execute": t.get("execute", 0.0),
             "step_tokens": t.get("step_tokens", 0.0), "step_requests": t.get("step_requests", 0.0),
+            "step_wait": t.get("step_wait", 0.0), "prev_step": t.get("prev_step", 0.0),
+            "prev_step_tokens": t.get("prev_step_tokens", 0.0),
+            "queue_steps": t.get("queue_steps", 0.0),
             "sent_s": r["sent"]}
 
 
@@ -206,7 +209,9 @@ def report(r: dict[str, Any]) -> None:
     for w in r["flooded"]["worst"]:
         print(f"  TTFT {w['ttft']:.1f}: " + ", ".join(f"{s} {w[s]:.1f}" for s in PARTS)
               + f"; step {w['step_tokens']:.0f} tok / {w['step_requests']:.0f} req, "
-              f"execute {w['execute']:.1f}")
+              f"execute {w['execute']:.1f}; queue: step_wait {w['step_wait']:.1f} for a "
+              f"{w['prev_step']:.1f} ms step of {w['prev_step_tokens']:.0f} tok, "
+              f"{w['queue_steps']:.0f} steps passed")
     print(f"ratio flooded / alone: p50 {r['ratio_p50']:.2f}x, p99 {r['ratio_p99']:.2f}x "
           "(goal p99 <= 1.5x)")
     fl = r["flood"]

@@ -218,6 +218,13 @@ class PoolTiming(_Msg):
     step_requests: int = 0
     sent: float = 0.0
     received: float = 0.0
+    #: What its ``queue`` waited for: the step its worker ran before the one that first held
+    #: it (went out / came back; 0.0 if none; its size), and how many steps (all workers)
+    #: came back while it waited: more than a worker's one means the policy passed it over.
+    prev_step_sent: float = 0.0
+    prev_step_done: float = 0.0
+    prev_step_tokens: int = 0
+    queue_steps: int = 0
 
 
 class RequestOutput(_Msg):

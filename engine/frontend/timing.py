@@ -25,7 +25,10 @@ it over, the socket, a pool loop busy with other messages or a step), ``queue`` 
 request was first in a plan), ``chunks`` (earlier prefill chunks, until the plan that gave
 its first token went out), ``step`` (that plan out and its result back; ``execute`` is the
 worker's own part of it, ``step_tokens`` / ``step_requests`` its size, not durations),
-``out`` (the pool's loop until the output went out), ``back`` (until the frontend's pool
+``step_wait`` (the part of ``queue`` spent waiting for the step its worker was running
+to end; ``prev_step`` that step's length and ``prev_step_tokens`` its size; ``queue_steps``
+the steps of any worker that ended while it waited, a count), ``out`` (the pool's loop
+until the output went out), ``back`` (until the frontend's pool
 client read it: the socket and the frontend's event loop), ``wake`` (until the handler ran
 again: the event loop). ``received`` carries the unix time the app was called, as
 ``desc``, so a client on the same machine can tell the time before the app saw the request
@@ -72,6 +75,11 @@ def pool_stages(scope: MutableMapping[str, Any], t: PoolTiming | None) -> None:
     note(scope, "execute", t.execute_s)
     note(scope, "step_tokens", t.step_tokens / 1e3)  # counts, shown as the "duration"
     note(scope, "step_requests", t.step_requests / 1e3)
+    if t.prev_step_done:  # what the queue waited for
+        note(scope, "step_wait", max(0.0, min(t.scheduled, t.prev_step_done) - t.arrived))
+        note(scope, "prev_step", t.prev_step_done - t.prev_step_sent)
+        note(scope, "prev_step_tokens", t.prev_step_tokens / 1e3)
+    note(scope, "queue_steps", t.queue_steps / 1e3)
 
 
 def server_timing(scope: MutableMapping[str, Any]) -> str | None:

@@ -33,6 +33,12 @@ class FirstTokenTimer(CoreObserver):
         self.arrived: dict[str, float] = {}  # request id -> taken by the pool (no token yet)
         self.scheduled: dict[str, float] = {}  # request id -> first in a plan (no token yet)
         self.plan_sent: dict[int, float] = {}  # worker id -> its plan in flight went out
+        #: worker id -> (its latest step went out, came back, its tokens)
+        self.prev_step: dict[int, tuple[float, float, int]] = {}
+        self.num_results = 0  # steps come back so far
+        #: request id -> (num_results when it came, then its worker's previous step) while
+        #: it waits for a first token
+        self.waited: dict[str, tuple[int, tuple[float, float, int]]] = {}
         self.unsent: list[PoolTiming] = []  # stamped, their output not gone out yet
 
     @property
@@ -43,6 +49,7 @@ class FirstTokenTimer(CoreObserver):
     def on_add(self, request: EngineRequest, outputs: list[RequestOutput], now: float) -> None:
         if not outputs:  # refused at once otherwise: it finishes with an error
             self.arrived[request.request_id] = self.clock()
+            self.waited[request.request_id] = (self.num_results, (0.0, 0.0, 0))
 
     def on_abort(self, request_ids: Sequence[str], now: float) -> None:
         for rid in request_ids:
@@ -57,14 +64,18 @@ class FirstTokenTimer(CoreObserver):
             rid = r.request_id
             if rid in arrived and rid not in scheduled:
                 scheduled[rid] = t
+                prev = self.prev_step.get(worker_id, (0.0, 0.0, 0))
+                self.waited[rid] = (self.num_results - self.waited.get(rid, (0, prev))[0], prev)
 
     def on_result(self, plan: StepPlan, result: StepResult, outputs: list[RequestOutput],
                   now: float) -> None:
+        self.num_results += 1
+        t_done = self.clock()
+        t_sent = self.plan_sent.get(plan.worker_id, t_done)
+        self.prev_step[plan.worker_id] = (t_sent, t_done, plan.num_scheduled_tokens)
         arrived = self.arrived
         if not arrived:
             return
-        t_done = self.clock()
-        t_sent = self.plan_sent.get(plan.worker_id, t_done)
         for out in outputs:
             rid = out.request_id
             if rid not in arrived:
@@ -74,6 +85,9 @@ class FirstTokenTimer(CoreObserver):
                     arrived=arrived.pop(rid), scheduled=self.scheduled.pop(rid, t_sent),
                     step_sent=t_sent, step_done=t_done, execute_s=result.execute_time_s,
                     step_tokens=plan.num_scheduled_tokens, step_requests=plan.num_requests)
+                steps, (p_sent, p_done, p_tokens) = self.waited.pop(rid, (0, (0.0, 0.0, 0)))
+                out.timing.prev_step_sent, out.timing.prev_step_done = p_sent, p_done
+                out.timing.prev_step_tokens, out.timing.queue_steps = p_tokens, steps
                 self.unsent.append(out.timing)
             elif out.finish_reason is not None:
                 self._forget(rid)
@@ -96,3 +110,4 @@ class FirstTokenTimer(CoreObserver):
     def _forget(self, request_id: str) -> None:
         self.arrived.pop(request_id, None)
         self.scheduled.pop(request_id, None)
+        self.waited.pop(request_id, None)

@@ -57,7 +57,7 @@ def test_sheddable_requests_are_refused_before_validation(
     stages = timing.parse(ok.headers[timing.HEADER])  # where its time went, per stage
     assert list(stages) == ["parse", "tokenize", "admit", "pool", "predicted", "to_pool",
                             "queue", "chunks", "step", "out", "back", "wake", "execute",
-                            "step_tokens", "step_requests", "received"]
+                            "step_tokens", "step_requests", "queue_steps", "received"]
     assert all(ms >= 0 for ms in stages.values())
     # The pool's stamps split its stage (two clocks: perf_counter here, unix there).
     parts = sum(stages[s] for s in ("to_pool", "queue", "chunks", "step", "out", "back",

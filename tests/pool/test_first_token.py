@@ -51,12 +51,20 @@ def test_each_first_token_carries_ordered_stamps_and_nothing_leaks() -> None:
             t = o.timing
             assert t.arrived < t.scheduled <= t.step_sent < t.step_done < t.sent, t
             assert 1 <= t.step_requests <= 8 and 1 <= t.step_tokens <= 16
+            # What its queue waited for: its worker's previous step (none for the first).
+            assert t.prev_step_done == 0.0 or t.prev_step_sent < t.prev_step_done <= t.scheduled
+            assert t.queue_steps >= 0
     assert {r.request_id: reference_output(r) for r in reqs} == {
         k: v for k, v in tokens.items() if k != "gone"}
     firsts = {o.request_id: o.timing for o in outputs if o.timing is not None}
     assert firsts["r0"] is not None and firsts["r0"].scheduled < firsts["r0"].step_sent
     short = firsts["r1"]
     assert short is not None and short.scheduled == short.step_sent  # one step: no chunks
+    # Steps that ended while each waited: none for the first, more for the later ones (the
+    # in-process worker's results are applied before the next worker is offered a step).
+    order = sorted((t.scheduled, t.queue_steps) for t in firsts.values() if t is not None)
+    assert order[0][1] == 0 and order[-1][1] >= 2
+    assert [n for _, n in order] == sorted(n for _, n in order)
 
 
 class Deferred:

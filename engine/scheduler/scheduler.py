@@ -170,7 +170,8 @@ class Scheduler(StepFiller):
         waiting = self._waiting(ws)
         if waiting and ws.running and policy.preemptive:
             self._make_room(ws, waiting)  # 1. preemptive admission
-        step = StepBuilder(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        step = StepBuilder(self.config.max_num_batched_tokens, self.config.max_num_seqs,
+                           policy.capped_prefill_tokens)
         urgent = policy.urgent(ws.running, waiting, worker_id)
         running, sitting_out = self._sit_out(ws, urgent)
         self._schedule_running(ws, running, step)  # 2. running requests

@@ -14,7 +14,9 @@ Built in:
   requests of strictly lower priority when it cannot otherwise be admitted, a step that
   computes its prompt leaves them out (``exclusive_prefill``), and while it is on a worker
   they may fill at most 45% of the batch (``outranked_seq_share``); sheddable requests
-  (priority < 0) compute at most 64 prompt tokens per step (``capped_prefill_tokens``).
+  (priority < 0) compute at most 64 prompt tokens per step (``capped_prefill_tokens``),
+  and an idle worker takes the others' waiting requests that are not sheddable
+  (``may_steal``) ahead of its own lower ones.
 - ``sjf``: shortest prompt first; ``sjf-max-tokens`` uses the request's ``max_tokens`` as
   the predicted output length (subclass and set ``predict`` for a learned predictor).
 - ``fair``: fair share across tenants, as in the Virtual Token Counter (VTC): the tenant
@@ -70,6 +72,15 @@ class Policy:
 
     def prefill_capped(self, req: Request) -> bool:
         """Whether ``req``'s prompt tokens count against ``capped_prefill_tokens``."""
+        return False
+
+    def may_steal(self, req: Request) -> bool:
+        """Late binding: whether a worker about to step may take ``req``, waiting at the
+        head of a busy worker's queue and ahead of its own waiting requests, from that
+        queue. Placement binds a request to a worker when it arrives; when every worker is
+        busy, the one it waits for may end its step after another does (a long step, a
+        descheduled process): taken, it starts in the step about to be built, at the cost of
+        its prefix-cache affinity. Never, by default."""
         return False
 
     def queue_key(self, req: Request) -> tuple[float, ...]:
@@ -186,6 +197,9 @@ class PriorityPolicy(Policy):
 
     def prefill_capped(self, req: Request) -> bool:
         return req.priority < 0  # sheddable: its latency matters least
+
+    def may_steal(self, req: Request) -> bool:
+        return req.priority >= 0  # not sheddable: its first token is what is waited for
 
     def queue_key(self, req: Request) -> tuple[float, ...]:
         return (-req.priority, req.arrival_time)

@@ -20,7 +20,9 @@ starts with a distinct word (no prefix-cache hits between requests). The engine 
 Reported: critical TTFT p50/p99 alone and under the flood and their ratios (goal: p99 at most
 1.5x, every critical request served), the status counts of each stream (every sheddable one
 200 or 429 with ``Retry-After``), the critical requests' frontend stages from
-``Server-Timing`` (parse, tokenize, admit, pool to first token), and the ``Retry-After``
+``Server-Timing`` (parse, tokenize, admit, pool to first token), each critical TTFT split
+into ``PARTS`` by the pool's stamps (p50/p99 per part, and the three worst requests part by
+part with the step each waited for), and the ``Retry-After``
 error: for each shed request, its predicted wait against the realized one, the time until
 the flood's next request was admitted (the queue had drained below ``--shed-queue-time``);
 and for admitted requests, the predicted wait against the realized wait to the first token.

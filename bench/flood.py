@@ -20,7 +20,9 @@ starts with a distinct word (no prefix-cache hits between requests). The engine 
 Reported: critical TTFT p50/p99 alone and under the flood and their ratios (goal: p99 at most
 1.5x, every critical request served), the status counts of each stream (every sheddable one
 200 or 429 with ``Retry-After``), the critical requests' frontend stages from
-``Server-Timing`` (parse, tokenize, admit, pool to first token), and the ``Retry-After``
+``Server-Timing`` (parse, tokenize, admit, pool to first token), each critical TTFT split
+into ``PARTS`` by the pool's stamps (p50/p99 per part, and the three worst requests part by
+part with the step each waited for), and the ``Retry-After``
 error: for each shed request, its predicted wait against the realized one, the time until
 the flood's next request was admitted (the queue had drained below ``--shed-queue-time``);
 and for admitted requests, the predicted wait against the realized wait to the first token.
@@ -45,6 +47,12 @@ PROMPT = ("Summarize the following notes for the weekly report, keeping every nu
           "platforms, the cache hit rate rose, two regressions remain open, and the release "
           "is planned for Thursday after the final review.")
 STAGES = ("parse", "tokenize", "admit", "pool")
+#: ``pool`` split by the pool's stamps (engine/frontend/timing.py), in order.
+POOL_PARTS = ("to_pool", "queue", "chunks", "step", "out", "back", "wake")
+#: Everything a critical request's TTFT is made of, in order: ``accept`` (the client sent
+#: it until the app was called: TCP accept, the HTTP server), the frontend's stages, the
+#: pool's parts, ``stream`` (the first token's handler until the client read it).
+PARTS = ("accept", "parse", "tokenize", "admit", *POOL_PARTS, "stream")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -101,7 +109,31 @@ def critical_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     rest = [r["ttft_ms"] - sum(r["timing"].get(s, 0.0) for s in STAGES)
             for r in records if "ttft_ms" in r and "timing" in r]
     out["outside_p50_ms"], out["outside_p99_ms"] = pct(rest, 50), pct(rest, 99)
+    parts = [p for p in map(ttft_parts, records) if p is not None]
+    for name in PARTS:
+        xs = [p[name] for p in parts]
+        out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = pct(xs, 50), pct(xs, 99)
+    worst = sorted(parts, key=lambda p: -p["ttft"])[:3]
+    out["worst"] = worst  # the outliers that set p99, part by part
     return out
+
+
+def ttft_parts(r: dict[str, Any]) -> dict[str, float] | None:
+    """A served critical request's TTFT split into ``PARTS`` (ms), with its step's size;
+    None without the pool's stamps."""
+    t = r.get("timing", {})
+    if r.get("status") != 200 or "ttft_ms" not in r or "received" not in t or "to_pool" not in t:
+        return None
+    accept = 1e3 * (t["received"] - r["sent"])
+    known = accept + sum(t.get(s, 0.0) for s in PARTS if s not in ("accept", "stream"))
+    return {"ttft": r["ttft_ms"], "accept": accept,
+            **{s: t.get(s, 0.0) for s in PARTS if s not in ("accept", "stream")},
+            "stream": r["ttft_ms"] - known, "execute": t.get("execute", 0.0),
+            "step_tokens": t.get("step_tokens", 0.0), "step_requests": t.get("step_requests", 0.0),
+            "step_wait": t.get("step_wait", 0.0), "prev_step": t.get("prev_step", 0.0),
+            "prev_step_tokens": t.get("prev_step_tokens", 0.0),
+            "queue_steps": t.get("queue_steps", 0.0),
+            "sent_s": r["sent"]}
 
 
 def retry_after_error(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -170,6 +202,18 @@ def report(r: dict[str, Any]) -> None:
               f"{c['ttft_p99_ms']:>9.1f}{c['ttft_max_ms']:>9.1f}"
               + "".join(f"{c[f'{s}_p50_ms']:>11.2f} /{c[f'{s}_p99_ms']:>7.1f}"
                         for s in (*STAGES, "outside")))
+    print(f"{'TTFT parts':<10}" + "".join(f"{s:>10}" for s in PARTS) + "  (p50 / p99 ms)")
+    for name in ("alone", "flooded"):
+        c = r[name]
+        print(f"{name:<10}" + "".join(f"{c[f'{s}_p50_ms']:>10.1f}" for s in PARTS))
+        print(f"{'':<10}" + "".join(f"{c[f'{s}_p99_ms']:>10.1f}" for s in PARTS))
+    print("worst critical under the flood (ms; step size tokens/requests, worker's execute):")
+    for w in r["flooded"]["worst"]:
+        print(f"  TTFT {w['ttft']:.1f}: " + ", ".join(f"{s} {w[s]:.1f}" for s in PARTS)
+              + f"; step {w['step_tokens']:.0f} tok / {w['step_requests']:.0f} req, "
+              f"execute {w['execute']:.1f}; queue: step_wait {w['step_wait']:.1f} for a "
+              f"{w['prev_step']:.1f} ms step of {w['prev_step_tokens']:.0f} tok, "
+              f"{w['queue_steps']:.0f} steps passed")
     print(f"ratio flooded / alone: p50 {r['ratio_p50']:.2f}x, p99 {r['ratio_p99']:.2f}x "
           "(goal p99 <= 1.5x)")
     fl = r["flood"]

@@ -41,7 +41,7 @@ from typing import Any, TypeAlias
 import msgspec
 
 #: Bumped whenever a message changes shape; processes of one engine must agree.
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -196,6 +196,37 @@ class PromptLogprobs(_Msg):
         )
 
 
+class PoolTiming(_Msg):
+    """Where a request's time went inside its pool, up to its first token (unix seconds of
+    the pool's clock, which is the frontend's on one machine): carried by the request's first
+    ``RequestOutput`` that has tokens, for the frontend's ``Server-Timing``
+    (engine/frontend/timing.py; engine/pool/first_token.py stamps them).
+
+    ``arrived``: the pool's loop took its ``AddRequest`` off the socket; ``scheduled``: it was
+    first in a plan; ``step_sent`` / ``step_done``: the plan that gave its first token went to
+    its worker / its result came back (``execute_s``: the worker's own time for it;
+    ``step_tokens`` / ``step_requests``: that step's size); ``sent``: the output went out to
+    the frontend. ``received`` is the frontend's: when its pool client read the output.
+    """
+
+    arrived: float
+    scheduled: float
+    step_sent: float
+    step_done: float
+    execute_s: float = 0.0
+    step_tokens: int = 0
+    step_requests: int = 0
+    sent: float = 0.0
+    received: float = 0.0
+    #: What its ``queue`` waited for: the step its worker ran before the one that first held
+    #: it (went out / came back; 0.0 if none; its size), and how many steps (all workers)
+    #: came back while it waited: more than a worker's one means the policy passed it over.
+    prev_step_sent: float = 0.0
+    prev_step_done: float = 0.0
+    prev_step_tokens: int = 0
+    queue_steps: int = 0
+
+
 class RequestOutput(_Msg):
     """New tokens for one request from one step; ``finish_reason`` set on its last one.
 
@@ -219,6 +250,7 @@ class RequestOutput(_Msg):
     top_token_ids: list[list[int]] | None = None  # per new token, as in StepResult
     top_logprobs: list[list[float]] | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    timing: PoolTiming | None = None  # on the first output with tokens: engine.pool.first_token
 
 
 class PoolStats(_Msg):

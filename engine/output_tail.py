@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.messages import Explanation, RequestOutput, SamplingParams
+from engine.messages import Explanation, PoolTiming, RequestOutput, SamplingParams
 from engine.prompt_logprobs import PromptLogprob, PromptLogprobsBuffer
 
 
@@ -52,6 +52,8 @@ class Delta:
     prompt_logprobs: list[PromptLogprob | None] | None = None
     #: A stop string ended the request while the pool still runs it: abort it there.
     abort: bool = False
+    #: On the first delta with tokens of a pool's request: where its time went in the pool.
+    timing: PoolTiming | None = None
 
 
 class OutputTail:

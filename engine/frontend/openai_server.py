@@ -65,7 +65,7 @@ from engine.frontend.serving import (
 )
 from engine.frontend.structured import structured_output
 from engine.frontend.timing import HEADER as TIMING_HEADER
-from engine.frontend.timing import note, server_timing, stamp
+from engine.frontend.timing import note, pool_stages, server_timing, stamp
 from engine.frontend.tools import (
     ToolPlan,
     constrain,
@@ -239,6 +239,7 @@ class OpenAIServer:
                        choices: list[Choice], tools: ToolPlan | None = None) -> Response:
         merged, first = await self._start(model, choices, request)
         stamp(request.scope, "first")
+        pool_stages(request.scope, first[1].timing if first is not None else None)
         timing = server_timing(request.scope)
         headers = {TIMING_HEADER: timing} if timing else {}
         created = int(time.time())

@@ -212,7 +212,10 @@ class PoolClient:
             if incarnation in self._past_incarnations:
                 return  # a late message of a pool that died: its requests were resubmitted
             self._new_incarnation(incarnation)
+        now = 0.0
         for out in msg.outputs:
+            if out.timing is not None:  # a first token: when it was read here (Server-Timing)
+                out.timing.received = now = now or time.time()
             if out.finish_reason is not None:
                 self.num_finished += 1
             stream = self._streams.get(out.request_id)

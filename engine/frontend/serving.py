@@ -303,6 +303,7 @@ async def generate(model: ServedModel, request: EngineRequest,
             delta = tail.feed(out)
             if delta is None:
                 continue
+            delta.timing = out.timing
             if delta.abort:  # a stop string matched: stop the pool
                 model.pool.abort([request.request_id])
             if delta.finish_reason is not None:

@@ -71,6 +71,7 @@ from engine.config import EngineConfig
 from engine.core import EngineCore, WorkerLost
 from engine.kv_events import KVEventPublisher
 from engine.models.info import load_model_info
+from engine.pool.first_token import FirstTokenTimer
 from engine.profiling import StepProfiler, profile_path
 from engine.scheduler.record import (
     close_recording,
@@ -102,7 +103,8 @@ class PoolService:
             max_model_len=self.info.max_model_len, kv_events=events is not None,
             record_path=pool_record_path(cfg.scheduler.record_decisions, pool_index,
                                          len(cfg.models)), run_id=run_dir, pool=self.name)
-        self.core = EngineCore(self.scheduler)
+        self.first_token = FirstTokenTimer(clock)  # stamps for Server-Timing
+        self.core = EngineCore(self.scheduler, observer=self.first_token)
         # Recording decisions taps the wire: the plan bytes sent, the result bytes received.
         self.encode_plan = plan_encoder(self.scheduler, ipc.encode)
         self.tap = result_tap(self.scheduler)
@@ -330,6 +332,7 @@ class PoolService:
         if not self.core.outputs and now - self.last_stats < STATS_INTERVAL_S:
             return
         pending = self.core.take_outputs()
+        self.first_token.on_flush(pending, self.clock())
         msg = m.PoolOutputs(outputs=pending, stats=self._stats())
         if self.profiler is not None:
             self.profiler.on_outputs(pending, self.clock())

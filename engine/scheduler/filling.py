@@ -12,6 +12,11 @@ nothing; the order and the policy's hooks are ``Scheduler.schedule``'s:
   no thrash);
 - ``_admit_waiting``: waiting requests in policy order, each after its longest cached prefix
   (``_admit``), while the budget, the seats, the blocks and the policy's gate allow.
+
+Prompt tokens of the requests the policy caps (``Policy.prefill_capped``: ``priority``'s
+sheddable ones) come out of a second, smaller budget per step (``capped_prefill_tokens``),
+in running chunks and admissions alike: their prefill is chunked across steps, so every
+step stays short, and so does the wait of a request that arrives while one runs.
 """
 
 from __future__ import annotations
@@ -64,15 +69,18 @@ class StepFiller(SchedulerState):
             num_decodes += 1
         step.budget -= num_decodes
         step.seats -= num_decodes
+        capped_kind = self.policy.prefill_capped
         for req in chunks:
             if step.budget <= 0 or step.seats <= 0:
                 break
-            if req.status is not running:
+            capped = capped_kind(req)
+            n = min(req.num_tokens - req.num_computed_tokens, step.prompt_room(capped))
+            if req.status is not running or n <= 0:
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, step.budget)
             delta = self._continue(ws, req, n, step)
             if delta is not None:
                 step.add_cached(req, delta)
+                step.spend_capped(capped, n)
 
     def _continue(self, ws: WorkerState, req: Request, n: int,
                   step: StepBuilder) -> CachedRequestData | None:
@@ -105,19 +113,25 @@ class StepFiller(SchedulerState):
         """Admit waiting requests in policy order while the budget, the seats and the blocks
         allow, and the policy's ``gate`` (None: no gate) lets them through."""
         wid = ws.worker_id
+        capped_kind = self.policy.prefill_capped
         for req in waiting:
             if step.budget <= 0 or step.seats <= 0:
                 break
             if req.status is not RequestStatus.WAITING or req.worker_id != wid:
                 continue  # re-placed by a preemption of this step
+            capped = capped_kind(req)
+            room = step.prompt_room(capped)
+            if room <= 0:
+                continue  # its kind's share of the step is spent; others may still join
             if gate is not None and not gate.admits(req):
                 break
-            data = self._admit(ws, req, step.budget, now)
+            data = self._admit(ws, req, room, now)
             if data is None:
                 if req.request_id not in self.requests:
                     continue  # could never fit: failed, the next one may
                 break
             step.add_new(req, data)
+            step.spend_capped(capped, data.num_scheduled_tokens)
             if gate is not None:
                 gate.admitted(req)
 

@@ -13,7 +13,10 @@ Built in:
 - ``priority``: higher ``priority`` first, then arrival; a waiting request may preempt running
   requests of strictly lower priority when it cannot otherwise be admitted, a step that
   computes its prompt leaves them out (``exclusive_prefill``), and while it is on a worker
-  they may fill at most 45% of the batch (``outranked_seq_share``).
+  they may fill at most 45% of the batch (``outranked_seq_share``); sheddable requests
+  (priority < 0) compute at most 64 prompt tokens per step (``capped_prefill_tokens``),
+  and an idle worker takes the others' waiting requests that are not sheddable
+  (``may_steal``) ahead of its own lower ones.
 - ``sjf``: shortest prompt first; ``sjf-max-tokens`` uses the request's ``max_tokens`` as
   the predicted output length (subclass and set ``predict`` for a learned predictor).
 - ``fair``: fair share across tenants, as in the Virtual Token Counter (VTC): the tenant
@@ -59,6 +62,26 @@ class Policy:
     #: prompt, carries at most that many outranked decodes. The price: outranked requests
     #: queue longer while the batch would otherwise be full of them.
     outranked_seq_share: float | None = None
+    #: Prompt tokens per step for the requests ``prefill_capped`` picks, or None (no cap):
+    #: their prefill is chunked across steps, so a step never carries much of it. A request
+    #: that arrives while a step runs waits for that step, whatever its priority: under a
+    #: flood of admitted sheddable prompts, uncapped steps of 512 prompt tokens made a
+    #: critical request wait ~10x its own step (issue 15). The price: the capped kind's
+    #: prefill takes more, smaller steps.
+    capped_prefill_tokens: int | None = None
+
+    def prefill_capped(self, req: Request) -> bool:
+        """Whether ``req``'s prompt tokens count against ``capped_prefill_tokens``."""
+        return False
+
+    def may_steal(self, req: Request) -> bool:
+        """Late binding: whether a worker about to step may take ``req``, waiting at the
+        head of a busy worker's queue and ahead of its own waiting requests, from that
+        queue. Placement binds a request to a worker when it arrives; when every worker is
+        busy, the one it waits for may end its step after another does (a long step, a
+        descheduled process): taken, it starts in the step about to be built, at the cost of
+        its prefix-cache affinity. Never, by default."""
+        return False
 
     def queue_key(self, req: Request) -> tuple[float, ...]:
         """Sort key of a worker's waiting queue (smaller first), fixed while the request waits."""
@@ -170,6 +193,13 @@ class PriorityPolicy(Policy):
     preemptive = True
     exclusive_prefill = True
     outranked_seq_share = 0.45
+    capped_prefill_tokens = 64
+
+    def prefill_capped(self, req: Request) -> bool:
+        return req.priority < 0  # sheddable: its latency matters least
+
+    def may_steal(self, req: Request) -> bool:
+        return req.priority >= 0  # not sheddable: its first token is what is waited for
 
     def queue_key(self, req: Request) -> tuple[float, ...]:
         return (-req.priority, req.arrival_time)

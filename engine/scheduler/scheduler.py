@@ -17,6 +17,8 @@ Each worker has at most one plan in flight, addressed to the worker's incarnatio
 restart count, given by ``add_worker``); a result counts only if it answers that plan, from
 that incarnation. Which incarnation is current is the pool's call (engine/pool/service.py).
 
+Before its step, an idle worker may take waiting requests off the heads of busy workers'
+queues (``policy.may_steal``: late binding; ``priority`` takes those not sheddable).
 A step for one worker fills a ``StepBuilder`` (token budget, seats, new and cached requests;
 engine/scheduler/step.py) in three passes (engine/scheduler/filling.py), asking the policy's
 hooks (engine/scheduler/policy.py; all do nothing but for ``priority``):
@@ -167,10 +169,13 @@ class Scheduler(StepFiller):
         if ws is None or ws.in_flight is not None or not (ws.running or ws.waiting):
             return None
         policy = self.policy
+        if len(self.workers) > 1:
+            self._steal(ws)
         waiting = self._waiting(ws)
         if waiting and ws.running and policy.preemptive:
             self._make_room(ws, waiting)  # 1. preemptive admission
-        step = StepBuilder(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        step = StepBuilder(self.config.max_num_batched_tokens, self.config.max_num_seqs,
+                           policy.capped_prefill_tokens)
         urgent = policy.urgent(ws.running, waiting, worker_id)
         running, sitting_out = self._sit_out(ws, urgent)
         self._schedule_running(ws, running, step)  # 2. running requests
@@ -187,6 +192,22 @@ class Scheduler(StepFiller):
         ws.in_flight = plan
         ws.in_flight_requests = step.requests()
         return plan
+
+    def _steal(self, ws: WorkerState) -> None:
+        """Late binding (``policy.may_steal``): take from the head of each busy worker's
+        queue the requests that go before this worker's own waiting head."""
+        may_steal = self.policy.may_steal
+        for other in self.workers.values():
+            if other is ws or other.in_flight is None:
+                continue
+            queue = other.waiting
+            while queue and may_steal(queue[0][2]) and (
+                    not ws.waiting or queue[0][:2] < ws.waiting[0][:2]):
+                key, seq, req = queue[0]
+                other.unqueue(req)
+                req.worker_id = ws.worker_id
+                req.predicted_cached_tokens = ws.cached_prefix_tokens(req)
+                ws.enqueue(req, key, seq)
 
     def _waiting(self, ws: WorkerState) -> list[Request]:
         """The worker's waiting requests in admission order (a copy: steps re-place some)."""

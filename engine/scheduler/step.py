@@ -7,6 +7,8 @@ policy) is the scheduler's.
 
 - ``budget``: tokens the step may still compute (``max_num_batched_tokens`` less those in it);
 - ``seats``: sequences it may still hold (``max_num_seqs`` less those in it);
+- ``capped_budget``: prompt tokens it may still compute for requests the policy caps
+  (``Policy.capped_prefill_tokens``; None: no cap), within ``budget``;
 - ``new`` / ``admitted``: admitted requests' first chunks and the requests (plan order);
 - ``cached`` / ``scheduled``: running requests' deltas and the requests;
 - ``preempted``: a running request needed a block and lost its own place for it (preempted,
@@ -20,11 +22,13 @@ from engine.scheduler.request import Request
 
 
 class StepBuilder:
-    __slots__ = ("admitted", "budget", "cached", "new", "preempted", "scheduled", "seats")
+    __slots__ = ("admitted", "budget", "cached", "capped_budget", "new", "preempted",
+                 "scheduled", "seats")
 
-    def __init__(self, budget: int, seats: int) -> None:
+    def __init__(self, budget: int, seats: int, capped_budget: int | None = None) -> None:
         self.budget = budget
         self.seats = seats
+        self.capped_budget = capped_budget
         self.new: list[NewRequestData] = []
         self.admitted: list[Request] = []  # the requests of ``new``
         self.cached: list[CachedRequestData] = []
@@ -42,6 +46,17 @@ class StepBuilder:
         self.scheduled.append(req)
         self.budget -= delta.num_scheduled_tokens
         self.seats -= 1
+
+    def prompt_room(self, capped: bool) -> int:
+        """Prompt tokens a request may still compute in this step (``capped``: the policy
+        caps its kind)."""
+        if capped and self.capped_budget is not None:
+            return min(self.budget, self.capped_budget)
+        return self.budget
+
+    def spend_capped(self, capped: bool, n: int) -> None:
+        if capped and self.capped_budget is not None:
+            self.capped_budget -= n
 
     def holds(self, req: Request) -> bool:
         return req in self.scheduled or req in self.admitted

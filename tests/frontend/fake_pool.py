@@ -36,6 +36,7 @@ from engine.messages import (
     EngineRequest,
     PoolOutputs,
     PoolStats,
+    PoolTiming,
     PromptLogprobs,
     RequestOutput,
 )
@@ -79,6 +80,7 @@ class _Active:
     req: EngineRequest
     sent: int = 0
     due: float = 0.0
+    arrived: float = 0.0  # unix time, for the first token's PoolTiming
 
 
 @dataclass
@@ -138,7 +140,8 @@ class FakePool:
                         send(RequestOutput(request_id=req.request_id, new_token_ids=[],
                                            error="worker exploded"))
                     else:  # a continuation goes on after its outputs
-                        active[req.request_id] = _Active(req, sent=len(req.output_token_ids))
+                        active[req.request_id] = _Active(req, sent=len(req.output_token_ids),
+                                                         arrived=time.time())
                 elif isinstance(msg, AbortRequests):
                     self.aborted.extend(msg.request_ids)
                     for rid in msg.request_ids:
@@ -172,6 +175,11 @@ class FakePool:
                 out = RequestOutput(request_id=rid, new_token_ids=[token],
                                     finish_reason=finish,
                                     num_prompt_tokens=len(prompt), num_cached_tokens=3)
+                if a.sent == 1:  # stamped as a real pool does (engine.pool.first_token)
+                    t = time.time()
+                    out.timing = PoolTiming(arrived=a.arrived, scheduled=a.arrived,
+                                            step_sent=a.arrived, step_done=t, sent=t,
+                                            step_tokens=len(prompt), step_requests=1)
                 k = a.req.sampling.logprobs
                 if k is not None:  # the echoed token at -0.5, then tokens after it
                     out.logprobs = [-0.5]

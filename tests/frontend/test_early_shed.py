@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 
 import httpx
@@ -54,8 +55,16 @@ def test_sheddable_requests_are_refused_before_validation(
                 headers=KEY)
     assert ok.status_code == 200, ok.text
     stages = timing.parse(ok.headers[timing.HEADER])  # where its time went, per stage
-    assert list(stages) == ["parse", "tokenize", "admit", "pool", "predicted"]
+    assert list(stages) == ["parse", "tokenize", "admit", "pool", "predicted", "to_pool",
+                            "queue", "chunks", "step", "out", "back", "wake", "execute",
+                            "step_tokens", "step_requests", "queue_steps", "received"]
     assert all(ms >= 0 for ms in stages.values())
+    # The pool's stamps split its stage (two clocks: perf_counter here, unix there).
+    parts = sum(stages[s] for s in ("to_pool", "queue", "chunks", "step", "out", "back",
+                                    "wake"))
+    assert abs(parts - stages["pool"]) < 2.0, stages
+    assert stages["step_tokens"] == 1 and stages["step_requests"] == 1
+    assert abs(stages["received"] - time.time()) < 10
     metrics = e.client.get("/metrics").text
     assert ('engine:requests_refused_total{model_name="tiny",priority_class="sheddable",'
             'reason="shed"} 2.0') in metrics

@@ -64,7 +64,13 @@ def test_pool_serves_requests_and_survives_a_worker_loss(tmp_path, model_dir):
             continue
         msg = ipc.POOL_TO_FRONTEND.decode(pull.recv())
         for o in msg.outputs:
-            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            first = o.request_id not in tokens and bool(o.new_token_ids)
+            assert (o.timing is not None) == first  # the pool's stamps ride on the first
+            if o.timing is not None:
+                t = o.timing
+                assert t.arrived <= t.scheduled <= t.step_sent <= t.step_done <= t.sent
+            if o.new_token_ids or o.request_id in tokens:
+                tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
             if o.finish_reason:
                 finished[o.request_id] = o.finish_reason
         if not killed and sum(map(len, tokens.values())) > 20:

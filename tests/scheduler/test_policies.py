@@ -281,3 +281,69 @@ def test_plugins_load_by_import_path_and_bad_names_are_clear():
         get_placement("nope:Nothing")
     with pytest.raises(ValueError, match="not a subclass"):
         get_policy("engine.scheduler.placement:CacheAware")
+
+
+def test_sheddable_prefill_is_capped_per_step_and_other_work_is_not():
+    """``priority`` has ``capped_prefill_tokens`` 64: the prompts of sheddable requests
+    (priority < 0) compute at most 64 tokens per step, as whole prompts and chunks alike,
+    so a step a later request waits for stays short; a critical prompt in the same step, and
+    sheddable decodes, are not counted; every output is still exact. ``fcfs`` has no cap."""
+    sched, workers = build(policy="priority", max_num_seqs=16, max_num_batched_tokens=512,
+                           num_blocks=256)
+    low = [make_request(f"low{i}", prompt_len=40, max_tokens=6, seed=i, priority=-1)
+           for i in range(6)]
+    for r in low:
+        sched.add(r, 0.0)
+    out: dict[str, list[int]] = {}
+    prompt_tokens = []
+    for _ in range(3):
+        plan, _ = step(sched, workers, out=out)
+        prompt_tokens.append(sum(n for _, n in plan.scheduled() if n > 1))  # not decodes
+        assert prompt_tokens[-1] <= 64
+        assert plan.num_scheduled_tokens <= 64 + plan.num_requests  # 64 prompt + decodes
+    assert prompt_tokens[0] == 64  # 40 + a 24-token chunk of the next prompt
+    crit = make_request("crit", prompt_len=100, max_tokens=3, seed=99, priority=1)
+    sched.add(crit, 1.0)
+    plan, _ = step(sched, workers, out=out)
+    assert dict(plan.scheduled())["crit"] == 100  # not capped, and alone (exclusive prefill)
+    rest = run_to_completion(sched, workers)
+    for r in [crit, *low]:
+        assert out.get(r.request_id, []) + rest.get(r.request_id, []) == reference_output(r)
+
+    fcfs, fcfs_workers = build(policy="fcfs", max_num_seqs=16, max_num_batched_tokens=512,
+                               num_blocks=256)
+    for r in low:
+        fcfs.add(r, 0.0)
+    plan, _ = step(fcfs, fcfs_workers)
+    assert plan.num_scheduled_tokens == 6 * 40  # every prompt at once
+
+
+def test_an_idle_worker_takes_a_critical_request_queued_on_a_busy_one():
+    """Late binding (``priority``'s ``may_steal``): a critical request placed on a busy
+    worker starts on the first worker to be free; a sheddable one stays where it was placed,
+    and ``fcfs`` never moves a request."""
+    for policy, moves in (("priority", True), ("fcfs", False)):
+        sched, workers = build(num_workers=2, policy=policy, max_num_seqs=8)
+        for w in (0, 1):
+            sched.add(make_request(f"busy{w}", prompt_len=6, max_tokens=8, seed=w), 0.0)
+        plans = {w: sched.schedule(w, 0.0) for w in (0, 1)}  # both workers busy
+        assert all(plans.values())
+        crit = make_request("crit", prompt_len=6, max_tokens=3, seed=9, priority=1)
+        low = make_request("low", prompt_len=6, max_tokens=3, seed=8, priority=-1)
+        sched.add(crit, 0.0)
+        sched.add(low, 0.0)
+        placed = {r: sched.requests[r].worker_id for r in ("crit", "low")}
+        free = 1 - placed["crit"]  # the other worker's step ends first
+        sched.update(plans[free], workers[free].step(plans[free]), 1.0)
+        out: dict[str, list[int]] = {}
+        plan, _ = step(sched, workers, w=free, now=1.0, out=out)
+        ids = [n.request_id for n in plan.new_requests]
+        assert ("crit" in ids) is moves, (policy, ids)
+        if placed["low"] != free:
+            assert "low" not in ids
+        sched.check_integrity()
+        busy = 1 - free
+        sched.update(plans[busy], workers[busy].step(plans[busy]), 2.0)
+        rest = run_to_completion(sched, workers)
+        for r in (crit, low):
+            assert out.get(r.request_id, []) + rest.get(r.request_id, []) == reference_output(r)

@@ -12,6 +12,7 @@ import pytest
 
 from engine.config import SchedulerConfig
 from engine.scheduler.policy import PriorityPolicy
+from engine.scheduler.request import Request
 from engine.scheduler.scheduler import Scheduler
 from engine.sim.__main__ import main
 from engine.sim.cost_model import GPU_COST_FILE, BatchShape, CostModel, fit
@@ -160,7 +161,8 @@ def test_outranked_share_keeps_critical_ttft_low_under_overload():
     2 workers answer critical requests sooner than the same policy without the share."""
     reqs = requests(name="priority-mix", rate=60.0, duration=20.0, scale=2, max_model_len=1024)
     cost = CostModel.load(None)
-    cfg = replace(SMALL, scheduler=replace(SMALL.scheduler, policy="priority"))
+    share_only = f"{__name__}:{PriorityShareOnly.__name__}"  # the share alone, no other aid
+    cfg = replace(SMALL, scheduler=replace(SMALL.scheduler, policy=share_only))
     with_share = summarize(simulate(reqs, cost, cfg), SLO())
     unlimited = f"{__name__}:{PriorityWithoutShare.__name__}"
     without = summarize(simulate(reqs, cost, replace(cfg, scheduler=replace(
@@ -173,9 +175,36 @@ def test_outranked_share_keeps_critical_ttft_low_under_overload():
     assert crit["tpot_p50"] < crit_before["tpot_p50"]
 
 
-class PriorityWithoutShare(PriorityPolicy):
+class PriorityShareOnly(PriorityPolicy):
+    """``priority`` without the sheddable prefill cap and without late binding."""
+
+    name = "priority-share-only"
+    capped_prefill_tokens = None
+
+    def may_steal(self, req: Request) -> bool:
+        return False
+
+
+class PriorityWithoutShare(PriorityShareOnly):
     name = "priority-without-share"
     outranked_seq_share = None
+
+
+def test_capped_sheddable_prefill_and_late_binding_cut_the_critical_tail():
+    """``priority``'s cap on sheddable prompt tokens per step and its late binding (an idle
+    worker takes a critical request queued on a busy one) against the same policy without
+    both, overloaded 2 workers (issue 15): critical TTFT p99 at least 20% lower, every
+    request completed, no output token lost."""
+    reqs = requests(name="priority-mix", rate=60.0, duration=20.0, scale=2, max_model_len=1024)
+    cost = CostModel.load(None)
+    results = {}
+    for name, policy in (("both", "priority"), ("neither", f"{__name__}:PriorityShareOnly")):
+        cfg = replace(SMALL, scheduler=replace(SMALL.scheduler, policy=policy))
+        results[name] = summarize(simulate(reqs, cost, cfg), SLO())
+        assert results[name]["num_completed"] == len(reqs)
+    assert results["both"]["output_tokens"] == results["neither"]["output_tokens"]
+    crit = {k: m["classes"]["critical"] for k, m in results.items()}
+    assert crit["both"]["ttft_p99"] < 0.8 * crit["neither"]["ttft_p99"]
 
 
 def test_an_idle_system_answers_in_one_prefill_step():

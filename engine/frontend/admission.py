@@ -300,6 +300,10 @@ class Admission:
         self.loads = {m.name: PoolLoad(m.pool, max_num_seqs, max_num_batched_tokens)
                       for m in models}
 
+    def close(self) -> None:
+        if self.loop_lag is not None:
+            self.loop_lag.close()
+
     def shed(self, model_name: str, priority: int) -> Refusal | None:
         """The shedding decision alone (nothing charged): what the HTTP server asks before
         it parses and tokenizes a request (``engine.frontend.early_shed``)."""

@@ -58,6 +58,12 @@ class LoopLag:
         lag._task = loop.create_task(lag._run(), name="loop-lag")
         return lag
 
+    def close(self) -> None:
+        """Stop the timer (the frontend's shutdown; a loop closed with it pending warns)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
     def sample(self, late_s: float) -> None:
         self.lag_s += LOOP_LAG_EWMA * (max(0.0, late_s) - self.lag_s)
 

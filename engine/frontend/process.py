@@ -104,6 +104,7 @@ async def _serve(cfg: EngineConfig, run_dir: str,
         await asyncio.gather(grpc_server.stop(SHUTDOWN_GRACE_S), http.stop(SHUTDOWN_GRACE_S))
     finally:
         listener.cancel()
+        admission.close()
         for m in models:
             await m.pool.close()
         control.close()

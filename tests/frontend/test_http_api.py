@@ -65,6 +65,7 @@ class HttpFrontend(BackgroundFrontend):
     async def _unserve(self) -> None:
         await self.grpc.stop(0)
         await self.http.stop(1)
+        self.admission.close()
 
 
 class Env:

@@ -41,11 +41,13 @@ class Frontend(BackgroundFrontend):
         for m in registry:
             metrics.add_pool(m.name, m.pool)
         cfg = FrontendConfig(api_keys=(KEY,))
-        self.api = OpenAIServer(registry, cfg, Admission(registry, cfg, MAX_NUM_SEQS), metrics)
+        self.admission = Admission(registry, cfg, MAX_NUM_SEQS)
+        self.api = OpenAIServer(registry, cfg, self.admission, metrics)
         self.http = await start_http_server(self.api, "127.0.0.1", 0)
 
     async def _unserve(self) -> None:
         await self.http.stop(1)
+        self.admission.close()
 
 
 # Pool 0: two workers of different capacities (a restarted worker may report another);

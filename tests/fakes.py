@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import zlib
+from pathlib import Path
 
 from engine.config import SchedulerConfig
 from engine.core import EngineCore, InProcess, IntegrityCheck
@@ -152,3 +154,14 @@ def run_to_completion(sched: Scheduler, workers: dict[int, FakeWorker], now: flo
             outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
         assert progressed or sched.num_unfinished == 0, "scheduler stalled"
     raise AssertionError("did not finish")
+
+
+def config_only_model_dir(d: Path) -> Path:
+    """A model directory with only a config: enough for what reads the model's limits (the
+    pool, the scheduler), no weights."""
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "max_position_embeddings": 256,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,
+        "num_hidden_layers": 2, "eos_token_id": 999}))
+    return d

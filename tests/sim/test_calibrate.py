@@ -3,12 +3,12 @@ and the simulator's host terms."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import msgspec
 import numpy as np
 import pytest
+from fakes import config_only_model_dir
 
 from engine import messages as m
 from engine.config import EngineConfig, LaunchConfig, ModelConfig, SchedulerConfig
@@ -108,12 +108,7 @@ def test_the_pool_opens_a_recording_when_asked(tmp_path, model_dir_cfg):
 
 @pytest.fixture
 def model_dir_cfg(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "max_position_embeddings": 256,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,
-        "num_hidden_layers": 2, "eos_token_id": 999}))
+    d = config_only_model_dir(tmp_path / "model")
     return EngineConfig(models=(ModelConfig(path=str(d)),))
 
 

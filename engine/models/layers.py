@@ -40,6 +40,23 @@ class AttentionMetadata:
     block_tables: torch.Tensor
 
 
+@dataclass(frozen=True)
+class SampledRows:
+    """The rows of the flat batch whose logits are wanted, when each is the last new token
+    of its sequence (no prompt-logprob rows): a model's last layer then only needs them.
+
+    Every token's K and V must still reach the cache, but a token nobody samples needs no
+    query, attention, output projection or MLP in the last layer: its hidden state there
+    feeds nothing. ``rows`` int64 ``[num_rows]`` (ascending); ``query_start_loc`` int32
+    ``[batch + 1]`` counts each sequence's rows (1 if it samples, else 0), its ``seq_lens``
+    and ``block_tables`` unchanged, so attention sees each row as a one-token query at the
+    end of its context.
+    """
+
+    rows: torch.Tensor
+    query_start_loc: torch.Tensor
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, *, dtype: torch.dtype, device: Any = None) -> None:
         super().__init__()
@@ -172,7 +189,10 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        sampled: SampledRows | None = None,
     ) -> torch.Tensor:
+        """Attention output of every row of ``x``, or only of ``sampled.rows`` (every row's
+        K and V are written to the cache either way)."""
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
@@ -180,11 +200,15 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        query_start_loc = meta.query_start_loc
+        if sampled is not None:
+            q, cos, sin = q[sampled.rows], cos[sampled.rows], sin[sampled.rows]
+            query_start_loc, n = sampled.query_start_loc, q.shape[0]
         o = kernels.paged_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            self.scale,
+            apply_rotary(q, cos, sin), k_cache, v_cache, query_start_loc, meta.seq_lens,
+            meta.block_tables, self.scale,
         )
         return row_parallel_linear(self.o_proj, o.reshape(n, self.q_size), self.tp)
 

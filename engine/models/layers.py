@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.models.cpu_linear import Linear
 from engine.models.parallel import TensorParallel, row_parallel_linear
 
 
@@ -175,8 +176,8 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, **kw)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias, **kw)
+        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, **kw)
+        self.o_proj = Linear(self.q_size, hidden_size, bias=o_bias, **kw)
         # Qwen3: RMSNorm over each head's q and k, before rotary.
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, **kw) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, **kw) if qk_norm_eps is not None else None
@@ -228,8 +229,8 @@ class SwiGLU(nn.Module):
         self.tp = tp
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **kw)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias, **kw)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)

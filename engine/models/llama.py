@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine.models.cpu_linear import Linear, linear
 from engine.models.info import sliding_window
 from engine.models.layers import (
     SUPPORTED_ROPE_TYPES,
@@ -206,7 +206,7 @@ class LlamaForCausalLM(nn.Module):
         # Parameter between two modules, which to_empty() would silently untie.
         self.lm_head = (
             None if cfg.tie_word_embeddings
-            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
         )
         self.rotary: RotaryEmbedding | None = None
         if torch.device(device or "cpu").type != "meta":
@@ -248,4 +248,4 @@ class LlamaForCausalLM(nn.Module):
         # Norm and LM head only on the rows that sample: both are per-token.
         h = self.model.norm(h if sampled is not None else h[logits_indices])
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        return F.linear(h, weight).float()
+        return linear(h, weight).float()

@@ -33,6 +33,7 @@ from engine.models.layers import AttentionMetadata, SampledRows
 from engine.models.loader import load_model, resolve_dtype
 from engine.models.parallel import TensorParallel
 from engine.resolve import kv_cache_blocks, torch_device
+from engine.worker import cpu_malloc
 from engine.worker.cuda_graphs import DecodeGraphs
 from engine.worker.host_batch import HostBatch, tp_recv, tp_send
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
@@ -68,6 +69,8 @@ class NativeRunner(ModelRunner):
         #: it sends each step's batch to the other ranks (``follow``), which run the same
         #: forward pass on their shards.
         self.tp = tp if tp is not None and tp.size > 1 else None
+        if self.device.type == "cpu":  # activations reuse freed memory (no page faults)
+            cpu_malloc.tune_malloc()
         # Intra-op threads of this process (CPU matmuls/attention): the worker's share of cores.
         torch.set_num_threads(
             worker_config.num_threads or default_num_threads(worker_config.num_workers)

@@ -1,6 +1,7 @@
 """Side-by-side CPU cost of the native runner's saturation speed-ups, in one process.
 
     python -m bench.native_ab --model DIR [--num-requests 64] [--repeat 3] [--num-threads 1]
+        [--untuned-malloc]
 
 Runs the saturation scenario of ``bench.prefill_profile`` (random 256-token prompts, 64
 greedy output tokens, all at once through ``engine.LLM``) under three variants, taking turns
@@ -10,7 +11,9 @@ alike: ``base`` (every layer computes every row, GEMMs through ``F.linear``/MKL)
 GEMMs through oneDNN, ``engine.models.cpu_linear``). Every run uses fresh prompts (no prefix
 hits). Reports the median process CPU seconds per variant (CPU time, not wall: other jobs on
 the machine stretch wall time unevenly), output tokens per CPU second, and the ratio to
-``base``. (Greedy outputs are checked by the tests: tests/models/test_sampled_rows.py and
+``base``. ``--untuned-malloc`` keeps glibc's malloc defaults in this process
+(``engine.worker.cpu_malloc`` not applied): that setting is process-wide and cannot be undone,
+so it is compared across processes, run alternately. (Greedy outputs are checked by the tests: tests/models/test_sampled_rows.py and
 the comparisons with transformers, which run with oneDNN on.)
 """
 
@@ -26,6 +29,7 @@ from typing import Any
 from bench.prefill_profile import prompts
 from engine import LLM, SamplingParams
 from engine.models import cpu_linear
+from engine.worker import cpu_malloc
 from engine.worker.native_runner import NativeRunner
 
 _SAMPLED = NativeRunner._sampled_query_start_loc
@@ -45,6 +49,8 @@ VARIANTS = {"base": _set(False, False), "prune": _set(True, False),
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     onednn_default = cpu_linear.ONEDNN_ENABLED
+    if args.untuned_malloc:
+        cpu_malloc.tune_malloc = lambda: False
     llm = LLM(args.model, max_num_seqs=64, dtype="float32", max_num_batched_tokens=512,
               num_threads=args.num_threads)
     vocab = llm.info.vocab_size
@@ -65,6 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _set(True, onednn_default)()
     med = {name: statistics.median(v) for name, v in cpu.items()}
     return {
+        "malloc": "glibc defaults" if args.untuned_malloc else "tuned",
         "cpu_s": {name: [round(t, 3) for t in v] for name, v in cpu.items()},
         "out_tok_per_cpu_s": {n: round(args.num_requests * 64 / m, 1) for n, m in med.items()},
         "cpu_ratio_to_base": {n: round(m / med["base"], 3) for n, m in med.items()},
@@ -78,6 +85,7 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--untuned-malloc", action="store_true")
     print(json.dumps(run(p.parse_args())))
 
 

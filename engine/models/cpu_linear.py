@@ -1,11 +1,12 @@
 """Linear layers whose CPU GEMMs go through oneDNN instead of MKL.
 
-``F.linear`` on CPU calls MKL's sgemm. On AMD CPUs MKL takes a generic code path: on the
-2-core AMD EPYC (AVX-512) of the saturation benchmark it runs the model's shapes at 90-106
-GFLOP/s on one core, where oneDNN's AVX-512 kernels (``torch.ops.mkldnn._linear_pointwise``,
-the op Inductor's CPU freezing emits and vLLM-CPU's GEMM dispatch uses) run the same shapes at
-165-225 GFLOP/s (docs/benchmarks.md, "Saturation"). The results differ from MKL's only in
-summation order (max |diff| ~1e-4 on outputs of magnitude ~30).
+``F.linear`` on CPU calls MKL's sgemm, which on the 2-core AMD EPYC (AVX-512) of the
+saturation benchmark runs the model's shapes at 80-106 GFLOP/s on one core (likely MKL's
+generic, non-AVX-512 path on a non-Intel CPU), where oneDNN's AVX-512 kernels
+(``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU freezing emits and vLLM-CPU's
+GEMM dispatch uses) run the same shapes at 1.7-2x that (``python -m bench.cpu_gemm``;
+docs/benchmarks.md, "Saturation"). The results differ from MKL's only in summation order
+(max |diff| ~1e-4 on random unit-variance inputs).
 
 ``linear`` picks oneDNN for float32 2-D inputs on CPU when no gradient is wanted (the op has
 no backward) and PyTorch was built with it; everything else, CUDA included, stays

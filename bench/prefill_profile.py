@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (decode_steps if n == running else prefill_steps).append(dt)
         return out
 
-    runner.step = timed  # type: ignore[method-assign]
+    # The core holds the runner's bound step in its worker handle (engine.core.InProcess).
+    handle = llm.core.handles[0]
+    handle.step = timed  # type: ignore[attr-defined]
     times = []
     for i in range(args.repeat):
         batch = prompts(args.num_requests, args.prompt_len, vocab, i)
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             llm.generate(batch, [params] * len(batch))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
-    runner.step = step  # type: ignore[method-assign]
+    handle.step = step  # type: ignore[attr-defined]
     return result
 
 

@@ -156,6 +156,8 @@ def paged_attention(
     )
     use_triton = _use_triton(query, backend, head_dim=head_dim)
     _check_cache_layout(k_cache, v_cache, strided_ok=use_triton)
+    if query.shape[0] == 0:  # no query rows (a last layer none of whose rows sample)
+        return torch.empty_like(query)
     if use_triton:
         ops = _triton_kernels()
         args = (_rows(query), k_cache, v_cache, query_start_loc.contiguous(),

@@ -85,6 +85,9 @@ class _Bucket:
     rows: torch.Tensor  # their query rows
     slots: torch.Tensor  # [n * max_len] the cache slot of every (sequence, position)
     valid: torch.Tensor  # [n, max_len] which positions are context, not padding
+    #: ``valid`` as an additive float32 mask ``[n, 1, 1, max_len]`` (0 or -inf): SDPA's CPU
+    #: kernel runs about 20% faster with it than with the boolean mask.
+    bias: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,9 @@ def _make_bucket(decodes: list[int], starts: list[int], lens: list[int],
     table = block_tables[torch.tensor(decodes, device=device)].long()
     slots = table.gather(1, pos // block_size) * block_size + pos % block_size
     rows = torch.tensor([starts[i] for i in decodes], device=device)
-    return _Bucket(rows=rows, slots=slots.flatten(), valid=valid)
+    bias = torch.zeros(valid.shape, dtype=torch.float32, device=device)
+    bias = bias.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+    return _Bucket(rows=rows, slots=slots.flatten(), valid=valid, bias=bias)
 
 
 def _decode_bucket(
@@ -236,7 +241,7 @@ def _decode_bucket(
         q,
         k.transpose(1, 2),  # [n, Hkv, L, D]
         v.transpose(1, 2),
-        attn_mask=bucket.valid[:, None, None, :],
+        attn_mask=bucket.bias,
         scale=scale,
     )
     out[bucket.rows] = o.reshape(n, num_heads, head_dim).to(out.dtype)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.models.cpu_linear import Linear
 from engine.models.parallel import TensorParallel, row_parallel_linear
 
 
@@ -38,6 +39,23 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SampledRows:
+    """The rows of the flat batch whose logits are wanted, when each is the last new token
+    of its sequence (no prompt-logprob rows): a model's last layer then only needs them.
+
+    Every token's K and V must still reach the cache, but a token nobody samples needs no
+    query, attention, output projection or MLP in the last layer: its hidden state there
+    feeds nothing. ``rows`` int64 ``[num_rows]`` (ascending); ``query_start_loc`` int32
+    ``[batch + 1]`` counts each sequence's rows (1 if it samples, else 0), its ``seq_lens``
+    and ``block_tables`` unchanged, so attention sees each row as a one-token query at the
+    end of its context.
+    """
+
+    rows: torch.Tensor
+    query_start_loc: torch.Tensor
 
 
 class RMSNorm(nn.Module):
@@ -158,8 +176,8 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, **kw)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias, **kw)
+        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, **kw)
+        self.o_proj = Linear(self.q_size, hidden_size, bias=o_bias, **kw)
         # Qwen3: RMSNorm over each head's q and k, before rotary.
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, **kw) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, **kw) if qk_norm_eps is not None else None
@@ -172,7 +190,10 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        sampled: SampledRows | None = None,
     ) -> torch.Tensor:
+        """Attention output of every row of ``x``, or only of ``sampled.rows`` (every row's
+        K and V are written to the cache either way)."""
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
@@ -180,11 +201,15 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        query_start_loc = meta.query_start_loc
+        if sampled is not None:
+            q, cos, sin = q[sampled.rows], cos[sampled.rows], sin[sampled.rows]
+            query_start_loc, n = sampled.query_start_loc, q.shape[0]
         o = kernels.paged_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            self.scale,
+            apply_rotary(q, cos, sin), k_cache, v_cache, query_start_loc, meta.seq_lens,
+            meta.block_tables, self.scale,
         )
         return row_parallel_linear(self.o_proj, o.reshape(n, self.q_size), self.tp)
 
@@ -204,8 +229,8 @@ class SwiGLU(nn.Module):
         self.tp = tp
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **kw)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias, **kw)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+
+from engine.models import cpu_linear
 
 if TYPE_CHECKING:
     from engine.models.llama import LlamaConfig
@@ -134,5 +135,5 @@ def row_parallel_linear(
     if tp is None or tp.size == 1:
         out: torch.Tensor = linear(x)
         return out
-    out = tp.all_reduce(F.linear(x, linear.weight))
+    out = tp.all_reduce(cpu_linear.linear(x, linear.weight))
     return out if linear.bias is None else out + linear.bias

@@ -29,10 +29,11 @@ import kernels
 from engine.config import CacheConfig, ModelConfig, WorkerConfig, default_num_threads
 from engine.messages import PromptLogprobs, SamplingParams, StepPlan, StepResult
 from engine.models.info import load_model_info
-from engine.models.layers import AttentionMetadata
+from engine.models.layers import AttentionMetadata, SampledRows
 from engine.models.loader import load_model, resolve_dtype
 from engine.models.parallel import TensorParallel
 from engine.resolve import kv_cache_blocks, torch_device
+from engine.worker import cpu_malloc
 from engine.worker.cuda_graphs import DecodeGraphs
 from engine.worker.host_batch import HostBatch, tp_recv, tp_send
 from engine.worker.plan_check import HeldState, PlanLimits, check_plan
@@ -68,6 +69,8 @@ class NativeRunner(ModelRunner):
         #: it sends each step's batch to the other ranks (``follow``), which run the same
         #: forward pass on their shards.
         self.tp = tp if tp is not None and tp.size > 1 else None
+        if self.device.type == "cpu":  # activations reuse freed memory (no page faults)
+            cpu_malloc.tune_malloc()
         # Intra-op threads of this process (CPU matmuls/attention): the worker's share of cores.
         torch.set_num_threads(
             worker_config.num_threads or default_num_threads(worker_config.num_workers)
@@ -260,11 +263,29 @@ class NativeRunner(ModelRunner):
             seq_lens=to_dev(b.seq_lens, torch.int32),
             block_tables=to_dev(b.block_tables, torch.int32),
         )
+        sampled = None
+        if (qsl := self._sampled_query_start_loc(b)) is not None:
+            sampled = SampledRows(rows=to_dev(b.logits_indices, torch.int64),
+                                  query_start_loc=to_dev(qsl, torch.int32))
         logits: torch.Tensor = self.model(
             to_dev(b.input_ids, torch.int64), to_dev(b.positions, torch.int64), meta,
-            self.kv_caches, to_dev(b.logits_indices, torch.int64),
+            self.kv_caches, to_dev(b.logits_indices, torch.int64), sampled,
         )
         return logits
+
+    def _sampled_query_start_loc(self, b: HostBatch) -> np.ndarray | None:
+        """Per-sequence starts of the rows that sample (``SampledRows``), when the last
+        layer can run only them: every logits row is a sequence's last new token (no
+        prompt-logprob rows), some rows would be saved, and no tensor-parallel rank runs
+        the same layers without knowing which rows sample (their all-reduces must match)."""
+        if self.tp is not None or b.prompt_rows or len(b.logits_indices) == len(b.input_ids):
+            return None
+        samples = np.isin(b.query_start_loc[1:] - 1, b.logits_indices)
+        if int(samples.sum()) != len(b.logits_indices):
+            return None
+        qsl = np.zeros(len(samples) + 1, dtype=np.int64)
+        np.cumsum(samples, out=qsl[1:])
+        return qsl
 
     # ------------------------------------------------------------------ checks
 

@@ -229,6 +229,17 @@ def test_prefill_head_dim_128_default_tiles() -> None:
 
 
 @needs_triton
+def test_prefill_sequences_without_query_rows() -> None:
+    """A last layer that runs only the sampled rows (``SampledRows``): each sequence has
+    one query row at the end of its context or none, fewer rows than sequences."""
+    b = make_batch([(40, 0), (20, 1), (30, 0), (33, 0), (9, 1), (17, 1)], num_heads=8,
+                   num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, seed=3)
+    out = prefill.paged_prefill(*attn_args(b), 0.125, block_m=32, block_n=16)
+    assert out.shape[0] == 3
+    assert_matches_reference(out, b, 0.125)
+
+
+@needs_triton
 def test_extend_equals_full_prefill() -> None:
     """The last tokens of a prefill, computed as an extend over their cached prefix (which
     ends mid-block), equal the same rows of the full prefill."""

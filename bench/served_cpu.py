@@ -6,7 +6,9 @@ pool and the worker, over one run of a workload file sent all at once.
 
 The engine runs as ``bench.compare`` runs it (1 worker, 1 GiB KV, ``--max-num-seqs 64
 --max-num-batched-tokens 512 --num-threads 1``, then ENGINE_FLAGS); the client is
-``bench.loadgen run --rate inf`` in its own process. Each process's CPU seconds (``/proc``
+``bench.loadgen run --rate inf`` in its own process. Run ``i`` sends the workload's prompts
+shifted as ``bench.compare`` shifts them for its ``i``-th rate (no prefix cache hits across
+runs). Each process's CPU seconds (``/proc``
 utime + stime) over each run, its share of the run's wall time, and the frontend's CPU per
 output token, are printed as JSON. Issue 15: is the served path's own work (frontend, pool)
 what keeps the served engine below its in-process rate?
@@ -23,9 +25,11 @@ import tempfile
 import time
 from typing import Any
 
+from bench.compare_workload import shift_prompts, vocab_bound
 from bench.engine_server import running_engine
 from bench.frontend_cpu import cpu_s
 from bench.soak_procs import read_processes
+from engine.sim.workloads import read_jsonl, write_jsonl
 
 ENGINE_ARGS = ["--workers", "1", "--kv-cache-memory", "1", "--max-num-seqs", "64",
                "--max-num-batched-tokens", "512", "--num-threads", "1",
@@ -62,8 +66,11 @@ def main() -> None:
     with running_engine(["--model", args.model, *ENGINE_ARGS, *args.engine_args]) as engine, \
             tempfile.TemporaryDirectory() as tmp:
         pids = {p.name: p.pid for p in read_processes(engine.proc.pid)}
+        requests = list(read_jsonl(args.workload_file).requests())
         for i in range(args.repeat):
-            runs.append(one_run(engine.http_port, pids, args.workload_file,
+            shifted = os.path.join(tmp, f"workload{i}.jsonl")
+            write_jsonl(shift_prompts(requests, i, vocab_bound(requests)), shifted)
+            runs.append(one_run(engine.http_port, pids, shifted,
                                 os.path.join(tmp, f"run{i}.json")))
     print(json.dumps({"engine_args": args.engine_args, "runs": runs}, indent=1))
 

@@ -151,6 +151,7 @@ class RequestTimer:
         self.start = request.arrival_time or time.time()
         self.first: float | None = None
         self.last = self.start
+        self._itl = metrics.itl.labels(model_name)  # once, not per token (a locked lookup)
 
     def tokens(self, n: int) -> None:
         """``n`` new tokens arrived now (one output may carry several)."""
@@ -162,8 +163,9 @@ class RequestTimer:
                 now - self.start)
             n -= 1
         gap = (now - self.last) / max(n, 1)
+        itl = self._itl
         for _ in range(n):
-            self.m.itl.labels(self.model).observe(gap)
+            itl.observe(gap)
         self.last = now
 
     def finish(self, reason: str, completion_tokens: int, explanation: Explanation | None,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from fastapi.responses import JSONResponse
 
 from engine.frontend.admission import Refusal
@@ -102,6 +103,18 @@ def usage(choices: Sequence[Choice]) -> dict[str, Any]:
 
 def sse_event(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def sse_event_fast(obj: Any) -> bytes:
+    """``sse_event`` through msgspec, as bytes (what the ASGI server writes): the same JSON
+    value (compact, non-ASCII as is; escapes may be spelled differently), several times
+    cheaper per streamed token. Only for bodies without floats that may be infinite or NaN
+    (logprobs): JSON has no spelling for them, and ``json.dumps`` writes ``-Infinity`` (which
+    Python clients read back) where msgspec writes null."""
+    return b"data: " + _encode(obj) + b"\n\n"
 
 
 #: JSON has no infinity: a logprob of -inf (a masked token) is sent as this, as vLLM does.

@@ -25,6 +25,7 @@ from engine.frontend.openai_format import (
     TextFormat,
     failed_error,
     sse_event,
+    sse_event_fast,
     usage,
 )
 from engine.frontend.serving import Delta, GenerationFailed, ServedModel, generate
@@ -150,9 +151,11 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 
 
 async def sse(merged: Generations, first: tuple[Choice, Delta] | None, choices: list[Choice],
-              fmt: TextFormat | ChatFormat, include_usage: bool) -> AsyncIterator[str]:
+              fmt: TextFormat | ChatFormat, include_usage: bool) -> AsyncIterator[str | bytes]:
     """The stream's SSE events: the opening chunks, one chunk per delta, the usage chunk
-    when asked for, an error event if the generation fails, and ``[DONE]``."""
+    when asked for, an error event if the generation fails, and ``[DONE]``. Chunks without
+    logprobs (no float in them) are encoded by msgspec: the per-token hot path."""
+    event = sse_event if fmt.logprobs else sse_event_fast
     try:
         for chunk in fmt.opening(choices):
             yield sse_event(chunk)
@@ -160,7 +163,7 @@ async def sse(merged: Generations, first: tuple[Choice, Delta] | None, choices: 
         while item is not None:
             choice, delta = item
             choice.add(delta)
-            yield sse_event(fmt.chunk(choice, delta))
+            yield event(fmt.chunk(choice, delta))
             item = await merged.next()
         if include_usage:
             yield sse_event(fmt.usage_chunk(usage(choices)))
@@ -170,4 +173,4 @@ async def sse(merged: Generations, first: tuple[Choice, Delta] | None, choices: 
                                 "code": err.code}})
     finally:
         await merged.aclose()
-    yield "data: [DONE]\n\n"
+    yield b"data: [DONE]\n\n"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import msgspec
@@ -67,6 +67,7 @@ class RequestStream:
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
         self.unavailable = False
+        self._ended = False  # the final output was handed out
 
     def _put(self, out: RequestOutput) -> None:
         if not self.finished:
@@ -81,15 +82,16 @@ class RequestStream:
         return msgspec.structs.replace(self.request, request_id=self.wire_id,
                                        output_token_ids=tuple(self.output_token_ids))
 
-    def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        return self._iter()
+    def __aiter__(self) -> RequestStream:
+        return self
 
-    async def _iter(self) -> AsyncIterator[RequestOutput]:
-        while True:
-            out = await self.queue.get()
-            yield out
-            if out.finish_reason is not None:
-                return
+    async def __anext__(self) -> RequestOutput:
+        # A plain awaitable, not an async generator: one frame less per streamed token.
+        if self._ended:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        self._ended = out.finish_reason is not None
+        return out
 
 
 class PoolClient:

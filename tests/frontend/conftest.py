@@ -11,11 +11,23 @@ import pytest
 from engine.config import FrontendConfig
 
 
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The HTTP frontend over fake pools shared by a module's tests (tests/frontend/http_env.py)."""
+    from frontend.http_env import Env
+
+    e = Env(tmp_path_factory.mktemp("http"), FrontendConfig(max_prompt_tokens=40,
+                                                            max_output_tokens=30,
+                                                            max_request_bytes=4096))
+    yield e
+    e.close()
+
+
 @pytest.fixture
 def make_env(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """A separate HTTP frontend over fake pools, with its own config (keys, limits,
     shedding); closed after the test."""
-    from frontend.test_http_api import Env
+    from frontend.http_env import Env
 
     made: list[Env] = []
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import httpx
 from frontend.fake_pool import LIVE_WORKERS
-from frontend.test_http_api import Env, assert_error, wait_for
+from frontend.http_env import Env, assert_error, wait_for
 
 from engine.frontend import timing
 from engine.messages import PoolStats

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from frontend.test_http_api import Env
+from frontend.http_env import Env
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from frontend.test_http_api import Env, assert_error
+from frontend.http_env import Env, assert_error
 
 from engine.config import FrontendConfig
 

@@ -23,7 +23,7 @@ import pytest
 import zmq
 import zmq.asyncio
 from frontend.fake_pool import SLOW_TOKEN_S, FakePool
-from frontend.test_http_api import Env, assert_error, sse, wait_for
+from frontend.http_env import Env, assert_error, sse, wait_for
 
 from engine import ipc
 from engine.frontend.pool_client import PoolClient

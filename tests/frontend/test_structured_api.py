@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from frontend.test_http_api import Env, assert_error
+from frontend.http_env import Env, assert_error
 
 from engine.config import FrontendConfig
 from engine.frontend.proto import pb2, pb2_grpc

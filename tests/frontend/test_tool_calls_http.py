@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from frontend.fake_pool import FakePool, make_model_dir
-from frontend.test_http_api import HttpFrontend
+from frontend.http_env import HttpFrontend
 
 from engine.config import FrontendConfig
 

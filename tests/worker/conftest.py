@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from engine.config import CacheConfig, ModelConfig, WorkerConfig
 from engine.messages import StepPlan
@@ -138,3 +139,32 @@ def vllm_llm_outputs(vllm_llm_process) -> dict[str, list[list[int]]]:
     lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, stderr[-4000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    """transformers' copy of the default model, float32."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        default_model_dir(), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model):
+    """transformers' greedy tokens (and their logprobs) of a prompt, EOS ignored."""
+    memo: dict[tuple[tuple[int, ...], int], tuple[list[int], list[float]]] = {}
+
+    def generate(prompt: list[int], n: int, *, logprobs: bool = False):
+        key = (tuple(prompt), n)
+        if key not in memo:
+            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0,
+                                    output_logits=True, return_dict_in_generate=True)
+            toks = out.sequences[0, len(prompt):].tolist()
+            lps = [torch.log_softmax(lg[0], -1)[t].item()
+                   for lg, t in zip(out.logits, toks, strict=True)]
+            memo[key] = toks, lps
+        toks, lps = memo[key]
+        return (toks, lps) if logprobs else toks
+
+    return generate

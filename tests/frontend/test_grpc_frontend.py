@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from frontend.fake_pool import (
     FakePool,
     make_model_dir,
 )
+from frontend.http_env import wait_for
 
 from engine import ipc
 from engine.client import generate, stream
@@ -93,15 +94,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     for p in pools:
         p.close()
     shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def engine_id(pool: FakePool, client_id: str) -> str:

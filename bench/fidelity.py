@@ -108,6 +108,7 @@ def compare(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_workers(workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Serve the runs live (recording in ``tmp``), keep them, then judge them."""
     base = CostModel.load(args.base)
     rec = tmp / f"steps-{workers}.jsonl"
     engine_args = ["--workers", str(workers), "--profile-steps", str(rec),
@@ -119,15 +120,36 @@ def run_workers(workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, 
     with launched_engine(engine_args) as (http, _grpc):
         serve(workload("chat-short", 99, workers, 3.0, args.scale), http)  # warm-up
         judge_reqs = {n: workload(n, args.judge_seed, workers, args.duration, args.scale,
-                               args.rate) for n in names}
-        calib, judged, again = {}, {}, {}
+                                  args.rate) for n in names}
+        runs: dict[str, dict[str, Any]] = {"calib": {}, "judged": {}, "again": {}}
         for n in names:  # interleaved, so that the machine's load drifts into all alike
-            calib[n] = serve(workload(n, args.calibrate_seed, workers, args.duration,
-                                      args.scale, args.rate), http)
-            judged[n] = serve(judge_reqs[n], http)
+            runs["calib"][n] = serve(workload(n, args.calibrate_seed, workers, args.duration,
+                                              args.scale, args.rate), http)
+            runs["judged"][n] = serve(judge_reqs[n], http)
             if args.repeat_live:
-                again[n] = serve(judge_reqs[n], http)
-    rows = read_recording(rec)
+                runs["again"][n] = serve(judge_reqs[n], http)
+    (tmp / f"runs-{workers}.json").write_text(json.dumps(runs), encoding="utf-8")
+    return judge(workers, args, read_recording(rec), runs, tmp)
+
+
+def load_runs(workers: int, directory: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A kept run (``--keep DIR``): the recording and the client's results, to judge again
+    offline (``--from DIR``) without the engine."""
+    rows = read_recording(directory / f"steps-{workers}.jsonl")
+    runs = json.loads((directory / f"runs-{workers}.json").read_text(encoding="utf-8"))
+    return rows, runs
+
+
+def live_mean_step(rows: list[dict[str, Any]], t0: float, t1: float) -> float | None:
+    steps = step_rows(window(rows, t0, t1))
+    return float(np.mean([r["execute_s"] for r in steps])) if steps else None
+
+
+def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
+          runs: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Fit a cost file on the calibration runs, simulate the judged files with it."""
+    base = CostModel.load(args.base)
+    calib, judged, again = runs["calib"], runs["judged"], runs["again"]
     calib_rows = [r for _, t0, t1 in calib.values() for r in window(rows, t0, t1)]
     ttfts = [q["ttft_s"] for s, _, _ in calib.values() for q in s["requests"]
              if q["outcome"] == "completed" and q["ttft_s"] is not None]
@@ -136,21 +158,20 @@ def run_workers(workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, 
     cost_path = tmp / f"cost-{workers}.toml"
     cost_path.write_text(cal.cost.to_toml(json.dumps(cal.report)), encoding="utf-8")
     out: dict[str, Any] = {"cost": cal.cost.describe(), "fit": cal.report, "workloads": {}}
-    for n in names:
+    for n in judged:
         live, t0, t1 = judged[n]
-        steps = step_rows(window(rows, t0, t1))
-        live["mean_step_s"] = float(np.mean([r["execute_s"] for r in steps])) if steps else None
-        live.pop("requests")
-        reqs = judge_reqs[n]
+        live = {k: v for k, v in live.items() if k != "requests"}
+        live["mean_step_s"] = live_mean_step(rows, t0, t1)
+        reqs = workload(n, args.judge_seed, workers, args.duration, args.scale, args.rate)
         repeat: dict[str, Any] = {}
         if n in again:  # the same file served again: the machine's own run-to-run spread
             live2, t0, t1 = again[n]
-            steps2 = step_rows(window(rows, t0, t1))
-            live2["mean_step_s"] = (float(np.mean([r["execute_s"] for r in steps2]))
-                                    if steps2 else None)
+            live2 = {k: v for k, v in live2.items() if k != "requests"}
+            live2["mean_step_s"] = live_mean_step(rows, t0, t1)
             repeat = compare(live, live2)
         out["workloads"][n] = {
-            "num_requests": len(reqs), "live_steps": len(steps), "live_again": repeat,
+            "num_requests": len(reqs), "live_steps": len(step_rows(window(rows, *judged[n][1:]))),
+            "live_again": repeat,
             "calibrated": compare(live, simulate(reqs, cal.cost, workers)),
             "no_noise": compare(live, simulate(reqs, replace(cal.cost, noise_quantiles=(),
                                                             noise_rho=0.0), workers)),
@@ -173,6 +194,20 @@ def format_table(results: dict[str, Any]) -> str:
                 lines.append(f"| {w} | {n} | {k} ({unit}) | {_num(c['live'], scale)} | "
                              f"{_num(c['sim'], scale)} | {_pct(c['error'])} | "
                              f"{_pct(e['error'])} | {_pct(d['error'])} | {_pct(again)} |")
+    return "\n".join(lines)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """Median (max) absolute error over the runs, per metric and column."""
+    cols = ("calibrated", "no_noise", "default_cost", "live_again")
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k in METRICS:
+        cells = []
+        for col in cols:
+            errs = [abs(e) for res in results.values() for wl in res["workloads"].values()
+                    if (e := wl[col].get(k, {}).get("error")) is not None]
+            cells.append(f"{np.median(errs):.1%} ({max(errs):.1%})" if errs else "-")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -202,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve each judged file twice: the second run's error against the first "
                    "is the machine's own spread, the floor of any prediction (on)")
     p.add_argument("--json", help="write every figure here")
-    p.add_argument("--keep", help="keep the recordings and cost files in this directory")
+    p.add_argument("--keep", help="keep the recordings, the client's results and the cost "
+                   "files in this directory")
+    p.add_argument("--from", dest="from_dir", metavar="DIR", help="no engine: judge the runs "
+                   "kept in DIR by --keep again (same workload flags), e.g. after changing the "
+                   "fit or the simulator")
     args = p.parse_args(argv)
     args.workloads = [n for n in args.workloads.split(",") if n]
     bad = set(args.workloads) - set(WORKLOADS)
@@ -213,10 +252,16 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(args.keep or d)
         tmp.mkdir(parents=True, exist_ok=True)
         for w in (int(x) for x in args.workers.split(",")):
-            results[str(w)] = run_workers(w, args, tmp)
+            if args.from_dir:
+                rows, runs = load_runs(w, Path(args.from_dir))
+                results[str(w)] = judge(w, args, rows, runs, tmp)
+            else:
+                results[str(w)] = run_workers(w, args, tmp)
             print(f"{w} worker(s) done: fit {json.dumps(results[str(w)]['fit'])}",
                   file=sys.stderr)
     print(format_table(results))
+    print()
+    print(summary_table(results))
     if args.json:
         meta = {"command": "python -m bench.fidelity " + " ".join(argv or sys.argv[1:]),
                 "date": time.strftime("%Y-%m-%d")}

@@ -46,7 +46,14 @@ from bench.loadgen.metrics import summarize as live_summary
 from bench.loadgen.replay import replay
 from engine.config import SchedulerConfig
 from engine.profiling import read_recording
-from engine.sim.calibrate import fit_recording, step_rows, window
+from engine.sim.calibrate import (
+    TERMS,
+    fit_recording,
+    matched_ttfts,
+    sampled_mean,
+    step_rows,
+    window,
+)
 from engine.sim.cost_model import CostModel
 from engine.sim.metrics import SLO
 from engine.sim.metrics import summarize as sim_summary
@@ -85,16 +92,37 @@ def serve(requests: list[SimRequest], port: int) -> tuple[dict[str, Any], float,
     return summary, t0, t1
 
 
-def simulate(requests: list[SimRequest], cost: CostModel, workers: int) -> dict[str, Any]:
+def simulate(requests: list[SimRequest], cost: CostModel, workers: int,
+             seeds: int = 1) -> dict[str, Any]:
+    """The simulated metrics; with ``seeds`` > 1 and a ``[noise]`` table, each metric's
+    median over that many noise seeds (a tail of one run is one draw of the noise; the
+    median is the model's prediction of it)."""
     e = cost.engine
-    config = SimConfig(num_workers=workers, block_size=e.block_size, num_blocks=e.num_blocks,
-                       max_model_len=e.max_model_len,
-                       scheduler=SchedulerConfig(max_num_batched_tokens=e.max_num_batched_tokens,
-                                                 max_num_seqs=e.max_num_seqs))
-    result = Simulator(iter(requests), cost, config).run()
-    out = sim_summary(result, SLO())
-    out["mean_step_s"] = sum(result.busy_s) / max(1, result.num_steps)
-    return out
+    runs = []
+    drawn = cost.noise_quantiles or cost.admit_quantiles or cost.host_quantiles
+    for seed in range(seeds if drawn else 1):
+        config = SimConfig(num_workers=workers, block_size=e.block_size,
+                           num_blocks=e.num_blocks, max_model_len=e.max_model_len,
+                           noise_seed=seed,
+                           scheduler=SchedulerConfig(
+                               max_num_batched_tokens=e.max_num_batched_tokens,
+                               max_num_seqs=e.max_num_seqs))
+        result = Simulator(iter(requests), cost, config).run()
+        out = sim_summary(result, SLO())
+        out["mean_step_s"] = sum(result.busy_s) / max(1, result.num_steps)
+        runs.append(out)
+    return {k: float(np.median([r[k] for r in runs])) for k in METRICS}
+
+
+def without_noise(cost: CostModel) -> CostModel:
+    """The cost model without its drawn terms (step-time noise, admission delays: their
+    mean beyond ``admit_s`` goes into the constant ``stream_s``, so mean TTFTs are kept)."""
+    stream = cost.stream_s
+    if cost.admit_quantiles:
+        stream += max(0.0, sampled_mean(cost.admit_quantiles) - cost.admit_s)
+    return replace(cost, stream_s=stream, noise_quantiles=(), noise_rho=0.0,
+                   noise_prefill_quantiles=(), noise_slow_rho=0.0, noise_slow_share=0.0,
+                   admit_quantiles=(), host_quantiles=())
 
 
 def compare(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
@@ -153,16 +181,21 @@ def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
     calib_rows = [r for _, t0, t1 in calib.values() for r in window(rows, t0, t1)]
     ttfts = [q["ttft_s"] for s, _, _ in calib.values() for q in s["requests"]
              if q["outcome"] == "completed" and q["ttft_s"] is not None]
+    matched = [m for s, t0, t1 in calib.values()
+               for m in matched_ttfts(window(rows, t0, t1), s["requests"])]
     cal = fit_recording(calib_rows, base, ttfts, source=f"bench.fidelity, {workers} worker(s), "
-                        f"seed {args.calibrate_seed}")
+                        f"seed {args.calibrate_seed}", terms=args.terms, matched=matched)
     cost_path = tmp / f"cost-{workers}.toml"
     cost_path.write_text(cal.cost.to_toml(json.dumps(cal.report)), encoding="utf-8")
     out: dict[str, Any] = {"cost": cal.cost.describe(), "fit": cal.report, "workloads": {}}
+    seed = args.judge_seed
+    if args.in_sample:  # judge the calibration runs themselves: no drift between fit and run
+        judged, again, seed = calib, {}, args.calibrate_seed
     for n in judged:
         live, t0, t1 = judged[n]
         live = {k: v for k, v in live.items() if k != "requests"}
         live["mean_step_s"] = live_mean_step(rows, t0, t1)
-        reqs = workload(n, args.judge_seed, workers, args.duration, args.scale, args.rate)
+        reqs = workload(n, seed, workers, args.duration, args.scale, args.rate)
         repeat: dict[str, Any] = {}
         if n in again:  # the same file served again: the machine's own run-to-run spread
             live2, t0, t1 = again[n]
@@ -172,9 +205,8 @@ def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
         out["workloads"][n] = {
             "num_requests": len(reqs), "live_steps": len(step_rows(window(rows, *judged[n][1:]))),
             "live_again": repeat,
-            "calibrated": compare(live, simulate(reqs, cal.cost, workers)),
-            "no_noise": compare(live, simulate(reqs, replace(cal.cost, noise_quantiles=(),
-                                                            noise_rho=0.0), workers)),
+            "calibrated": compare(live, simulate(reqs, cal.cost, workers, args.sim_seeds)),
+            "no_noise": compare(live, simulate(reqs, without_noise(cal.cost), workers)),
             "default_cost": compare(live, simulate(reqs, replace(base), workers)),
         }
     return out
@@ -236,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat-live", action=argparse.BooleanOptionalAction, default=True,
                    help="serve each judged file twice: the second run's error against the first "
                    "is the machine's own spread, the floor of any prediction (on)")
+    p.add_argument("--in-sample", action="store_true", help="with --from: simulate the "
+                   "calibration files instead of the judged ones (the model's own error, without "
+                   "the machine's drift between the runs)")
+    p.add_argument("--sim-seeds", type=int, default=1, help="simulate each file with this "
+                   "many noise seeds; each metric is their median (1)")
+    p.add_argument("--terms", default="", help="optional model terms to fit (engine.sim fit "
+                   f"--terms), comma-separated: {', '.join(TERMS)}; none by default")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--keep", help="keep the recordings, the client's results and the cost "
                    "files in this directory")
@@ -244,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                    "fit or the simulator")
     args = p.parse_args(argv)
     args.workloads = [n for n in args.workloads.split(",") if n]
+    args.terms = [t for t in args.terms.split(",") if t]
+    if set(args.terms) - set(TERMS):
+        p.error(f"--terms: unknown {sorted(set(args.terms) - set(TERMS))}; choose from {TERMS}")
     bad = set(args.workloads) - set(WORKLOADS)
     if bad:
         p.error(f"--workloads: unknown {sorted(bad)}; choose from {WORKLOADS}")

@@ -59,8 +59,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engine.profiling import read_recording
+from engine.sim.contention import OVERLAP_EPS
 from engine.sim.cost_model import BatchShape, CostModel, nonnegative_lstsq
-from engine.sim.simulator import OVERLAP_EPS
 
 PROG = "python -m engine.sim fit"
 # optional terms (``--terms``): CPU contention between workers, prefill steps' own noise

@@ -12,9 +12,10 @@ The cost model's host terms (``CostModel.HOST``) delay a request's admission by 
 (or a per-request draw from ``admit_quantiles``),
 each token's arrival at the client by ``stream_s``, and a worker's next step by
 ``host_time(requests)``; all 0 in a cost file fitted on the runner alone. A ``[noise]``
-table multiplies each step's time by a seeded draw (``cost_model.StepNoise``), and a
-``[contention]`` table by ``1 + overlap x`` the share of the step that other workers' steps
-in flight overlap (``overlap_share``).
+table multiplies each step's time by a seeded draw (``cost_model.StepNoise``) and each
+step's host time by one from ``host_quantiles``; a ``[contention]`` table multiplies a
+step's time by ``1 + overlap x`` the share of it that other workers' steps in flight
+overlap (engine/sim/contention.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from engine.messages import (
     StepResult,
 )
 from engine.scheduler.scheduler import Scheduler
+from engine.sim.contention import contended_time
 from engine.sim.cost_model import BatchShape, CostModel
 from engine.sim.workloads import SimRequest
 
@@ -323,35 +325,6 @@ class Simulator:
     def _push(self, at: float, kind: int, payload: object) -> None:
         self.seq += 1
         heapq.heappush(self.events, (at, self.seq, kind, payload))
-
-
-OVERLAP_EPS = 1e-9  # steps starting this close together count as simultaneous
-
-
-def overlap_share(computing: list[tuple[float, float]], w: int, start: float,
-                  dt: float) -> float:
-    """The share of worker ``w``'s step [start, start + dt] during which the other workers'
-    steps (``computing``: each worker's latest (start, end)) begun before it still compute,
-    summed over them, at most 1: its CPU contention. Steps that start together (one event
-    offers both) do not count for each other."""
-    if dt <= 0:
-        return 0.0
-    covered = sum(min(end, start + dt) - start for o, (since, end) in enumerate(computing)
-                  if o != w and since < start - OVERLAP_EPS and end > start)
-    return min(1.0, covered / dt)
-
-
-def contended_time(computing: list[tuple[float, float]], w: int, start: float, dt: float,
-                   overlap: float) -> float:
-    """The step's time ``t = dt x (1 + overlap x share)`` where ``share`` is that of ``t``
-    itself (``overlap_share``), as a recording measures it: a fixed point, a few rounds."""
-    t = dt
-    for _ in range(20):
-        nxt = dt * (1.0 + overlap * overlap_share(computing, w, start, t))
-        if abs(nxt - t) < 1e-12:
-            break
-        t = nxt
-    return t
 
 
 class SimWorker:

@@ -18,14 +18,16 @@ from engine.sim.calibrate import (
     fit_noise,
     fit_recording,
     host_samples,
+    matched_ttfts,
     overlap_shares,
     pool_ttfts,
     sampled_mean,
     step_rows,
 )
+from engine.sim.contention import overlap_share
 from engine.sim.cost_model import BatchShape, CostModel, StepNoise
 from engine.sim.metrics import SLO, summarize
-from engine.sim.simulator import SimConfig, Simulator, overlap_share
+from engine.sim.simulator import SimConfig, Simulator
 from engine.sim.workloads import WorkloadConfig, make_workload
 
 TRUTH = CostModel(step_s=3e-3, prefill_token_s=1e-4, decode_seq_s=2e-4, context_token_s=2e-6,
@@ -329,3 +331,63 @@ def test_overlap_share_counts_the_other_workers_steps_in_flight():
              {"worker": 1, "t_result": 9.0, "execute_s": 2.0}]
     # step 0 (2..6) overlaps worker 1's 0..5; worker 1's 7..9 starts after 2..6 ends
     assert list(overlap_shares(steps)) == pytest.approx([0.75, 0.0, 0.0])
+
+
+# --------------------------------------------------------------------------- drawn host terms
+
+
+def test_drawn_host_times_are_fitted_back_from_a_recording(tmp_path):
+    ratios = tuple(float(q) for q in np.quantile(
+        np.random.default_rng(2).lognormal(0.0, 0.6, 4000), np.linspace(0, 1, 101)))
+    ratios = tuple(q / sampled_mean(ratios) for q in ratios)  # mean 1
+    truth = replace(TRUTH, host_quantiles=ratios)
+    recorded_run(tmp_path / "r.jsonl", cost=truth)
+    rows = read_recording(tmp_path / "r.jsonl")
+    assert fit_recording(rows, CostModel.load()).cost.host_quantiles == ()  # optional
+    got = fit_recording(rows, CostModel.load(), terms=("host",)).cost
+    assert sampled_mean(got.host_quantiles) == pytest.approx(1.0, rel=1e-6)
+    grid = np.linspace(0, 1, 101)
+    for p in (0.1, 0.5, 0.9):
+        assert np.interp(p, grid, got.host_quantiles) == pytest.approx(
+            np.interp(p, grid, ratios), rel=0.1), p
+
+
+def test_admission_delays_pair_client_and_pool_and_are_drawn_per_request(tmp_path):
+    result = recorded_run(tmp_path / "r.jsonl")
+    rows = read_recording(tmp_path / "r.jsonl")
+    extra = np.random.default_rng(3).exponential(0.004, len(result.records))
+    client = [{"outcome": "completed", "sent_s": rec.arrival, "ttft_s": rec.first_token
+               - rec.arrival + x, "num_prompt_tokens": rec.num_prompt_tokens}
+              for rec, x in zip(result.records, extra, strict=True)]
+    matched = matched_ttfts(rows, client)
+    assert len(matched) == len(client)
+    records = sorted(result.records, key=lambda r: r.arrival)
+    for (c, pool, admit), q, rec in zip(matched, sorted(client, key=lambda q: q["sent_s"]),
+                                        records, strict=True):
+        assert c == q["ttft_s"] and admit == pytest.approx(TRUTH.admit_s)
+        # the pool's TTFT: its first output less its taking the request (no stream, no admit)
+        assert pool == pytest.approx(rec.first_token - rec.arrival - TRUTH.stream_s
+                                     - TRUTH.admit_s, abs=1e-9)
+    assert matched_ttfts(rows, client[1:]) == []  # no one-to-one pairing: nothing
+    cal = fit_recording(rows, CostModel.load(), terms=("admit",), matched=matched)
+    q, stream = cal.cost.admit_quantiles, cal.cost.stream_s
+    delays = np.array([c - pool for c, pool, _ in matched])
+    assert stream == pytest.approx(np.quantile(delays - TRUTH.admit_s, 0.01), abs=1e-9)
+    assert q[-1] == pytest.approx(delays.max() - stream)
+    # in the simulator: each request draws its delay; its arrival stays the workload's, and
+    # the drawn delays follow the quantiles
+    judge = workload(seed=2, rate=2.0)
+    sim = Simulator(iter(judge), replace(TRUTH, admit_quantiles=q, stream_s=stream), CONFIG)
+    delays_drawn = []
+    admit = sim._admit
+
+    def spy(req, now):
+        delays_drawn.append(sim.delay.get(req.request_id))
+        admit(req, now)
+
+    sim._admit = spy  # type: ignore[method-assign]
+    res = sim.run()
+    assert {r.request_id: r.arrival for r in res.records} == pytest.approx(
+        {r.request_id: r.arrival_time for r in judge})
+    assert np.median(delays_drawn) == pytest.approx(np.interp(0.5, np.linspace(0, 1, 101), q),
+                                                    rel=0.15)

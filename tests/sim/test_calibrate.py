@@ -391,3 +391,18 @@ def test_admission_delays_pair_client_and_pool_and_are_drawn_per_request(tmp_pat
         {r.request_id: r.arrival_time for r in judge})
     assert np.median(delays_drawn) == pytest.approx(np.interp(0.5, np.linspace(0, 1, 101), q),
                                                     rel=0.15)
+
+
+def test_fit_cli_fits_the_optional_terms_asked_for_and_refuses_unknown_ones(tmp_path, capsys):
+    truth = replace(TRUTH, host_step_s=0.0, host_request_s=0.0, overlap=0.5)
+    recorded_run(tmp_path / "r.jsonl", cost=truth)
+    out = tmp_path / "fit.toml"
+    assert main(["fit", str(tmp_path / "r.jsonl"), "--out", str(out),
+                 "--terms", "contention,slow"]) == 0
+    fitted = CostModel.load(out)
+    assert fitted.overlap == pytest.approx(0.5, rel=1e-3)
+    assert main(["fit", str(tmp_path / "r.jsonl"), "--out", str(out)]) == 0
+    assert CostModel.load(out).overlap == 0  # not asked for
+    with pytest.raises(SystemExit) as e:
+        main(["fit", str(tmp_path / "r.jsonl"), "--out", str(out), "--terms", "contention,x"])
+    assert e.value.code == 2 and "--terms: unknown ['x']" in capsys.readouterr().err

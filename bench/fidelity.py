@@ -46,11 +46,18 @@ from bench.loadgen.metrics import summarize as live_summary
 from bench.loadgen.replay import replay
 from engine.config import SchedulerConfig
 from engine.profiling import read_recording
-from engine.sim.calibrate import fit_recording, step_rows, window
+from engine.sim.calibrate import (
+    TERMS,
+    fit_recording,
+    matched_ttfts,
+    sampled_mean,
+    step_rows,
+    window,
+)
 from engine.sim.cost_model import CostModel
 from engine.sim.metrics import SLO
 from engine.sim.metrics import summarize as sim_summary
-from engine.sim.simulator import SimConfig, Simulator
+from engine.sim.simulator import RequestRecord, SimConfig, Simulator
 from engine.sim.workloads import SimRequest, WorkloadConfig, make_workload
 
 METRICS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "mean_step_s", "throughput_tok_s")
@@ -85,22 +92,69 @@ def serve(requests: list[SimRequest], port: int) -> tuple[dict[str, Any], float,
     return summary, t0, t1
 
 
-def simulate(requests: list[SimRequest], cost: CostModel, workers: int) -> dict[str, Any]:
+def simulate(requests: list[SimRequest], cost: CostModel, workers: int,
+             seeds: int = 1) -> dict[str, Any]:
+    """The simulated metrics; with ``seeds`` > 1 and a ``[noise]`` table, each metric's
+    median over that many noise seeds (a tail of one run is one draw of the noise; the
+    median is the model's prediction of it)."""
     e = cost.engine
-    config = SimConfig(num_workers=workers, block_size=e.block_size, num_blocks=e.num_blocks,
-                       max_model_len=e.max_model_len,
-                       scheduler=SchedulerConfig(max_num_batched_tokens=e.max_num_batched_tokens,
-                                                 max_num_seqs=e.max_num_seqs))
-    result = Simulator(iter(requests), cost, config).run()
-    out = sim_summary(result, SLO())
-    out["mean_step_s"] = sum(result.busy_s) / max(1, result.num_steps)
+    runs = []
+    drawn = cost.noise_quantiles or cost.admit_quantiles or cost.host_quantiles
+    for seed in range(seeds if drawn else 1):
+        config = SimConfig(num_workers=workers, block_size=e.block_size,
+                           num_blocks=e.num_blocks, max_model_len=e.max_model_len,
+                           noise_seed=seed,
+                           scheduler=SchedulerConfig(
+                               max_num_batched_tokens=e.max_num_batched_tokens,
+                               max_num_seqs=e.max_num_seqs))
+        result = Simulator(iter(requests), cost, config).run()
+        out = sim_summary(result, SLO())
+        out["mean_step_s"] = sum(result.busy_s) / max(1, result.num_steps)
+        out["requests"] = [sim_request(r) for r in result.records if r.finish is not None]
+        runs.append(out)
+    summary: dict[str, Any] = {k: float(np.median([r[k] for r in runs])) for k in METRICS}
+    summary["requests"] = [q for r in runs for q in r["requests"]]  # every seed's, pooled
+    return summary
+
+
+def sim_request(rec: RequestRecord) -> dict[str, Any]:
+    """A simulated request as the client's rows have it (for the pooled metrics)."""
+    assert rec.first_token is not None and rec.finish is not None
+    n = rec.num_output_tokens
+    return {"outcome": "completed", "ttft_s": rec.first_token - rec.arrival,
+            "tpot_s": (rec.finish - rec.first_token) / (n - 1) if n > 1 else None}
+
+
+POOLED = ("ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p90", "tpot_p99")
+
+
+def pooled(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """TTFT and TPOT percentiles over requests pooled from several runs."""
+    out: dict[str, Any] = {}
+    for metric in ("ttft", "tpot"):
+        values = [q[f"{metric}_s"] for q in requests
+                  if q.get("outcome") == "completed" and q.get(f"{metric}_s") is not None]
+        for p in (50, 90, 99):
+            out[f"{metric}_p{p}"] = float(np.percentile(values, p)) if values else None
     return out
 
 
-def compare(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
+def without_noise(cost: CostModel) -> CostModel:
+    """The cost model without its drawn terms (step-time noise, admission delays: their
+    mean beyond ``admit_s`` goes into the constant ``stream_s``, so mean TTFTs are kept)."""
+    stream = cost.stream_s
+    if cost.admit_quantiles:
+        stream += max(0.0, sampled_mean(cost.admit_quantiles) - cost.admit_s)
+    return replace(cost, stream_s=stream, noise_quantiles=(), noise_rho=0.0,
+                   noise_prefill_quantiles=(), noise_slow_rho=0.0, noise_slow_share=0.0,
+                   admit_quantiles=(), host_quantiles=())
+
+
+def compare(live: dict[str, Any], sim: dict[str, Any],
+            metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:
     """Per metric: live, simulated, relative error."""
     out = {}
-    for k in METRICS:
+    for k in metrics:
         a, b = live.get(k), sim.get(k)
         err = (b - a) / a if a and b is not None else None
         out[k] = {"live": a, "sim": b, "error": err}
@@ -108,6 +162,7 @@ def compare(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_workers(workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Serve the runs live (recording in ``tmp``), keep them, then judge them."""
     base = CostModel.load(args.base)
     rec = tmp / f"steps-{workers}.jsonl"
     engine_args = ["--workers", str(workers), "--profile-steps", str(rec),
@@ -119,43 +174,79 @@ def run_workers(workers: int, args: argparse.Namespace, tmp: Path) -> dict[str, 
     with launched_engine(engine_args) as (http, _grpc):
         serve(workload("chat-short", 99, workers, 3.0, args.scale), http)  # warm-up
         judge_reqs = {n: workload(n, args.judge_seed, workers, args.duration, args.scale,
-                               args.rate) for n in names}
-        calib, judged, again = {}, {}, {}
+                                  args.rate) for n in names}
+        runs: dict[str, dict[str, Any]] = {"calib": {}, "judged": {}, "again": {}}
         for n in names:  # interleaved, so that the machine's load drifts into all alike
-            calib[n] = serve(workload(n, args.calibrate_seed, workers, args.duration,
-                                      args.scale, args.rate), http)
-            judged[n] = serve(judge_reqs[n], http)
+            runs["calib"][n] = serve(workload(n, args.calibrate_seed, workers, args.duration,
+                                              args.scale, args.rate), http)
+            runs["judged"][n] = serve(judge_reqs[n], http)
             if args.repeat_live:
-                again[n] = serve(judge_reqs[n], http)
-    rows = read_recording(rec)
+                runs["again"][n] = serve(judge_reqs[n], http)
+    (tmp / f"runs-{workers}.json").write_text(json.dumps(runs), encoding="utf-8")
+    return judge(workers, args, read_recording(rec), runs, tmp)
+
+
+def load_runs(workers: int, directory: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A kept run (``--keep DIR``): the recording and the client's results, to judge again
+    offline (``--from DIR``) without the engine."""
+    rows = read_recording(directory / f"steps-{workers}.jsonl")
+    runs = json.loads((directory / f"runs-{workers}.json").read_text(encoding="utf-8"))
+    return rows, runs
+
+
+def live_mean_step(rows: list[dict[str, Any]], t0: float, t1: float) -> float | None:
+    steps = step_rows(window(rows, t0, t1))
+    return float(np.mean([r["execute_s"] for r in steps])) if steps else None
+
+
+def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
+          runs: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Fit a cost file on the calibration runs, simulate the judged files with it."""
+    base = CostModel.load(args.base)
+    calib, judged, again = runs["calib"], runs["judged"], runs["again"]
     calib_rows = [r for _, t0, t1 in calib.values() for r in window(rows, t0, t1)]
     ttfts = [q["ttft_s"] for s, _, _ in calib.values() for q in s["requests"]
              if q["outcome"] == "completed" and q["ttft_s"] is not None]
+    matched = [m for s, t0, t1 in calib.values()
+               for m in matched_ttfts(window(rows, t0, t1), s["requests"])]
     cal = fit_recording(calib_rows, base, ttfts, source=f"bench.fidelity, {workers} worker(s), "
-                        f"seed {args.calibrate_seed}")
+                        f"seed {args.calibrate_seed}", terms=args.terms, matched=matched)
     cost_path = tmp / f"cost-{workers}.toml"
     cost_path.write_text(cal.cost.to_toml(json.dumps(cal.report)), encoding="utf-8")
     out: dict[str, Any] = {"cost": cal.cost.describe(), "fit": cal.report, "workloads": {}}
-    for n in names:
+    seed = args.judge_seed
+    if args.in_sample:  # judge the calibration runs themselves: no drift between fit and run
+        judged, again, seed = calib, {}, args.calibrate_seed
+    columns = ("calibrated", "no_noise", "default_cost", "live_again")
+    pool: dict[str, list[dict[str, Any]]] = {"live": [], **{c: [] for c in columns}}
+    for n in judged:
         live, t0, t1 = judged[n]
-        steps = step_rows(window(rows, t0, t1))
-        live["mean_step_s"] = float(np.mean([r["execute_s"] for r in steps])) if steps else None
-        live.pop("requests")
-        reqs = judge_reqs[n]
+        pool["live"] += live["requests"]
+        live = {k: v for k, v in live.items() if k != "requests"}
+        live["mean_step_s"] = live_mean_step(rows, t0, t1)
+        reqs = workload(n, seed, workers, args.duration, args.scale, args.rate)
         repeat: dict[str, Any] = {}
         if n in again:  # the same file served again: the machine's own run-to-run spread
             live2, t0, t1 = again[n]
-            steps2 = step_rows(window(rows, t0, t1))
-            live2["mean_step_s"] = (float(np.mean([r["execute_s"] for r in steps2]))
-                                    if steps2 else None)
+            pool["live_again"] += live2["requests"]
+            live2 = {k: v for k, v in live2.items() if k != "requests"}
+            live2["mean_step_s"] = live_mean_step(rows, t0, t1)
             repeat = compare(live, live2)
+        sims = {"calibrated": simulate(reqs, cal.cost, workers, args.sim_seeds),
+                "no_noise": simulate(reqs, without_noise(cal.cost), workers),
+                "default_cost": simulate(reqs, replace(base), workers)}
         out["workloads"][n] = {
-            "num_requests": len(reqs), "live_steps": len(steps), "live_again": repeat,
-            "calibrated": compare(live, simulate(reqs, cal.cost, workers)),
-            "no_noise": compare(live, simulate(reqs, replace(cal.cost, noise_quantiles=(),
-                                                            noise_rho=0.0), workers)),
-            "default_cost": compare(live, simulate(reqs, replace(base), workers)),
+            "num_requests": len(reqs), "live_steps": len(step_rows(window(rows, *judged[n][1:]))),
+            "live_again": repeat, **{c: compare(live, sim) for c, sim in sims.items()},
         }
+        for c, sim in sims.items():
+            pool[c] += sim["requests"]
+    # every judged request of this worker count pooled: a p99 over ~300-600 requests rather
+    # than one run's ~100 (where it is about the largest value, and the same file served
+    # twice differs by 10-30%)
+    live_pooled = pooled(pool["live"])
+    out["pooled"] = {c: compare(live_pooled, pooled(pool[c]), POOLED) for c in columns
+                     if pool[c]}
     return out
 
 
@@ -173,6 +264,33 @@ def format_table(results: dict[str, Any]) -> str:
                 lines.append(f"| {w} | {n} | {k} ({unit}) | {_num(c['live'], scale)} | "
                              f"{_num(c['sim'], scale)} | {_pct(c['error'])} | "
                              f"{_pct(e['error'])} | {_pct(d['error'])} | {_pct(again)} |")
+    return "\n".join(lines)
+
+
+def pooled_table(results: dict[str, Any]) -> str:
+    """Per worker count, the pooled percentiles: live, and each column's error."""
+    cols = ("calibrated", "no_noise", "default_cost", "live_again")
+    lines = ["| workers | metric | live (ms) | " + " | ".join(cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for w, res in results.items():
+        for k in POOLED:
+            live = res["pooled"]["calibrated"][k]["live"]
+            cells = [_pct(res["pooled"].get(c, {}).get(k, {}).get("error")) for c in cols]
+            lines.append(f"| {w} | {k} | {_num(live, 1e3)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """Median (max) absolute error over the runs, per metric and column."""
+    cols = ("calibrated", "no_noise", "default_cost", "live_again")
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k in METRICS:
+        cells = []
+        for col in cols:
+            errs = [abs(e) for res in results.values() for wl in res["workloads"].values()
+                    if (e := wl[col].get(k, {}).get("error")) is not None]
+            cells.append(f"{np.median(errs):.1%} ({max(errs):.1%})" if errs else "-")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -201,10 +319,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat-live", action=argparse.BooleanOptionalAction, default=True,
                    help="serve each judged file twice: the second run's error against the first "
                    "is the machine's own spread, the floor of any prediction (on)")
+    p.add_argument("--in-sample", action="store_true", help="with --from: simulate the "
+                   "calibration files instead of the judged ones (the model's own error, without "
+                   "the machine's drift between the runs)")
+    p.add_argument("--sim-seeds", type=int, default=1, help="simulate each file with this "
+                   "many noise seeds; each metric is their median (1)")
+    p.add_argument("--terms", default="", help="optional model terms to fit (engine.sim fit "
+                   f"--terms), comma-separated: {', '.join(TERMS)}; none by default")
     p.add_argument("--json", help="write every figure here")
-    p.add_argument("--keep", help="keep the recordings and cost files in this directory")
+    p.add_argument("--keep", help="keep the recordings, the client's results and the cost "
+                   "files in this directory")
+    p.add_argument("--from", dest="from_dir", metavar="DIR", help="no engine: judge the runs "
+                   "kept in DIR by --keep again (same workload flags), e.g. after changing the "
+                   "fit or the simulator")
     args = p.parse_args(argv)
     args.workloads = [n for n in args.workloads.split(",") if n]
+    args.terms = [t for t in args.terms.split(",") if t]
+    if set(args.terms) - set(TERMS):
+        p.error(f"--terms: unknown {sorted(set(args.terms) - set(TERMS))}; choose from {TERMS}")
     bad = set(args.workloads) - set(WORKLOADS)
     if bad:
         p.error(f"--workloads: unknown {sorted(bad)}; choose from {WORKLOADS}")
@@ -213,10 +345,18 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(args.keep or d)
         tmp.mkdir(parents=True, exist_ok=True)
         for w in (int(x) for x in args.workers.split(",")):
-            results[str(w)] = run_workers(w, args, tmp)
+            if args.from_dir:
+                rows, runs = load_runs(w, Path(args.from_dir))
+                results[str(w)] = judge(w, args, rows, runs, tmp)
+            else:
+                results[str(w)] = run_workers(w, args, tmp)
             print(f"{w} worker(s) done: fit {json.dumps(results[str(w)]['fit'])}",
                   file=sys.stderr)
     print(format_table(results))
+    print()
+    print(summary_table(results))
+    print()
+    print(pooled_table(results))
     if args.json:
         meta = {"command": "python -m bench.fidelity " + " ".join(argv or sys.argv[1:]),
                 "date": time.strftime("%Y-%m-%d")}

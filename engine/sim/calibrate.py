@@ -1,6 +1,7 @@
 """``python -m engine.sim fit RECORDING``: a cost file from the engine's own step recording.
 
-The recording is what ``--profile-steps`` writes (engine/profiling.py). The fit:
+The recording is what ``--profile-steps`` writes (engine/profiling.py). The fit (terms
+marked *optional* only with ``--terms``, e.g. ``--terms contention,shape,slow,admit,host``):
 
 - **step time** (the ``[cost]`` table): the five coefficients of ``cost_model`` by
   non-negative least squares of each step's ``execute_s`` (the worker's own timing) on its
@@ -11,16 +12,33 @@ The recording is what ``--profile-steps`` writes (engine/profiling.py). The fit:
   cycle spent outside its forward pass: ``t_result - t_send - execute_s`` (IPC both ways,
   encoding, the pool's turn) plus the next plan's ``gap_s`` (the scheduler's update and
   schedule, other workers' handling); least squares on the step's requests;
+- *optional* **contention** (``[contention]``, ``overlap``; with several workers): a step's time is
+  ``(linear model) x (1 + overlap x o)``, ``o`` the share of its compute interval that other
+  workers' steps begun before it overlap (``overlap_shares``, as the simulator counts it);
+  alternating least squares with the step coefficients;
 - **noise** (``[noise]``): the ratio of each step's measured to fitted time, as 101
   quantiles scaled so the mean step time is kept, and the lag-1 autocorrelation of its normal
   scores along each worker's steps (``cost_model.StepNoise``; ``--no-noise``: none);
+  *optional* ``shape``: a table of its own for steps with prefill tokens (their ratio's
+  median is ~1.25 against ~0.9 for decode-only steps); *optional* ``slow``: the
+  autocorrelation at lags 1 to 120 fitted as a fast plus a slow AR(1) (``fit_acf``: live, it
+  is still 0.1 at lag 100, where one AR(1) of lag-1 0.6 is 0);
 - **admit** (``admit_s``): the mean of ``t - frontend_t`` of the ``add`` rows (frontend stamp
   to the scheduler);
 - **stream** (``stream_s``): only with the client's view of the same requests
   (``--client-results``, ``bench.loadgen run --json`` files): the mean client TTFT minus the
   mean pool-side TTFT (``first`` minus ``add``) minus ``admit_s``, i.e. what the frontend
   adds before its stamp (HTTP, tokenizing) and after the pool's output (detokenizing, SSE),
-  lumped into the stream term; 0 without client results.
+  lumped into the stream term; 0 without client results;
+- *optional* **host noise** (``[noise] host_quantiles``): each host sample over the fitted host time,
+  as quantiles scaled to keep the mean (the round trip and the pool's turn have a tail:
+  p99 about 5x the median);
+- *optional* **admission delay per request** (``[noise] admit_quantiles``): when the client's requests
+  pair up with the recording's (``matched_ttfts``: one run, one client file), what each
+  request's client TTFT holds beyond its pool TTFT varies (a p99 several times its median:
+  the frontend's turn on a busy machine), and that tail sets much of a TTFT p99. Its 1st
+  percentile, less the recorded admission, becomes the constant ``stream_s``, and the rest
+  a per-request delay before admission, drawn from its quantiles (``fit_admit_delays``).
 
 ``--since``/``--until`` (unix seconds) keep a window of the recording (rows by their ``t`` or
 ``t_send``). The engine shape (``[engine]``) is ``--base``'s (default: the default cost file).
@@ -32,18 +50,24 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from engine.profiling import read_recording
-from engine.sim.cost_model import BatchShape, CostModel, fit, nonnegative_lstsq
+from engine.sim.contention import OVERLAP_EPS
+from engine.sim.cost_model import BatchShape, CostModel, nonnegative_lstsq
 
 PROG = "python -m engine.sim fit"
+# optional terms (``--terms``): CPU contention between workers, prefill steps' own noise
+# table, a slow noise component, drawn admission delays, drawn host times; none by default:
+# on the shared machine's recordings none of them made the judged runs closer (see
+# docs/simulator.md, "Tail terms")
+TERMS = ("contention", "shape", "slow", "admit", "host")
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,54 @@ def host_samples(steps: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
     return out
 
 
+def overlap_shares(steps: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Per step (in the order given): the share of its compute interval, ``[t_result -
+    execute_s, t_result]``, during which other workers' steps begun before it still computed
+    (summed, at most 1): what the simulator's ``overlap_share`` computes for its own steps."""
+    order = sorted(range(len(steps)), key=lambda i: steps[i]["t_result"] - steps[i]["execute_s"])
+    computing: dict[int, tuple[float, float]] = {}
+    out = np.zeros(len(steps))
+    for i in order:
+        r = steps[i]
+        start, end, w = r["t_result"] - r["execute_s"], r["t_result"], r["worker"]
+        covered = sum(min(until, end) - start for o, (since, until) in computing.items()
+                      if o != w and since < start - OVERLAP_EPS and until > start)
+        out[i] = min(1.0, covered / (end - start)) if end > start else 0.0
+        computing[w] = (start, end)
+    return out
+
+
+def fit_contention(x: np.ndarray, y: np.ndarray, share: np.ndarray, relative: bool = False,
+                   largest: float = 4.0) -> tuple[list[float], float, np.ndarray]:
+    """``y = (x @ coef) x (1 + overlap x share)``, coef >= 0 and 0 <= overlap <= ``largest``:
+    for a given overlap coef is a least-squares fit, so overlap is found by a 1-D search (a
+    grid, then golden section); (coef, overlap, fitted y). 0 when no step overlaps another."""
+    if not share.any():
+        coef, pred = nonnegative_lstsq(x, y, relative)
+        return coef, 0.0, pred
+    w = 1.0 / np.maximum(y, 1e-9) if relative else np.ones_like(y)
+
+    def loss(c: float) -> float:
+        factor = 1.0 + c * share
+        _, pred = nonnegative_lstsq(x * factor[:, None], y, relative)
+        return float((((pred - y) * w) ** 2).sum())
+
+    grid = np.linspace(0.0, largest, 41)
+    k = int(np.argmin([loss(c) for c in grid]))
+    lo, hi = grid[max(0, k - 1)], grid[min(len(grid) - 1, k + 1)]
+    golden = (np.sqrt(5.0) - 1) / 2
+    for _ in range(60):
+        c1, c2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        if loss(c1) <= loss(c2):
+            hi = c2
+        else:
+            lo = c1
+    overlap = float((lo + hi) / 2)
+    factor = 1.0 + overlap * share
+    coef, pred = nonnegative_lstsq(x * factor[:, None], y, relative)
+    return coef, overlap, pred
+
+
 def pool_ttfts(rows: Sequence[dict[str, Any]]) -> list[float]:
     """Per request: its first token out of the pool minus its arrival at the pool."""
     added = {r["request"]: r["t"] for r in rows if r["kind"] == "add"}
@@ -93,31 +165,98 @@ def pool_ttfts(rows: Sequence[dict[str, Any]]) -> list[float]:
             if r["kind"] == "first" and r["request"] in added]
 
 
-def fit_noise(steps: Sequence[dict[str, Any]], pred: np.ndarray,
-              points: int = 101) -> tuple[tuple[float, ...], float]:
-    """(ratio quantiles, rho) of measured over fitted step times (see the module doc)."""
+class NoiseFit(NamedTuple):
+    """The ``[noise]`` table (``cost_model.StepNoise``)."""
+
+    quantiles: tuple[float, ...]
+    rho: float
+    prefill_quantiles: tuple[float, ...] = ()
+    slow_rho: float = 0.0
+    slow_share: float = 0.0
+
+
+ACF_LAGS = (1, 2, 3, 5, 8, 13, 20, 30, 50, 80, 120)
+
+
+def fit_noise(steps: Sequence[dict[str, Any]], pred: np.ndarray, points: int = 101,
+              by_shape: bool = False, slow: bool = False) -> NoiseFit:
+    """The ratio of measured over fitted step times (see the module doc): its quantiles
+    (``by_shape``: separately for steps with prefill tokens, when there are enough of them),
+    each table scaled so that its steps' mean time is kept, and the autocorrelation of its
+    normal scores along each worker's steps, as one AR(1) or (``slow``) a fast plus a slow."""
     y = np.array([r["execute_s"] for r in steps])
     pred = np.maximum(pred, 1e-4)
     ratio = y / pred
-    q = np.quantile(ratio, np.linspace(0.0, 1.0, points))
-    # StepNoise interpolates between quantiles: its mean is their trapezoid mean; scale it to
-    # E[ratio] = mean measured / mean fitted, so the simulated mean step is the measured one
-    q *= (y.sum() / pred.sum()) / sampled_mean(q)
-    quantiles = tuple(float(x) for x in q)
-    ranks = np.empty(len(ratio))
-    ranks[np.argsort(ratio, kind="stable")] = np.arange(len(ratio))
+    prefill = np.array([r.get("prefill_tokens", 0) > 0 for r in steps])
+    split = by_shape and MIN_CLASS_STEPS <= prefill.sum() <= len(steps) - MIN_CLASS_STEPS
+    classes = [~prefill, prefill] if split else [np.ones(len(steps), dtype=bool)]
+    tables, z = [], np.zeros(len(steps))
     normal = NormalDist()
-    z = [normal.inv_cdf((k + 0.5) / len(ratio)) for k in ranks]
+    for members in classes:
+        r = ratio[members]
+        q = np.quantile(r, np.linspace(0.0, 1.0, points))
+        # StepNoise interpolates between quantiles: its mean is their trapezoid mean; scale
+        # it to E[ratio] = mean measured / mean fitted, so the simulated mean step is kept
+        q *= (y[members].sum() / pred[members].sum()) / sampled_mean(q)
+        tables.append(tuple(float(x) for x in q))
+        ranks = np.empty(len(r))
+        ranks[np.argsort(r, kind="stable")] = np.arange(len(r))
+        z[members] = [normal.inv_cdf((k + 0.5) / len(r)) for k in ranks]
+    acf = score_acf(steps, z)
+    rho, slow_rho, slow_share = fit_acf(acf) if slow else (acf.get(1, 0.0), 0.0, 0.0)
+    return NoiseFit(tables[0], rho, tables[1] if split else (), slow_rho, slow_share)
+
+
+MIN_CLASS_STEPS = 50  # steps of a class (prefill, decode-only) for a table of its own
+
+
+def score_acf(steps: Sequence[dict[str, Any]], z: np.ndarray) -> dict[int, float]:
+    """Lag -> autocorrelation of the scores ``z`` along each worker's steps (lags with at
+    least 3 pairs)."""
     by_worker: dict[int, list[tuple[float, float]]] = {}
     for row, score in zip(steps, z, strict=True):
-        by_worker.setdefault(row["worker"], []).append((row["t_send"], score))
-    pairs = [(a[1], b[1]) for series in by_worker.values()
-             for a, b in itertools.pairwise(sorted(series))]
-    rho = 0.0
-    if len(pairs) >= 3:
-        rho = float(np.corrcoef(np.array(pairs).T)[0, 1])
-        rho = 0.0 if not np.isfinite(rho) else min(0.99, max(-0.99, rho))
-    return quantiles, rho
+        by_worker.setdefault(row["worker"], []).append((row["t_send"], float(score)))
+    series = [np.array([s for _, s in sorted(v)]) for v in by_worker.values()]
+    out = {}
+    for lag in ACF_LAGS:
+        a = np.concatenate([x[:-lag] for x in series if len(x) > lag] or [np.zeros(0)])
+        b = np.concatenate([x[lag:] for x in series if len(x) > lag] or [np.zeros(0)])
+        if len(a) >= 3:
+            c = float(np.corrcoef(a, b)[0, 1])
+            out[lag] = c if np.isfinite(c) else 0.0
+    return out
+
+
+def fit_acf(acf: dict[int, float]) -> tuple[float, float, float]:
+    """(rho, slow_rho, slow_share) of ``acf(k) = (1 - s) rho^k + s slow_rho^k`` closest (least
+    squares over the lags) to the measured autocorrelation; s 0 when one AR(1) fits as well."""
+    if not acf:
+        return 0.0, 0.0, 0.0
+    lags = np.array(sorted(acf), dtype=float)
+    target = np.array([acf[int(k)] for k in lags])
+    one = min(0.99, max(0.0, acf.get(1, 0.0)))
+    best = (float(((one ** lags - target) ** 2).sum()), one, 0.0, 0.0)
+    if len(lags) < 4:
+        return best[1], 0.0, 0.0
+    fast = np.arange(0.0, 0.97, 0.02)
+    slow = np.array([0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998])
+    share = np.arange(0.0, 0.71, 0.01)
+    f, sl, sh = np.meshgrid(fast, slow, share, indexing="ij")
+    model = ((1 - sh)[..., None] * f[..., None] ** lags + sh[..., None] * sl[..., None] ** lags)
+    err = ((model - target) ** 2).sum(-1)
+    i = np.unravel_index(np.argmin(err), err.shape)
+    if err[i] < 0.8 * best[0]:  # the slow component must earn its keep
+        best = (float(err[i]), float(f[i]), float(sl[i]), float(sh[i]))
+    _, rho, slow_rho, slow_share = best
+    return rho, slow_rho, slow_share
+
+
+def mean_kept_quantiles(ratio: np.ndarray, mean: float, points: int = 101
+                        ) -> tuple[float, ...]:
+    """Quantiles of ``ratio`` scaled so that drawing from them averages ``mean``."""
+    q = np.quantile(ratio, np.linspace(0.0, 1.0, points))
+    q *= mean / max(sampled_mean(q), 1e-30)
+    return tuple(float(x) for x in q)
 
 
 def sampled_mean(quantiles: Sequence[float] | np.ndarray) -> float:
@@ -126,24 +265,63 @@ def sampled_mean(quantiles: Sequence[float] | np.ndarray) -> float:
     return float((q[:-1] + q[1:]).mean() / 2)
 
 
+def matched_ttfts(rows: Sequence[dict[str, Any]], client_requests: Sequence[dict[str, Any]]
+                  ) -> list[tuple[float, float, float]]:
+    """(client TTFT, pool TTFT, admission delay) per request of one run: the client's
+    completed requests (``bench.loadgen run --json`` rows) in send order against the
+    recording's ``add`` rows in stamp order; [] unless they pair up one to one (same count,
+    same prompt lengths)."""
+    first = {r["request"]: r["t"] for r in rows if r["kind"] == "first"}
+    adds = sorted((r for r in rows if r["kind"] == "add" and r.get("frontend_t")
+                   and r["request"] in first), key=lambda r: r["frontend_t"])
+    done = sorted((q for q in client_requests if q.get("outcome") == "completed"
+                   and q.get("ttft_s") is not None), key=lambda q: q["sent_s"])
+    if len(adds) != len(done) or any(a["prompt_tokens"] != q["num_prompt_tokens"]
+                                     for a, q in zip(adds, done, strict=True)):
+        return []
+    return [(q["ttft_s"], first[a["request"]] - a["t"], a["t"] - a["frontend_t"])
+            for a, q in zip(adds, done, strict=True)]
+
+
+MIN_MATCHED = 20  # requests matched with the client's for a drawn admission delay
+
+
+def fit_admit_delays(matched: Sequence[tuple[float, float, float]], points: int = 101
+                     ) -> tuple[tuple[float, ...], float]:
+    """(admit_quantiles, stream_s) from matched requests: what the client sees beyond the
+    pool's TTFT is ``admission delay + extra`` per request; the extra's 1st percentile is
+    the constant ``stream_s`` every token pays, and the rest, ``client - pool - stream_s``,
+    is the admission delay a request draws (its quantiles)."""
+    client, pool, admit = (np.array(x) for x in zip(*matched, strict=True))
+    stream = max(0.0, float(np.quantile(client - pool - admit, 0.01)))
+    delays = np.maximum(0.0, client - pool - stream)
+    return tuple(float(q) for q in np.quantile(delays, np.linspace(0, 1, points))), stream
+
+
 def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
                   client_ttfts: Sequence[float] = (), relative: bool = False,
-                  source: str = "", noise: bool = True) -> Calibration:
+                  source: str = "", noise: bool = True, terms: Collection[str] = (),
+                  matched: Sequence[tuple[float, float, float]] = ()) -> Calibration:
     """A cost model from recording ``rows`` (see the module doc); ValueError when the
     recording holds too few steps to fit."""
     steps = step_rows(rows)
     if len(steps) < len(CostModel.COEFFICIENTS):
         raise ValueError(f"{PROG}: the recording holds {len(steps)} timed steps; at least "
                          f"{len(CostModel.COEFFICIENTS)} are needed")
-    coef, pred = fit([(r["execute_s"], shape_of(r)) for r in steps], relative=relative)
     y = np.array([r["execute_s"] for r in steps])
+    x = np.array([shape_of(r).features() for r in steps])
+    coef, overlap, pred = fit_contention(x, y, overlap_shares(steps) if "contention" in terms
+                                         else np.zeros(len(steps)), relative)
     rel = np.abs(pred - y) / y
     host = host_samples(steps)
     host_step = host_request = 0.0
+    host_q: tuple[float, ...] = ()
     if len(host) >= 2:
         x = np.array([[1.0, float(n)] for n, _ in host])
-        (host_step, host_request), _ = nonnegative_lstsq(
-            x, np.array([s for _, s in host]), relative=False)
+        host_s = np.array([s for _, s in host])
+        (host_step, host_request), host_pred = nonnegative_lstsq(x, host_s, relative=False)
+        if noise and "host" in terms and len(host) >= MIN_CLASS_STEPS and host_pred.min() > 0:
+            host_q = mean_kept_quantiles(host_s / host_pred, host_s.sum() / host_pred.sum())
     admits = [r["t"] - r["frontend_t"] for r in rows
               if r["kind"] == "add" and r.get("frontend_t")]
     admit = max(0.0, float(np.mean(admits))) if admits else 0.0
@@ -151,11 +329,18 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
     stream = 0.0
     if client_ttfts and ttfts:
         stream = max(0.0, float(np.mean(client_ttfts)) - float(np.mean(ttfts)) - admit)
+    admit_q: tuple[float, ...] = ()
+    if noise and "admit" in terms and len(matched) >= MIN_MATCHED:
+        admit_q, stream = fit_admit_delays(matched)
     values: dict[str, Any] = dict(zip(CostModel.COEFFICIENTS, coef, strict=True))
-    quantiles, rho = fit_noise(steps, pred) if noise else ((), 0.0)
+    nf = (fit_noise(steps, pred, by_shape="shape" in terms, slow="slow" in terms) if noise
+          else NoiseFit((), 0.0))
     cost = replace(base, **values, admit_s=admit, stream_s=stream, host_step_s=host_step,
                    host_request_s=host_request, source=source or base.source,
-                   noise_quantiles=quantiles, noise_rho=rho)
+                   noise_quantiles=nf.quantiles, noise_rho=nf.rho,
+                   noise_prefill_quantiles=nf.prefill_quantiles, noise_slow_rho=nf.slow_rho,
+                   noise_slow_share=nf.slow_share, admit_quantiles=admit_q, host_quantiles=host_q,
+                   overlap=overlap)
     report = {
         "steps": len(steps), "median_rel_error": float(np.median(rel)),
         "p90_rel_error": float(np.quantile(rel, 0.9)),
@@ -163,9 +348,18 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
         "host_samples": len(host),
         "mean_host_s": float(np.mean([s for _, s in host])) if host else 0.0,
         "admit_samples": len(admits), "pool_ttft_samples": len(ttfts),
-        "client_ttft_samples": len(client_ttfts),
+        "client_ttft_samples": len(client_ttfts), "matched_requests": len(matched),
     }
     return Calibration(cost, report)
+
+
+def client_requests_of(path: str) -> list[dict[str, Any]]:
+    """The per-request rows of one ``bench.loadgen run --json`` result file."""
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--client-results: cannot read {path}: {e}") from e
+    return list(result.get("requests", []))
 
 
 def client_ttfts_of(paths: Sequence[str]) -> list[float]:
@@ -193,14 +387,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", type=float, help="unix seconds: ignore rows before")
     p.add_argument("--until", type=float, help="unix seconds: ignore rows after")
     p.add_argument("--relative", action="store_true", help="fit step times on relative error")
+    p.add_argument("--terms", default="", help="optional model terms to fit, comma-separated: "
+                   f"{', '.join(TERMS)} (see the module doc; none by default)")
     p.add_argument("--no-noise", action="store_true", help="no [noise] table: every simulated "
                    "step takes exactly the model's time")
     args = p.parse_args(argv)
+    terms = [t for t in args.terms.split(",") if t]
+    if set(terms) - set(TERMS):
+        p.error(f"--terms: unknown {sorted(set(terms) - set(TERMS))}; choose from {TERMS}")
     try:
         base = CostModel.load(args.base)
         rows = window(read_recording(args.recording), args.since, args.until)
+        matched = (matched_ttfts(rows, client_requests_of(args.client_results[0]))
+                   if len(args.client_results) == 1 else [])
         cal = fit_recording(rows, base, client_ttfts_of(args.client_results), args.relative,
-                            source=f"{PROG} {args.recording}", noise=not args.no_noise)
+                            matched=matched,
+                            source=f"{PROG} {args.recording}", noise=not args.no_noise,
+                            terms=terms)
     except (OSError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -209,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                            for k, v in cal.report.items())
                + f"\nRegenerate: {PROG} {args.recording} --out {args.out}")
     Path(args.out).write_text(cal.cost.to_toml(comment), encoding="utf-8")
-    for name in (*CostModel.COEFFICIENTS, *CostModel.HOST):
+    for name in (*CostModel.COEFFICIENTS, *CostModel.HOST, "overlap"):
         print(f"{name:16s} {getattr(cal.cost, name):.4g}")
     print(json.dumps(cal.report))
     return 0

@@ -23,6 +23,20 @@ the machine, allocator, caches), and in bursts. ``quantiles`` is that ratio at e
 probabilities from 0 to 1, scaled so the mean step time is unchanged, and ``rho`` the lag-1
 autocorrelation of its normal scores on a worker. The simulator multiplies each step by a
 ratio drawn through a Gaussian AR(1) per worker (``StepNoise``; seeded: runs repeat).
+Optionally ``prefill_quantiles`` (steps with prefill tokens: their ratio differs from that of
+decode-only steps) and a second, slow AR(1) (``slow_rho``, ``slow_share``): live slowdowns
+come both in short bursts and in spells of many steps. ``admit_quantiles``: a request's
+delay from the client to the scheduler (HTTP, the frontend's turn on a busy machine, and
+everything of the first token's path beyond ``stream_s``), drawn per request instead of the
+constant ``admit_s``: live, that delay has a tail that sets much of a TTFT p99.
+``host_quantiles``: a step's host time over ``host_time()`` (drawn per step, mean 1): live,
+the pool's round trip and turn vary as much as the forward pass.
+
+CPU contention between workers (an optional ``[contention]`` table, ``overlap``; 0 when
+absent): workers that share cores slow each other down, so a step's time is multiplied by
+``1 + overlap x o``, where ``o`` is the share of the step during which another worker's step,
+begun before it, is still computing (the simulator knows the other workers' steps in flight;
+a recording gives the same share from the workers' send and result times).
 ``python -m engine.sim fit`` fits all of these from a ``--profile-steps`` recording.
 
 The parameters live in a TOML (or JSON) file with a ``[cost]`` table of the five step numbers,
@@ -39,6 +53,7 @@ import json
 import math
 import random
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -89,6 +104,12 @@ class CostModel:
     host_request_s: float = 0.0
     noise_quantiles: tuple[float, ...] = ()
     noise_rho: float = 0.0
+    noise_prefill_quantiles: tuple[float, ...] = ()  # steps with prefill tokens; () = same
+    noise_slow_rho: float = 0.0  # a second, slow AR(1) component
+    noise_slow_share: float = 0.0  # its share of the variance of the normal score
+    admit_quantiles: tuple[float, ...] = ()  # a request's admission delay; () = admit_s
+    host_quantiles: tuple[float, ...] = ()  # a step's host time over host_time(); () = 1
+    overlap: float = 0.0  # [contention]: a step's time x (1 + overlap x its overlapped share)
 
     COEFFICIENTS = ("step_s", "prefill_token_s", "decode_seq_s", "context_token_s",
                     "prefill_pair_s")
@@ -119,7 +140,19 @@ class CostModel:
         """Draws each step's time ratio, per worker; None without a ``[noise]`` table."""
         if not self.noise_quantiles:
             return None
-        return StepNoise(self.noise_quantiles, self.noise_rho, num_workers, seed)
+        return StepNoise(self.noise_quantiles, self.noise_rho, num_workers, seed,
+                         self.noise_prefill_quantiles, self.noise_slow_rho,
+                         self.noise_slow_share)
+
+    def admit_delays(self, seed: int = 0) -> Callable[[], float] | None:
+        """Draws each request's admission delay from ``admit_quantiles`` (independent per
+        request, seeded); None without them (every request then takes ``admit_s``)."""
+        return _draws(self.admit_quantiles, seed)
+
+    def host_ratios(self, seed: int = 0) -> Callable[[], float] | None:
+        """Draws each step's host time over ``host_time`` from ``host_quantiles``
+        (independent per step, seeded); None without them."""
+        return _draws(self.host_quantiles, seed + 7919)
 
     # ------------------------------------------------------------------ files
 
@@ -153,7 +186,11 @@ class CostModel:
         noise = data.get("noise", {})
         if not isinstance(noise, dict):
             raise ValueError(f"--cost: {where}: [noise] must be a table")
-        unknown |= {f"noise.{k}" for k in set(noise) - {"quantiles", "rho"}}
+        unknown |= {f"noise.{k}" for k in set(noise) - set(NOISE_KEYS)}
+        contention = data.get("contention", {})
+        if not isinstance(contention, dict):
+            raise ValueError(f"--cost: {where}: [contention] must be a table")
+        unknown |= {f"contention.{k}" for k in set(contention) - {"overlap"}}
         if unknown:
             raise ValueError(f"--cost: {where}: unknown keys {sorted(unknown)}")
         values = {k: float(v) for k, v in (cost | host).items()}
@@ -161,13 +198,29 @@ class CostModel:
             raise ValueError(f"--cost: {where}: coefficients must be >= 0, got {values}")
         engine = EngineShape(**{k: int(v) for k, v in data.get("engine", {}).items()})
         quantiles = tuple(float(q) for q in noise.get("quantiles", ()))
+        prefill_q = tuple(float(q) for q in noise.get("prefill_quantiles", ()))
+        admit_q = tuple(float(q) for q in noise.get("admit_quantiles", ()))
+        host_q = tuple(float(q) for q in noise.get("host_quantiles", ()))
+        for name, q in (("admit_quantiles", admit_q), ("host_quantiles", host_q)):
+            if q and (len(q) < 2 or min(q) < 0 or list(q) != sorted(q)):
+                raise ValueError(f"--cost: {where}: [noise] {name} must be >= 2 increasing "
+                                 f"values >= 0")
         rho = float(noise.get("rho", 0.0))
-        if quantiles and (len(quantiles) < 2 or min(quantiles) <= 0
-                          or list(quantiles) != sorted(quantiles) or not -1 < rho < 1):
+        slow_rho = float(noise.get("slow_rho", 0.0))
+        slow_share = float(noise.get("slow_share", 0.0))
+        if (quantiles or prefill_q) and (
+                not _valid_quantiles(quantiles) or not -1 < rho < 1 or not -1 < slow_rho < 1
+                or not 0 <= slow_share <= 1 or (prefill_q and not _valid_quantiles(prefill_q))):
             raise ValueError(f"--cost: {where}: [noise] needs >= 2 increasing positive "
-                             f"quantiles and -1 < rho < 1")
+                             f"quantiles (and prefill_quantiles if any), -1 < rho, slow_rho "
+                             f"< 1 and 0 <= slow_share <= 1")
+        overlap = float(contention.get("overlap", 0.0))
+        if overlap < 0:
+            raise ValueError(f"--cost: {where}: [contention] overlap must be >= 0")
         return cls(**values, engine=engine, source=str(data.get("source", "")),
-                   noise_quantiles=quantiles, noise_rho=rho)
+                   noise_quantiles=quantiles, noise_rho=rho, noise_prefill_quantiles=prefill_q,
+                   noise_slow_rho=slow_rho, noise_slow_share=slow_share,
+                   admit_quantiles=admit_q, host_quantiles=host_q, overlap=overlap)
 
     def to_toml(self, comment: str = "") -> str:
         lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
@@ -177,9 +230,22 @@ class CostModel:
         if self.has_host:
             lines += ["", "[host]"]
             lines += [f"{name} = {getattr(self, name)!r}" for name in self.HOST]
+        if self.noise_quantiles or self.admit_quantiles or self.host_quantiles:
+            lines += ["", "[noise]"]
         if self.noise_quantiles:
-            lines += ["", "[noise]", f"rho = {self.noise_rho!r}",
-                      f"quantiles = [{', '.join(f'{q:.5g}' for q in self.noise_quantiles)}]"]
+            lines += [f"rho = {self.noise_rho!r}",
+                      f"quantiles = [{_floats(self.noise_quantiles)}]"]
+            if self.noise_prefill_quantiles:
+                lines += [f"prefill_quantiles = [{_floats(self.noise_prefill_quantiles)}]"]
+            if self.noise_slow_share:
+                lines += [f"slow_rho = {self.noise_slow_rho!r}",
+                          f"slow_share = {self.noise_slow_share!r}"]
+        if self.admit_quantiles:
+            lines += [f"admit_quantiles = [{_floats(self.admit_quantiles)}]"]
+        if self.host_quantiles:
+            lines += [f"host_quantiles = [{_floats(self.host_quantiles)}]"]
+        if self.overlap:
+            lines += ["", "[contention]", f"overlap = {self.overlap!r}"]
         lines += ["", "[engine]"]
         lines += [f"{k} = {v}" for k, v in asdict(self.engine).items()]
         return "\n".join(lines) + "\n"
@@ -192,8 +258,28 @@ class CostModel:
                   "noise_p99": float(np.interp(0.99, _grid(self.noise_quantiles),
                                                self.noise_quantiles))}
                  if self.noise_quantiles else {})
+        contention = {"overlap": self.overlap} if self.overlap else {}
         return {**dict(zip(self.COEFFICIENTS, self.coefficients, strict=True)), **host,
-                **noise, "source": self.source}
+                **noise, **contention, "source": self.source}
+
+
+def _draws(quantiles: tuple[float, ...], seed: int) -> Callable[[], float] | None:
+    if not quantiles:
+        return None
+    rng, grid = random.Random(seed), _grid(quantiles)
+    return lambda: float(np.interp(rng.random(), grid, quantiles))
+
+
+NOISE_KEYS = ("quantiles", "rho", "prefill_quantiles", "slow_rho", "slow_share",
+              "admit_quantiles", "host_quantiles")
+
+
+def _valid_quantiles(q: tuple[float, ...]) -> bool:
+    return len(q) >= 2 and min(q) > 0 and list(q) == sorted(q)
+
+
+def _floats(values: tuple[float, ...]) -> str:
+    return ", ".join(f"{q:.5g}" for q in values)
 
 
 def _grid(quantiles: tuple[float, ...]) -> np.ndarray:
@@ -201,20 +287,37 @@ def _grid(quantiles: tuple[float, ...]) -> np.ndarray:
 
 
 class StepNoise:
-    """Per worker, a Gaussian AR(1) ``z`` (lag-1 correlation ``rho``) mapped through the
-    normal CDF onto the step-time ratio's quantiles: bursts of slow steps, as measured."""
+    """Per worker, a Gaussian score ``z`` mapped through the normal CDF onto the step-time
+    ratio's quantiles (those of prefill steps for a step with prefill tokens, when given):
+    ``z`` is a fast AR(1) (lag-1 correlation ``rho``), plus, with ``slow_share`` s > 0, a
+    slow one (``slow_rho``): ``z = sqrt(1 - s) z_fast + sqrt(s) z_slow``, so slow spells
+    last for many steps, as measured, and ``z`` stays standard normal."""
 
     def __init__(self, quantiles: tuple[float, ...], rho: float, num_workers: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, prefill_quantiles: tuple[float, ...] = (),
+                 slow_rho: float = 0.0, slow_share: float = 0.0) -> None:
         self.grid = _grid(quantiles)
         self.quantiles = np.array(quantiles)
+        self.prefill_grid = _grid(prefill_quantiles or quantiles)
+        self.prefill_quantiles = np.array(prefill_quantiles or quantiles)
         self.rho, self.scale = rho, math.sqrt(1.0 - rho * rho)
+        self.slow_rho, self.slow_scale = slow_rho, math.sqrt(1.0 - slow_rho * slow_rho)
+        self.fast_weight, self.slow_weight = math.sqrt(1.0 - slow_share), math.sqrt(slow_share)
         self.rng = random.Random(seed)
         self.z = [self.rng.gauss(0.0, 1.0) for _ in range(num_workers)]
+        self.slow = ([self.rng.gauss(0.0, 1.0) for _ in range(num_workers)]
+                     if slow_share else [])
 
-    def __call__(self, worker: int) -> float:
-        z = self.z[worker] = self.rho * self.z[worker] + self.scale * self.rng.gauss(0.0, 1.0)
+    def __call__(self, worker: int, prefill: bool = False) -> float:
+        gauss = self.rng.gauss
+        z = self.z[worker] = self.rho * self.z[worker] + self.scale * gauss(0.0, 1.0)
+        if self.slow:
+            slow = self.slow[worker] = (self.slow_rho * self.slow[worker]
+                                        + self.slow_scale * gauss(0.0, 1.0))
+            z = self.fast_weight * z + self.slow_weight * slow
         u = 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+        if prefill:
+            return float(np.interp(u, self.prefill_grid, self.prefill_quantiles))
         return float(np.interp(u, self.grid, self.quantiles))
 
 

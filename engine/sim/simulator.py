@@ -8,10 +8,14 @@ the plan as a stateful runner would and answer with deterministic tokens, and th
 completes at ``now + cost_model(batch shape)``, when ``core.complete(w, result, now)``
 applies it. The scheduler is the very code the engine runs; only the model and the clock
 are simulated.
-The cost model's host terms (``CostModel.HOST``) delay a request's admission by ``admit_s``,
+The cost model's host terms (``CostModel.HOST``) delay a request's admission by ``admit_s``
+(or a per-request draw from ``admit_quantiles``),
 each token's arrival at the client by ``stream_s``, and a worker's next step by
 ``host_time(requests)``; all 0 in a cost file fitted on the runner alone. A ``[noise]``
-table multiplies each step's time by a seeded draw (``cost_model.StepNoise``).
+table multiplies each step's time by a seeded draw (``cost_model.StepNoise``) and each
+step's host time by one from ``host_quantiles``; a ``[contention]`` table multiplies a
+step's time by ``1 + overlap x`` the share of it that other workers' steps in flight
+overlap (engine/sim/contention.py).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from engine.messages import (
     StepResult,
 )
 from engine.scheduler.scheduler import Scheduler
+from engine.sim.contention import contended_time
 from engine.sim.cost_model import BatchShape, CostModel
 from engine.sim.workloads import SimRequest
 
@@ -52,6 +57,7 @@ class SimConfig:
     max_model_len: int = 8192
     vocab_size: int = 4096
     check: bool = False  # check_integrity() after every scheduler call (slow; for tests)
+    noise_seed: int = 0  # the cost file's step-time noise draws
 
 
 class RequestRecord:
@@ -174,8 +180,15 @@ class Simulator:
         self.num_steps = 0
         self.num_scheduled = 0
         self.busy_s = [0.0] * config.num_workers
-        self.admit_s, self.stream_s = cost.admit_s, cost.stream_s
-        self.noise = cost.noise(config.num_workers)
+        self.stream_s = cost.stream_s
+        self.admit_delays = cost.admit_delays(config.noise_seed)
+        self.host_ratios = cost.host_ratios(config.noise_seed)
+        # the least admission delay: requests are taken from the stream that long after
+        # their arrival (a drawn delay beyond it is pushed as an event)
+        self.admit_s = cost.admit_quantiles[0] if cost.admit_quantiles else cost.admit_s
+        self.delay: dict[str, float] = {}  # request -> its drawn admission delay
+        self.noise = cost.noise(config.num_workers, config.noise_seed)
+        self.computing = [(0.0, 0.0)] * config.num_workers  # each worker's step: start, end
 
     def run(self) -> SimResult:
         start = time.perf_counter()
@@ -207,7 +220,11 @@ class Simulator:
         """A request from the stream: admitted now, or, if it follows another request, once
         that one has finished and ``think_time`` has passed."""
         if not req.after:
-            self._admit(req, now)
+            extra = self._delay(req) - self.admit_s
+            if extra > 0:  # a drawn delay beyond the constant one: admitted later
+                self._push(now + extra, _ARRIVAL, req)
+            else:
+                self._admit(req, now)
             return
         prev = self.records.get(req.after)
         if prev is None and req.after not in self.deferred:
@@ -217,13 +234,14 @@ class Simulator:
         if prev is None or prev.finish is None:
             self.followers.setdefault(req.after, []).append(req)
         else:
-            self._push(max(now, prev.finish + req.think_time + self.admit_s), _ARRIVAL, req)
+            self._push(max(now, prev.finish + req.think_time + self._delay(req)), _ARRIVAL, req)
 
     def _admit(self, req: SimRequest, now: float) -> None:
         self.deferred.discard(req.request_id)
         if req.request_id in self.records:
             raise ValueError(f"duplicate request id {req.request_id!r} in the workload")
-        self.records[req.request_id] = RequestRecord(req, now - self.admit_s)
+        self.records[req.request_id] = RequestRecord(
+            req, now - self.delay.pop(req.request_id, self.admit_s))
         sampling = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True,
                                   seed=req.seed)
         self.core.add(EngineRequest(
@@ -246,12 +264,17 @@ class Simulator:
         self.idle.remove(w)
         dt = self.cost.step_time(*shape)
         if self.noise is not None:
-            dt *= self.noise(w)
+            dt *= self.noise(w, shape.prefill_tokens > 0)
+        if self.cost.overlap:
+            dt = contended_time(self.computing, w, now, dt, self.cost.overlap)
+        self.computing[w] = (now, now + dt)
         result.execute_time_s = dt
         self.in_flight[w] = result
         self.seq += 1
-        heapq.heappush(self.events, (now + dt + self.cost.host_time(plan.num_requests),
-                                     self.seq, _STEP, w))
+        host = self.cost.host_time(plan.num_requests)
+        if self.host_ratios is not None:
+            host *= self.host_ratios()
+        heapq.heappush(self.events, (now + dt + host, self.seq, _STEP, w))
         self.busy_s[w] += dt
         self.num_steps += 1
         self.num_scheduled += len(plan.new_requests) + len(plan.cached_requests)
@@ -289,7 +312,15 @@ class Simulator:
                 rec.finish_reason = out.finish_reason
                 rec.error = out.error
                 for follower in self.followers.pop(out.request_id, ()):
-                    self._push(now + follower.think_time + self.admit_s, _ARRIVAL, follower)
+                    self._push(now + follower.think_time + self._delay(follower), _ARRIVAL,
+                               follower)
+
+    def _delay(self, req: SimRequest) -> float:
+        """The request's admission delay: ``admit_s``, or a draw (kept for its record)."""
+        if self.admit_delays is None:
+            return self.admit_s
+        d = self.delay[req.request_id] = self.admit_delays()
+        return d
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         self.seq += 1

@@ -18,10 +18,13 @@ from engine.sim.calibrate import (
     fit_noise,
     fit_recording,
     host_samples,
+    matched_ttfts,
+    overlap_shares,
     pool_ttfts,
     sampled_mean,
     step_rows,
 )
+from engine.sim.contention import overlap_share
 from engine.sim.cost_model import BatchShape, CostModel, StepNoise
 from engine.sim.metrics import SLO, summarize
 from engine.sim.simulator import SimConfig, Simulator
@@ -229,8 +232,9 @@ def test_noise_fit_recovers_the_ratio_distribution_and_its_burstiness():
         w = i % 2
         steps.append({"worker": w, "t_send": float(i), "execute_s": 0.01 * noise(w)})
         pred.append(0.01)
-    quantiles, rho = fit_noise(steps, np.array(pred))
+    quantiles, rho, prefill_q, _, slow_share = fit_noise(steps, np.array(pred))
     assert rho == pytest.approx(0.8, abs=0.05)
+    assert slow_share == 0 and prefill_q == ()  # one AR(1), one class: nothing more fitted
     measured = np.array([s["execute_s"] for s in steps])
     assert sampled_mean(quantiles) * 0.01 == pytest.approx(measured.mean())  # mean kept
     for p in (0.1, 0.5, 0.9):
@@ -251,3 +255,154 @@ def test_noise_makes_steps_vary_around_the_model_and_repeats_per_seed(tmp_path):
     assert a["tpot_p99"] != plain["tpot_p99"]
     mean = [sum(r.busy_s) / r.num_steps for r in runs]
     assert mean[1] == pytest.approx(mean[0], rel=0.1)
+
+
+def test_noise_fit_recovers_a_slow_component_and_the_prefill_steps_table():
+    rng = np.random.default_rng(1)
+    decode_q = tuple(float(q) for q in np.quantile(rng.lognormal(0.0, 0.3, 5000),
+                                                  np.linspace(0, 1, 101)))
+    prefill_q = tuple(1.4 * q for q in decode_q)
+    noise = StepNoise(decode_q, 0.5, num_workers=2, seed=5, prefill_quantiles=prefill_q,
+                      slow_rho=0.99, slow_share=0.3)
+    steps = []
+    for i in range(40000):
+        w, prefill = i % 2, i % 7 == 0
+        steps.append({"worker": w, "t_send": float(i), "prefill_tokens": int(prefill),
+                      "execute_s": 0.01 * noise(w, prefill)})
+    fitted = fit_noise(steps, np.full(len(steps), 0.01), by_shape=True, slow=True)
+    assert fitted.rho == pytest.approx(0.5, abs=0.08)
+    assert fitted.slow_rho == pytest.approx(0.99, abs=0.01)
+    assert fitted.slow_share == pytest.approx(0.3, abs=0.08)
+    grid = np.linspace(0, 1, 101)
+    ratio = np.interp(0.5, grid, fitted.prefill_quantiles) / np.interp(0.5, grid,
+                                                                        fitted.quantiles)
+    assert ratio == pytest.approx(1.4, rel=0.05)
+    # one AR(1) alone cannot hold spells this long: lag-20 correlation as measured
+    z_fast_only = fit_noise(steps, np.full(len(steps), 0.01), by_shape=True)
+    assert z_fast_only.slow_share == 0 and z_fast_only.rho > fitted.rho
+
+
+def test_new_noise_and_contention_keys_round_trip_and_are_checked(tmp_path):
+    cost = replace(TRUTH, noise_quantiles=(0.5, 1.0, 2.0), noise_rho=0.4,
+                   noise_prefill_quantiles=(0.7, 1.2, 3.0), noise_slow_rho=0.99,
+                   noise_slow_share=0.25, overlap=0.35)
+    path = tmp_path / "c.toml"
+    path.write_text(cost.to_toml())
+    assert CostModel.load(path) == cost
+    path.write_text(cost.to_toml().replace("slow_share = 0.25", "slow_share = 1.5"))
+    with pytest.raises(ValueError, match="slow_share"):
+        CostModel.load(path)
+    path.write_text(cost.to_toml().replace("overlap = 0.35", "overlap = -1.0"))
+    with pytest.raises(ValueError, match="overlap"):
+        CostModel.load(path)
+
+
+# --------------------------------------------------------------------------- contention
+
+
+def test_fit_recovers_the_overlap_factor_of_two_workers_sharing_cores(tmp_path):
+    truth = replace(TRUTH, host_step_s=0.0, host_request_s=0.0, overlap=0.6)
+    result = recorded_run(tmp_path / "r.jsonl", cost=truth)
+    rows = read_recording(tmp_path / "r.jsonl")
+    steps = step_rows(rows)
+    shares = overlap_shares(steps)
+    assert 0.05 < shares.mean() < 0.95  # the workload overlaps the workers' steps in part
+    cal = fit_recording(rows, CostModel.load(), terms=("contention",))
+    assert cal.cost.overlap == pytest.approx(0.6, rel=1e-3)
+    for name in CostModel.COEFFICIENTS:
+        assert getattr(cal.cost, name) == pytest.approx(getattr(truth, name), rel=1e-3,
+                                                        abs=1e-9), name
+    assert cal.report["median_rel_error"] < 1e-6
+    # without the term the same recording fits worse, and the simulated steps are too fast
+    plain = fit_recording(rows, CostModel.load())  # the term is optional
+    assert plain.cost.overlap == 0 and plain.report["median_rel_error"] > 0.01
+    mean = sum(result.busy_s) / result.num_steps
+    alone = Simulator(iter(workload()), replace(truth, overlap=0.0), CONFIG).run()
+    assert sum(alone.busy_s) / alone.num_steps < mean
+
+
+def test_overlap_share_counts_the_other_workers_steps_in_flight():
+    assert overlap_share([(0, 0), (1, 5)], 0, 2.0, 4.0) == pytest.approx(0.75)  # 2..5 of 2..6
+    assert overlap_share([(0, 0), (0, 1)], 0, 2.0, 4.0) == 0.0  # the other one ended before
+    assert overlap_share([(0, 9), (0, 1), (1, 9)], 1, 2.0, 4.0) == 1.0  # two: at most 1
+    assert overlap_share([(0, 0), (2, 9)], 0, 2.0, 4.0) == 0.0  # started together: neither
+    steps = [{"worker": 0, "t_result": 6.0, "execute_s": 4.0},
+             {"worker": 1, "t_result": 5.0, "execute_s": 5.0},
+             {"worker": 1, "t_result": 9.0, "execute_s": 2.0}]
+    # step 0 (2..6) overlaps worker 1's 0..5; worker 1's 7..9 starts after 2..6 ends
+    assert list(overlap_shares(steps)) == pytest.approx([0.75, 0.0, 0.0])
+
+
+# --------------------------------------------------------------------------- drawn host terms
+
+
+def test_drawn_host_times_are_fitted_back_from_a_recording(tmp_path):
+    ratios = tuple(float(q) for q in np.quantile(
+        np.random.default_rng(2).lognormal(0.0, 0.6, 4000), np.linspace(0, 1, 101)))
+    ratios = tuple(q / sampled_mean(ratios) for q in ratios)  # mean 1
+    truth = replace(TRUTH, host_quantiles=ratios)
+    recorded_run(tmp_path / "r.jsonl", cost=truth)
+    rows = read_recording(tmp_path / "r.jsonl")
+    assert fit_recording(rows, CostModel.load()).cost.host_quantiles == ()  # optional
+    got = fit_recording(rows, CostModel.load(), terms=("host",)).cost
+    assert sampled_mean(got.host_quantiles) == pytest.approx(1.0, rel=1e-6)
+    grid = np.linspace(0, 1, 101)
+    for p in (0.1, 0.5, 0.9):
+        assert np.interp(p, grid, got.host_quantiles) == pytest.approx(
+            np.interp(p, grid, ratios), rel=0.1), p
+
+
+def test_admission_delays_pair_client_and_pool_and_are_drawn_per_request(tmp_path):
+    result = recorded_run(tmp_path / "r.jsonl")
+    rows = read_recording(tmp_path / "r.jsonl")
+    extra = np.random.default_rng(3).exponential(0.004, len(result.records))
+    client = [{"outcome": "completed", "sent_s": rec.arrival, "ttft_s": rec.first_token
+               - rec.arrival + x, "num_prompt_tokens": rec.num_prompt_tokens}
+              for rec, x in zip(result.records, extra, strict=True)]
+    matched = matched_ttfts(rows, client)
+    assert len(matched) == len(client)
+    records = sorted(result.records, key=lambda r: r.arrival)
+    for (c, pool, admit), q, rec in zip(matched, sorted(client, key=lambda q: q["sent_s"]),
+                                        records, strict=True):
+        assert c == q["ttft_s"] and admit == pytest.approx(TRUTH.admit_s)
+        # the pool's TTFT: its first output less its taking the request (no stream, no admit)
+        assert pool == pytest.approx(rec.first_token - rec.arrival - TRUTH.stream_s
+                                     - TRUTH.admit_s, abs=1e-9)
+    assert matched_ttfts(rows, client[1:]) == []  # no one-to-one pairing: nothing
+    cal = fit_recording(rows, CostModel.load(), terms=("admit",), matched=matched)
+    q, stream = cal.cost.admit_quantiles, cal.cost.stream_s
+    delays = np.array([c - pool for c, pool, _ in matched])
+    assert stream == pytest.approx(np.quantile(delays - TRUTH.admit_s, 0.01), abs=1e-9)
+    assert q[-1] == pytest.approx(delays.max() - stream)
+    # in the simulator: each request draws its delay; its arrival stays the workload's, and
+    # the drawn delays follow the quantiles
+    judge = workload(seed=2, rate=2.0)
+    sim = Simulator(iter(judge), replace(TRUTH, admit_quantiles=q, stream_s=stream), CONFIG)
+    delays_drawn = []
+    admit = sim._admit
+
+    def spy(req, now):
+        delays_drawn.append(sim.delay.get(req.request_id))
+        admit(req, now)
+
+    sim._admit = spy  # type: ignore[method-assign]
+    res = sim.run()
+    assert {r.request_id: r.arrival for r in res.records} == pytest.approx(
+        {r.request_id: r.arrival_time for r in judge})
+    assert np.median(delays_drawn) == pytest.approx(np.interp(0.5, np.linspace(0, 1, 101), q),
+                                                    rel=0.15)
+
+
+def test_fit_cli_fits_the_optional_terms_asked_for_and_refuses_unknown_ones(tmp_path, capsys):
+    truth = replace(TRUTH, host_step_s=0.0, host_request_s=0.0, overlap=0.5)
+    recorded_run(tmp_path / "r.jsonl", cost=truth)
+    out = tmp_path / "fit.toml"
+    assert main(["fit", str(tmp_path / "r.jsonl"), "--out", str(out),
+                 "--terms", "contention,slow"]) == 0
+    fitted = CostModel.load(out)
+    assert fitted.overlap == pytest.approx(0.5, rel=1e-3)
+    assert main(["fit", str(tmp_path / "r.jsonl"), "--out", str(out)]) == 0
+    assert CostModel.load(out).overlap == 0  # not asked for
+    with pytest.raises(SystemExit) as e:
+        main(["fit", str(tmp_path / "r.jsonl"), "--out", str(out), "--terms", "contention,x"])
+    assert e.value.code == 2 and "--terms: unknown ['x']" in capsys.readouterr().err

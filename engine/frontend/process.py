@@ -7,12 +7,6 @@ both set ``SO_REUSEADDR``), with the next ``incarnation``: every ``AddRequest`` 
 so the pools can abort the requests of a dead incarnation (engine/pool/service.py). The
 frontend listens on its control socket for the launcher's ``NotServing`` (a restart storm
 stops the engine): health says NOT_SERVING with the reason until the launcher stops it.
-
-The loop is uvloop's where it is installed (a dependency on Linux and macOS): under a flood
-of short requests the frontend's loop is what a critical request waits for before the app
-sees it (``accept``) and after its first token (``wake``), and uvloop's transports and
-timers cost less per connection than asyncio's selector loop (docs/benchmarks.md, "Flood").
-asyncio's own loop where uvloop is absent (Windows).
 """
 
 from __future__ import annotations
@@ -105,9 +99,8 @@ async def _serve(cfg: EngineConfig, run_dir: str,
                                        f.http_port)
         freeze_startup_heap()  # the tokenizer's heap: a full collection stalled the loop
         on_ready({"grpc_port": grpc_port, "http_port": http.port})
-        log.info("frontend (incarnation %d) ready: http port %d, grpc port %d, models %s, "
-                 "loop %s", incarnation, http.port, grpc_port, [m.name for m in models],
-                 type(loop).__module__)
+        log.info("frontend (incarnation %d) ready: http port %d, grpc port %d, models %s",
+                 incarnation, http.port, grpc_port, [m.name for m in models])
         await stop.wait()
         log.info("frontend stopping")
         await asyncio.gather(grpc_server.stop(SHUTDOWN_GRACE_S), http.stop(SHUTDOWN_GRACE_S))
@@ -117,15 +110,6 @@ async def _serve(cfg: EngineConfig, run_dir: str,
         for m in models:
             await m.pool.close()
         control.close()
-
-
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop factory, or None (asyncio's default) where uvloop is absent."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
 
 
 def run_frontend(cfg: EngineConfig, run_dir: str, incarnation: int = 0) -> None:
@@ -147,8 +131,7 @@ def run_frontend(cfg: EngineConfig, run_dir: str, incarnation: int = 0) -> None:
         ready = True
 
     try:
-        with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            runner.run(_serve(cfg, run_dir, on_ready, incarnation))
+        asyncio.run(_serve(cfg, run_dir, on_ready, incarnation))
     except Exception as e:
         log.exception("frontend failed")
         if ready:  # the launcher sees the exit; ProcessFailed is for startup

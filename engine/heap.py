@@ -3,10 +3,11 @@
 CPython's cyclic collector walks every tracked object of the generation it collects, and
 its oldest generation holds everything a process built at startup: the frontend's, after
 loading the tokenizer (transformers' modules, the vocabulary), ~385,000 objects, which one
-full collection walks in 190-390 ms on the 2-core machine. Under a flood of requests the
-frontend allocates enough for a full collection every few seconds, and each one stops its
-event loop: no connection is accepted and no token is sent for that long. That was the
-largest critical-TTFT outlier under the flood (the ``accept`` part: 350-480 ms; issue 15,
+full collection walks in 190-390 ms on the 2-core machine. The frontend's allocations
+trigger one now and then (in ``bench.flood`` runs, once per run, 216-290 ms, logged by a
+``gc.callbacks`` probe), and for that long its event loop stops: no connection is accepted,
+no prompt tokenized, no token sent. Critical requests under the flood had single
+``accept`` or ``tokenize`` parts of 130-480 ms, the size of such a stop (issue 15,
 docs/benchmarks.md "Flood").
 
 ``gc.freeze()`` moves every object alive now to a permanent generation the collector

@@ -31,6 +31,7 @@ from engine.frontend.metrics import EngineMetrics
 from engine.frontend.openai_server import OpenAIServer
 from engine.frontend.pool_client import PoolClient
 from engine.frontend.serving import ModelRegistry, ServedModel
+from engine.heap import freeze_startup_heap
 from engine.messages import NotServing, ProcessFailed, ProcessReady
 from engine.models.info import load_model_info
 
@@ -96,6 +97,7 @@ async def _serve(cfg: EngineConfig, run_dir: str,
             structured_any_whitespace=f.structured_outputs_any_whitespace)
         http = await start_http_server(OpenAIServer(models, f, admission, metrics), f.host,
                                        f.http_port)
+        freeze_startup_heap()  # the tokenizer's heap: a full collection stalled the loop
         on_ready({"grpc_port": grpc_port, "http_port": http.port})
         log.info("frontend (incarnation %d) ready: http port %d, grpc port %d, models %s",
                  incarnation, http.port, grpc_port, [m.name for m in models])

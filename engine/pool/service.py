@@ -393,6 +393,9 @@ def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str,
         ipc.notify_launcher(run_dir, m.ProcessFailed(name=name, message=repr(e)))
         raise fail_start() from e
     info = {} if service.worker_port is None else {"worker_port": service.worker_port}
+    from engine.heap import freeze_startup_heap
+
+    freeze_startup_heap()  # no full collection walks the startup heap between steps
     ipc.notify_launcher(run_dir, m.ProcessReady(name=name, info=info))
     # A crash leaves the workers to the restarted pool; under torchrun (TCP) none comes.
     stop_workers = listen_host is not None

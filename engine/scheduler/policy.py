@@ -15,8 +15,9 @@ Built in:
   computes its prompt leaves them out (``exclusive_prefill``), and while it is on a worker
   they may fill at most 45% of the batch (``outranked_seq_share``); sheddable requests
   (priority < 0) compute at most 64 prompt tokens per step (``capped_prefill_tokens``),
-  and an idle worker takes the others' waiting requests that are not sheddable
-  (``may_steal``) ahead of its own lower ones.
+  an idle worker takes the others' waiting requests that are not sheddable
+  (``may_steal``) ahead of its own lower ones, and while a step computes a prompt, the
+  requests it outranks sit out on every worker (``exclusive_prefill_across_workers``).
 - ``sjf``: shortest prompt first; ``sjf-max-tokens`` uses the request's ``max_tokens`` as
   the predicted output length (subclass and set ``predict`` for a learned predictor).
 - ``fair``: fair share across tenants, as in the Virtual Token Counter (VTC): the tenant
@@ -69,6 +70,14 @@ class Policy:
     #: critical request wait ~10x its own step (issue 15). The price: the capped kind's
     #: prefill takes more, smaller steps.
     capped_prefill_tokens: int | None = None
+    #: True (with ``exclusive_prefill``): while a worker's step computes the prompt of the
+    #: request ``urgent`` picked, the other workers' steps leave out the requests it
+    #: outranks as well (running ones sit out, waiting ones are not admitted), so a worker
+    #: with nothing else to run waits for that step to end. For workers that share CPU
+    #: cores: under a flood the other worker's outranked decodes take the core a critical
+    #: prompt's step needs, and that step ran 2-4x its time alone (issue 15). The price:
+    #: outranked work pauses for the length of each such step on every worker.
+    exclusive_prefill_across_workers = False
 
     def prefill_capped(self, req: Request) -> bool:
         """Whether ``req``'s prompt tokens count against ``capped_prefill_tokens``."""
@@ -140,28 +149,30 @@ class Policy:
         return max(1, int(share * max_num_seqs))
 
     def admission_gate(self, running: list[Request], urgent: Request | None,
-                       max_num_seqs: int) -> AdmissionGate | None:
-        """What stops admission early in a step: requests ``urgent`` outranks, and those
+                       max_num_seqs: int, held: Request | None = None) -> AdmissionGate | None:
+        """What stops admission early in a step: requests ``urgent`` or ``held`` (another
+        worker's urgent request, ``exclusive_prefill_across_workers``) outranks, and those
         beyond the outranked share. None (nothing) by default."""
         limit = self.outranked_limit(max_num_seqs)
-        if urgent is None and limit is None:
+        if urgent is None and held is None and limit is None:
             return None
-        return AdmissionGate(self, running, urgent, limit)
+        return AdmissionGate(self, running, urgent, limit, held)
 
 
 class AdmissionGate:
     """One step's admission stops for a policy that outranks: no waiting request ``urgent``
-    outranks is admitted, and with ``limit``, the requests the worker's top request outranks
+    or ``held`` outranks is admitted, and with ``limit``, the requests the worker's top request outranks
     (the top: its best running request, or the first that could be admitted) may hold at
     most ``limit`` sequences; running ones are never evicted for it."""
 
-    __slots__ = ("_outranked", "limit", "policy", "running", "seats", "top", "urgent")
+    __slots__ = ("_outranked", "held", "limit", "policy", "running", "seats", "top", "urgent")
 
     def __init__(self, policy: Policy, running: list[Request], urgent: Request | None,
-                 limit: int | None) -> None:
+                 limit: int | None, held: Request | None = None) -> None:
         self.policy = policy
         self.running = running  # the worker's, read when the first request asks
         self.urgent = urgent
+        self.held = held
         self.limit = limit
         self.top: Request | None = None
         self.seats = 0  # outranked requests that may still join (once ``top`` is known)
@@ -171,6 +182,8 @@ class AdmissionGate:
         """Whether ``req`` (and so anything after it in admission order) may be admitted."""
         may_preempt = self.policy.may_preempt
         if self.urgent is not None and may_preempt(self.urgent, req):
+            return False
+        if self.held is not None and may_preempt(self.held, req):
             return False
         if self.limit is None:
             return True
@@ -194,6 +207,7 @@ class PriorityPolicy(Policy):
     exclusive_prefill = True
     outranked_seq_share = 0.45
     capped_prefill_tokens = 64
+    exclusive_prefill_across_workers = True
 
     def prefill_capped(self, req: Request) -> bool:
         return req.priority < 0  # sheddable: its latency matters least

@@ -177,21 +177,42 @@ class Scheduler(StepFiller):
         step = StepBuilder(self.config.max_num_batched_tokens, self.config.max_num_seqs,
                            policy.capped_prefill_tokens)
         urgent = policy.urgent(ws.running, waiting, worker_id)
-        running, sitting_out = self._sit_out(ws, urgent)
+        holder = self._holder(ws) if policy.exclusive_prefill_across_workers else None
+        held = holder.in_flight_urgent if holder is not None else None
+        running, sitting_out = self._sit_out(ws, urgent, held)
         self._schedule_running(ws, running, step)  # 2. running requests
         if waiting and not step.preempted:  # 3. admission
-            gate = policy.admission_gate(ws.running, urgent, self.config.max_num_seqs)
+            gate = policy.admission_gate(ws.running, urgent, self.config.max_num_seqs, held)
             self._admit_waiting(ws, waiting, step, gate, now)
         if sitting_out and urgent is not None and not step.holds(urgent):
             self._schedule_running(ws, sitting_out, step)  # nothing outranked them after all
         if step.empty:
+            ws.held_by = holder.in_flight if holder is not None else None
             return None
+        ws.held_by = None
         plan = step.build(self._next_step_id, worker_id, ws.incarnation, ws.to_drop)
         self._next_step_id += 1
         ws.to_drop = []
         ws.in_flight = plan
         ws.in_flight_requests = step.requests()
+        ws.in_flight_urgent = urgent if urgent is not None and step.holds(urgent) else None
         return plan
+
+    def _holder(self, ws: WorkerState) -> WorkerState | None:
+        """Of the other workers, the one whose step in flight computes the top urgent
+        request's prompt (exclusive prefill across workers): ``ws``'s step leaves out the
+        requests that one outranks. None: no such step."""
+        key = self.policy.queue_key
+        top: WorkerState | None = None
+        top_key: tuple[float, ...] = ()
+        for other in self.workers.values():
+            urgent = other.in_flight_urgent
+            if other is ws or urgent is None or other.in_flight is None:
+                continue
+            k = key(urgent)
+            if top is None or k < top_key:
+                top, top_key = other, k
+        return top
 
     def _steal(self, ws: WorkerState) -> None:
         """Late binding (``policy.may_steal``): take from the head of each busy worker's
@@ -216,17 +237,21 @@ class Scheduler(StepFiller):
         waiting = [r for _, _, r in ws.waiting]
         return self.policy.order(waiting, ws) if self.policy.dynamic else waiting
 
-    def _sit_out(self, ws: WorkerState, urgent: Request | None,
+    def _sit_out(self, ws: WorkerState, urgent: Request | None, held: Request | None = None,
                  ) -> tuple[Iterable[Request], list[Request]]:
         """The running requests that run in this step first (a copy: the step may preempt
-        some) and those that sit it out: the ones ``urgent`` outranks (exclusive prefill)."""
-        if urgent is None:
+        some) and those that sit it out unless ``urgent`` is not in the step: the ones
+        ``urgent`` outranks (exclusive prefill). Those ``held`` (another worker's urgent
+        request) outranks are in neither: they sit the step out whatever it holds."""
+        if urgent is None and held is None:
             return tuple(ws.running), []
         may_preempt = self.policy.may_preempt
         kept: list[Request] = []
         sitting_out: list[Request] = []
         for r in ws.running:
-            (sitting_out if may_preempt(urgent, r) else kept).append(r)
+            if held is not None and may_preempt(held, r):
+                continue
+            (sitting_out if urgent is not None and may_preempt(urgent, r) else kept).append(r)
         return kept, sitting_out
 
     def update(self, plan: StepPlan, result: StepResult, now: float) -> list[RequestOutput]:

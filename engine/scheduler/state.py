@@ -62,7 +62,13 @@ class SchedulerState:
 
     def has_work(self, worker_id: int) -> bool:
         ws = self.workers.get(worker_id)
-        return ws is not None and ws.in_flight is None and bool(ws.running or ws.waiting)
+        if ws is None or ws.in_flight is not None or not (ws.running or ws.waiting):
+            return False
+        held_by = ws.held_by  # until that plan ends, only an arrival could give it work
+        if held_by is not None:
+            holder = self.workers.get(held_by.worker_id)
+            return holder is None or holder.in_flight is not held_by
+        return True
 
     def in_flight(self, worker_id: int) -> StepPlan | None:
         """The plan ``worker_id`` is running (None: idle, or not a live worker)."""

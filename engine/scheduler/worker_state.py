@@ -29,6 +29,12 @@ class WorkerState:
         self.running: list[Request] = []  # in admission order
         self.in_flight: StepPlan | None = None
         self.in_flight_requests: list[Request] = []  # of ``in_flight``, in plan order
+        # The request whose prompt ``in_flight`` computes and which outranks others
+        # (``Policy.urgent``), or None; read only while ``in_flight`` is set.
+        self.in_flight_urgent: Request | None = None
+        # Another worker's plan whose urgent request left this worker nothing to run
+        # (``Policy.exclusive_prefill_across_workers``): no work here until it ends.
+        self.held_by: StepPlan | None = None
         self.to_drop: list[str] = []  # ids the worker must forget in its next plan
         self.num_queued_tokens = 0  # uncomputed tokens of waiting requests
         # The last prefix probe: (request, its known tokens, blocks.version, cached tokens).

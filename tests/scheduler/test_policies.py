@@ -347,3 +347,56 @@ def test_an_idle_worker_takes_a_critical_request_queued_on_a_busy_one():
         rest = run_to_completion(sched, workers)
         for r in (crit, low):
             assert out.get(r.request_id, []) + rest.get(r.request_id, []) == reference_output(r)
+
+
+def test_a_critical_prefill_step_on_one_worker_holds_outranked_work_on_the_others():
+    """``priority``'s ``exclusive_prefill_across_workers``: while one worker's step computes
+    a critical prompt, the other worker runs nothing that prompt outranks (its sheddable
+    decodes sit out, keeping their blocks; it has no work until that step ends), but runs
+    what it does not outrank; then everything resumes, no token lost. Sheddable prefill
+    holds nothing, and ``fcfs`` never holds."""
+    for policy, holds in (("priority", True), ("fcfs", False)):
+        sched, workers = build(num_workers=2, policy=policy, max_num_seqs=16,
+                               placement="round-robin")
+        lows = [make_request(f"low{i}", prompt_len=6, max_tokens=12, seed=i, priority=-1)
+                for i in range(4)]
+        for r in lows:
+            sched.add(r, 0.0)
+        out: dict[str, list[int]] = {}
+        plans = {w: sched.schedule(w, 0.0) for w in (0, 1)}  # both prefill sheddable prompts
+        assert all(plans.values()), "a sheddable prompt's step holds no other worker"
+        for w in (0, 1):
+            for o in sched.update(plans[w], workers[w].step(plans[w]), 0.0):
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        crit = make_request("crit", prompt_len=9, max_tokens=4, seed=99, priority=1)
+        sched.add(crit, 1.0)
+        w = sched.requests["crit"].worker_id
+        other = 1 - w
+        plan = sched.schedule(w, 1.0)
+        assert [n.request_id for n in plan.new_requests] == ["crit"]
+        blocks = {r.request_id: list(sched.requests[r.request_id].block_ids) for r in lows}
+        held = sched.schedule(other, 1.0)
+        assert (held is None) is holds, policy
+        if holds:  # the pool waits for a message, not polling; what it does not outrank runs
+            assert not sched.has_work(other)
+            peer = make_request("peer", prompt_len=6, max_tokens=2, seed=50, priority=1)
+            sched.add(peer, 1.0)
+            held = sched.schedule(other, 1.0)
+            assert [n.request_id for n in held.new_requests] == ["peer"]
+            assert not held.cached_requests
+            assert {r.request_id: sched.requests[r.request_id].block_ids for r in lows} == blocks
+        for o in sched.update(plan, workers[w].step(plan), 1.1):
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        if held is not None:
+            for o in sched.update(held, workers[other].step(held), 1.1):
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        resumed = sched.schedule(other, 1.2)  # the critical prompt is computed: all resume
+        assert {c.request_id for c in resumed.cached_requests} >= {
+            r.request_id for r in lows if sched.requests[r.request_id].worker_id == other}
+        for o in sched.update(resumed, workers[other].step(resumed), 1.2):
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        sched.check_integrity()
+        rest = run_to_completion(sched, workers)
+        assert sched.num_preemptions == 0
+        for r in [*lows, crit]:
+            assert out.get(r.request_id, []) + rest.get(r.request_id, []) == reference_output(r)

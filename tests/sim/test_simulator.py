@@ -180,6 +180,7 @@ class PriorityShareOnly(PriorityPolicy):
 
     name = "priority-share-only"
     capped_prefill_tokens = None
+    exclusive_prefill_across_workers = False
 
     def may_steal(self, req: Request) -> bool:
         return False

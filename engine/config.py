@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 RUNNERS = ("native", "vllm")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+SHARE_CORES = ("auto", "yes", "no")
 #: ``--tool-call-parser`` names (vLLM's); engine.frontend.tool_parsers implements them.
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -152,6 +153,15 @@ class SchedulerConfig:
                       "preemption victims (or module:Class)", metavar="NAME", type=str)
     placement: str = opt("cache-aware", "--placement", "placement across workers (or "
                          "module:Class)", metavar="NAME", type=str)
+    #: Whether the workers compete for the same CPU cores (CPU workers on one machine):
+    #: ``auto`` is resolved before any process starts (``engine.resolve``: ``yes`` for CPU
+    #: workers, ``no`` otherwise). Policies that trade one worker's work for another's
+    #: latency read it (``Policy.exclusive_prefill_across_workers``).
+    workers_share_cores: str = opt("auto", "--workers-share-cores", "whether the workers "
+                                   "compete for the same CPU cores: a critical prompt's step "
+                                   "then pauses the work it outranks on every worker "
+                                   "(--policy priority)", choices=SHARE_CORES,
+                                   shown="auto: yes for CPU workers")
     record_decisions: str | None = opt(
         None, "--record-decisions", "write every input of the scheduler and every plan it "
         "makes to this file, for python -m engine.sim --replay (several models: "
@@ -296,6 +306,8 @@ class EngineConfig:
         _check(s.max_num_batched_tokens >= 1, "--max-num-batched-tokens",
                f"must be >= 1, got {s.max_num_batched_tokens}")
         _check(s.max_num_seqs >= 1, "--max-num-seqs", f"must be >= 1, got {s.max_num_seqs}")
+        _check(s.workers_share_cores in SHARE_CORES, "--workers-share-cores",
+               f"must be one of {SHARE_CORES}, got {s.workers_share_cores!r}")
         _check(bool(s.policy), "--policy", "must not be empty")
         _check(bool(s.placement), "--placement", "must not be empty")
         w = self.worker

@@ -111,6 +111,9 @@ def resolve_config(cfg: EngineConfig) -> EngineConfig:
 
     get_policy(cfg.scheduler.policy)
     cfg = replace(cfg, worker={"device": resolve_device(cfg.worker.device)})
+    if cfg.scheduler.workers_share_cores == "auto":
+        share = "yes" if cfg.worker.device == "cpu" else "no"
+        cfg = replace(cfg, scheduler={"workers_share_cores": share})
     cache = cfg.cache
     vllm_cpu = cfg.worker.runner == "vllm" and cfg.worker.device == "cpu"
     if cache.block_size_auto and vllm_cpu and cache.block_size % VLLM_CPU_BLOCK_MULTIPLE:

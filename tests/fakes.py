@@ -109,9 +109,11 @@ class FakeWorker:
 
 def make_scheduler(*, max_num_batched_tokens: int = 64, max_num_seqs: int = 8, block_size: int = 4,
                    max_model_len: int = 256, policy: str = "fcfs",
-                   placement: str = "cache-aware") -> Scheduler:
+                   placement: str = "cache-aware", workers_share_cores: str = "auto",
+                   ) -> Scheduler:
     cfg = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                          max_num_seqs=max_num_seqs, policy=policy, placement=placement)
+                          max_num_seqs=max_num_seqs, policy=policy, placement=placement,
+                          workers_share_cores=workers_share_cores)
     return Scheduler(cfg, block_size=block_size, max_model_len=max_model_len)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import config_from_args
+from engine.cli import config_from_args, config_from_dict
 from engine.config import ConfigError, replace
 
 
@@ -167,8 +167,6 @@ def test_cli_is_built_from_the_config_fields():
         assert a == b, name
     assert cli.models == plain.models
     with pytest.raises(ConfigError, match="unknown option 'wokers'"):
-        from engine.cli import config_from_dict
-
         config_from_dict({"wokers": 2})
 
 
@@ -186,6 +184,14 @@ def test_resolve_decides_every_auto_once(tmp_path):
     native_len = cfg.models[0].max_model_len
     assert native_len == load_model_info(config_from_args([]).models[0]).max_model_len
     assert resolve_config(cfg) == cfg
+    # Workers share cores on CPU (priority's exclusive prefill across workers); a given
+    # value is kept.
+    cpu = resolve_config(config_from_args(["--device", "cpu"]))
+    assert cpu.scheduler.workers_share_cores == "yes"
+    with pytest.raises(ConfigError, match="--workers-share-cores"):
+        config_from_dict({"workers_share_cores": "maybe"})
+    kept = resolve_config(config_from_args(["--device", "cpu", "--workers-share-cores", "no"]))
+    assert kept.scheduler.workers_share_cores == "no"
     # The vllm runner holds at most its KV cache: 4 blocks of 32 tokens.
     small = resolve_config(config_from_args(["--runner", "vllm", "--device", "cpu",
                                              "--num-kv-blocks", "4"]))

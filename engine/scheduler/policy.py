@@ -76,7 +76,8 @@ class Policy:
     #: with nothing else to run waits for that step to end. For workers that share CPU
     #: cores: under a flood the other worker's outranked decodes take the core a critical
     #: prompt's step needs, and that step ran 2-4x its time alone (issue 15). The price:
-    #: outranked work pauses for the length of each such step on every worker.
+    #: outranked work pauses for the length of each such step on every worker. Applied only
+    #: where ``SchedulerConfig.workers_share_cores`` is ``yes`` (``auto``: CPU workers).
     exclusive_prefill_across_workers = False
 
     def prefill_capped(self, req: Request) -> bool:

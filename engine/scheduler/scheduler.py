@@ -177,7 +177,7 @@ class Scheduler(StepFiller):
         step = StepBuilder(self.config.max_num_batched_tokens, self.config.max_num_seqs,
                            policy.capped_prefill_tokens)
         urgent = policy.urgent(ws.running, waiting, worker_id)
-        holder = self._holder(ws) if policy.exclusive_prefill_across_workers else None
+        holder = self._holder(ws) if self._hold_across else None
         held = holder.in_flight_urgent if holder is not None else None
         running, sitting_out = self._sit_out(ws, urgent, held)
         self._schedule_running(ws, running, step)  # 2. running requests

@@ -40,6 +40,10 @@ class SchedulerState:
         self.policy = policy if policy is not None else get_policy(config.policy)
         self.placement = placement if placement is not None else get_placement(config.placement)
         self._policy_counts_service = type(self.policy).on_served is not Policy.on_served
+        # Exclusive prefill across workers only where the workers share CPU cores: on
+        # separate devices a paused worker would give nothing to the critical step.
+        self._hold_across = (self.policy.exclusive_prefill_across_workers
+                             and config.workers_share_cores == "yes")
         self.policy.outranked_limit(config.max_num_seqs)  # refuses a bad share now
         self.requests: dict[str, Request] = {}
         self.workers: dict[int, WorkerState] = {}

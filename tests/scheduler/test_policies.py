@@ -354,10 +354,12 @@ def test_a_critical_prefill_step_on_one_worker_holds_outranked_work_on_the_other
     a critical prompt, the other worker runs nothing that prompt outranks (its sheddable
     decodes sit out, keeping their blocks; it has no work until that step ends), but runs
     what it does not outrank; then everything resumes, no token lost. Sheddable prefill
-    holds nothing, and ``fcfs`` never holds."""
-    for policy, holds in (("priority", True), ("fcfs", False)):
+    holds nothing; workers that do not share cores (``--workers-share-cores no``: GPUs)
+    never hold, and ``fcfs`` never holds."""
+    for policy, share, holds in (("priority", "yes", True), ("priority", "no", False),
+                                 ("fcfs", "yes", False)):
         sched, workers = build(num_workers=2, policy=policy, max_num_seqs=16,
-                               placement="round-robin")
+                               placement="round-robin", workers_share_cores=share)
         lows = [make_request(f"low{i}", prompt_len=6, max_tokens=12, seed=i, priority=-1)
                 for i in range(4)]
         for r in lows:
@@ -376,7 +378,7 @@ def test_a_critical_prefill_step_on_one_worker_holds_outranked_work_on_the_other
         assert [n.request_id for n in plan.new_requests] == ["crit"]
         blocks = {r.request_id: list(sched.requests[r.request_id].block_ids) for r in lows}
         held = sched.schedule(other, 1.0)
-        assert (held is None) is holds, policy
+        assert (held is None) is holds, (policy, share)
         if holds:  # the pool waits for a message, not polling; what it does not outrank runs
             assert not sched.has_work(other)
             peer = make_request("peer", prompt_len=6, max_tokens=2, seed=50, priority=1)

@@ -89,8 +89,9 @@ class NativeRunner(ModelRunner):
         self.num_blocks = kv_cache_blocks(cache_config, self.info, self.dtype.itemsize,
                                           tp_size=self.tp.size if self.tp else 1)
         shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        # Zeroed, not empty: attention may read (masked) padding slots, and stale memory
-        # could hold NaN.
+        # Zeroed, not empty: no kernel needs it (the Triton kernels never load an unused
+        # slot; the CPU reference zeroes what it gathers past a context), but a cache that
+        # starts finite costs nothing and keeps a future kernel's masked reads harmless.
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))

@@ -18,6 +18,7 @@ token: a 4k-token prefill chunk costs little more bookkeeping than one decode.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -89,8 +90,9 @@ class NativeRunner(ModelRunner):
         self.num_blocks = kv_cache_blocks(cache_config, self.info, self.dtype.itemsize,
                                           tp_size=self.tp.size if self.tp else 1)
         shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        # Zeroed, not empty: attention may read (masked) padding slots, and stale memory
-        # could hold NaN.
+        # Zeroed, not empty: no kernel needs it (the Triton kernels never load an unused
+        # slot; the CPU reference zeroes what it gathers past a context), but a cache that
+        # starts finite costs nothing and keeps a future kernel's masked reads harmless.
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -201,7 +203,15 @@ class NativeRunner(ModelRunner):
         req_of_token = np.repeat(np.arange(len(scheduled)), q_lens)
         positions = np.arange(total, dtype=np.int64) + np.repeat(starts - cu[:-1], q_lens)
         blocks_needed = -(-seq_lens // bs)
-        tables = np.zeros((len(scheduled), int(blocks_needed.max())), dtype=np.int64)
+        # Every block table row in one assignment: the rows' block ids end to end fill the
+        # row-major cells of the mask (no per-row numpy call).
+        width = int(blocks_needed.max())
+        tables = np.zeros((len(scheduled), width), dtype=np.int64)
+        tables[np.arange(width)[None, :] < blocks_needed[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(
+                r.block_ids[:k] for (_, r, _), k in zip(scheduled, blocks_needed.tolist(),
+                                                        strict=True)),
+            dtype=np.int64, count=int(blocks_needed.sum()))
         input_ids: list[int] = []
         logits_indices: list[int] = []
         sampling_ids: list[str] = []
@@ -210,7 +220,6 @@ class NativeRunner(ModelRunner):
         for i, (rid, req, n) in enumerate(scheduled):
             c = req.num_computed_tokens
             input_ids.extend(req.token_ids[c : c + n])
-            tables[i, : blocks_needed[i]] = req.block_ids[: blocks_needed[i]]
             if c + n == len(req.token_ids):
                 logits_indices.append(int(cu[i + 1]) - 1)
                 sampling_ids.append(rid)
@@ -280,8 +289,15 @@ class NativeRunner(ModelRunner):
         the same layers without knowing which rows sample (their all-reduces must match)."""
         if self.tp is not None or b.prompt_rows or len(b.logits_indices) == len(b.input_ids):
             return None
-        samples = np.isin(b.query_start_loc[1:] - 1, b.logits_indices)
-        if int(samples.sum()) != len(b.logits_indices):
+        # Both the sequences' last rows and the logits rows ascend: one binary search
+        # places every logits row (np.isin would sort both again every step).
+        ends = b.query_start_loc[1:] - 1
+        at = np.searchsorted(ends, b.logits_indices)
+        if (at >= len(ends)).any() or not np.array_equal(ends[at], b.logits_indices):
+            return None
+        samples = np.zeros(len(ends), dtype=bool)
+        samples[at] = True
+        if int(samples.sum()) != len(b.logits_indices):  # a row listed twice
             return None
         qsl = np.zeros(len(samples) + 1, dtype=np.int64)
         np.cumsum(samples, out=qsl[1:])

@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import paged_attention, write_kv
-from kernels.reference import _MAX_PADDING, _decode_buckets, paged_attention_ref, write_kv_ref
+from kernels.reference import (
+    _MAX_PADDING,
+    _attention_plan,
+    _decode_buckets,
+    paged_attention_ref,
+    write_kv_ref,
+)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -241,3 +247,25 @@ def test_reference_reuses_its_plan_only_for_the_same_metadata() -> None:
         k, v = b["contexts"][ctx]
         want = naive_attention(b["queries"][row], k, v, 0.25)
         torch.testing.assert_close(swapped[row].double(), want[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fill", [float("inf"), float("-inf"), float("nan")])
+def test_decode_bucket_zeroes_the_padding_of_its_blocks(fill: float) -> None:
+    """A decode bucket gathers whole blocks: the tail of each sequence's last block and the
+    repeated last blocks of its shorter sequences are padding that may hold anything (never
+    written, or stale from a freed block). Filled with inf, -inf or NaN, they must not reach
+    the output; the padding entries (-1) of the block tables are never read."""
+    seqs = [(29, 1), (33, 1), (34, 1), (40, 1)]  # 8, 9, 9 and 10 blocks of 4: one bucket
+    b = build_batch(seqs, num_heads=8, num_kv_heads=2, head_dim=16, block_size=4,
+                    dtype=torch.float32, seed=7)
+    for cache in (b["k_cache"], b["v_cache"]):  # every unwritten slot (NaN) becomes `fill`
+        cache.copy_(cache.nan_to_num(nan=fill, posinf=float("inf"), neginf=float("-inf")))
+    args = [b[k] for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens",
+                           "block_tables")]
+    plan = _attention_plan(*args[3:], 4)
+    assert len(plan.buckets) == 1 and not plan.others
+    assert plan.buckets[0].bias.shape[-1] == 40 and plan.buckets[0].padding is not None
+    out = paged_attention_ref(*args, 0.25)
+    want = torch.cat([naive_attention(q, k, v, 0.25)
+                      for q, (k, v) in zip(b["queries"], b["contexts"], strict=True)])
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)

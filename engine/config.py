@@ -182,6 +182,14 @@ class WorkerConfig:
     device: str = opt("auto", "--device", "worker device", choices=DEVICES)
     num_threads: int | None = opt(None, "--num-threads", "torch threads per CPU worker",
                                   metavar="N", type=int, shown="cores / workers")
+    #: The workers' CPU scheduling priority (``nice``); None: resolved before any process
+    #: starts (``engine.resolve``: 5 for CPU workers, 0 otherwise). On CPU a worker's step
+    #: competes for the cores with the frontend and the pool; niced, the latency-critical
+    #: processes run the moment they wake (issue 15: under a flood of sheddable requests
+    #: the critical TTFT p50 and p99 fell in every interleaved run, docs/benchmarks.md).
+    nice: int | None = opt(None, "--worker-nice", "CPU scheduling priority (nice, 0-19) of "
+                           "the worker processes: the frontend and the pool go first",
+                           metavar="N", type=int, shown="5 for CPU workers, 0 otherwise")
     #: Ranks one worker's model is split over (Megatron-style).
     tensor_parallel_size: int = opt(1, "--tensor-parallel-size", "split each worker's model "
                                     "over N ranks, also under torchrun (launch/torchrun.sh)",
@@ -314,6 +322,8 @@ class EngineConfig:
         _check(w.num_workers >= 1, "--workers", f"must be >= 1, got {w.num_workers}")
         _check(w.runner in RUNNERS, "--runner", f"must be one of {RUNNERS}, got {w.runner!r}")
         _check(w.device in DEVICES, "--device", f"must be one of {DEVICES}, got {w.device!r}")
+        _check(w.nice is None or 0 <= w.nice <= 19, "--worker-nice",
+               f"must be between 0 and 19, got {w.nice}")
         if w.num_threads is not None:
             _check(w.num_threads >= 1, "--num-threads", f"must be >= 1, got {w.num_threads}")
         _check(w.tensor_parallel_size >= 1, "--tensor-parallel-size",

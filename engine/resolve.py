@@ -5,6 +5,9 @@ returns is the one config every process gets (the pools, the workers and the fro
 never decide a value again, so they cannot disagree):
 
 - ``--device auto`` becomes ``cuda`` or ``cpu``;
+- ``--worker-nice`` not given: 5 for CPU workers (they share the cores with the frontend and
+  the pool, which must run the moment they wake), 0 otherwise; ``--workers-share-cores auto``:
+  ``yes`` for CPU workers;
 - ``--block-size`` not given: the vllm runner on CPU gets 32-token blocks (vLLM's CPU
   attention kernel needs a multiple of 32); an explicit size is kept or refused;
 - ``--cuda-graph-max-batch`` not given: ``--max-num-seqs``, at most 256 (``EngineConfig``);
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: vLLM's CPU attention kernel needs blocks of a multiple of this many tokens.
 VLLM_CPU_BLOCK_MULTIPLE = 32
+#: ``--worker-nice`` of CPU workers when not given.
+CPU_WORKER_NICE = 5
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -111,6 +116,8 @@ def resolve_config(cfg: EngineConfig) -> EngineConfig:
 
     get_policy(cfg.scheduler.policy)
     cfg = replace(cfg, worker={"device": resolve_device(cfg.worker.device)})
+    if cfg.worker.nice is None:
+        cfg = replace(cfg, worker={"nice": CPU_WORKER_NICE if cfg.worker.device == "cpu" else 0})
     if cfg.scheduler.workers_share_cores == "auto":
         share = "yes" if cfg.worker.device == "cpu" else "no"
         cfg = replace(cfg, scheduler={"workers_share_cores": share})

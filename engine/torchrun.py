@@ -209,9 +209,10 @@ def rank_worker(cfg: EngineConfig, slot: WorkerSlot, addresses: dict[str, Any], 
                 incarnation: int = 0) -> None:
     """Entry point of a data-parallel rank's worker process."""
     from engine.process import init_process
-    from engine.worker.process import serve_worker
+    from engine.worker.process import lower_priority, serve_worker
 
     init_process(f"engine-{slot.name}", cfg.launch.log_level)
+    lower_priority(cfg)
     serve_worker(cfg, slot.pool_index, slot.worker_id, incarnation,
                  pool_address=addresses["pools"][slot.pool_index],
                  launcher=addresses["launcher"], device=slot.device, curve=addresses["curve"])

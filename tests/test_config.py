@@ -36,6 +36,8 @@ def test_defaults_serve_the_embedded_model_on_localhost():
     (["--api-key-file", "/no/such/file"], "--api-key-file"),
     (["--cuda-graph-max-batch", "0"], "--cuda-graph-max-batch"),
     (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+    (["--worker-nice", "20"], "--worker-nice"),
+    (["--worker-nice", "-1"], "--worker-nice"),
     (["--runner", "vllm", "-tp", "2"], "--tensor-parallel-size"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
@@ -190,8 +192,10 @@ def test_resolve_decides_every_auto_once(tmp_path):
     assert cpu.scheduler.workers_share_cores == "yes"
     with pytest.raises(ConfigError, match="--workers-share-cores"):
         config_from_dict({"workers_share_cores": "maybe"})
-    kept = resolve_config(config_from_args(["--device", "cpu", "--workers-share-cores", "no"]))
-    assert kept.scheduler.workers_share_cores == "no"
+    assert cpu.worker.nice == 5  # CPU workers yield the cores to the frontend and the pool
+    kept = resolve_config(config_from_args(["--device", "cpu", "--workers-share-cores", "no",
+                                            "--worker-nice", "0"]))
+    assert kept.scheduler.workers_share_cores == "no" and kept.worker.nice == 0
     # The vllm runner holds at most its KV cache: 4 blocks of 32 tokens.
     small = resolve_config(config_from_args(["--runner", "vllm", "--device", "cpu",
                                              "--num-kv-blocks", "4"]))

@@ -23,6 +23,7 @@ pool reach the new pool before that ``WorkerReady`` and are dropped there as sta
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +96,15 @@ def _run_step(runner: ModelRunner, sock: zmq.Socket[Any], plan: m.StepPlan, work
     sock.send(ipc.encode(result))
 
 
+def lower_priority(cfg: EngineConfig) -> None:
+    """Nice a process that is only a worker (``--worker-nice``, resolved: 5 on CPU, 0
+    otherwise): on CPU its steps compete for the cores with the frontend and the pool, which
+    should run the moment they wake. Not for a process that also supervises the control
+    plane (a tensor-parallel rank 0 under torchrun): what it restarts would inherit it."""
+    if cfg.worker.nice:
+        os.nice(cfg.worker.nice)
+
+
 def run_worker(cfg: EngineConfig, slot: WorkerSlot, run_dir: str, *,
                incarnation: int = 0) -> None:
     """Process entry point of one worker of one pool (or of rank ``slot.tp_rank`` of its
@@ -102,6 +112,7 @@ def run_worker(cfg: EngineConfig, slot: WorkerSlot, run_dir: str, *,
     from engine.process import init_process
 
     init_process(f"engine-{slot.name}", cfg.launch.log_level)
+    lower_priority(cfg)
     size = cfg.worker.tensor_parallel_size
     pool_index, worker_id, device = slot.pool_index, slot.worker_id, slot.device
     tp = None

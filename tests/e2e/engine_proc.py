@@ -73,6 +73,12 @@ def worker_pids(launcher_pid: int) -> dict[str, int]:
     return {args: pid for pid, args in children(launcher_pid) if args.startswith("engine-worker")}
 
 
+def nice_of(pid: int) -> int:
+    """A process's nice value (field 19 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(") ", 1)[1].split()[16])
+
+
 #: Sixteen short prompts of the default model's domain, for tests that run many greedy streams.
 GREEDY_PROMPTS = (
     "Return a list of", "The default value is", "Raise ValueError if", "This module provides",

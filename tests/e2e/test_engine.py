@@ -20,7 +20,9 @@ import torch
 from e2e.engine_proc import (
     GREEDY_PROMPTS,
     assert_ctrl_c_leaves_nothing,
+    children,
     launched,
+    nice_of,
     wait_idle,
     worker_pids,
 )
@@ -166,6 +168,10 @@ def test_sigkill_a_worker_mid_stream_loses_nothing(engine, reference):
     proc, port = engine
     before = worker_pids(proc.pid)
     assert len(before) == 2
+    # CPU workers run niced (--worker-nice resolves to 5), the frontend and the pool do not.
+    assert {nice_of(pid) for pid in before.values()} == {5}
+    others = [pid for pid, args in children(proc.pid) if not args.startswith("engine-worker")]
+    assert others and {nice_of(pid) for pid in others} == {0}
 
     async def run():
         task = asyncio.gather(*(_generate(port, p) for p in PROMPTS))
@@ -183,6 +189,7 @@ def test_sigkill_a_worker_mid_stream_loses_nothing(engine, reference):
             break
         time.sleep(0.2)
     assert after["engine-worker-0-1"] != before["engine-worker-0-1"], "worker was not restarted"
+    assert nice_of(after["engine-worker-0-1"]) == 5  # the restarted worker too
     assert _wait_idle(port, timeout=60) == [NUM_KV_BLOCKS] * 2
 
 

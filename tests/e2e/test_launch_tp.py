@@ -16,7 +16,6 @@ import pytest
 from e2e.engine_proc import (
     Streams,
     assert_ctrl_c_leaves_nothing,
-    free_blocks,
     launched,
     wait_idle,
     worker_pids,
@@ -36,7 +35,8 @@ def test_tensor_parallel_worker_serves_restarts_and_stops() -> None:
         PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))]
     with launched("-tp", "2", "--num-kv-blocks", str(NUM_BLOCKS), "--num-threads", "1") as (
             proc, port):
-        assert free_blocks(port) == [NUM_BLOCKS], "one worker: the group of two processes"
+        # A registered worker shows in the pool's next stats (every 0.25 s): poll.
+        assert wait_idle(port, [NUM_BLOCKS]) == [NUM_BLOCKS], "one worker: the group of two processes"
         base = f"http://127.0.0.1:{proc.http_port}"
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
         got = client.completions.create(model="default", prompt=PROMPTS, max_tokens=MAX_TOKENS,

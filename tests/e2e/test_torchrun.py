@@ -134,7 +134,7 @@ def test_two_ranks_serve_together_survive_a_dead_worker_and_stop_on_sigterm() ->
     with launched("--num-kv-blocks", str(NUM_BLOCKS), "--max-num-batched-tokens", "64",
                   command=("bash", str(REPO / "launch" / "torchrun.sh")),
                   env={"NPROC": "2", "PYTHON": sys.executable}) as (proc, port):
-        assert free_blocks(port) == [NUM_BLOCKS, NUM_BLOCKS], "two workers, one per rank"
+        assert wait_idle(port, [NUM_BLOCKS] * 2) == [NUM_BLOCKS] * 2, "two workers, one per rank"
         base = f"http://127.0.0.1:{proc.http_port}"
         streams = Streams(base, PROMPTS[:2], LONG_TOKENS)
         seen: list[list[int]] = []
@@ -197,7 +197,7 @@ def test_tensor_parallel_group_generates_what_one_process_does() -> None:
     with launched("-tp", "2", "--num-kv-blocks", str(NUM_BLOCKS),
                   command=("bash", str(REPO / "launch" / "torchrun.sh")),
                   env={"NPROC": "2", "PYTHON": sys.executable}) as (proc, port):
-        assert free_blocks(port) == [NUM_BLOCKS], "one worker: the group of both ranks"
+        assert wait_idle(port, [NUM_BLOCKS]) == [NUM_BLOCKS], "one worker: the group of both ranks"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{proc.http_port}/v1", api_key="x",
                                max_retries=0, timeout=120)
         got = client.completions.create(model="default", prompt=prompts, max_tokens=24,
@@ -220,7 +220,7 @@ def test_two_models_split_the_ranks() -> None:
                   "--served-model-name", "b", "--num-kv-blocks", str(NUM_BLOCKS),
                   command=("bash", str(REPO / "launch" / "torchrun.sh")),
                   env={"NPROC": "2", "PYTHON": sys.executable}) as (proc, port):
-        assert free_blocks(port) == [NUM_BLOCKS, NUM_BLOCKS], "a worker in each pool"
+        assert wait_idle(port, [NUM_BLOCKS] * 2) == [NUM_BLOCKS] * 2, "a worker in each pool"
         assert sorted(_descendants(proc.pid).values()).count("engine-worker-0-0") == 1
         assert sorted(_descendants(proc.pid).values()).count("engine-worker-1-0") == 1
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{proc.http_port}/v1", api_key="x",

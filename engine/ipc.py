@@ -237,6 +237,12 @@ def bind_tcp(sock: zmq.Socket[Any], host: str, curve: CurveKeys) -> int:
     return int(sock.bind_to_random_port(f"tcp://{host}"))
 
 
+def workers_ready_name(pool_index: int) -> str:
+    """The ``ProcessReady`` name a pool says once every worker of its config has registered
+    with it (the launcher's ready line waits for it: until then health is not ok)."""
+    return f"pool-{pool_index}-workers"
+
+
 def notify_launcher(run_dir_or_address: str | Path, msg: m.ToLauncher,
                     curve: CurveKeys | None = None) -> None:
     """Send one message to the launcher (ready or failed) from any process: given the run

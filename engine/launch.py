@@ -5,8 +5,9 @@ ready, supervise.
                  -> Topology (pools, workers, devices, engine.topology)
                  -> Supervisor: pool per model, its workers, then the frontend
 
-Each child reports ``ProcessReady`` (or ``ProcessFailed``) to the launcher's socket; when
-all have, the launcher prints ``engine ready: http://HOST:PORT grpc://HOST:PORT`` on stdout.
+Each child reports ``ProcessReady`` (or ``ProcessFailed``) to the launcher's socket, and
+each pool again once every worker of its config has registered with it; when all have, the
+launcher prints ``engine ready: http://HOST:PORT grpc://HOST:PORT`` on stdout.
 Then it supervises (``engine.supervisor``): a worker that exits is restarted (its whole
 tensor-parallel group with it, with backoff, up to ``--max-restarts`` in
 ``--restart-window``) and its pool is told (the pool re-places the worker's requests, which
@@ -146,7 +147,10 @@ class Launcher:
         self.stop_signal = signum
 
     def _wait_ready(self) -> None:
-        pending = set(self.supervisor.children) | set(self.topo.remote_workers)
+        # Every process, and every pool's workers registered (the pool says so once they
+        # are: a worker is ready before its pool has heard it, and health is not ok until).
+        pending = (set(self.supervisor.children) | set(self.topo.remote_workers)
+                   | {ipc.workers_ready_name(i) for i in self.topo.pools})
         deadline = time.monotonic() + self.cfg.launch.ready_timeout_s
         while pending:
             if self.stop_signal is not None:
@@ -162,7 +166,7 @@ class Launcher:
                 match msg:
                     case m.ProcessReady(name=name, info=info):
                         pending.discard(name)
-                        if "worker_port" in info:
+                        if "worker_port" in info and not name.endswith("-workers"):
                             self._on_pool_port(int(name.removeprefix("pool-")),
                                                int(info["worker_port"]))
                         if name == FRONTEND:

@@ -128,6 +128,9 @@ class PoolService:
             self.poller.register(sock, zmq.POLLIN)
         #: Workers to greet: the config's, and any other that registers.
         self.expected = set(range(cfg.worker.num_workers))
+        #: Called once, when stats showing every worker of the config registered have gone
+        #: to the frontend (``run_pool``: tells the launcher, whose ready line waits for it).
+        self.on_workers_ready: Callable[[], None] | None = None
         self.greeted: set[int] = set()
         self.dead: dict[int, int] = {}  # worker id -> its newest incarnation reported dead
         self.sent_at: dict[int, float] = {}  # worker id -> when its in-flight plan was sent
@@ -250,6 +253,7 @@ class PoolService:
                         "re-placed to recompute", w, inc, ws.incarnation, ws.num_requests)
         log.info("worker %d (incarnation %d) ready with %d KV blocks", w, inc, msg.num_blocks)
         self.core.add_worker(w, _WorkerSocket(self, w), msg.num_blocks, now, inc)
+        self.last_stats = -STATS_INTERVAL_S  # the frontend hears of the worker at once
 
     def _on_died(self, w: int, inc: int) -> None:
         self.dead[w] = max(inc, self.dead.get(w, -1))
@@ -349,6 +353,10 @@ class PoolService:
                 log.warning("no frontend connected: dropping outputs and stats until one is")
             self.frontend_connected = False
         self.last_stats = now
+        if (self.on_workers_ready is not None and self.frontend_connected
+                and self.expected <= self.scheduler.workers.keys()):
+            self.on_workers_ready()  # after the stats that show every worker went out
+            self.on_workers_ready = None
 
 
 class _WorkerSocket:
@@ -397,6 +405,9 @@ def run_pool(cfg: EngineConfig, pool_index: int, run_dir: str,
 
     freeze_startup_heap()  # no full collection walks the startup heap between steps
     ipc.notify_launcher(run_dir, m.ProcessReady(name=name, info=info))
+    # The launcher's ready line also waits for this: each worker registered (health ok).
+    service.on_workers_ready = lambda: ipc.notify_launcher(
+        run_dir, m.ProcessReady(name=ipc.workers_ready_name(pool_index)))
     # A crash leaves the workers to the restarted pool; under torchrun (TCP) none comes.
     stop_workers = listen_host is not None
     try:

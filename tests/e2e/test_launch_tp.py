@@ -35,7 +35,7 @@ def test_tensor_parallel_worker_serves_restarts_and_stops() -> None:
         PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))]
     with launched("-tp", "2", "--num-kv-blocks", str(NUM_BLOCKS), "--num-threads", "1") as (
             proc, port):
-        # A registered worker shows in the pool's next stats (every 0.25 s): poll.
+        # The ready line waits for the pool's stats showing its worker; polling costs nothing.
         assert wait_idle(port, [NUM_BLOCKS]) == [NUM_BLOCKS], "one worker: the group of two processes"
         base = f"http://127.0.0.1:{proc.http_port}"
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)

@@ -108,6 +108,14 @@ class Driver:
         self.free.extend(b for b in r.blocks + r.new_blocks if b not in in_use)
         return r
 
+    def preempt(self, rid: str, sampling: SamplingParams = GREEDY) -> _Req:
+        """Preempt ``rid`` and bring it back: dropped, one step without it (the runner
+        forgets it), re-added carrying its prompt and outputs; returns what it had."""
+        r = self.drop(rid)
+        self.step()
+        self.add(rid, r.tokens, sampling, num_output_tokens=len(r.outputs))
+        return r
+
     def step(self, budget: dict[str, int] | None = None) -> StepResult:
         """One plan: every request's remaining known tokens, or at most ``budget[rid]``
         (requests missing from a given budget run 0 tokens)."""
@@ -177,6 +185,18 @@ class Driver:
 
 
 # --------------------------------------------------------------------------- the real scheduler
+
+
+def greedy_on(runner, prompts: list[list[int]], sampling: SamplingParams,
+              max_tokens: int = 12) -> dict[str, list[int]]:
+    """The outputs of ``prompts`` (``p0``, ``p1``, ...) run together on ``runner`` until
+    each has ``max_tokens``: what two runners are compared on, plan for plan."""
+    d = Driver(runner)
+    for i, p in enumerate(prompts):
+        d.add(f"p{i}", p, sampling)
+    outs = d.run_until({f"p{i}": max_tokens for i in range(len(prompts))})
+    d.close()
+    return outs
 
 
 class _Plans(CoreObserver):

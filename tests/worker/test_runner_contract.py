@@ -24,6 +24,7 @@ from .harness import (
     GREEDY,
     NUM_BLOCKS,
     Driver,
+    greedy_on,
     held_request_ids,
     held_state,
     run_engine,
@@ -212,11 +213,7 @@ def test_greedy_processors_agree_across_runners(vllm_runner, native_runner, prom
     for sp in cases:
         outs = []
         for r in (vllm_runner, native_runner):
-            d = Driver(r)
-            for i, p in enumerate(prompts[:4]):
-                d.add(f"p{i}", p, sp)
-            outs.append(d.run_until({f"p{i}": 12 for i in range(4)}))
-            d.close()
+            outs.append(greedy_on(r, prompts[:4], sp))
             assert held_request_ids(r) == []
         assert outs[0] == outs[1], sp
 
@@ -365,9 +362,7 @@ def test_seeded_sampling_is_reproducible_across_batches_and_preemption(runner,
     crowd.add("y", prompts[3], SamplingParams(temperature=1.2, seed=99))
     for _ in range(3):
         crowd.step()
-    x = crowd.drop("x")  # preempted after 3 tokens, resumed later
-    crowd.step()
-    crowd.add("x", x.tokens, SAMPLED, num_output_tokens=len(x.outputs))
+    x = crowd.preempt("x", SAMPLED)  # preempted after 3 tokens, resumed
     got = crowd.run_until({"x": 7, "g": 1, "u": 1, "y": 1})
     crowd.close()
     assert x.outputs + got["x"] == ref

@@ -10,7 +10,7 @@ import torch
 
 from engine.messages import SamplingParams
 
-from .harness import Driver
+from .harness import Driver, greedy_on
 
 pytestmark = pytest.mark.slow
 
@@ -57,9 +57,7 @@ def test_penalised_greedy_equals_teacher_forced_reference(runner, hf_model, hf_g
     d.add("q", prompts[6], sp)
     for _ in range(5):
         d.step()
-    first = d.drop("p")
-    d.step()
-    d.add("p", first.tokens, sp, num_output_tokens=len(first.outputs))
+    first = d.preempt("p", sp)
     got = d.run_until({"p": 7, "q": 12})
     d.close()
     outputs = first.outputs + got["p"]
@@ -96,13 +94,7 @@ def test_penalised_greedy_agrees_across_runners(vllm_runner, native_runner, prom
     """Plan for plan, the same tokens from both runners for every processor combination."""
     for sp in [*PENALISED, SamplingParams(temperature=0.0, max_tokens=12,
                                           allowed_token_ids=tuple(range(200, 400)))]:
-        outs = []
-        for r in (vllm_runner, native_runner):
-            d = Driver(r)
-            for i, p in enumerate(prompts[:4]):
-                d.add(f"p{i}", p, sp)
-            outs.append(d.run_until({f"p{i}": 12 for i in range(4)}))
-            d.close()
+        outs = [greedy_on(r, prompts[:4], sp) for r in (vllm_runner, native_runner)]
         assert outs[0] == outs[1], sp
 
 
@@ -124,9 +116,7 @@ def test_seeded_penalised_sampling_is_reproducible_across_preemption(runner, pro
     crowd.add("x", prompts[2], PENALISED_SAMPLED)
     for _ in range(4):
         crowd.step()
-    x = crowd.drop("x")
-    crowd.step()
-    crowd.add("x", x.tokens, PENALISED_SAMPLED, num_output_tokens=len(x.outputs))
+    x = crowd.preempt("x", PENALISED_SAMPLED)
     got = crowd.run_until({"x": 6, "u": 1})
     crowd.close()
     assert x.outputs + got["x"] == ref

@@ -166,7 +166,7 @@ class Launcher:
                 match msg:
                     case m.ProcessReady(name=name, info=info):
                         pending.discard(name)
-                        if "worker_port" in info and not name.endswith("-workers"):
+                        if "worker_port" in info:
                             self._on_pool_port(int(name.removeprefix("pool-")),
                                                int(info["worker_port"]))
                         if name == FRONTEND:

@@ -4,11 +4,12 @@
         [--untuned-malloc]
 
 Runs the saturation scenario of ``bench.prefill_profile`` (random 256-token prompts, 64
-greedy output tokens, all at once through ``engine.LLM``) under three variants, taking turns
+greedy output tokens, all at once through ``engine.LLM``) under four variants, taking turns
 run by run (order reversed every other round) so that the shared machine's load falls on all
 alike: ``base`` (every layer computes every row, GEMMs through ``F.linear``/MKL), ``prune``
-(the last layer runs only the sampled rows, ``SampledRows``) and ``prune+onednn`` (and the
-GEMMs through oneDNN, ``engine.models.cpu_linear``). Every run uses fresh prompts (no prefix
+(the last layer runs only the sampled rows, ``SampledRows``), ``prune+onednn`` (and the
+GEMMs through oneDNN, ``engine.models.cpu_linear``) and ``prune+onednn+fused`` (and the
+elementwise ops as fused C loops, ``kernels.cpu_elementwise``). Every run uses fresh prompts (no prefix
 hits). Reports the median process CPU seconds per variant (CPU time, not wall: other jobs on
 the machine stretch wall time unevenly), output tokens per CPU second, and the ratio to
 ``base``. ``--untuned-malloc`` keeps glibc's malloc defaults in this process
@@ -31,24 +32,26 @@ from engine import LLM, SamplingParams
 from engine.models import cpu_linear
 from engine.worker import cpu_malloc
 from engine.worker.native_runner import NativeRunner
+from kernels import cpu_elementwise
 
 _SAMPLED = NativeRunner._sampled_query_start_loc
 
 
-def _set(prune: bool, onednn: bool) -> Callable[[], None]:
+def _set(prune: bool, onednn: bool, fused: bool = False) -> Callable[[], None]:
     def apply() -> None:
         NativeRunner._sampled_query_start_loc = (  # type: ignore[method-assign]
             _SAMPLED if prune else (lambda self, b: None))
         cpu_linear.ONEDNN_ENABLED = onednn
+        cpu_elementwise.ENABLED = fused
     return apply
 
 
 VARIANTS = {"base": _set(False, False), "prune": _set(True, False),
-            "prune+onednn": _set(True, True)}
+            "prune+onednn": _set(True, True), "prune+onednn+fused": _set(True, True, True)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    onednn_default = cpu_linear.ONEDNN_ENABLED
+    onednn_default, fused_default = cpu_linear.ONEDNN_ENABLED, cpu_elementwise.ENABLED
     if args.untuned_malloc:
         cpu_malloc.tune_malloc = lambda: False
     llm = LLM(args.model, max_num_seqs=64, dtype="float32", max_num_batched_tokens=512,
@@ -67,8 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.process_time()
             llm.generate(batch, [params] * len(batch))
             cpu[name].append(time.process_time() - t0)
-    cpu_linear.ONEDNN_ENABLED = onednn_default
-    _set(True, onednn_default)()
+    _set(True, onednn_default, fused_default)()
     med = {name: statistics.median(v) for name, v in cpu.items()}
     return {
         "malloc": "glibc defaults" if args.untuned_malloc else "tuned",

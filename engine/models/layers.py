@@ -7,7 +7,10 @@ token belongs to only matters inside attention, and that is described by
 
 Numerics follow Hugging Face transformers op for op (RMSNorm in float32 then cast back,
 rotary tables computed in float32 then cast to the activation dtype), so that greedy outputs
-match it token for token in float32.
+match it token for token in float32. On CPU float32 the elementwise ops (RMSNorm, the residual
+add fused with the next RMSNorm, rotary, SwiGLU's activation) run as fused C loops
+(``kernels.cpu_elementwise``) when the library builds; they agree with the torch ops to a few
+ulp (summation order, the exponential's polynomial).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 import kernels
 from engine.models.cpu_linear import Linear
 from engine.models.parallel import TensorParallel, row_parallel_linear
+from kernels import cpu_elementwise
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_elementwise.applies(x, self.weight):
+            out = cpu_elementwise.rms_norm(x, self.weight, self.eps)
+            if out is not None:
+                return out
         # Statistics in float32 whatever the activation dtype (bf16 sums of squares drift).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(residual + x, self(residual + x))``: the residual add and this norm in one pass
+        where the C ops apply (the sum is written into ``x``, which must be a fresh tensor
+        the caller gives up)."""
+        if cpu_elementwise.applies(x, residual, self.weight):
+            out = cpu_elementwise.add_rms_norm(residual, x, self.weight, self.eps)
+            if out is not None:
+                return x, out
+        h = residual + x
+        return h, self(h)
 
 
 # --------------------------------------------------------------------------- rotary
@@ -137,7 +156,12 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[num_tokens, heads, head_dim]`` (neox / HF rotate_half layout)."""
+    """Rotate ``x`` ``[num_tokens, heads, head_dim]`` (neox / HF rotate_half layout).
+
+    On CPU float32 (the C op) ``x`` is rotated in place and returned: callers pass a tensor
+    nobody reads unrotated afterwards (q or k of a fresh qkv projection)."""
+    if cpu_elementwise.applies(x, cos, sin) and cpu_elementwise.rotary_(x, cos, sin):
+        return x
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -233,5 +257,9 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return row_parallel_linear(self.down_proj, F.silu(gate) * up, self.tp)
+        gate_up = self.gate_up_proj(x)
+        act = cpu_elementwise.silu_mul(gate_up) if cpu_elementwise.applies(gate_up) else None
+        if act is None:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            act = F.silu(gate) * up
+        return row_parallel_linear(self.down_proj, act, self.tp)

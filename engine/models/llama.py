@@ -152,8 +152,10 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """The next hidden states of every row, or only of ``sampled.rows``."""
         attn = self.self_attn(self.input_layernorm(h), cos, sin, meta, k_cache, v_cache, sampled)
-        h = (h if sampled is None else h[sampled.rows]) + attn
-        mlp_out: torch.Tensor = self.mlp(self.post_attention_layernorm(h))
+        # The residual add and the next norm in one pass (attn is fresh: it takes the sum).
+        h, normed = self.post_attention_layernorm.add_forward(
+            attn, h if sampled is None else h[sampled.rows])
+        mlp_out: torch.Tensor = self.mlp(normed)
         return h + mlp_out
 
 

@@ -210,7 +210,8 @@ def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
     matched = [m for s, t0, t1 in calib.values()
                for m in matched_ttfts(window(rows, t0, t1), s["requests"])]
     cal = fit_recording(calib_rows, base, ttfts, source=f"bench.fidelity, {workers} worker(s), "
-                        f"seed {args.calibrate_seed}", terms=args.terms, matched=matched)
+                        f"seed {args.calibrate_seed}", terms=args.terms, matched=matched,
+                        extras=not args.no_step_extra)
     cost_path = tmp / f"cost-{workers}.toml"
     cost_path.write_text(cal.cost.to_toml(json.dumps(cal.report)), encoding="utf-8")
     out: dict[str, Any] = {"cost": cal.cost.describe(), "fit": cal.report, "workloads": {}}
@@ -326,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                    "many noise seeds; each metric is their median (1)")
     p.add_argument("--terms", default="", help="optional model terms to fit (engine.sim fit "
                    f"--terms), comma-separated: {', '.join(TERMS)}; none by default")
+    p.add_argument("--no-step-extra", action="store_true", help="fit no [step_extra] (a "
+                   "prefill step's and a worker's first step's fixed extra; fitted by default)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--keep", help="keep the recordings, the client's results and the cost "
                    "files in this directory")

@@ -259,6 +259,33 @@ def test_the_simulator_adds_the_step_extras_to_prefill_and_cold_steps():
         CostModel.from_dict(tomllib.loads(path_cost.replace("cold_step_s", "warm_s")))
 
 
+def test_pool_cycles_pair_each_client_request_with_its_steps_in_the_recording(tmp_path):
+    from bench.fidelity_requests import pair, pool_cycles, report
+
+    truth = replace(TRUTH, prefill_step_s=1e-3, cold_step_s=5e-4)
+    result = recorded_run(tmp_path / "r.jsonl", cost=truth)
+    rows = read_recording(tmp_path / "r.jsonl")
+    recs = [r for r in result.records if r.finish is not None]
+    client = [{"request_id": r.request_id, "outcome": "completed", "sent_s": r.arrival,
+               "ttft_s": r.first_token - r.arrival, "num_prompt_tokens": r.num_prompt_tokens,
+               "num_output_tokens": r.num_output_tokens,
+               "tpot_s": ((r.finish - r.first_token) / (r.num_output_tokens - 1)
+                          if r.num_output_tokens > 1 else None)} for r in recs]
+    cycles = pool_cycles(rows, client, truth)
+    several = [r for r in recs if r.num_output_tokens > 1]
+    assert len(cycles) == len(several) > 100
+    for r, q in zip(recs, client, strict=True):
+        if r.num_output_tokens < 2:
+            continue
+        c = cycles[r.request_id]
+        assert c.tpot_s == pytest.approx(q["tpot_s"], rel=1e-9)  # the client's TPOT, exactly
+        assert c.execute_s == pytest.approx(c.model_s, rel=1e-9)  # no noise: as modelled
+        assert c.host_s == pytest.approx(c.tpot_s - c.execute_s) and c.host_s > 0
+    assert pool_cycles(rows, client[1:], truth) == {}  # not one to one: no pairing
+    text = report("x", pair(client, cycles, {}), top=3)
+    assert "| pool cycle |" in text and "slowest 5%" in text
+
+
 # --------------------------------------------------------------------------- step-time noise
 
 

@@ -323,7 +323,7 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
         x = np.hstack([x, extra_flags(steps)])
     coef, overlap, pred = fit_contention(x, y, overlap_shares(steps) if "contention" in terms
                                          else np.zeros(len(steps)), relative)
-    extra = dict(zip(CostModel.STEP_EXTRA, coef[len(CostModel.COEFFICIENTS):], strict=False))
+    prefill_step, cold_step = coef[len(CostModel.COEFFICIENTS):] if extras else (0.0, 0.0)
     coef = coef[:len(CostModel.COEFFICIENTS)]
     rel = np.abs(pred - y) / y
     host = host_samples(steps)
@@ -353,7 +353,7 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
                    noise_quantiles=nf.quantiles, noise_rho=nf.rho,
                    noise_prefill_quantiles=nf.prefill_quantiles, noise_slow_rho=nf.slow_rho,
                    noise_slow_share=nf.slow_share, admit_quantiles=admit_q, host_quantiles=host_q,
-                   overlap=overlap, **extra)
+                   overlap=overlap, prefill_step_s=prefill_step, cold_step_s=cold_step)
     report = {
         "steps": len(steps), "median_rel_error": float(np.median(rel)),
         "p90_rel_error": float(np.quantile(rel, 0.9)),

@@ -245,7 +245,8 @@ class CostModel:
                    noise_quantiles=quantiles, noise_rho=rho, noise_prefill_quantiles=prefill_q,
                    noise_slow_rho=slow_rho, noise_slow_share=slow_share,
                    admit_quantiles=admit_q, host_quantiles=host_q, overlap=overlap,
-                   **extras)
+                   prefill_step_s=extras.get("prefill_step_s", 0.0),
+                   cold_step_s=extras.get("cold_step_s", 0.0))
 
     def to_toml(self, comment: str = "") -> str:
         lines = [f"# {line}" if line else "#" for line in comment.splitlines()]

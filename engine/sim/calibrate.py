@@ -7,6 +7,12 @@ marked *optional* only with ``--terms``, e.g. ``--terms contention,shape,slow,ad
   non-negative least squares of each step's ``execute_s`` (the worker's own timing) on its
   batch features. By default on absolute error, so the fitted mean step time equals the
   measured one (``--relative``: on relative error, as ``bench/fit_cost_model.py``);
+- **step extras** (``[step_extra]``; ``extras=False`` / ``--no-step-extra``: none): two more
+  regressors of the same least squares, ``prefill_step_s`` (the step has prefill tokens) and
+  ``cold_step_s`` (its worker held no request before it: ``busy`` false, its first step
+  after idling). Without them the fit, dominated by decode steps, misses prefill steps by
+  ~25% and first steps after idling by ~40%, the steps that give most requests at a light
+  load their first token (docs/simulator.md, "Per request");
 - **host per step** (``host_step_s``, ``host_request_s``): for each step followed by another
   on the same worker while that worker still held requests (``busy``), the time the worker's
   cycle spent outside its forward pass: ``t_result - t_send - execute_s`` (IPC both ways,

@@ -48,6 +48,7 @@ from engine.config import SchedulerConfig
 from engine.profiling import read_recording
 from engine.sim.calibrate import (
     TERMS,
+    Calibration,
     fit_recording,
     matched_ttfts,
     sampled_mean,
@@ -199,18 +200,27 @@ def live_mean_step(rows: list[dict[str, Any]], t0: float, t1: float) -> float | 
     return float(np.mean([r["execute_s"] for r in steps])) if steps else None
 
 
-def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
-          runs: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """Fit a cost file on the calibration runs, simulate the judged files with it."""
-    base = CostModel.load(args.base)
-    calib, judged, again = runs["calib"], runs["judged"], runs["again"]
+def calibrate(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
+              runs: dict[str, Any]) -> Calibration:
+    """The cost model fitted on the calibration runs (their recording and client TTFTs)."""
+    calib = runs["calib"]
     calib_rows = [r for _, t0, t1 in calib.values() for r in window(rows, t0, t1)]
     ttfts = [q["ttft_s"] for s, _, _ in calib.values() for q in s["requests"]
              if q["outcome"] == "completed" and q["ttft_s"] is not None]
     matched = [m for s, t0, t1 in calib.values()
                for m in matched_ttfts(window(rows, t0, t1), s["requests"])]
-    cal = fit_recording(calib_rows, base, ttfts, source=f"bench.fidelity, {workers} worker(s), "
-                        f"seed {args.calibrate_seed}", terms=args.terms, matched=matched)
+    return fit_recording(calib_rows, CostModel.load(args.base), ttfts,
+                         source=f"bench.fidelity, {workers} worker(s), seed "
+                         f"{args.calibrate_seed}", terms=args.terms, matched=matched,
+                         extras=not args.no_step_extra)
+
+
+def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
+          runs: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Fit a cost file on the calibration runs, simulate the judged files with it."""
+    base = CostModel.load(args.base)
+    calib, judged, again = runs["calib"], runs["judged"], runs["again"]
+    cal = calibrate(workers, args, rows, runs)
     cost_path = tmp / f"cost-{workers}.toml"
     cost_path.write_text(cal.cost.to_toml(json.dumps(cal.report)), encoding="utf-8")
     out: dict[str, Any] = {"cost": cal.cost.describe(), "fit": cal.report, "workloads": {}}
@@ -326,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                    "many noise seeds; each metric is their median (1)")
     p.add_argument("--terms", default="", help="optional model terms to fit (engine.sim fit "
                    f"--terms), comma-separated: {', '.join(TERMS)}; none by default")
+    p.add_argument("--no-step-extra", action="store_true", help="fit no [step_extra] (a "
+                   "prefill step's and a worker's first step's fixed extra; fitted by default)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--keep", help="keep the recordings, the client's results and the cost "
                    "files in this directory")

@@ -7,6 +7,12 @@ marked *optional* only with ``--terms``, e.g. ``--terms contention,shape,slow,ad
   non-negative least squares of each step's ``execute_s`` (the worker's own timing) on its
   batch features. By default on absolute error, so the fitted mean step time equals the
   measured one (``--relative``: on relative error, as ``bench/fit_cost_model.py``);
+- **step extras** (``[step_extra]``; ``extras=False`` / ``--no-step-extra``: none): two more
+  regressors of the same least squares, ``prefill_step_s`` (the step has prefill tokens) and
+  ``cold_step_s`` (its worker held no request before it: ``busy`` false, its first step
+  after idling). Without them the fit, dominated by decode steps, misses prefill steps by
+  ~25% and first steps after idling by ~40%, the steps that give most requests at a light
+  load their first token (docs/simulator.md, "Per request");
 - **host per step** (``host_step_s``, ``host_request_s``): for each step followed by another
   on the same worker while that worker still held requests (``busy``), the time the worker's
   cycle spent outside its forward pass: ``t_result - t_send - execute_s`` (IPC both ways,
@@ -86,6 +92,14 @@ def window(rows: Sequence[dict[str, Any]], since: float | None = None,
 
 def step_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["kind"] == "step" and r.get("execute_s", 0) > 0]
+
+
+def extra_flags(steps: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The ``[step_extra]`` regressors, a row per step: (1 if it has prefill tokens, 1 if its
+    worker held no request before it: ``busy`` false, its first step after idling, as the
+    simulator counts it)."""
+    return np.array([[1.0 if r["prefill_tokens"] else 0.0, 0.0 if r.get("busy", True) else 1.0]
+                     for r in steps]).reshape(len(steps), 2)
 
 
 def shape_of(row: dict[str, Any]) -> BatchShape:
@@ -301,17 +315,22 @@ def fit_admit_delays(matched: Sequence[tuple[float, float, float]], points: int 
 def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
                   client_ttfts: Sequence[float] = (), relative: bool = False,
                   source: str = "", noise: bool = True, terms: Collection[str] = (),
-                  matched: Sequence[tuple[float, float, float]] = ()) -> Calibration:
+                  matched: Sequence[tuple[float, float, float]] = (),
+                  extras: bool = True) -> Calibration:
     """A cost model from recording ``rows`` (see the module doc); ValueError when the
-    recording holds too few steps to fit."""
+    recording holds too few steps to fit. ``extras``: fit ``[step_extra]`` (the default)."""
     steps = step_rows(rows)
     if len(steps) < len(CostModel.COEFFICIENTS):
         raise ValueError(f"{PROG}: the recording holds {len(steps)} timed steps; at least "
                          f"{len(CostModel.COEFFICIENTS)} are needed")
     y = np.array([r["execute_s"] for r in steps])
     x = np.array([shape_of(r).features() for r in steps])
+    if extras:  # two more regressors: the step has prefill tokens, is its worker's first
+        x = np.hstack([x, extra_flags(steps)])
     coef, overlap, pred = fit_contention(x, y, overlap_shares(steps) if "contention" in terms
                                          else np.zeros(len(steps)), relative)
+    prefill_step, cold_step = coef[len(CostModel.COEFFICIENTS):] if extras else (0.0, 0.0)
+    coef = coef[:len(CostModel.COEFFICIENTS)]
     rel = np.abs(pred - y) / y
     host = host_samples(steps)
     host_step = host_request = 0.0
@@ -340,7 +359,7 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
                    noise_quantiles=nf.quantiles, noise_rho=nf.rho,
                    noise_prefill_quantiles=nf.prefill_quantiles, noise_slow_rho=nf.slow_rho,
                    noise_slow_share=nf.slow_share, admit_quantiles=admit_q, host_quantiles=host_q,
-                   overlap=overlap)
+                   overlap=overlap, prefill_step_s=prefill_step, cold_step_s=cold_step)
     report = {
         "steps": len(steps), "median_rel_error": float(np.median(rel)),
         "p90_rel_error": float(np.quantile(rel, 0.9)),
@@ -391,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{', '.join(TERMS)} (see the module doc; none by default)")
     p.add_argument("--no-noise", action="store_true", help="no [noise] table: every simulated "
                    "step takes exactly the model's time")
+    p.add_argument("--no-step-extra", action="store_true", help="no [step_extra]: prefill "
+                   "steps and a worker's first step after idling cost what their shape says")
     args = p.parse_args(argv)
     terms = [t for t in args.terms.split(",") if t]
     if set(terms) - set(TERMS):
@@ -403,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         cal = fit_recording(rows, base, client_ttfts_of(args.client_results), args.relative,
                             matched=matched,
                             source=f"{PROG} {args.recording}", noise=not args.no_noise,
-                            terms=terms)
+                            terms=terms, extras=not args.no_step_extra)
     except (OSError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -412,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                            for k, v in cal.report.items())
                + f"\nRegenerate: {PROG} {args.recording} --out {args.out}")
     Path(args.out).write_text(cal.cost.to_toml(comment), encoding="utf-8")
-    for name in (*CostModel.COEFFICIENTS, *CostModel.HOST, "overlap"):
+    for name in (*CostModel.COEFFICIENTS, *CostModel.HOST, "overlap", *CostModel.STEP_EXTRA):
         print(f"{name:16s} {getattr(cal.cost, name):.4g}")
     print(json.dumps(cal.report))
     return 0

@@ -17,6 +17,14 @@ The host path, outside the worker's forward pass, is four more numbers (an optio
 so a worker's step occupies it for ``step time + host_step_s + host_request_s * requests``
 (its outputs come at the end of that).
 
+Two fixed extras by the step's class (an optional ``[step_extra]`` table; 0 when absent):
+``prefill_step_s`` for a step with prefill tokens (a prefill runs other code than a decode,
+whatever its length), and ``cold_step_s`` for a step on a worker that held no request before
+it (its first after idling, which on a lightly loaded engine is the step that gives most
+requests their first token: caches and the CPU's clocks have gone cold). Live on the CPU
+they are ~1.3 and ~0.8 ms on a ~3 ms step (docs/simulator.md); without them a linear fit on
+all steps, mostly decodes, misses prefill steps by ~25% and first steps after idling by ~40%.
+
 Step-time noise (an optional ``[noise]`` table, fitted from a recording; absent: every step
 takes exactly the model's time): a live step's time over the model's varies (other load on
 the machine, allocator, caches), and in bursts. ``quantiles`` is that ratio at evenly spaced
@@ -110,10 +118,13 @@ class CostModel:
     admit_quantiles: tuple[float, ...] = ()  # a request's admission delay; () = admit_s
     host_quantiles: tuple[float, ...] = ()  # a step's host time over host_time(); () = 1
     overlap: float = 0.0  # [contention]: a step's time x (1 + overlap x its overlapped share)
+    prefill_step_s: float = 0.0  # [step_extra]: added to a step with prefill tokens
+    cold_step_s: float = 0.0  # [step_extra]: added to a step on a worker that held no request
 
     COEFFICIENTS = ("step_s", "prefill_token_s", "decode_seq_s", "context_token_s",
                     "prefill_pair_s")
     HOST = ("admit_s", "stream_s", "host_step_s", "host_request_s")
+    STEP_EXTRA = ("prefill_step_s", "cold_step_s")
 
     @property
     def coefficients(self) -> list[float]:
@@ -127,6 +138,12 @@ class CostModel:
 
     def time_of(self, shape: BatchShape) -> float:
         return self.step_time(*shape)
+
+    def extra_time(self, shape: BatchShape, cold: bool) -> float:
+        """The ``[step_extra]`` time of a step of ``shape``; ``cold``: its worker held no
+        request before it."""
+        return ((self.prefill_step_s if shape.prefill_tokens else 0.0)
+                + (self.cold_step_s if cold else 0.0))
 
     def host_time(self, num_requests: int) -> float:
         """Host time a step of ``num_requests`` adds to the worker's cycle."""
@@ -191,6 +208,10 @@ class CostModel:
         if not isinstance(contention, dict):
             raise ValueError(f"--cost: {where}: [contention] must be a table")
         unknown |= {f"contention.{k}" for k in set(contention) - {"overlap"}}
+        extra = data.get("step_extra", {})
+        if not isinstance(extra, dict):
+            raise ValueError(f"--cost: {where}: [step_extra] must be a table")
+        unknown |= {f"step_extra.{k}" for k in set(extra) - set(cls.STEP_EXTRA)}
         if unknown:
             raise ValueError(f"--cost: {where}: unknown keys {sorted(unknown)}")
         values = {k: float(v) for k, v in (cost | host).items()}
@@ -217,10 +238,15 @@ class CostModel:
         overlap = float(contention.get("overlap", 0.0))
         if overlap < 0:
             raise ValueError(f"--cost: {where}: [contention] overlap must be >= 0")
+        extras = {k: float(v) for k, v in extra.items()}
+        if any(v < 0 for v in extras.values()):
+            raise ValueError(f"--cost: {where}: [step_extra] values must be >= 0")
         return cls(**values, engine=engine, source=str(data.get("source", "")),
                    noise_quantiles=quantiles, noise_rho=rho, noise_prefill_quantiles=prefill_q,
                    noise_slow_rho=slow_rho, noise_slow_share=slow_share,
-                   admit_quantiles=admit_q, host_quantiles=host_q, overlap=overlap)
+                   admit_quantiles=admit_q, host_quantiles=host_q, overlap=overlap,
+                   prefill_step_s=extras.get("prefill_step_s", 0.0),
+                   cold_step_s=extras.get("cold_step_s", 0.0))
 
     def to_toml(self, comment: str = "") -> str:
         lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
@@ -246,6 +272,9 @@ class CostModel:
             lines += [f"host_quantiles = [{_floats(self.host_quantiles)}]"]
         if self.overlap:
             lines += ["", "[contention]", f"overlap = {self.overlap!r}"]
+        if self.prefill_step_s or self.cold_step_s:
+            lines += ["", "[step_extra]"]
+            lines += [f"{name} = {getattr(self, name)!r}" for name in self.STEP_EXTRA]
         lines += ["", "[engine]"]
         lines += [f"{k} = {v}" for k, v in asdict(self.engine).items()]
         return "\n".join(lines) + "\n"
@@ -259,8 +288,9 @@ class CostModel:
                                                self.noise_quantiles))}
                  if self.noise_quantiles else {})
         contention = {"overlap": self.overlap} if self.overlap else {}
+        extra = {name: getattr(self, name) for name in self.STEP_EXTRA if getattr(self, name)}
         return {**dict(zip(self.COEFFICIENTS, self.coefficients, strict=True)), **host,
-                **noise, **contention, "source": self.source}
+                **noise, **contention, **extra, "source": self.source}
 
 
 def _draws(quantiles: tuple[float, ...], seed: int) -> Callable[[], float] | None:

@@ -15,7 +15,9 @@ each token's arrival at the client by ``stream_s``, and a worker's next step by
 table multiplies each step's time by a seeded draw (``cost_model.StepNoise``) and each
 step's host time by one from ``host_quantiles``; a ``[contention]`` table multiplies a
 step's time by ``1 + overlap x`` the share of it that other workers' steps in flight
-overlap (engine/sim/contention.py).
+overlap (engine/sim/contention.py); a ``[step_extra]`` table adds ``prefill_step_s`` to a
+step with prefill tokens and ``cold_step_s`` to one on a worker that held no request before
+it (as the recording's ``busy`` flag counts it).
 """
 
 from __future__ import annotations
@@ -257,12 +259,12 @@ class Simulator:
             self._record(core.take_outputs(), now)
 
     def _started(self, plan: StepPlan, result: StepResult, shape: BatchShape,
-                 now: float) -> None:
+                 now: float, cold: bool = False) -> None:
         """Worker ``plan.worker_id`` runs ``plan`` from ``now``; ``result`` is its answer,
-        due when the cost model says."""
+        due when the cost model says (``cold``: the worker held no request before it)."""
         w = plan.worker_id
         self.idle.remove(w)
-        dt = self.cost.step_time(*shape)
+        dt = self.cost.step_time(*shape) + self.cost.extra_time(shape, cold)
         if self.noise is not None:
             dt *= self.noise(w, shape.prefill_tokens > 0)
         if self.cost.overlap:
@@ -342,8 +344,10 @@ class SimWorker:
         return True
 
     def submit(self, plan: StepPlan, now: float) -> None:
+        finished = plan.finished_request_ids
+        cold = not any(rid not in finished for rid in self.worker.reqs)  # the recording's busy
         result, shape = self.worker.step(plan)
-        self.sim._started(plan, result, shape, now)
+        self.sim._started(plan, result, shape, now, cold)
 
 
 def instrument(sched: Scheduler) -> dict[str, list[float]]:

@@ -3,6 +3,7 @@ and the simulator's host terms."""
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import replace
 
 import msgspec
@@ -218,6 +219,71 @@ def test_cost_files_round_trip_host_terms_and_refuse_unknown_ones(tmp_path):
     path.write_text(TRUTH.to_toml().replace("admit_s", "admitt_s"))
     with pytest.raises(ValueError, match="admitt_s"):
         CostModel.load(path)
+
+
+def test_step_extras_are_fitted_back_from_a_recording(tmp_path):
+    truth = replace(TRUTH, prefill_step_s=1.5e-3, cold_step_s=0.8e-3)
+    recorded_run(tmp_path / "r.jsonl", cost=truth)
+    rows = read_recording(tmp_path / "r.jsonl")
+    steps = step_rows(rows)
+    cold = sum(not r["busy"] for r in steps)
+    prefill = sum(r["prefill_tokens"] > 0 for r in steps)
+    assert 0 < cold < prefill < len(steps)  # both classes present, and not the same steps
+    got = fit_recording(rows, CostModel.load()).cost
+    for name in (*CostModel.COEFFICIENTS, *CostModel.STEP_EXTRA):
+        assert getattr(got, name) == pytest.approx(getattr(truth, name), rel=1e-3, abs=1e-9), name
+    plain = fit_recording(rows, CostModel.load(), extras=False).cost  # without: the fit errs
+    assert plain.prefill_step_s == plain.cold_step_s == 0 and plain.step_s > truth.step_s
+
+
+def test_the_simulator_adds_the_step_extras_to_prefill_and_cold_steps():
+    base = replace(TRUTH, admit_s=0.0, stream_s=0.0, host_step_s=0.0, host_request_s=0.0)
+    extra = replace(base, prefill_step_s=2e-3, cold_step_s=1e-3)
+    reqs = [r for r in workload() if r.max_tokens >= 4][:2]
+    # the first on an idle worker (cold), the second while it still decodes (a busy step)
+    reqs = [replace(reqs[0], arrival_time=1.0), replace(reqs[1], arrival_time=1.001)]
+    config = replace(CONFIG, num_workers=1)
+    a = {r.request_id: r for r in Simulator(iter(reqs), base, config).run().records}
+    b = {r.request_id: r for r in Simulator(iter(reqs), extra, config).run().records}
+    first, second = (r.request_id for r in reqs)
+    assert b[first].first_token - a[first].first_token == pytest.approx(3e-3)  # cold prefill
+    # the second's prefill step is busy: the prefill extra only, after the first's steps
+    assert b[second].first_token - a[second].first_token == pytest.approx(3e-3 + 2e-3)
+    path_cost = extra.to_toml()
+    assert "[step_extra]" in path_cost and "[step_extra]" not in base.to_toml()
+    assert CostModel.from_dict(tomllib.loads(path_cost)) == extra
+    with pytest.raises(ValueError, match="step_extra"):
+        CostModel.from_dict(tomllib.loads(path_cost.replace("cold_step_s = 0.001",
+                                                            "cold_step_s = -1.0")))
+    with pytest.raises(ValueError, match=r"step_extra\.warm_s"):
+        CostModel.from_dict(tomllib.loads(path_cost.replace("cold_step_s", "warm_s")))
+
+
+def test_pool_cycles_pair_each_client_request_with_its_steps_in_the_recording(tmp_path):
+    from bench.fidelity_requests import pair, pool_cycles, report
+
+    truth = replace(TRUTH, prefill_step_s=1e-3, cold_step_s=5e-4)
+    result = recorded_run(tmp_path / "r.jsonl", cost=truth)
+    rows = read_recording(tmp_path / "r.jsonl")
+    recs = [r for r in result.records if r.finish is not None]
+    client = [{"request_id": r.request_id, "outcome": "completed", "sent_s": r.arrival,
+               "ttft_s": r.first_token - r.arrival, "num_prompt_tokens": r.num_prompt_tokens,
+               "num_output_tokens": r.num_output_tokens,
+               "tpot_s": ((r.finish - r.first_token) / (r.num_output_tokens - 1)
+                          if r.num_output_tokens > 1 else None)} for r in recs]
+    cycles = pool_cycles(rows, client, truth)
+    several = [r for r in recs if r.num_output_tokens > 1]
+    assert len(cycles) == len(several) > 100
+    for r, q in zip(recs, client, strict=True):
+        if r.num_output_tokens < 2:
+            continue
+        c = cycles[r.request_id]
+        assert c.tpot_s == pytest.approx(q["tpot_s"], rel=1e-9)  # the client's TPOT, exactly
+        assert c.execute_s == pytest.approx(c.model_s, rel=1e-9)  # no noise: as modelled
+        assert c.host_s == pytest.approx(c.tpot_s - c.execute_s) and c.host_s > 0
+    assert pool_cycles(rows, client[1:], truth) == {}  # not one to one: no pairing
+    text = report("x", pair(client, cycles, {}), top=3)
+    assert "| pool cycle |" in text and "slowest 5%" in text
 
 
 # --------------------------------------------------------------------------- step-time noise

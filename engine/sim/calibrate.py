@@ -426,6 +426,8 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
         "admit_samples": len(admits), "pool_ttft_samples": len(ttfts),
         "client_ttft_samples": len(client_ttfts), "matched_requests": len(matched),
     }
+    if reg is not None:  # the regime model's chosen shape (the rest is in the cost file)
+        report |= {"regime_states": len(reg.switch), "regime_window": reg.window}
     return Calibration(cost, report)
 
 

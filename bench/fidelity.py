@@ -148,6 +148,8 @@ def without_noise(cost: CostModel) -> CostModel:
         stream += max(0.0, sampled_mean(cost.admit_quantiles) - cost.admit_s)
     return replace(cost, stream_s=stream, noise_quantiles=(), noise_rho=0.0,
                    noise_prefill_quantiles=(), noise_slow_rho=0.0, noise_slow_share=0.0,
+                   noise_regime_switch=(), noise_regime_quantiles=(), noise_regime_rho=(),
+                   noise_regime_host=(),
                    admit_quantiles=(), host_quantiles=())
 
 

@@ -1,7 +1,8 @@
 """``python -m engine.sim fit RECORDING``: a cost file from the engine's own step recording.
 
 The recording is what ``--profile-steps`` writes (engine/profiling.py). The fit (terms
-marked *optional* only with ``--terms``, e.g. ``--terms contention,shape,slow,admit,host``):
+marked *optional* only with ``--terms``, e.g. ``--terms contention,shape,slow,admit,host``
+or ``--terms regime``):
 
 - **step time** (the ``[cost]`` table): the five coefficients of ``cost_model`` by
   non-negative least squares of each step's ``execute_s`` (the worker's own timing) on its
@@ -28,7 +29,10 @@ marked *optional* only with ``--terms``, e.g. ``--terms contention,shape,slow,ad
   *optional* ``shape``: a table of its own for steps with prefill tokens (their ratio's
   median is ~1.25 against ~0.9 for decode-only steps); *optional* ``slow``: the
   autocorrelation at lags 1 to 120 fitted as a fast plus a slow AR(1) (``fit_acf``: live, it
-  is still 0.1 at lag 100, where one AR(1) of lag-1 0.6 is 0);
+  is still 0.1 at lag 100, where one AR(1) of lag-1 0.6 is 0); *optional* ``regime``: a
+  few-state Markov-switching model of the ratio along each worker's steps, with each
+  state's own ratio table, burstiness and host factor (``regimes.fit_regimes``: live, slow
+  steps come in spells of tens to hundreds of steps, and the host path slows with them);
 - **admit** (``admit_s``): the mean of ``t - frontend_t`` of the ``add`` rows (frontend stamp
   to the scheduler);
 - **stream** (``stream_s``): only with the client's view of the same requests
@@ -66,14 +70,16 @@ import numpy as np
 
 from engine.profiling import read_recording
 from engine.sim.contention import OVERLAP_EPS
-from engine.sim.cost_model import BatchShape, CostModel, nonnegative_lstsq
+from engine.sim.cost_model import BatchShape, CostModel, nonnegative_lstsq, stationary
+from engine.sim.regimes import RegimeFit, fit_regimes
 
 PROG = "python -m engine.sim fit"
 # optional terms (``--terms``): CPU contention between workers, prefill steps' own noise
-# table, a slow noise component, drawn admission delays, drawn host times; none by default:
+# table, a slow noise component, drawn admission delays, drawn host times, noise regimes
+# (slow spells, engine/sim/regimes.py); none by default:
 # on the shared machine's recordings none of them made the judged runs closer (see
 # docs/simulator.md, "Tail terms")
-TERMS = ("contention", "shape", "slow", "admit", "host")
+TERMS = ("contention", "shape", "slow", "admit", "host", "regime")
 
 
 @dataclass(frozen=True)
@@ -187,17 +193,22 @@ class NoiseFit(NamedTuple):
     prefill_quantiles: tuple[float, ...] = ()
     slow_rho: float = 0.0
     slow_share: float = 0.0
+    regime: RegimeFit | None = None
 
 
 ACF_LAGS = (1, 2, 3, 5, 8, 13, 20, 30, 50, 80, 120)
 
 
 def fit_noise(steps: Sequence[dict[str, Any]], pred: np.ndarray, points: int = 101,
-              by_shape: bool = False, slow: bool = False) -> NoiseFit:
+              by_shape: bool = False, slow: bool = False, regime: bool = False,
+              host_model: tuple[float, float] | None = None) -> NoiseFit:
     """The ratio of measured over fitted step times (see the module doc): its quantiles
     (``by_shape``: separately for steps with prefill tokens, when there are enough of them),
     each table scaled so that its steps' mean time is kept, and the autocorrelation of its
-    normal scores along each worker's steps, as one AR(1) or (``slow``) a fast plus a slow."""
+    normal scores along each worker's steps, as one AR(1) or (``slow``) a fast plus a slow;
+    ``regime``: also the regime model of the ratio along each worker's steps
+    (``regimes.fit_regimes``), its tables scaled so that the mean step time is kept, and
+    with ``host_model`` (host_step_s, host_request_s) each state's host time factor."""
     y = np.array([r["execute_s"] for r in steps])
     pred = np.maximum(pred, 1e-4)
     ratio = y / pred
@@ -218,7 +229,47 @@ def fit_noise(steps: Sequence[dict[str, Any]], pred: np.ndarray, points: int = 1
         z[members] = [normal.inv_cdf((k + 0.5) / len(r)) for k in ranks]
     acf = score_acf(steps, z)
     rho, slow_rho, slow_share = fit_acf(acf) if slow else (acf.get(1, 0.0), 0.0, 0.0)
-    return NoiseFit(tables[0], rho, tables[1] if split else (), slow_rho, slow_share)
+    fitted = None
+    if regime:
+        host: list[tuple[np.ndarray, np.ndarray]] = []
+        if host_model is not None:
+            measured = host_by_step(steps)
+            model = np.array([host_model[0] + host_model[1] * r["requests"] for r in steps])
+            host = list(zip(worker_series(steps, measured), worker_series(steps, model),
+                            strict=True))
+        fitted = fit_regimes(worker_series(steps, ratio), host=host)
+    if fitted is not None:
+        weights = stationary(fitted.switch)
+        mean = sum(w * sampled_mean(q) for w, q in zip(weights, fitted.quantiles, strict=True))
+        factor = (y.sum() / pred.sum()) / mean
+        fitted = fitted._replace(quantiles=tuple(tuple(float(x) * factor for x in q)
+                                                 for q in fitted.quantiles))
+    return NoiseFit(tables[0], rho, tables[1] if split else (), slow_rho, slow_share, fitted)
+
+
+def host_by_step(steps: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Per step (in the order given): the host seconds of its worker's cycle after it, as
+    ``host_samples`` counts them, NaN when the next step on its worker is not busy."""
+    order: dict[int, list[int]] = {}
+    for i, r in enumerate(steps):
+        order.setdefault(r["worker"], []).append(i)
+    out = np.full(len(steps), np.nan)
+    for idx in order.values():
+        idx.sort(key=lambda i: steps[i]["t_send"])
+        for i, j in itertools.pairwise(idx):
+            cur, nxt = steps[i], steps[j]
+            if nxt["busy"] and nxt["gap_s"] is not None:
+                round_trip = cur["t_result"] - cur["t_send"] - cur["execute_s"]
+                out[i] = max(0.0, round_trip) + nxt["gap_s"]
+    return out
+
+
+def worker_series(steps: Sequence[dict[str, Any]], values: np.ndarray) -> list[np.ndarray]:
+    """``values`` (one per step) along each worker's steps, in send order."""
+    by_worker: dict[int, list[tuple[float, float]]] = {}
+    for row, v in zip(steps, values, strict=True):
+        by_worker.setdefault(row["worker"], []).append((row["t_send"], float(v)))
+    return [np.array([v for _, v in sorted(rows)]) for _, rows in sorted(by_worker.items())]
 
 
 MIN_CLASS_STEPS = 50  # steps of a class (prefill, decode-only) for a table of its own
@@ -352,13 +403,19 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
     if noise and "admit" in terms and len(matched) >= MIN_MATCHED:
         admit_q, stream = fit_admit_delays(matched)
     values: dict[str, Any] = dict(zip(CostModel.COEFFICIENTS, coef, strict=True))
-    nf = (fit_noise(steps, pred, by_shape="shape" in terms, slow="slow" in terms) if noise
-          else NoiseFit((), 0.0))
+    nf = (fit_noise(steps, pred, by_shape="shape" in terms, slow="slow" in terms,
+                    regime="regime" in terms, host_model=(host_step, host_request))
+          if noise else NoiseFit((), 0.0))
+    reg = nf.regime
     cost = replace(base, **values, admit_s=admit, stream_s=stream, host_step_s=host_step,
                    host_request_s=host_request, source=source or base.source,
                    noise_quantiles=nf.quantiles, noise_rho=nf.rho,
                    noise_prefill_quantiles=nf.prefill_quantiles, noise_slow_rho=nf.slow_rho,
                    noise_slow_share=nf.slow_share, admit_quantiles=admit_q, host_quantiles=host_q,
+                   noise_regime_switch=reg.switch if reg else (),
+                   noise_regime_quantiles=reg.quantiles if reg else (),
+                   noise_regime_rho=reg.rho if reg else (),
+                   noise_regime_host=reg.host if reg else (),
                    overlap=overlap, prefill_step_s=prefill_step, cold_step_s=cold_step)
     report = {
         "steps": len(steps), "median_rel_error": float(np.median(rel)),
@@ -369,6 +426,8 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
         "admit_samples": len(admits), "pool_ttft_samples": len(ttfts),
         "client_ttft_samples": len(client_ttfts), "matched_requests": len(matched),
     }
+    if reg is not None:  # the regime model's chosen shape (the rest is in the cost file)
+        report |= {"regime_states": len(reg.switch), "regime_window": reg.window}
     return Calibration(cost, report)
 
 

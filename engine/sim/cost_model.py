@@ -39,6 +39,11 @@ everything of the first token's path beyond ``stream_s``), drawn per request ins
 constant ``admit_s``: live, that delay has a tail that sets much of a TTFT p99.
 ``host_quantiles``: a step's host time over ``host_time()`` (drawn per step, mean 1): live,
 the pool's round trip and turn vary as much as the forward pass.
+``regime_switch``, ``regime_quantiles``, ``regime_rho`` and (optional) ``regime_host``: a
+few-state Markov-switching noise (engine/sim/regimes.py): per worker a hidden state moves
+once per step through the switching matrix, each state has its own ratio table, score
+lag-1 correlation and host time factor; live, slow steps come in spells of tens to
+hundreds of steps, and the host path slows down with them.
 
 CPU contention between workers (an optional ``[contention]`` table, ``overlap``; 0 when
 absent): workers that share cores slow each other down, so a step's time is multiplied by
@@ -57,6 +62,8 @@ for research runs.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import random
@@ -117,6 +124,12 @@ class CostModel:
     noise_slow_share: float = 0.0  # its share of the variance of the normal score
     admit_quantiles: tuple[float, ...] = ()  # a request's admission delay; () = admit_s
     host_quantiles: tuple[float, ...] = ()  # a step's host time over host_time(); () = 1
+    # regimes (engine/sim/regimes.py): per state a ratio table and a score lag-1
+    # correlation, and the per-step switching matrix; () = no regimes
+    noise_regime_switch: tuple[tuple[float, ...], ...] = ()
+    noise_regime_quantiles: tuple[tuple[float, ...], ...] = ()
+    noise_regime_rho: tuple[float, ...] = ()
+    noise_regime_host: tuple[float, ...] = ()  # per state: host time factor; () = 1
     overlap: float = 0.0  # [contention]: a step's time x (1 + overlap x its overlapped share)
     prefill_step_s: float = 0.0  # [step_extra]: added to a step with prefill tokens
     cold_step_s: float = 0.0  # [step_extra]: added to a step on a worker that held no request
@@ -159,7 +172,9 @@ class CostModel:
             return None
         return StepNoise(self.noise_quantiles, self.noise_rho, num_workers, seed,
                          self.noise_prefill_quantiles, self.noise_slow_rho,
-                         self.noise_slow_share)
+                         self.noise_slow_share, self.noise_regime_switch,
+                         self.noise_regime_quantiles, self.noise_regime_rho,
+                         self.noise_regime_host)
 
     def admit_delays(self, seed: int = 0) -> Callable[[], float] | None:
         """Draws each request's admission delay from ``admit_quantiles`` (independent per
@@ -235,6 +250,7 @@ class CostModel:
             raise ValueError(f"--cost: {where}: [noise] needs >= 2 increasing positive "
                              f"quantiles (and prefill_quantiles if any), -1 < rho, slow_rho "
                              f"< 1 and 0 <= slow_share <= 1")
+        regime = _regimes(noise, where)
         overlap = float(contention.get("overlap", 0.0))
         if overlap < 0:
             raise ValueError(f"--cost: {where}: [contention] overlap must be >= 0")
@@ -245,6 +261,8 @@ class CostModel:
                    noise_quantiles=quantiles, noise_rho=rho, noise_prefill_quantiles=prefill_q,
                    noise_slow_rho=slow_rho, noise_slow_share=slow_share,
                    admit_quantiles=admit_q, host_quantiles=host_q, overlap=overlap,
+                   noise_regime_switch=regime[0], noise_regime_quantiles=regime[1],
+                   noise_regime_rho=regime[2], noise_regime_host=regime[3],
                    prefill_step_s=extras.get("prefill_step_s", 0.0),
                    cold_step_s=extras.get("cold_step_s", 0.0))
 
@@ -266,6 +284,15 @@ class CostModel:
             if self.noise_slow_share:
                 lines += [f"slow_rho = {self.noise_slow_rho!r}",
                           f"slow_share = {self.noise_slow_share!r}"]
+            if self.noise_regime_switch:
+                lines += [f"regime_rho = [{_floats(self.noise_regime_rho)}]",
+                          "regime_switch = [" + ", ".join(
+                              f"[{', '.join(repr(p) for p in row)}]"
+                              for row in self.noise_regime_switch) + "]",
+                          "regime_quantiles = [" + ", ".join(
+                              f"[{_floats(q)}]" for q in self.noise_regime_quantiles) + "]"]
+                if self.noise_regime_host:
+                    lines += [f"regime_host = [{_floats(self.noise_regime_host)}]"]
         if self.admit_quantiles:
             lines += [f"admit_quantiles = [{_floats(self.admit_quantiles)}]"]
         if self.host_quantiles:
@@ -281,12 +308,17 @@ class CostModel:
 
     def describe(self) -> dict[str, Any]:
         host = {name: getattr(self, name) for name in self.HOST} if self.has_host else {}
+        regime = ({"noise_regime_p50": [float(np.interp(0.5, _grid(q), q))
+                                        for q in self.noise_regime_quantiles],
+                   "noise_regime_dwell": [1.0 / max(1e-9, 1.0 - row[i]) for i, row
+                                          in enumerate(self.noise_regime_switch)]}
+                  if self.noise_regime_switch else {})
         noise = ({"noise_rho": self.noise_rho,
                   "noise_p50": float(np.interp(0.5, _grid(self.noise_quantiles),
                                                self.noise_quantiles)),
                   "noise_p99": float(np.interp(0.99, _grid(self.noise_quantiles),
                                                self.noise_quantiles))}
-                 if self.noise_quantiles else {})
+                 if self.noise_quantiles else {}) | regime
         contention = {"overlap": self.overlap} if self.overlap else {}
         extra = {name: getattr(self, name) for name in self.STEP_EXTRA if getattr(self, name)}
         return {**dict(zip(self.COEFFICIENTS, self.coefficients, strict=True)), **host,
@@ -301,7 +333,38 @@ def _draws(quantiles: tuple[float, ...], seed: int) -> Callable[[], float] | Non
 
 
 NOISE_KEYS = ("quantiles", "rho", "prefill_quantiles", "slow_rho", "slow_share",
-              "admit_quantiles", "host_quantiles")
+              "admit_quantiles", "host_quantiles", "regime_switch", "regime_quantiles",
+              "regime_rho", "regime_host")
+
+
+def _regimes(noise: dict[str, Any], where: str) -> tuple[tuple[tuple[float, ...], ...],
+                                                         tuple[tuple[float, ...], ...],
+                                                         tuple[float, ...], tuple[float, ...]]:
+    """The ``[noise]`` regime keys, checked: (switch, quantiles, rho, host), all () when
+    absent."""
+    keys = ("regime_switch", "regime_quantiles", "regime_rho", "regime_host")
+    if not any(k in noise for k in keys):
+        return (), (), (), ()
+    bad = ValueError(f"--cost: {where}: [noise] regime_switch (a k x k matrix of "
+                     f"probabilities, rows summing to 1), regime_quantiles (k tables of >= 2 "
+                     f"increasing positive values) and regime_rho (k values in [0, 1)) go "
+                     f"together, k >= 1; regime_host (k values >= 0) is optional")
+    try:
+        switch = tuple(tuple(float(p) for p in row) for row in noise["regime_switch"])
+        tables = tuple(tuple(float(q) for q in t) for t in noise["regime_quantiles"])
+        rho = tuple(float(r) for r in noise["regime_rho"])
+        host = tuple(float(h) for h in noise.get("regime_host", ()))
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad from e
+    k = len(switch)
+    if (k < 1 or len(tables) != k or len(rho) != k
+            or any(len(row) != k or min(row) < 0 or abs(sum(row) - 1.0) > 1e-6
+                   for row in switch)
+            or not all(_valid_quantiles(t) for t in tables)
+            or not all(0 <= r < 1 for r in rho)
+            or (host and (len(host) != k or min(host) < 0))):
+        raise bad
+    return switch, tables, rho, host
 
 
 def _valid_quantiles(q: tuple[float, ...]) -> bool:
@@ -321,11 +384,21 @@ class StepNoise:
     ratio's quantiles (those of prefill steps for a step with prefill tokens, when given):
     ``z`` is a fast AR(1) (lag-1 correlation ``rho``), plus, with ``slow_share`` s > 0, a
     slow one (``slow_rho``): ``z = sqrt(1 - s) z_fast + sqrt(s) z_slow``, so slow spells
-    last for many steps, as measured, and ``z`` stays standard normal."""
+    last for many steps, as measured, and ``z`` stays standard normal.
+
+    With regimes (``regime_switch``, engine/sim/regimes.py): each worker has a hidden state
+    that moves once per step through the switching matrix (so its spells last as long as
+    measured), and a step's ratio is drawn from its state's table through the state's AR(1)
+    score (a decode step's, and a prefill step's when no prefill table is given); the host
+    time after the step is multiplied by the state's ``regime_host`` factor."""
 
     def __init__(self, quantiles: tuple[float, ...], rho: float, num_workers: int,
                  seed: int = 0, prefill_quantiles: tuple[float, ...] = (),
-                 slow_rho: float = 0.0, slow_share: float = 0.0) -> None:
+                 slow_rho: float = 0.0, slow_share: float = 0.0,
+                 regime_switch: tuple[tuple[float, ...], ...] = (),
+                 regime_quantiles: tuple[tuple[float, ...], ...] = (),
+                 regime_rho: tuple[float, ...] = (),
+                 regime_host: tuple[float, ...] = ()) -> None:
         self.grid = _grid(quantiles)
         self.quantiles = np.array(quantiles)
         self.prefill_grid = _grid(prefill_quantiles or quantiles)
@@ -337,9 +410,23 @@ class StepNoise:
         self.z = [self.rng.gauss(0.0, 1.0) for _ in range(num_workers)]
         self.slow = ([self.rng.gauss(0.0, 1.0) for _ in range(num_workers)]
                      if slow_share else [])
+        self.own_prefill = bool(prefill_quantiles)
+        self.regime_cum = [list(itertools.accumulate(row)) for row in regime_switch]
+        self.regime_grids = [_grid(q) for q in regime_quantiles]
+        self.regime_tables = [np.array(q) for q in regime_quantiles]
+        self.regime_rho = list(regime_rho)
+        self.regime_scale = [math.sqrt(1.0 - r * r) for r in regime_rho]
+        self.regime_host = list(regime_host)
+        self.state: list[int] = []
+        if regime_switch:  # each worker starts in a state drawn from the stationary one
+            start = list(itertools.accumulate(stationary(regime_switch)))
+            self.state = [min(bisect.bisect_left(start, self.rng.random()), len(start) - 1)
+                          for _ in range(num_workers)]
 
     def __call__(self, worker: int, prefill: bool = False) -> float:
         gauss = self.rng.gauss
+        if self.state and not (prefill and self.own_prefill):
+            return self._regime(worker)
         z = self.z[worker] = self.rho * self.z[worker] + self.scale * gauss(0.0, 1.0)
         if self.slow:
             slow = self.slow[worker] = (self.slow_rho * self.slow[worker]
@@ -349,6 +436,30 @@ class StepNoise:
         if prefill:
             return float(np.interp(u, self.prefill_grid, self.prefill_quantiles))
         return float(np.interp(u, self.grid, self.quantiles))
+
+    def host_factor(self, worker: int) -> float:
+        """The worker's host time factor in its present state (1 without regimes)."""
+        return self.regime_host[self.state[worker]] if self.regime_host else 1.0
+
+    def _regime(self, worker: int) -> float:
+        cum = self.regime_cum[self.state[worker]]
+        s = self.state[worker] = min(bisect.bisect_left(cum, self.rng.random()), len(cum) - 1)
+        z = self.z[worker] = (self.regime_rho[s] * self.z[worker]
+                              + self.regime_scale[s] * self.rng.gauss(0.0, 1.0))
+        u = 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+        return float(np.interp(u, self.regime_grids[s], self.regime_tables[s]))
+
+
+def stationary(switch: tuple[tuple[float, ...], ...]) -> list[float]:
+    """The stationary distribution of a switching matrix (by power iteration)."""
+    p = np.asarray(switch, dtype=float)
+    v = np.full(len(p), 1.0 / len(p))
+    for _ in range(10_000):
+        nxt = v @ p
+        if np.abs(nxt - v).max() < 1e-12:
+            break
+        v = nxt
+    return [float(x) for x in v / v.sum()]
 
 
 def fit(rows: list[tuple[float, BatchShape]], relative: bool = True

@@ -20,6 +20,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.config import SchedulerConfig
 from engine.messages import StepPlan
@@ -79,7 +80,8 @@ def scheduler_config(header: Header, policy: str | None = None,
     with ``policy`` / ``placement`` replaced when given."""
     known = {f.name for f in dataclasses.fields(SchedulerConfig)}
     cfg = SchedulerConfig(**{k: v for k, v in header.scheduler.items() if k in known})
-    changes = {k: v for k, v in (("policy", policy), ("placement", placement)) if v is not None}
+    changes: dict[str, Any] = {k: v for k, v in (("policy", policy), ("placement", placement))
+                               if v is not None}
     return dataclasses.replace(cfg, **changes)
 
 

@@ -276,6 +276,8 @@ class Simulator:
         host = self.cost.host_time(plan.num_requests)
         if self.host_ratios is not None:
             host *= self.host_ratios()
+        if self.noise is not None:
+            host *= self.noise.host_factor(w)
         heapq.heappush(self.events, (now + dt + host, self.seq, _STEP, w))
         self.busy_s[w] += dt
         self.num_steps += 1

@@ -1,0 +1,154 @@
+"""The C paged-attention kernel for CPU workers: built on first use, loaded with ctypes.
+
+``paged_attention.c`` (beside this file) is plain C, no torch headers, so the system
+compiler builds it in a fraction of a second: ``cc -O3 -march=native -shared -fPIC``
+(``ENGINE_CC`` or ``CC`` names another compiler). The shared library goes to a cache
+directory (``ENGINE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/engine/kernels``, else
+``~/.cache/engine/kernels``) under a name keyed by a hash of the source, the flags and the
+compiler's identity, so an edit or another compiler builds afresh and a second process (or a
+second run) loads what is there without compiling. Two processes starting at once each
+compile into their own temporary file and ``os.replace`` it onto the final name: the rename
+is atomic, so a reader sees a whole library or none, never a half-written one.
+
+ctypes releases the GIL during the call; the kernel is single-threaded. ``load()`` returns
+the library or raises ``CpuKernelUnavailable`` with the reason (no compiler, a failed build,
+a platform without ctypes-loadable shared objects); ``kernels.paged_attention`` decides what
+to do with that (docs/kernels.md, "The CPU kernel").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["HEAD_DIMS", "CpuKernelUnavailable", "library_path", "load", "paged_attention_cpu"]
+
+#: head sizes with a compiled copy of the kernel (compile-time constants in the C source).
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+SOURCE = Path(__file__).with_name("paged_attention.c")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
+
+
+class CpuKernelUnavailable(RuntimeError):
+    """The C kernel cannot be built or loaded here; the message says why."""
+
+
+def compiler() -> list[str]:
+    """The C compiler command: ``ENGINE_CC``, else ``CC``, else ``cc``."""
+    raw = os.environ.get("ENGINE_CC") or os.environ.get("CC") or "cc"
+    return shlex.split(raw)
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("ENGINE_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "engine" / "kernels"
+
+
+def _compiler_identity(cc: list[str]) -> str:
+    exe = shutil.which(cc[0])
+    if exe is None:
+        raise CpuKernelUnavailable(f"no C compiler: {cc[0]!r} not found (set ENGINE_CC or CC)")
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CpuKernelUnavailable(f"C compiler {cc[0]!r} does not run: {e}") from e
+    return f"{exe}\n{version}"
+
+
+def library_path() -> Path:
+    """Where the library for this source, these flags and this compiler lives (built or
+    not)."""
+    cc = compiler()
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), " ".join(cc).encode(),
+                 _compiler_identity(cc).encode()):
+        h.update(part)
+        h.update(b"\0")
+    return cache_dir() / f"paged_attention-{h.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [*compiler(), *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise CpuKernelUnavailable(
+                f"building the CPU attention kernel failed ({shlex.join(cmd)}):\n"
+                f"{result.stderr.strip()}")
+        os.replace(tmp, target)  # atomic: concurrent builders each rename a whole file
+    except OSError as e:
+        raise CpuKernelUnavailable(f"building the CPU attention kernel failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    """The kernel library, compiled first if the cache has none (once per process)."""
+    target = library_path()
+    if not target.exists():
+        _build(target)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        raise CpuKernelUnavailable(f"cannot load {target}: {e}") from e
+    fn = lib.paged_attention_f32
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = [p, p, p, p, p, p, i64, i32, i32, i32, i32, i32, i32, ctypes.c_float, p]
+    fn.restype = i32
+    return lib
+
+
+def paged_attention_cpu(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``paged_attention_ref``'s semantics through the C kernel. The caller has checked
+    shapes and dtypes (float32 query and caches, int32 metadata, head_dim in
+    ``HEAD_DIMS``, contiguous caches); query and metadata are made contiguous here (a no-op
+    for what the model passes)."""
+    query = query.contiguous()
+    query_start_loc = query_start_loc.contiguous()
+    seq_lens = seq_lens.contiguous()
+    if block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    out = torch.empty_like(query)
+    num_heads, head_dim = query.shape[1:]
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    fn = load().paged_attention_f32
+    with torch.profiler.record_function("kernels::paged_attention_cpu"):  # named in profiles
+        rc = fn(
+            query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
+            block_tables.stride(0), seq_lens.shape[0], num_heads, num_kv_heads, head_dim,
+            block_size, num_blocks, scale, out.data_ptr(),
+        )
+    if rc == -2:
+        raise ValueError("paged_attention: a block table entry a context needs is outside "
+                         f"[0, {num_blocks})")
+    if rc != 0:
+        raise ValueError(f"the CPU attention kernel has no copy for head_dim {head_dim}")
+    return out

@@ -14,7 +14,7 @@ for the C kernel), the KV gather, matmuls, the elementwise ops; the rest of the 
 the host's (scheduler, batch building, sampling). Which attention runs follows
 ``ENGINE_CPU_ATTENTION`` (docs/kernels.md); ``--ab-cpu-attention`` instead alternates runs
 between the torch reference and the C kernel in this process (the variable is read per
-call) and reports both side by side, with the ratios and whether the greedy outputs agree.
+call) and reports both side by side, with the ratios.
 
     python -m bench.prefill_profile --write-workload random256x64.jsonl
 
@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     handle = llm.core.handles[0]
     handle.step = timed  # type: ignore[attr-defined]
     if args.ab_cpu_attention:
-        result = _ab_cpu_attention(args, llm, params, vocab, prefill_steps, decode_steps)
+        ab = _ab_cpu_attention(args, llm, params, vocab, prefill_steps, decode_steps)
         handle.step = step  # type: ignore[attr-defined]
-        return result
+        return ab
     times = []
     for i in range(args.repeat):
         batch = prompts(args.num_requests, args.prompt_len, vocab, i)
@@ -114,18 +114,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _ab_cpu_attention(args: argparse.Namespace, llm: LLM, params: SamplingParams, vocab: int,
                       prefill_steps: list[float], decode_steps: list[float]) -> dict[str, Any]:
     """``--ab-cpu-attention``: runs alternating between the torch reference and the C
-    kernel (``ENGINE_CPU_ATTENTION``, read per call), order reversed every other round, the
-    same prompts for both in a round; medians per mode and the kernel/torch ratios."""
+    kernel (``ENGINE_CPU_ATTENTION``, read per call), order reversed every other round, fresh
+    prompts every run (the same ones twice would hit the prefix cache); medians per mode and
+    the kernel/torch ratios. Greedy agreement is the tests' job (tests/kernels)."""
     import os
 
     stats: dict[str, dict[str, list[float]]] = {
         m: {"wall": [], "prefill": [], "decode": []} for m in ("torch", "cpu")}
-    outputs: dict[str, list[list[int]]] = {}
     saved = os.environ.get("ENGINE_CPU_ATTENTION")
     try:
         for i in range(args.repeat):
-            batch = prompts(args.num_requests, args.prompt_len, vocab, i)
-            for mode in ("torch", "cpu") if i % 2 == 0 else ("cpu", "torch"):
+            for j, mode in enumerate(("torch", "cpu") if i % 2 == 0 else ("cpu", "torch")):
+                batch = prompts(args.num_requests, args.prompt_len, vocab, 2 * i + j)
                 os.environ["ENGINE_CPU_ATTENTION"] = mode
                 prefill_steps.clear()
                 decode_steps.clear()
@@ -134,9 +134,7 @@ def _ab_cpu_attention(args: argparse.Namespace, llm: LLM, params: SamplingParams
                 stats[mode]["wall"].append(time.perf_counter() - t0)
                 stats[mode]["prefill"].extend(prefill_steps)
                 stats[mode]["decode"].extend(decode_steps)
-                outputs[mode] = [list(o.token_ids) for o in outs]
-            same = sum(a == b for a, b in zip(outputs["torch"], outputs["cpu"], strict=True))
-            print(f"round {i}: {same}/{len(batch)} greedy outputs identical", flush=True)
+                assert sum(len(o.token_ids) for o in outs) == len(batch) * args.output_len
     finally:
         if saved is None:
             os.environ.pop("ENGINE_CPU_ATTENTION", None)

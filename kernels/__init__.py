@@ -10,8 +10,8 @@ Dispatch, in one place (``_use_triton``), chosen per call by ``backend=``:
 - ``"auto"`` (the default): the Triton kernels for CUDA tensors (when ``triton`` imports and
   the head size is one they support), the torch reference otherwise. On CPU,
   ``paged_attention`` runs the C kernel (``kernels/cpu``) for float32 with a head size it
-  has a copy for (16, 32, 64, 128, 256), when torch runs one thread and the kernel builds (if it
-  cannot, a one-time warning and the reference); ``ENGINE_CPU_ATTENTION`` overrides that:
+  has a copy for (16, 32, 64, 128, 256), when the kernel builds (if it cannot, a one-time
+  warning and the reference; it runs on as many threads as torch's intra-op pool has); ``ENGINE_CPU_ATTENTION`` overrides that:
   ``torch`` (always the reference), ``cpu`` (as ``backend="cpu"``), ``auto`` or unset (the
   rule above). ``ENGINE_TRITON_INTERPRET=1`` instead asks for the whole engine to run the
   Triton kernels under Triton's interpreter (slow; for debugging the kernels in situ; set
@@ -251,8 +251,7 @@ def _use_cpu_kernel(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         if mode == "torch":
             return False
         if mode == "auto":
-            if (query.dtype != torch.float32 or query.shape[2] not in CPU_HEAD_DIMS
-                    or torch.get_num_threads() != 1):
+            if query.dtype != torch.float32 or query.shape[2] not in CPU_HEAD_DIMS:
                 return False
             try:
                 load_cpu_kernel()

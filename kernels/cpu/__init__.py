@@ -10,7 +10,11 @@ second run) loads what is there without compiling. Two processes starting at onc
 compile into their own temporary file and ``os.replace`` it onto the final name: the rename
 is atomic, so a reader sees a whole library or none, never a half-written one.
 
-ctypes releases the GIL during the call; the kernel is single-threaded. ``load()`` returns
+ctypes releases the GIL during the call. With torch running more than one intra-op thread,
+a call worth it is split into that many parts (contiguous runs of tiles of about equal cost,
+chosen by the C code from the batch alone) run by as many Python threads, the calling one
+included: no OpenMP in the library (a second OpenMP runtime beside torch's libgomp is
+asking for trouble), and no thread of ours spins. ``load()`` returns
 the library or raises ``CpuKernelUnavailable`` with the reason (no compiler, a failed build,
 a platform without ctypes-loadable shared objects); ``kernels.paged_attention`` decides what
 to do with that (docs/kernels.md, "The CPU kernel").
@@ -26,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -112,9 +117,47 @@ def load() -> ctypes.CDLL:
         raise CpuKernelUnavailable(f"cannot load {target}: {e}") from e
     fn = lib.paged_attention_f32
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, p, p, i64, i32, i32, i32, i32, i32, i32, ctypes.c_float, p]
+    fn.argtypes = [p, p, p, p, p, p, i64, i32, i32, i32, i32, i32, i32, ctypes.c_float, p,
+                   i32, i32]
     fn.restype = i32
+    cost = lib.paged_attention_cost
+    cost.argtypes = [p, p, i64, i32, i32, i32]
+    cost.restype = i64
     return lib
+
+
+#: Below this many cost units (``tile_cost`` in the C source: padded query rows x 16-key
+#: chunks; ~0.05-0.15 us each on the machine of docs/kernels.md) a call runs on the calling
+#: thread alone: waking other threads costs more than they would save.
+MIN_SPLIT_COST = 2000
+
+
+def _num_parts(lib: ctypes.CDLL, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+               block_tables: torch.Tensor, num_heads: int, num_kv_heads: int) -> int:
+    """How many threads share the call: torch's intra-op thread count (the worker's
+    ``--num-threads``), when the batch is worth splitting."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 1
+    cost = lib.paged_attention_cost(query_start_loc.data_ptr(), seq_lens.data_ptr(),
+                                    block_tables.stride(0), seq_lens.shape[0], num_heads,
+                                    num_kv_heads)
+    return max(1, min(threads, cost // MIN_SPLIT_COST))
+
+
+_executor: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """Threads for the other parts of a split call (the calling thread runs part 0); ctypes
+    releases the GIL, so they run the C code in parallel. Kept across calls, remade when the
+    thread count changes."""
+    global _executor
+    if _executor is None or _executor[0] != workers:
+        if _executor is not None:
+            _executor[1].shutdown(wait=False)
+        _executor = (workers, ThreadPoolExecutor(workers, thread_name_prefix="cpu-attention"))
+    return _executor[1]
 
 
 def paged_attention_cpu(
@@ -138,14 +181,22 @@ def paged_attention_cpu(
     out = torch.empty_like(query)
     num_heads, head_dim = query.shape[1:]
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    fn = load().paged_attention_f32
-    with torch.profiler.record_function("kernels::paged_attention_cpu"):  # named in profiles
-        rc = fn(
-            query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+    lib = load()
+    args = (query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
             block_tables.stride(0), seq_lens.shape[0], num_heads, num_kv_heads, head_dim,
-            block_size, num_blocks, scale, out.data_ptr(),
-        )
+            block_size, num_blocks, scale, out.data_ptr())
+    num_parts = _num_parts(lib, query_start_loc, seq_lens, block_tables, num_heads,
+                           num_kv_heads)
+    with torch.profiler.record_function("kernels::paged_attention_cpu"):  # named in profiles
+        if num_parts == 1:
+            rc = lib.paged_attention_f32(*args, 0, 1)
+        else:
+            pool = _pool(num_parts - 1)
+            rest = [pool.submit(lib.paged_attention_f32, *args, part, num_parts)
+                    for part in range(1, num_parts)]
+            rc = lib.paged_attention_f32(*args, 0, num_parts)  # this thread's share
+            rc = min([rc, *(f.result() for f in rest)])
     if rc == -2:
         raise ValueError("paged_attention: a block table entry a context needs is outside "
                          f"[0, {num_blocks})")

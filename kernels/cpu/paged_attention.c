@@ -23,6 +23,9 @@
 #include <string.h>
 
 #define KC 16       /* keys per chunk: one vf */
+#ifndef PREFETCH
+#define PREFETCH 2 /* chunks of K and V prefetched ahead (the blocks are scattered) */
+#endif
 #define MAX_ROWS 16 /* query rows per tile: one lane of a vf each for m and l */
 _Static_assert(MAX_ROWS == KC, "the running max and sum hold one row per lane");
 
@@ -227,12 +230,14 @@ static inline void prefetch_chunk(const Seq *s, int k0, int end, int64_t slot_st
         const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};               \
         vf kt[D];                                                                             \
         const float *vrow[KC];                                                                \
+        for (int k0 = 0; k0 < PREFETCH * KC && k0 < end; k0 += KC)                            \
+            prefetch_chunk(s, k0, end, slot_stride, (int64_t)kvh * D, D);                     \
         for (int k0 = 0; k0 < end; k0 += KC) {                                                \
             const int nk = end - k0 < KC ? end - k0 : KC;                                     \
             const float *krow[KC];                                                            \
             chunk_rows(s, k0, nk, slot_stride, (int64_t)kvh * D, krow, vrow);                 \
-            if (k0 + KC < end) /* the next chunk's rows, while this one computes */           \
-                prefetch_chunk(s, k0 + KC, end, slot_stride, (int64_t)kvh * D, D);            \
+            if (k0 + PREFETCH * KC < end) /* PREFETCH chunks ahead */                         \
+                prefetch_chunk(s, k0 + PREFETCH * KC, end, slot_stride, (int64_t)kvh * D, D); \
             load_transposed_##D(kt, krow, nk);                                                \
             const int need_mask = nk < KC || k0 + KC - 1 > min_pos;                           \
             vf sc[MAX_ROWS];                                                                  \
@@ -317,52 +322,99 @@ DEFINE_TILE(256)
 
 typedef void (*tile_fn)(const Seq *, int, int, int, int, int);
 
-/* Returns 0; -1 if head_dim has no compiled copy (the caller checks first); -2 if a block
- * table entry a context needs is outside [0, num_blocks) (nothing is computed then). */
+/* The cost of a tile in rough units (padded rows x key chunks visited, plus the tile's fixed
+ * work): what the split between threads balances. */
+static inline int64_t tile_cost(int rows, int first_pos, int t0, int nt, int seq_len) {
+    const int end = first_pos + t0 + nt < seq_len ? first_pos + t0 + nt : seq_len;
+    return (int64_t)((rows + 3) & ~3) * ((end + KC - 1) / KC) + 8;
+}
+
+/* Walks every tile of the batch in a fixed order: with `tile` NULL only sums their costs;
+ * otherwise runs the tiles of part `part` of `num_parts`: a tile belongs to the part its
+ * cost-weighted start falls in (contiguous runs of tiles of about equal cost). */
+static int64_t walk(Seq *s, tile_fn tile, const int32_t *query_start_loc,
+                    const int32_t *seq_lens, const int32_t *block_tables,
+                    int64_t block_table_stride, int batch, int64_t total, int part,
+                    int num_parts) {
+    const int group = s->num_heads / s->num_kv_heads;
+    const int nh = group < MAX_ROWS ? group : MAX_ROWS; /* heads per tile */
+    const int tokens = MAX_ROWS / nh;                   /* tokens per tile */
+    int64_t done = 0;
+    for (int i = 0; i < batch; i++) {
+        s->q_start = query_start_loc[i];
+        s->q_len = query_start_loc[i + 1] - s->q_start;
+        s->seq_len = seq_lens[i];
+        s->block_row = block_tables + (int64_t)i * block_table_stride;
+        if (s->q_len <= 0 || s->seq_len <= 0) continue;
+        const int first_pos = s->seq_len - s->q_len;
+        for (int kvh = 0; kvh < s->num_kv_heads; kvh++)
+            for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += nh) {
+                const int left = (kvh + 1) * group - h0, heads = left < nh ? left : nh;
+                for (int t0 = 0; t0 < s->q_len; t0 += tokens) {
+                    const int nt = s->q_len - t0 < tokens ? s->q_len - t0 : tokens;
+                    const int64_t cost = tile_cost(heads * nt, first_pos, t0, nt, s->seq_len);
+                    if (tile != NULL && (num_parts == 1 || (int)(done * num_parts / total) == part))
+                        tile(s, kvh, h0, heads, t0, nt);
+                    done += cost;
+                }
+            }
+    }
+    return done;
+}
+
+static tile_fn tile_for(int head_dim) {
+    switch (head_dim) {
+    case 16: return tile_16;
+    case 32: return tile_32;
+    case 64: return tile_64;
+    case 128: return tile_128;
+    case 256: return tile_256;
+    default: return NULL;
+    }
+}
+
+/* The batch's total cost (tile_cost units): the caller splits work worth it between threads. */
+int64_t paged_attention_cost(const int32_t *query_start_loc, const int32_t *seq_lens,
+                             int64_t block_table_stride, int batch, int num_heads,
+                             int num_kv_heads) {
+    Seq s = {0};
+    s.num_heads = num_heads;
+    s.num_kv_heads = num_kv_heads;
+    return walk(&s, NULL, query_start_loc, seq_lens, NULL, block_table_stride, batch, 1, 0, 1);
+}
+
+/* Part `part` of `num_parts` of the batch (threads call it with every part at once; the
+ * parts write disjoint output rows). Returns 0; -1 if head_dim has no compiled copy (the
+ * caller checks first); -2 if a block table entry a context needs is outside
+ * [0, num_blocks) (nothing is computed then, by any part). */
 int paged_attention_f32(const float *query, const float *k_cache, const float *v_cache,
                         const int32_t *query_start_loc, const int32_t *seq_lens,
                         const int32_t *block_tables, int64_t block_table_stride, int batch,
                         int num_heads, int num_kv_heads, int head_dim, int block_size,
-                        int num_blocks, float scale, float *out) {
-    tile_fn tile;
-    switch (head_dim) {
-    case 16: tile = tile_16; break;
-    case 32: tile = tile_32; break;
-    case 64: tile = tile_64; break;
-    case 128: tile = tile_128; break;
-    case 256: tile = tile_256; break;
-    default: return -1;
-    }
-    const int group = num_heads / num_kv_heads;
-    const int nh = group < MAX_ROWS ? group : MAX_ROWS; /* heads per tile */
-    const int tokens = MAX_ROWS / nh;                   /* tokens per tile */
-    Seq s = {query, k_cache, v_cache, 0, out, num_heads, num_kv_heads, block_size, 0, 0, 0,
-             scale * 1.4426950408889634f};
+                        int num_blocks, float scale, float *out, int part, int num_parts) {
+    const tile_fn tile = tile_for(head_dim);
+    if (tile == NULL) return -1;
     for (int i = 0; i < batch; i++) {
         if (query_start_loc[i + 1] <= query_start_loc[i]) continue;
         const int32_t *row = block_tables + (int64_t)i * block_table_stride;
         for (int b = 0; b < (seq_lens[i] + block_size - 1) / block_size; b++)
             if (row[b] < 0 || row[b] >= num_blocks) return -2;
     }
-    for (int i = 0; i < batch; i++) {
-        s.q_start = query_start_loc[i];
-        s.q_len = query_start_loc[i + 1] - s.q_start;
-        s.seq_len = seq_lens[i];
-        s.block_row = block_tables + (int64_t)i * block_table_stride;
-        if (s.q_len <= 0) continue;
-        if (s.seq_len <= 0) { /* a padding row: zeros */
-            memset(out + (int64_t)s.q_start * num_heads * head_dim, 0,
-                   sizeof(float) * (size_t)s.q_len * num_heads * head_dim);
-            continue;
+    if (part == 0) /* padding rows (seq_len 0): zeros */
+        for (int i = 0; i < batch; i++) {
+            const int q_len = query_start_loc[i + 1] - query_start_loc[i];
+            if (q_len > 0 && seq_lens[i] <= 0)
+                memset(out + (int64_t)query_start_loc[i] * num_heads * head_dim, 0,
+                       sizeof(float) * (size_t)q_len * num_heads * head_dim);
         }
-        for (int kvh = 0; kvh < num_kv_heads; kvh++)
-            for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += nh) {
-                const int left = (kvh + 1) * group - h0, heads = left < nh ? left : nh;
-                for (int t0 = 0; t0 < s.q_len; t0 += tokens) {
-                    const int nt = s.q_len - t0 < tokens ? s.q_len - t0 : tokens;
-                    tile(&s, kvh, h0, heads, t0, nt);
-                }
-            }
-    }
+    Seq s = {query, k_cache, v_cache, 0, out, num_heads, num_kv_heads, block_size, 0, 0, 0,
+             scale * 1.4426950408889634f};
+    if (num_parts < 1) num_parts = 1;
+    const int64_t total = num_parts == 1 ? 1 : walk(&s, NULL, query_start_loc, seq_lens,
+                                                     block_tables, block_table_stride, batch,
+                                                     1, 0, 1);
+    if (total > 0)
+        walk(&s, tile, query_start_loc, seq_lens, block_tables, block_table_stride, batch,
+             total, part, num_parts);
     return 0;
 }

@@ -154,6 +154,24 @@ def test_random_ragged_batches(seed: int) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("num_threads", [2, 3, 5])
+def test_split_between_threads_matches_reference(num_threads: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more than one torch thread a call is cut into parts run by as many threads: every
+    tile computed by exactly one (the output starts uninitialised, so a tile left out or
+    written twice with different data shows), whatever the cut; the split is forced even for
+    small batches here."""
+    monkeypatch.setattr(cpu_kernel, "MIN_SPLIT_COST", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        for seqs in (MIXED, [(700, 700)], [(300, 1)] * 7, [(0, 1), (5, 1)]):
+            check(seqs, num_heads=8, num_kv_heads=2, head_dim=32, block_size=16)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_zero_query_rows() -> None:
     batch = make_batch([(20, 0), (5, 0)], num_heads=4, num_kv_heads=2, head_dim=32,
                        block_size=16)
@@ -240,7 +258,6 @@ def test_without_a_compiler_auto_falls_back_and_cpu_refuses(tmp_path: object) ->
         import torch, kernels
         from tests.kernels.test_cpu_kernel import make_batch
         from kernels.reference import paged_attention_ref
-        torch.set_num_threads(1)  # "auto" uses the C kernel with one thread only
         b = make_batch([(40, 40), (30, 1)], num_heads=4, num_kv_heads=2, head_dim=32,
                        block_size=16)
         with warnings.catch_warnings(record=True) as caught:
@@ -273,7 +290,7 @@ def test_engine_cpu_attention_env_selects_auto_backend(monkeypatch: pytest.Monke
     try:
         for value, num_threads, want in (
                 ("torch", 1, "torch"), ("cpu", 1, "cpu"), ("auto", 1, "cpu"), ("", 1, "cpu"),
-                ("auto", 2, "torch"), ("cpu", 2, "cpu")):
+                ("auto", 2, "cpu"), ("torch", 2, "torch")):
             monkeypatch.setenv("ENGINE_CPU_ATTENTION", value)
             torch.set_num_threads(num_threads)
             used.clear()

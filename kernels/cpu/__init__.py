@@ -139,9 +139,9 @@ def _num_parts(lib: ctypes.CDLL, query_start_loc: torch.Tensor, seq_lens: torch.
     threads = torch.get_num_threads()
     if threads == 1:
         return 1
-    cost = lib.paged_attention_cost(query_start_loc.data_ptr(), seq_lens.data_ptr(),
-                                    block_tables.stride(0), seq_lens.shape[0], num_heads,
-                                    num_kv_heads)
+    cost: int = lib.paged_attention_cost(query_start_loc.data_ptr(), seq_lens.data_ptr(),
+                                         block_tables.stride(0), seq_lens.shape[0], num_heads,
+                                         num_kv_heads)
     return max(1, min(threads, cost // MIN_SPLIT_COST))
 
 

@@ -143,8 +143,9 @@ typedef struct {
     const float *k_cache, *v_cache; /* [NB, BS, Hkv, D] contiguous */
     const int32_t *block_row;       /* this sequence's block table row */
     float *out;                     /* [T, H, D] contiguous */
-    int num_heads, num_kv_heads, block_size, seq_len, q_len, q_start;
+    int num_heads, num_kv_heads, head_dim, block_size, seq_len, q_len, q_start;
     float scale2; /* scale * log2(e) */
+    float sink;   /* where touch_context's sums go, so they are not optimised away */
 } Seq;
 
 /* The cache slot of context position p. */
@@ -329,6 +330,30 @@ static inline int64_t tile_cost(int rows, int first_pos, int t0, int nt, int seq
     return (int64_t)((rows + 3) & ~3) * ((end + KC - 1) / KC) + 8;
 }
 
+#ifndef TOUCH_BYTES
+#define TOUCH_BYTES (512 * 1024)
+#endif
+
+/* Reads a context's K and V blocks whole, in order, before its tiles run: independent loads
+ * the core issues many at a time (and the hardware prefetcher follows within a block), so
+ * the tiles then read from L2. The tiles alone read one KV head's rows of a block at a time
+ * with their arithmetic in between, which leaves most of DRAM's latency exposed (a decode of
+ * 64 x 300 tokens: 1.2 ms cold, 0.34 ms warm; a plain in-order read of its blocks: 0.38 ms).
+ * Only for contexts whose K and V fit comfortably in L2 (TOUCH_BYTES). */
+static float touch_context(const Seq *s) {
+    const int head_dim = s->head_dim;
+    const int64_t block_floats = (int64_t)s->block_size * s->num_kv_heads * head_dim;
+    if (2 * 4 * block_floats * ((s->seq_len + s->block_size - 1) / s->block_size) > TOUCH_BYTES)
+        return 0.0f;
+    vf acc = splat(0.0f);
+    for (int b = 0; b < (s->seq_len + s->block_size - 1) / s->block_size; b++) {
+        const float *kb = s->k_cache + s->block_row[b] * block_floats;
+        const float *vb = s->v_cache + s->block_row[b] * block_floats;
+        for (int64_t c = 0; c + KC <= block_floats; c += KC) acc += vload(kb + c) + vload(vb + c);
+    }
+    return acc[0];
+}
+
 /* Walks every tile of the batch in a fixed order: with `tile` NULL only sums their costs;
  * otherwise runs the tiles of part `part` of `num_parts`: a tile belongs to the part its
  * cost-weighted start falls in (contiguous runs of tiles of about equal cost). */
@@ -340,6 +365,7 @@ static int64_t walk(Seq *s, tile_fn tile, const int32_t *query_start_loc,
     const int nh = group < MAX_ROWS ? group : MAX_ROWS; /* heads per tile */
     const int tokens = MAX_ROWS / nh;                   /* tokens per tile */
     int64_t done = 0;
+    float sink = 0.0f;
     for (int i = 0; i < batch; i++) {
         s->q_start = query_start_loc[i];
         s->q_len = query_start_loc[i + 1] - s->q_start;
@@ -347,6 +373,8 @@ static int64_t walk(Seq *s, tile_fn tile, const int32_t *query_start_loc,
         s->block_row = block_tables + (int64_t)i * block_table_stride;
         if (s->q_len <= 0 || s->seq_len <= 0) continue;
         const int first_pos = s->seq_len - s->q_len;
+        if (tile != NULL && (num_parts == 1 || (int)(done * num_parts / total) == part))
+            sink += touch_context(s);
         for (int kvh = 0; kvh < s->num_kv_heads; kvh++)
             for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += nh) {
                 const int left = (kvh + 1) * group - h0, heads = left < nh ? left : nh;
@@ -359,6 +387,7 @@ static int64_t walk(Seq *s, tile_fn tile, const int32_t *query_start_loc,
                 }
             }
     }
+    *(volatile float *)&s->sink = sink; /* keeps the touching loads */
     return done;
 }
 
@@ -407,8 +436,8 @@ int paged_attention_f32(const float *query, const float *k_cache, const float *v
                 memset(out + (int64_t)query_start_loc[i] * num_heads * head_dim, 0,
                        sizeof(float) * (size_t)q_len * num_heads * head_dim);
         }
-    Seq s = {query, k_cache, v_cache, 0, out, num_heads, num_kv_heads, block_size, 0, 0, 0,
-             scale * 1.4426950408889634f};
+    Seq s = {query, k_cache, v_cache, 0, out, num_heads, num_kv_heads, head_dim, block_size,
+             0, 0, 0, scale * 1.4426950408889634f, 0.0f};
     if (num_parts < 1) num_parts = 1;
     const int64_t total = num_parts == 1 ? 1 : walk(&s, NULL, query_start_loc, seq_lens,
                                                      block_tables, block_table_stride, batch,

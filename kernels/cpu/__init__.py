@@ -87,8 +87,14 @@ def library_path() -> Path:
 
 
 def _build(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp",
+                                   dir=target.parent)
+    except OSError as e:
+        raise CpuKernelUnavailable(
+            f"cannot write the CPU attention kernel to {target.parent} ({e}); "
+            "set ENGINE_KERNEL_CACHE to a writable directory") from e
     os.close(fd)
     try:
         cmd = [*compiler(), *FLAGS, "-o", tmp, str(SOURCE), "-lm"]

@@ -278,6 +278,20 @@ def test_without_a_compiler_auto_falls_back_and_cpu_refuses(tmp_path: object) ->
     assert lines[1].startswith("refused:") and "/nonexistent/cc" in lines[1]
 
 
+def test_unwritable_cache_is_a_reason_not_a_crash(tmp_path: object) -> None:
+    blocker = os.path.join(str(tmp_path), "file")
+    open(blocker, "w").close()  # a file where the cache directory should go
+    result = _run("""
+        from kernels import cpu
+        try:
+            cpu.load()
+        except cpu.CpuKernelUnavailable as e:
+            print("unavailable:", e)
+    """, ENGINE_KERNEL_CACHE=os.path.join(blocker, "kernels"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("unavailable:") and "ENGINE_KERNEL_CACHE" in result.stdout
+
+
 @needs_kernel
 def test_engine_cpu_attention_env_selects_auto_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     batch = make_batch([(40, 8)], num_heads=4, num_kv_heads=2, head_dim=32, block_size=16)

@@ -151,19 +151,22 @@ def _num_parts(lib: ctypes.CDLL, query_start_loc: torch.Tensor, seq_lens: torch.
     return max(1, min(threads, cost // MIN_SPLIT_COST))
 
 
-_executor: tuple[int, ThreadPoolExecutor] | None = None
+_executor: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     """Threads for the other parts of a split call (the calling thread runs part 0); ctypes
     releases the GIL, so they run the C code in parallel. Kept across calls, remade when the
-    thread count changes."""
+    thread count changes, and in a forked child (which inherits the pool but not its
+    threads: a submit there would wait forever)."""
     global _executor
-    if _executor is None or _executor[0] != workers:
-        if _executor is not None:
-            _executor[1].shutdown(wait=False)
-        _executor = (workers, ThreadPoolExecutor(workers, thread_name_prefix="cpu-attention"))
-    return _executor[1]
+    pid = os.getpid()
+    if _executor is None or _executor[:2] != (pid, workers):
+        if _executor is not None and _executor[0] == pid:
+            _executor[2].shutdown(wait=False)
+        _executor = (pid, workers,
+                     ThreadPoolExecutor(workers, thread_name_prefix="cpu-attention"))
+    return _executor[2]
 
 
 def paged_attention_cpu(

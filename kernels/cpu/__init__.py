@@ -4,8 +4,8 @@
 compiler builds it in a fraction of a second: ``cc -O3 -march=native -shared -fPIC``
 (``ENGINE_CC`` or ``CC`` names another compiler). The shared library goes to a cache
 directory (``ENGINE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/engine/kernels``, else
-``~/.cache/engine/kernels``) under a name keyed by a hash of the source, the flags and the
-compiler's identity, so an edit or another compiler builds afresh and a second process (or a
+``~/.cache/engine/kernels``) under a name keyed by a hash of the source, the flags, the
+compiler's identity and the CPU's (``-march=native``), so an edit or another compiler builds afresh and a second process (or a
 second run) loads what is there without compiling. Two processes starting at once each
 compile into their own temporary file and ``os.replace`` it onto the final name: the rename
 is atomic, so a reader sees a whole library or none, never a half-written one.
@@ -26,6 +26,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -74,13 +75,26 @@ def _compiler_identity(cc: list[str]) -> str:
     return f"{exe}\n{version}"
 
 
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiled for: the machine and, on Linux, the CPU's feature
+    flags, so a cache shared between hosts (an NFS home) never hands one CPU a library
+    built for another's instructions."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}\n{platform.processor()}\n{flags}"
+
+
 def library_path() -> Path:
     """Where the library for this source, these flags and this compiler lives (built or
     not)."""
     cc = compiler()
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), " ".join(cc).encode(),
-                 _compiler_identity(cc).encode()):
+                 _compiler_identity(cc).encode(), _cpu_identity().encode()):
         h.update(part)
         h.update(b"\0")
     return cache_dir() / f"paged_attention-{h.hexdigest()[:16]}.so"

@@ -9,9 +9,12 @@ Sends ``--num-requests`` random prompts of ``--prompt-len`` tokens, each generat
 runner of the serving path, without the processes around them) and reports the median wall
 time and output tokens/s over ``--repeat`` runs after a warm-up, and the time of steps with a
 prefill chunk against pure decode steps. ``--profile`` adds one torch.profiler run and prints
-its ``--top`` operators by self CPU time: attention (SDPA), the KV gather, matmuls, the
-elementwise ops; the rest of the wall time is the host's (scheduler, batch building,
-sampling).
+its ``--top`` operators by self CPU time: attention (SDPA, or ``kernels::paged_attention_cpu``
+for the C kernel), the KV gather, matmuls, the elementwise ops; the rest of the wall time is
+the host's (scheduler, batch building, sampling). Which attention runs follows
+``ENGINE_CPU_ATTENTION`` (docs/kernels.md); ``--ab-cpu-attention`` instead alternates runs
+between the torch reference and the C kernel in this process (the variable is read per
+call) and reports both side by side, with the ratios.
 
     python -m bench.prefill_profile --write-workload random256x64.jsonl
 
@@ -76,6 +79,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The core holds the runner's bound step in its worker handle (engine.core.InProcess).
     handle = llm.core.handles[0]
     handle.step = timed  # type: ignore[attr-defined]
+    if args.ab_cpu_attention:
+        ab = _ab_cpu_attention(args, llm, params, vocab, prefill_steps, decode_steps)
+        handle.step = step  # type: ignore[attr-defined]
+        return ab
     times = []
     for i in range(args.repeat):
         batch = prompts(args.num_requests, args.prompt_len, vocab, i)
@@ -104,6 +111,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _ab_cpu_attention(args: argparse.Namespace, llm: LLM, params: SamplingParams, vocab: int,
+                      prefill_steps: list[float], decode_steps: list[float]) -> dict[str, Any]:
+    """``--ab-cpu-attention``: runs alternating between the torch reference and the C
+    kernel (``ENGINE_CPU_ATTENTION``, read per call), order reversed every other round, fresh
+    prompts every run (the same ones twice would hit the prefix cache); medians per mode and
+    the kernel/torch ratios. Greedy agreement is the tests' job (tests/kernels)."""
+    import os
+
+    stats: dict[str, dict[str, list[float]]] = {
+        m: {"wall": [], "prefill": [], "decode": []} for m in ("torch", "cpu")}
+    saved = os.environ.get("ENGINE_CPU_ATTENTION")
+    try:
+        for i in range(args.repeat):
+            for j, mode in enumerate(("torch", "cpu") if i % 2 == 0 else ("cpu", "torch")):
+                batch = prompts(args.num_requests, args.prompt_len, vocab, 2 * i + j)
+                os.environ["ENGINE_CPU_ATTENTION"] = mode
+                prefill_steps.clear()
+                decode_steps.clear()
+                t0 = time.perf_counter()
+                outs = llm.generate(batch, [params] * len(batch))
+                stats[mode]["wall"].append(time.perf_counter() - t0)
+                stats[mode]["prefill"].extend(prefill_steps)
+                stats[mode]["decode"].extend(decode_steps)
+                assert sum(len(o.token_ids) for o in outs) == len(batch) * args.output_len
+    finally:
+        if saved is None:
+            os.environ.pop("ENGINE_CPU_ATTENTION", None)
+        else:
+            os.environ["ENGINE_CPU_ATTENTION"] = saved
+    result: dict[str, Any] = {}
+    for mode, st in stats.items():
+        wall = statistics.median(st["wall"])
+        result[mode] = {
+            "wall_s": round(wall, 3),
+            "output_tok_s": round(args.num_requests * args.output_len / wall, 1),
+            "prefill_step_ms": round(1e3 * statistics.median(st["prefill"]), 3),
+            "decode_step_ms": round(1e3 * statistics.median(st["decode"]), 3),
+            "runs_s": [round(t, 3) for t in st["wall"]],
+        }
+    result["ratio_cpu_over_torch"] = {
+        k: round(result["cpu"][k] / result["torch"][k], 3)
+        for k in ("wall_s", "prefill_step_ms", "decode_step_ms")}
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.prefill_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +169,9 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--ab-cpu-attention", action="store_true",
+                   help="alternate runs between ENGINE_CPU_ATTENTION=torch and =cpu in this "
+                        "process; report both and the ratios")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
     if args.write_workload:

@@ -8,11 +8,18 @@ those caches. Layouts and semantics: see ``kernels/reference.py``; the Triton ke
 Dispatch, in one place (``_use_triton``), chosen per call by ``backend=``:
 
 - ``"auto"`` (the default): the Triton kernels for CUDA tensors (when ``triton`` imports and
-  the head size is one they support), the torch reference otherwise. On CPU that is always
-  the reference, unless ``ENGINE_TRITON_INTERPRET=1`` asks for the whole engine to run the
+  the head size is one they support), the torch reference otherwise. On CPU,
+  ``paged_attention`` runs the C kernel (``kernels/cpu``) for float32 with a head size it
+  has a copy for (16, 32, 64, 128, 256), when the kernel builds (if it cannot, a one-time
+  warning and the reference; it runs on as many threads as torch's intra-op pool has); ``ENGINE_CPU_ATTENTION`` overrides that:
+  ``torch`` (always the reference), ``cpu`` (as ``backend="cpu"``), ``auto`` or unset (the
+  rule above). ``ENGINE_TRITON_INTERPRET=1`` instead asks for the whole engine to run the
   Triton kernels under Triton's interpreter (slow; for debugging the kernels in situ; set
   ``TRITON_INTERPRET=1`` too, since transformers imports triton before the kernels load).
 - ``"torch"``: the reference, on any device.
+- ``"cpu"``: ``paged_attention`` through the C kernel, or an error saying why not (not a CPU
+  tensor, not float32, a head size without a compiled copy, no compiler); ``write_kv`` has
+  no C kernel and runs the reference.
 - ``"triton"``: the Triton kernels or an error saying why not. CPU tensors need Triton's
   interpreter, which is process-wide: ``TRITON_INTERPRET=1`` (or
   ``ENGINE_TRITON_INTERPRET=1``) set before triton is first imported.
@@ -43,12 +50,16 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from kernels.cpu import HEAD_DIMS as CPU_HEAD_DIMS
+from kernels.cpu import CpuKernelUnavailable, paged_attention_cpu
+from kernels.cpu import load as load_cpu_kernel
 from kernels.reference import paged_attention_ref, write_kv_ref
 
 __all__ = ["BACKENDS", "Backend", "graph_safe", "paged_attention", "write_kv"]
 
-Backend = Literal["auto", "torch", "triton"]
-BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
+Backend = Literal["auto", "torch", "triton", "cpu"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton", "cpu")
+CPU_ATTENTION_MODES = ("auto", "torch", "cpu")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -156,8 +167,13 @@ def paged_attention(
     )
     use_triton = _use_triton(query, backend, head_dim=head_dim)
     _check_cache_layout(k_cache, v_cache, strided_ok=use_triton)
+    use_cpu = not use_triton and _use_cpu_kernel(query, k_cache, v_cache, backend)
     if query.shape[0] == 0:  # no query rows (a last layer none of whose rows sample)
         return torch.empty_like(query)
+    if use_cpu:
+        return paged_attention_cpu(
+            query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, float(scale)
+        )
     if use_triton:
         ops = _triton_kernels()
         args = (_rows(query), k_cache, v_cache, query_start_loc.contiguous(),
@@ -195,7 +211,7 @@ def _use_triton(tensor: torch.Tensor, backend: Backend = "auto", *, head_dim: in
     docstring); raises when ``backend="triton"`` cannot be honoured."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if backend in ("torch", "cpu"):
         return False
     supported = 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
     if backend == "auto":
@@ -218,6 +234,64 @@ def _use_triton(tensor: torch.Tensor, backend: Backend = "auto", *, head_dim: in
             "and torch may import it early): start the process with TRITON_INTERPRET=1"
         )
     return True
+
+
+def _use_cpu_kernel(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    backend: Backend) -> bool:
+    """Whether the C kernel serves a ``paged_attention`` call (see the module docstring);
+    raises when ``backend="cpu"`` (or ``ENGINE_CPU_ATTENTION=cpu``) cannot be honoured."""
+    if backend in ("torch", "triton"):
+        return False
+    if query.device.type != "cpu":
+        if backend == "cpu":
+            raise ValueError(f"backend='cpu' takes CPU tensors, got {query.device}")
+        return False
+    if backend == "auto":
+        mode = _cpu_attention_mode()
+        if mode == "torch":
+            return False
+        if mode == "auto":
+            if query.dtype != torch.float32 or query.shape[2] not in CPU_HEAD_DIMS:
+                return False
+            try:
+                load_cpu_kernel()
+            except CpuKernelUnavailable as e:
+                _warn_cpu_fallback(str(e))
+                return False
+            return True
+    # backend == "cpu", or ENGINE_CPU_ATTENTION=cpu: honour it or say why.
+    if query.dtype != torch.float32:
+        raise ValueError(f"the CPU attention kernel takes float32, got {query.dtype}")
+    if query.shape[2] not in CPU_HEAD_DIMS:
+        raise ValueError(
+            f"the CPU attention kernel has copies for head_dim {CPU_HEAD_DIMS}, "
+            f"not head_dim {query.shape[2]}"
+        )
+    _check_contiguous(("k_cache", k_cache), ("v_cache", v_cache))
+    try:
+        load_cpu_kernel()
+    except CpuKernelUnavailable as e:
+        raise RuntimeError(f"backend='cpu': {e}") from e
+    return True
+
+
+def _cpu_attention_mode() -> str:
+    """``ENGINE_CPU_ATTENTION``: what ``backend="auto"`` does on CPU (failing loudly on an
+    unknown value)."""
+    raw = os.environ.get("ENGINE_CPU_ATTENTION", "")
+    mode = raw.strip().lower() or "auto"
+    if mode not in CPU_ATTENTION_MODES:
+        raise ValueError(
+            f"environment variable ENGINE_CPU_ATTENTION={raw!r}: expected one of "
+            f"{CPU_ATTENTION_MODES}"
+        )
+    return mode
+
+
+@functools.cache
+def _warn_cpu_fallback(why: str) -> None:
+    warnings.warn(f"kernels: the CPU attention kernel is unavailable, using the torch "
+                  f"reference: {why}", stacklevel=4)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

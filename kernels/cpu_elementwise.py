@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 
 import torch
 
-from kernels.cpu.build import load
+from kernels.cpu import build
+
+logger = logging.getLogger(__name__)
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -32,8 +35,12 @@ ENABLED = os.environ.get("ENGINE_CPU_ELEMENTWISE", "1").strip().lower() not in (
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    lib = load("elementwise")
-    if lib is None:
+    """The library, or None after one warning when it cannot be built (the torch ops serve)."""
+    try:
+        lib = build.load("elementwise")
+    except build.BuildError as e:
+        logger.warning("the fused CPU elementwise ops are unavailable, using the torch ops "
+                       "instead: %s", e)
         return None
     lib.rms_norm_f32.argtypes = [_P, _I64, _P, _P, _I64, _I64, _F32]
     lib.add_rms_norm_f32.argtypes = [_P, _P, _P, _P, _I64, _I64, _F32]

@@ -208,7 +208,10 @@ def test_reference_padding_rows_like_a_cuda_graph_batch(backend: str) -> None:
     out = paged_attention(query, b["k_cache"], b["v_cache"], qsl, seq_lens, tables, 0.25,
                           backend=backend)  # type: ignore[arg-type]
     assert torch.equal(out[[1, 4]], torch.zeros_like(out[[1, 4]]))
-    torch.testing.assert_close(out[[0, 2, 3]], want, atol=0, rtol=0)
+    # "auto" on CPU is the C kernel (tests/kernels/test_cpu_kernel.py): float32 sums in
+    # another order, so equal within rounding, not bit for bit.
+    tol = 0.0 if backend == "torch" else 1e-5
+    torch.testing.assert_close(out[[0, 2, 3]], want, atol=tol, rtol=tol)
     # One real decode beside one padding row takes the single-sequence path.
     one = paged_attention(query[:2], b["k_cache"], b["v_cache"], qsl[:3], seq_lens[:2],
                           tables[:2], 0.25, backend=backend)  # type: ignore[arg-type]

@@ -370,6 +370,7 @@ def test_strided_caches_vllm_layout() -> None:
 def test_cpu_default_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """TRITON_INTERPRET=1 alone leaves "auto" on the reference; ENGINE_TRITON_INTERPRET=1
     sends it to the (interpreted) kernels."""
+    monkeypatch.setenv("ENGINE_CPU_ATTENTION", "torch")  # "auto" on CPU: not the C kernel
     b = make_batch(DECODES, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
                    dtype=torch.float32)
     used: list[str] = []

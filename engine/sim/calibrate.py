@@ -14,6 +14,14 @@ or ``--terms regime``):
   after idling). Without them the fit, dominated by decode steps, misses prefill steps by
   ~25% and first steps after idling by ~40%, the steps that give most requests at a light
   load their first token (docs/simulator.md, "Per request");
+- *optional* **levels** (``--terms levels``): the same least squares with a speed level per
+  worker and ``LEVEL_WINDOW_S`` window of its steps (``fit_levels``): the machine's speed
+  drifts by +-15% over tens of seconds at one batch shape, and a calibration serves its
+  workloads one after another, so a plain fit lends each workload's drift to the features
+  it has most of (on the 2026-12-07 recordings of the C-kernel engine: 4x the context cost
+  with two workers, and shared-prefix's steps 10% too long); the levels keep only the
+  differences within a window for the coefficients, which are then scaled so the fitted
+  mean step time equals the measured one (the drift stays in the noise's ratio);
 - **host per step** (``host_step_s``, ``host_request_s``): for each step followed by another
   on the same worker while that worker still held requests (``busy``), the time the worker's
   cycle spent outside its forward pass: ``t_result - t_send - execute_s`` (IPC both ways,
@@ -78,8 +86,11 @@ PROG = "python -m engine.sim fit"
 # table, a slow noise component, drawn admission delays, drawn host times, noise regimes
 # (slow spells, engine/sim/regimes.py); none by default:
 # on the shared machine's recordings none of them made the judged runs closer (see
-# docs/simulator.md, "Tail terms")
-TERMS = ("contention", "shape", "slow", "admit", "host", "regime")
+# docs/simulator.md, "Tail terms"; ``levels``: "Drift", it halves the mean step's error on
+# the C-kernel engine's recordings but not every metric's worst run)
+TERMS = ("contention", "shape", "slow", "admit", "host", "regime", "levels")
+LEVEL_WINDOW_S = 5.0  # ``levels``: the span of a worker's steps that shares one speed level
+LEVEL_ITERATIONS = 8
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,39 @@ def fit_contention(x: np.ndarray, y: np.ndarray, share: np.ndarray, relative: bo
     factor = 1.0 + overlap * share
     coef, pred = nonnegative_lstsq(x * factor[:, None], y, relative)
     return coef, overlap, pred
+
+
+def level_keys(steps: Sequence[dict[str, Any]], span_s: float | None = None) -> np.ndarray:
+    """Per step: the index of its (worker, ``span_s`` window of ``t_send``) group (default
+    ``LEVEL_WINDOW_S``)."""
+    span_s = span_s or LEVEL_WINDOW_S
+    groups: dict[tuple[int, int], int] = {}
+    return np.array([groups.setdefault((r["worker"], int(r["t_send"] // span_s)), len(groups))
+                     for r in steps], dtype=int)
+
+
+def fit_levels(x: np.ndarray, y: np.ndarray, keys: np.ndarray, share: np.ndarray,
+               relative: bool = False, iterations: int = LEVEL_ITERATIONS
+               ) -> tuple[list[float], float, np.ndarray]:
+    """``fit_contention`` with a speed level per group of steps (``keys``: a worker's steps
+    in one short window): ``y = level[key] x model(x)``, the levels the median ratio of
+    measured over fitted time in each group, alternating with the coefficients. The machine's
+    speed drifts by +-15% over tens of seconds at the same batch shape, and a calibration
+    serves its workloads one after the other, so a plain fit lends a workload's drift to the
+    features that workload has most of (e.g. long contexts); with the levels, only the
+    differences within a group fit the coefficients. The coefficients are then scaled so
+    the fitted mean step time equals the measured one (the drift stays in the ratio the
+    noise fit draws from). (coef, overlap, fitted y without the levels)."""
+    level = np.ones(len(y))
+    groups = [keys == k for k in np.unique(keys)]
+    for _ in range(iterations):
+        coef, overlap, pred = fit_contention(x, y / level, share, relative)
+        ratio = y / np.maximum(pred, 1e-9)
+        for members in groups:
+            level[members] = np.median(ratio[members])
+        level /= level.mean()
+    scale = y.sum() / max(pred.sum(), 1e-30)
+    return [float(c * scale) for c in coef], overlap, pred * scale
 
 
 def pool_ttfts(rows: Sequence[dict[str, Any]]) -> list[float]:
@@ -378,8 +422,9 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
     x = np.array([shape_of(r).features() for r in steps])
     if extras:  # two more regressors: the step has prefill tokens, is its worker's first
         x = np.hstack([x, extra_flags(steps)])
-    coef, overlap, pred = fit_contention(x, y, overlap_shares(steps) if "contention" in terms
-                                         else np.zeros(len(steps)), relative)
+    share = overlap_shares(steps) if "contention" in terms else np.zeros(len(steps))
+    coef, overlap, pred = (fit_levels(x, y, level_keys(steps), share, relative)
+                           if "levels" in terms else fit_contention(x, y, share, relative))
     prefill_step, cold_step = coef[len(CostModel.COEFFICIENTS):] if extras else (0.0, 0.0)
     coef = coef[:len(CostModel.COEFFICIENTS)]
     rel = np.abs(pred - y) / y

@@ -16,9 +16,11 @@ from engine.config import EngineConfig, LaunchConfig, ModelConfig, SchedulerConf
 from engine.profiling import StepProfiler, profile_path, read_recording
 from engine.sim.__main__ import main
 from engine.sim.calibrate import (
+    LEVEL_WINDOW_S,
     fit_noise,
     fit_recording,
     host_samples,
+    level_keys,
     matched_ttfts,
     overlap_shares,
     pool_ttfts,
@@ -385,6 +387,42 @@ def test_fit_recovers_the_overlap_factor_of_two_workers_sharing_cores(tmp_path):
     mean = sum(result.busy_s) / result.num_steps
     alone = Simulator(iter(workload()), replace(truth, overlap=0.0), CONFIG).run()
     assert sum(alone.busy_s) / alone.num_steps < mean
+
+
+# --------------------------------------------------------------------------- speed levels
+
+
+def test_levels_fit_recovers_the_costs_under_a_drift_confounded_with_the_batches(tmp_path):
+    """The machine's speed drifts, and the windows of long contexts happen to run slow (as
+    when a calibration serves its long-context workload during a slow spell): a plain fit
+    lends the drift to the context cost; with a level per worker and window the fitted
+    coefficients are the truth's, all scaled alike (to keep the mean step time)."""
+    truth = replace(TRUTH, host_step_s=0.0, host_request_s=0.0)
+    recorded_run(tmp_path / "r.jsonl", cost=truth)
+    rows = read_recording(tmp_path / "r.jsonl")
+    steps = step_rows(rows)
+    keys = level_keys(steps)
+    assert list(keys) == list(level_keys(steps, LEVEL_WINDOW_S))
+    assert len(set(keys)) >= 8  # two workers, 20 s of arrivals: several windows each
+    context = {k: np.mean([s["context_tokens"] for s, j in zip(steps, keys, strict=True)
+                           if j == k]) for k in set(keys)}
+    longest = max(context.values())
+    for s, k in zip(steps, keys, strict=True):
+        s["execute_s"] *= 1.0 + 0.5 * context[k] / longest
+    measured = np.mean([s["execute_s"] for s in steps])
+
+    def ratios(cost: CostModel) -> list[float]:
+        return [getattr(cost, n) / getattr(truth, n) for n in CostModel.COEFFICIENTS]
+
+    plain = fit_recording(rows, CostModel.load(), noise=False)
+    assert abs(ratios(plain.cost)[3] / ratios(plain.cost)[0] - 1) > 0.3  # context: biased
+    cal = fit_recording(rows, CostModel.load(), noise=False, terms=("levels",))
+    got = ratios(cal.cost)
+    assert 1.1 < got[0] < 1.5  # the mean drift (1 + 0.5 x a window's share of the longest)
+    assert got == pytest.approx([got[0]] * len(got), rel=1e-3)
+    assert cal.cost.prefill_step_s == pytest.approx(0.0, abs=1e-6)
+    assert cal.cost.cold_step_s == pytest.approx(0.0, abs=1e-6)
+    assert cal.report["fitted_mean_step_s"] == pytest.approx(measured, rel=1e-9)
 
 
 def test_overlap_share_counts_the_other_workers_steps_in_flight():

@@ -8,7 +8,7 @@ run kept by ``bench.fidelity --keep DIR`` (the same workload flags as that run),
 every completed request of the client's results with
 
 - **its pool-side cycle**, from the step recording: the client's requests in send order
-  against the recording's ``add`` rows in frontend-stamp order (``matched_ttfts``'s pairing);
+  against the recording's ``add`` rows in frontend-stamp order (``calibrate.paired_requests``);
   its first token came from the step whose result the pool took last before its ``first``
   row, and each later token from the next step of that worker (a decoding request is in
   every step of its worker until it finishes: no preemption at these loads). Its cycle TPOT
@@ -38,7 +38,7 @@ import numpy as np
 
 from bench.fidelity import calibrate, load_runs, workload
 from engine.config import SchedulerConfig
-from engine.sim.calibrate import TERMS, shape_of, step_rows, window
+from engine.sim.calibrate import TERMS, paired_requests, shape_of, step_rows, window
 from engine.sim.cost_model import CostModel
 from engine.sim.simulator import SimConfig, Simulator
 
@@ -64,13 +64,8 @@ def pool_cycles(rows: list[dict[str, Any]], client_requests: list[dict[str, Any]
                 cost: CostModel) -> dict[str, Cycle]:
     """Client request id -> its ``Cycle`` (see the module doc); {} unless the client's
     completed requests pair up with the recording's one to one."""
-    first = {r["request"]: r["t"] for r in rows if r["kind"] == "first"}
-    adds = sorted((r for r in rows if r["kind"] == "add" and r.get("frontend_t")
-                   and r["request"] in first), key=lambda r: r["frontend_t"])
-    done = sorted((q for q in client_requests if q.get("outcome") == "completed"
-                   and q.get("ttft_s") is not None), key=lambda q: q["sent_s"])
-    if len(adds) != len(done) or any(a["prompt_tokens"] != q["num_prompt_tokens"]
-                                     for a, q in zip(adds, done, strict=True)):
+    first, pairs = paired_requests(rows, client_requests)
+    if not pairs:
         return {}
     by_worker: dict[int, list[dict[str, Any]]] = {}
     for s in step_rows(rows):
@@ -81,7 +76,7 @@ def pool_cycles(rows: list[dict[str, Any]], client_requests: list[dict[str, Any]
         steps.sort(key=lambda s: s["t_result"])
         results[w] = [s["t_result"] for s in steps]
     out = {}
-    for a, q in zip(adds, done, strict=True):
+    for a, q in pairs:
         n = q["num_output_tokens"]
         if n < 2:
             continue

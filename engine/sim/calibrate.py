@@ -374,12 +374,12 @@ def sampled_mean(quantiles: Sequence[float] | np.ndarray) -> float:
     return float((q[:-1] + q[1:]).mean() / 2)
 
 
-def matched_ttfts(rows: Sequence[dict[str, Any]], client_requests: Sequence[dict[str, Any]]
-                  ) -> list[tuple[float, float, float]]:
-    """(client TTFT, pool TTFT, admission delay) per request of one run: the client's
-    completed requests (``bench.loadgen run --json`` rows) in send order against the
-    recording's ``add`` rows in stamp order; [] unless they pair up one to one (same count,
-    same prompt lengths)."""
+def paired_requests(rows: Sequence[dict[str, Any]], client_requests: Sequence[dict[str, Any]]
+                    ) -> tuple[dict[str, float], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """The recording's first-token times (request id -> ``t``) and its ``add`` rows paired
+    with the client's completed requests (``bench.loadgen run --json`` rows) of one run: the
+    client's in send order against the recording's in frontend-stamp order; no pairs unless
+    they pair up one to one (same count, same prompt lengths)."""
     first = {r["request"]: r["t"] for r in rows if r["kind"] == "first"}
     adds = sorted((r for r in rows if r["kind"] == "add" and r.get("frontend_t")
                    and r["request"] in first), key=lambda r: r["frontend_t"])
@@ -387,9 +387,17 @@ def matched_ttfts(rows: Sequence[dict[str, Any]], client_requests: Sequence[dict
                    and q.get("ttft_s") is not None), key=lambda q: q["sent_s"])
     if len(adds) != len(done) or any(a["prompt_tokens"] != q["num_prompt_tokens"]
                                      for a, q in zip(adds, done, strict=True)):
-        return []
+        return first, []
+    return first, list(zip(adds, done, strict=True))
+
+
+def matched_ttfts(rows: Sequence[dict[str, Any]], client_requests: Sequence[dict[str, Any]]
+                  ) -> list[tuple[float, float, float]]:
+    """(client TTFT, pool TTFT, admission delay) per request of one run, paired as
+    ``paired_requests`` does; [] unless they pair up."""
+    first, pairs = paired_requests(rows, client_requests)
     return [(q["ttft_s"], first[a["request"]] - a["t"], a["t"] - a["frontend_t"])
-            for a, q in zip(adds, done, strict=True)]
+            for a, q in pairs]
 
 
 MIN_MATCHED = 20  # requests matched with the client's for a drawn admission delay

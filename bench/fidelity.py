@@ -51,13 +51,13 @@ from engine.sim.calibrate import (
     Calibration,
     fit_recording,
     matched_ttfts,
-    sampled_mean,
     step_rows,
     window,
 )
 from engine.sim.cost_model import CostModel
 from engine.sim.metrics import SLO
 from engine.sim.metrics import summarize as sim_summary
+from engine.sim.noise_fit import sampled_mean
 from engine.sim.simulator import RequestRecord, SimConfig, Simulator
 from engine.sim.workloads import SimRequest, WorkloadConfig, make_workload
 

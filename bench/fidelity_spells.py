@@ -23,16 +23,9 @@ from typing import Any
 import numpy as np
 
 from bench.fidelity import load_runs
-from engine.sim.calibrate import (
-    extra_flags,
-    fit_noise,
-    host_samples,
-    shape_of,
-    step_rows,
-    window,
-    worker_series,
-)
+from engine.sim.calibrate import extra_flags, host_samples, shape_of, step_rows, window
 from engine.sim.cost_model import StepNoise, nonnegative_lstsq
+from engine.sim.noise_fit import fit_noise, worker_series
 from engine.sim.regimes import (
     fit_hmm,
     most_likely_states,

@@ -17,19 +17,18 @@ from engine.profiling import StepProfiler, profile_path, read_recording
 from engine.sim.__main__ import main
 from engine.sim.calibrate import (
     LEVEL_WINDOW_S,
-    fit_noise,
     fit_recording,
     host_samples,
     level_keys,
     matched_ttfts,
     overlap_shares,
     pool_ttfts,
-    sampled_mean,
     step_rows,
 )
 from engine.sim.contention import overlap_share
 from engine.sim.cost_model import BatchShape, CostModel, StepNoise
 from engine.sim.metrics import SLO, summarize
+from engine.sim.noise_fit import fit_noise, sampled_mean
 from engine.sim.simulator import SimConfig, Simulator
 from engine.sim.workloads import WorkloadConfig, make_workload
 

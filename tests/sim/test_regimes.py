@@ -11,9 +11,10 @@ import pytest
 from test_calibrate import CONFIG, TRUTH, recorded_run, workload
 
 from engine.profiling import read_recording
-from engine.sim import calibrate
-from engine.sim.calibrate import fit_noise, fit_recording, sampled_mean, step_rows
+from engine.sim import noise_fit
+from engine.sim.calibrate import fit_recording, step_rows
 from engine.sim.cost_model import CostModel, StepNoise, stationary
+from engine.sim.noise_fit import fit_noise, sampled_mean
 from engine.sim.regimes import (
     fit_hmm,
     fit_regimes,
@@ -109,7 +110,7 @@ def test_fit_regimes_picks_the_states_and_window_that_reproduce_the_spread():
 @pytest.fixture
 def quick_search(monkeypatch):
     """Tests of the fit's plumbing: one candidate (states, window) instead of twelve."""
-    monkeypatch.setattr(calibrate, "fit_regimes",
+    monkeypatch.setattr(noise_fit, "fit_regimes",
                         functools.partial(fit_regimes, states=(2,), windows=(WINDOW,)))
 
 

@@ -39,8 +39,15 @@ STEP_WINDOW = 128
 #: A step with at least this share of the token budget counts as full (its tokens/s is the
 #: prefill rate).
 FULL_STEP_SHARE = 0.5
-#: Steps of at most this many requests are light: the reference of ``StepTimes.slowdown``.
+#: Decode steps of at most this many requests are light: the reference of
+#: ``StepTimes.slowdown``.
 LIGHT_BATCH = 2
+#: Light steps kept for the reference: long enough to reach back past a flood, during which
+#: few steps are light.
+LIGHT_WINDOW = 512
+#: The reference is this quantile of the light steps kept: the engine's speed when nothing
+#: else competes for it, not its light steps slowed by the load it is under.
+LIGHT_QUANTILE = 0.25
 #: Steps behind the current step time of ``StepTimes.slowdown``.
 RECENT_STEPS = 16
 #: Light steps needed before ``StepTimes.slowdown`` says anything.
@@ -79,7 +86,8 @@ class StepTimes:
         self.budget = budget
         self._full: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
         self._all: deque[float] = deque(maxlen=window)
-        self._light: deque[float] = deque(maxlen=window)
+        self._light: deque[float] = deque(maxlen=LIGHT_WINDOW)
+        self._light_s: float | None = None  # light_step_s, updated as light steps come
 
     def add(self, tokens: list[int], times_s: list[float],
             batch_sizes: list[int] | None = None) -> None:
@@ -90,18 +98,32 @@ class StepTimes:
             self._all.append(t)
             if n >= FULL_STEP_SHARE * self.budget:
                 self._full.append((n, t))
-            if sizes is not None and sizes[i] <= LIGHT_BATCH:
+            if sizes is not None and n <= sizes[i] <= LIGHT_BATCH:  # decodes only
                 self._light.append(t)
+                self._light_s = None
+        if self._light_s is None and len(self._light) >= MIN_LIGHT_STEPS:
+            ordered = sorted(self._light)
+            self._light_s = ordered[int(LIGHT_QUANTILE * (len(ordered) - 1))]
+
+    def light_step_s(self) -> float | None:
+        """The reference step time: the ``LIGHT_QUANTILE`` of the latest ``LIGHT_WINDOW``
+        light steps (decodes of at most ``LIGHT_BATCH`` requests, no prompt tokens). A
+        prefill step of one request is not light (a critical prompt's step under a flood
+        would raise the reference to its own length), and a low quantile of a long window
+        is the engine's uncontended speed: on a machine whose cores the workers share with
+        the frontend, light steps run slower too while a flood is served, and a median of
+        them would hide the slowdown it causes. None before ``MIN_LIGHT_STEPS``."""
+        return self._light_s
 
     def slowdown(self) -> float | None:
-        """How many times slower the latest steps are than the light ones (a batch of at most
-        ``LIGHT_BATCH``): what a critical request's wait for a step grows by. None before
-        ``MIN_LIGHT_STEPS`` light steps and ``RECENT_STEPS`` steps in all (a start is no
-        trend)."""
-        if len(self._light) < MIN_LIGHT_STEPS or len(self._all) < RECENT_STEPS:
+        """How many times slower the latest steps are than light ones (``light_step_s``):
+        what a critical request's wait for a step grows by. None before ``MIN_LIGHT_STEPS``
+        light steps and ``RECENT_STEPS`` steps in all (a start is no trend)."""
+        light = self.light_step_s()
+        if light is None or len(self._all) < RECENT_STEPS:
             return None
         recent = list(self._all)[-RECENT_STEPS:]
-        return statistics.median(recent) / statistics.median(self._light)
+        return statistics.median(recent) / light
 
     def tokens_per_s(self) -> float:
         """One worker's token rate in full steps (the cold prior before any)."""

@@ -234,8 +234,35 @@ def test_the_latency_guard_sheds_while_steps_are_slower_than_light_ones() -> Non
     assert Shedder(shed_queue_time_s=1.0).admit(load, priority=-1) is None  # factor 0: off
     pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 16, step_times_s=[0.012] * 16,
                           step_batch_sizes=[2] * 16))  # light again: admitted again
-    assert load.steps.slowdown() == pytest.approx(1.0)  # they are light steps themselves
+    # The reference is the light steps' lower quartile: 10 ms, the slowest ones 12 ms.
+    assert load.steps.slowdown() == pytest.approx(1.2)
     assert guarded.admit(load, priority=-1) is None
+
+
+def test_the_guard_reference_is_the_uncontended_light_decode_step() -> None:
+    """Under a flood on shared cores the light steps a pool still runs are a critical
+    prompt's step (one request, a whole prompt) and decodes slowed by the flood's CPU use;
+    neither may become the reference, or the guard would stop seeing the slowdown."""
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 40, step_times_s=[0.002] * 40,
+                          step_batch_sizes=[1] * 40))  # alone: 2 ms decodes
+    assert load.steps.light_step_s() == pytest.approx(0.002)
+    # The flood: 6 ms batches, critical prompts of 74 tokens in steps of their own, and
+    # the odd light decode slowed to 3.5 ms.
+    for _ in range(10):
+        pool.report(PoolStats(live_workers=2, step_num_tokens=[47] * 12 + [74, 1, 2],
+                              step_times_s=[0.006] * 12 + [0.0055, 0.0035, 0.0035],
+                              step_batch_sizes=[9] * 12 + [1, 1, 2]))
+    assert load.steps.light_step_s() == pytest.approx(0.002)
+    assert load.steps.slowdown() == pytest.approx(3.0)
+    refusal = Shedder(shed_queue_time_s=1.0, latency_factor=1.5).admit(load, priority=-1)
+    assert refusal is not None and "3.0x slower" in refusal.message
+    # A pool that only ever runs prompts (no decode steps) has no reference: no guard.
+    pool2, load2 = fresh_pool(clock)
+    pool2.report(PoolStats(live_workers=1, step_num_tokens=[74] * 40, step_times_s=[0.005] * 40,
+                           step_batch_sizes=[1] * 40))
+    assert load2.steps.light_step_s() is None and load2.steps.slowdown() is None
 
 
 def test_the_latency_guard_sheds_while_the_event_loop_lags_under_load() -> None:

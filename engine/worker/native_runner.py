@@ -28,7 +28,14 @@ import torch
 
 import kernels
 from engine.config import CacheConfig, ModelConfig, WorkerConfig, default_num_threads
-from engine.messages import PromptLogprobs, SamplingParams, StepPlan, StepResult
+from engine.messages import (
+    CachedRequestData,
+    NewRequestData,
+    PromptLogprobs,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+)
 from engine.models.info import load_model_info
 from engine.models.layers import AttentionMetadata, SampledRows
 from engine.models.loader import load_model, resolve_dtype
@@ -43,6 +50,9 @@ from engine.worker.sampler import PromptRows, Sampler, prompt_logprobs
 from engine.worker.structured import GrammarTable
 
 log = logging.getLogger(__name__)
+
+#: Prompt tokens of the warm-up step (``NativeRunner._warm_up``): a typical chat prompt.
+WARM_UP_TOKENS = 64
 
 
 @dataclass
@@ -117,6 +127,31 @@ class NativeRunner(ModelRunner):
             else:
                 log.warning("no CUDA graphs: the attention of head_dim %d runs the torch "
                             "reference, which syncs with the host", cfg.head_dim)
+
+        if self.device.type == "cpu" and self.tp is None:
+            self._warm_up()
+
+    def _warm_up(self, prompt_tokens: int = WARM_UP_TOKENS) -> None:
+        """Run one prompt and one decode through ``step`` before serving, then forget them:
+        on CPU a process's first forward pass creates its oneDNN primitives and loads the C
+        kernels (a 73-token prefill took 26 ms first, 5 ms after; docs/kernels.md), which
+        the first request after a start would otherwise pay. The blocks used are zeroed
+        again; nothing the scheduler sees changes (it has planned nothing yet). Not with
+        tensor parallelism, whose ranks would have to follow a step the pool never sent."""
+        n = max(1, min(prompt_tokens, self.max_model_len - 1,
+                       self.num_blocks * self.block_size - 1))
+        blocks = list(range(-(-(n + 1) // self.block_size)))
+        greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        rid = "engine-warm-up"
+        self.step(StepPlan(step_id=-1, worker_id=-1, new_requests=[NewRequestData(
+            request_id=rid, token_ids=[0] * n, sampling=greedy, block_ids=blocks,
+            num_computed_tokens=0, num_scheduled_tokens=n)]))
+        self.step(StepPlan(step_id=-1, worker_id=-1, cached_requests=[
+            CachedRequestData(request_id=rid, num_scheduled_tokens=1)]))
+        self.drop([rid])
+        for k, v in self.kv_caches:  # blocks 0..n-1: a slice, zeroed in place
+            k[: len(blocks)].zero_()
+            v[: len(blocks)].zero_()
 
     def enable_decode_graphs(self, *, max_batch: int, capture: bool = True) -> None:
         """Run decode batches of up to ``max_batch`` requests through static padded buffers,

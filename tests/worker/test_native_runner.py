@@ -118,6 +118,28 @@ def test_capacity_threads_eos_and_factory(model_dir: Path) -> None:
                      WorkerConfig(num_threads=1, device="cpu"))
 
 
+def test_a_cpu_runner_warms_up_and_leaves_no_trace(model_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before serving, a CPU runner runs one prompt and one decode (the process's first
+    forward pass is several times slower: docs/kernels.md), then holds nothing: no request,
+    every KV slot zero again, so the scheduler's first plan meets a fresh cache."""
+    steps: list[tuple[int, int]] = []
+    real_step = NativeRunner.step
+
+    def spy(self: NativeRunner, plan):  # type: ignore[no-untyped-def]
+        steps.append((len(plan.new_requests), plan.num_scheduled_tokens))
+        return real_step(self, plan)
+
+    monkeypatch.setattr(NativeRunner, "step", spy)
+    runner = NativeRunner(ModelConfig(path=str(model_dir)), CacheConfig(block_size=16,
+                                                                         num_blocks=6),
+                          WorkerConfig(num_threads=1, device="cpu"))
+    assert steps[:2] == [(1, 64), (0, 1)]  # the prompt, its decode (then the drop)
+    assert held_request_ids(runner) == []
+    assert all(not k.any() and not v.any() for k, v in runner.kv_caches)
+    runner.close()
+
+
 # --------------------------------------------------------------------------- decode graphs
 
 

@@ -41,6 +41,12 @@ or ``--terms regime``):
   few-state Markov-switching model of the ratio along each worker's steps, with each
   state's own ratio table, burstiness and host factor (``regimes.fit_regimes``: live, slow
   steps come in spells of tens to hundreds of steps, and the host path slows with them);
+  *optional* ``trace``: instead of drawing from a model, the recording's own ratio and host
+  factor series per worker, stored in the cost file and replayed by a stationary block
+  bootstrap (``trace.fit_trace``; the mean block length from the ratio's autocorrelation,
+  or ``--trace-block``): the spells, their depth and the host path's slowdown as recorded.
+  It replaces the drawn step ratio and host ratio, so it goes with none of ``shape``,
+  ``slow``, ``regime``, ``host`` (with ``levels`` the drift it carries is the recording's);
 - **admit** (``admit_s``): the mean of ``t - frontend_t`` of the ``add`` rows (frontend stamp
   to the scheduler);
 - **stream** (``stream_s``): only with the client's view of the same requests
@@ -66,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
@@ -92,7 +99,9 @@ PROG = "python -m engine.sim fit"
 # on the shared machine's recordings none of them made the judged runs closer (see
 # docs/simulator.md, "Tail terms"; ``levels``: "Drift", it halves the mean step's error on
 # the C-kernel engine's recordings but not every metric's worst run)
-TERMS = ("contention", "shape", "slow", "admit", "host", "regime", "levels")
+TERMS = ("contention", "shape", "slow", "admit", "host", "regime", "levels", "trace")
+# terms that draw the step ratio or the host ratio, which ``trace`` replays instead
+NOT_WITH_TRACE = ("shape", "slow", "regime", "host")
 LEVEL_WINDOW_S = 5.0  # ``levels``: the span of a worker's steps that shares one speed level
 LEVEL_ITERATIONS = 8
 
@@ -101,6 +110,18 @@ LEVEL_ITERATIONS = 8
 class Calibration:
     cost: CostModel
     report: dict[str, Any]  # sample counts and fit errors, for the cost file's comment
+
+
+def terms_error(terms: Collection[str]) -> str | None:
+    """Why ``terms`` cannot be fitted together (None when they can)."""
+    unknown = sorted(set(terms) - set(TERMS))
+    if unknown:
+        return f"--terms: unknown {unknown}; choose from {TERMS}"
+    clash = sorted(set(terms) & set(NOT_WITH_TRACE))
+    if "trace" in terms and clash:
+        return (f"--terms: trace replays the recorded step and host ratios; it does not go "
+                f"with {clash}, which draw them")
+    return None
 
 
 def window(rows: Sequence[dict[str, Any]], since: float | None = None,
@@ -269,9 +290,14 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
                   client_ttfts: Sequence[float] = (), relative: bool = False,
                   source: str = "", noise: bool = True, terms: Collection[str] = (),
                   matched: Sequence[tuple[float, float, float]] = (),
-                  extras: bool = True) -> Calibration:
+                  extras: bool = True, trace_block: float | None = None) -> Calibration:
     """A cost model from recording ``rows`` (see the module doc); ValueError when the
-    recording holds too few steps to fit. ``extras``: fit ``[step_extra]`` (the default)."""
+    recording holds too few steps to fit, or for terms that do not go together.
+    ``extras``: fit ``[step_extra]`` (the default); ``trace_block``: with ``trace``, the
+    bootstrap's mean block length (default: chosen from the recording)."""
+    error = terms_error(terms)
+    if error:
+        raise ValueError(f"{PROG}: {error}")
     steps = step_rows(rows)
     if len(steps) < len(CostModel.COEFFICIENTS):
         raise ValueError(f"{PROG}: the recording holds {len(steps)} timed steps; at least "
@@ -307,7 +333,8 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
         admit_q, stream = fit_admit_delays(matched)
     values: dict[str, Any] = dict(zip(CostModel.COEFFICIENTS, coef, strict=True))
     nf = (fit_noise(steps, pred, by_shape="shape" in terms, slow="slow" in terms,
-                    regime="regime" in terms, host_model=(host_step, host_request))
+                    regime="regime" in terms, host_model=(host_step, host_request),
+                    trace="trace" in terms, trace_block=trace_block)
           if noise else NoiseFit((), 0.0))
     reg = nf.regime
     cost = replace(base, **values, admit_s=admit, stream_s=stream, host_step_s=host_step,
@@ -318,7 +345,7 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
                    noise_regime_switch=reg.switch if reg else (),
                    noise_regime_quantiles=reg.quantiles if reg else (),
                    noise_regime_rho=reg.rho if reg else (),
-                   noise_regime_host=reg.host if reg else (),
+                   noise_regime_host=reg.host if reg else (), noise_trace=nf.trace,
                    overlap=overlap, prefill_step_s=prefill_step, cold_step_s=cold_step)
     report = {
         "steps": len(steps), "median_rel_error": float(np.median(rel)),
@@ -331,6 +358,8 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
     }
     if reg is not None:  # the regime model's chosen shape (the rest is in the cost file)
         report |= {"regime_states": len(reg.switch), "regime_window": reg.window}
+    if nf.trace is not None:
+        report |= {"trace_block": nf.trace.block}
     return Calibration(cost, report)
 
 
@@ -370,14 +399,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relative", action="store_true", help="fit step times on relative error")
     p.add_argument("--terms", default="", help="optional model terms to fit, comma-separated: "
                    f"{', '.join(TERMS)} (see the module doc; none by default)")
+    p.add_argument("--trace-block", type=float, help="with --terms trace: the bootstrap's "
+                   "mean block length in steps (default: chosen from the recording)")
     p.add_argument("--no-noise", action="store_true", help="no [noise] table: every simulated "
                    "step takes exactly the model's time")
     p.add_argument("--no-step-extra", action="store_true", help="no [step_extra]: prefill "
                    "steps and a worker's first step after idling cost what their shape says")
     args = p.parse_args(argv)
     terms = [t for t in args.terms.split(",") if t]
-    if set(terms) - set(TERMS):
-        p.error(f"--terms: unknown {sorted(set(terms) - set(TERMS))}; choose from {TERMS}")
+    if terms_error(terms):
+        p.error(str(terms_error(terms)))
+    if args.trace_block is not None and not (math.isfinite(args.trace_block)
+                                             and args.trace_block >= 1):
+        p.error("--trace-block: a number of steps >= 1")
+    if args.trace_block is not None and "trace" not in terms:
+        p.error("--trace-block goes with --terms trace")
     try:
         base = CostModel.load(args.base)
         rows = window(read_recording(args.recording), args.since, args.until)
@@ -386,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         cal = fit_recording(rows, base, client_ttfts_of(args.client_results), args.relative,
                             matched=matched,
                             source=f"{PROG} {args.recording}", noise=not args.no_noise,
-                            terms=terms, extras=not args.no_step_extra)
+                            terms=terms, extras=not args.no_step_extra,
+                            trace_block=args.trace_block)
     except (OSError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -151,7 +151,7 @@ def without_noise(cost: CostModel) -> CostModel:
     return replace(cost, stream_s=stream, noise_quantiles=(), noise_rho=0.0,
                    noise_prefill_quantiles=(), noise_slow_rho=0.0, noise_slow_share=0.0,
                    noise_regime_switch=(), noise_regime_quantiles=(), noise_regime_rho=(),
-                   noise_regime_host=(), noise_trace=None,
+                   noise_regime_host=(), noise_trace=None, admit_spell=None,
                    admit_quantiles=(), host_quantiles=())
 
 

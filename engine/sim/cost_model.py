@@ -46,6 +46,10 @@ lag-1 correlation and host time factor; live, slow steps come in spells of tens 
 hundreds of steps, and the host path slows down with them.
 ``trace``, ``trace_host`` and ``trace_block``: the recording's own ratios and host factors,
 per worker, replayed by a block bootstrap instead of any of the above (engine/sim/trace.py).
+``admit_spell_edges``, ``admit_spell_delays`` and ``admit_spell_window`` (with
+``admit_quantiles``): the admission delay drawn from the recorded delays of requests that
+arrived at a like local step ratio, so the frontend slows down in the steps' slow spells
+(engine/sim/admit_spell.py).
 
 CPU contention between workers (an optional ``[contention]`` table, ``overlap``; 0 when
 absent): workers that share cores slow each other down, so a step's time is multiplied by
@@ -77,6 +81,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from engine.sim.admit_spell import SPELL_KEYS, SpellDelays, SpellFit, parse_spell, spell_toml
 from engine.sim.trace import TRACE_KEYS, TraceFit, TraceNoise, parse_trace, trace_toml
 
 DEFAULT_COST_FILE = Path(__file__).with_name("default_cost.toml")
@@ -135,6 +140,7 @@ class CostModel:
     noise_regime_rho: tuple[float, ...] = ()
     noise_regime_host: tuple[float, ...] = ()  # per state: host time factor; () = 1
     noise_trace: TraceFit | None = None  # the recording's noise replayed (trace.py)
+    admit_spell: SpellFit | None = None  # admission delays by the local ratio (admit_spell.py)
     overlap: float = 0.0  # [contention]: a step's time x (1 + overlap x its overlapped share)
     prefill_step_s: float = 0.0  # [step_extra]: added to a step with prefill tokens
     cold_step_s: float = 0.0  # [step_extra]: added to a step on a worker that held no request
@@ -188,6 +194,11 @@ class CostModel:
         """Draws each request's admission delay from ``admit_quantiles`` (independent per
         request, seeded); None without them (every request then takes ``admit_s``)."""
         return _draws(self.admit_quantiles, seed)
+
+    def spell_delays(self, seed: int = 0) -> SpellDelays | None:
+        """Draws each request's admission delay by the local step ratio at its arrival
+        (``admit_spell``, engine/sim/admit_spell.py); None without."""
+        return SpellDelays(self.admit_spell, seed) if self.admit_spell is not None else None
 
     def host_ratios(self, seed: int = 0) -> Callable[[], float] | None:
         """Draws each step's host time over ``host_time`` from ``host_quantiles``
@@ -260,6 +271,9 @@ class CostModel:
                              f"< 1 and 0 <= slow_share <= 1")
         regime = _regimes(noise, where)
         trace = parse_trace(noise, where)
+        spell = parse_spell(noise, where)
+        if spell is not None and not admit_q:
+            raise ValueError(f"--cost: {where}: [noise] admit_spell_* go with admit_quantiles")
         overlap = float(contention.get("overlap", 0.0))
         if overlap < 0:
             raise ValueError(f"--cost: {where}: [contention] overlap must be >= 0")
@@ -272,7 +286,7 @@ class CostModel:
                    admit_quantiles=admit_q, host_quantiles=host_q, overlap=overlap,
                    noise_regime_switch=regime[0], noise_regime_quantiles=regime[1],
                    noise_regime_rho=regime[2], noise_regime_host=regime[3],
-                   noise_trace=trace,
+                   noise_trace=trace, admit_spell=spell,
                    prefill_step_s=extras.get("prefill_step_s", 0.0),
                    cold_step_s=extras.get("cold_step_s", 0.0))
 
@@ -306,6 +320,8 @@ class CostModel:
                     lines += [f"regime_host = [{_floats(self.noise_regime_host)}]"]
         if self.admit_quantiles:
             lines += [f"admit_quantiles = [{_floats(self.admit_quantiles)}]"]
+        if self.admit_spell is not None:
+            lines += spell_toml(self.admit_spell)
         if self.host_quantiles:
             lines += [f"host_quantiles = [{_floats(self.host_quantiles)}]"]
         if self.noise_trace is not None:
@@ -335,6 +351,10 @@ class CostModel:
         if self.noise_trace is not None:
             noise |= {"noise_trace_block": self.noise_trace.block,
                       "noise_trace_steps": [len(r) for r in self.noise_trace.ratio]}
+        if self.admit_spell is not None:
+            noise |= {"admit_spell_edges": list(self.admit_spell.edges),
+                      "admit_spell_p50_ms": [1e3 * float(np.median(b))
+                                             for b in self.admit_spell.delays]}
         contention = {"overlap": self.overlap} if self.overlap else {}
         extra = {name: getattr(self, name) for name in self.STEP_EXTRA if getattr(self, name)}
         return {**dict(zip(self.COEFFICIENTS, self.coefficients, strict=True)), **host,
@@ -350,7 +370,7 @@ def _draws(quantiles: tuple[float, ...], seed: int) -> Callable[[], float] | Non
 
 NOISE_KEYS = ("quantiles", "rho", "prefill_quantiles", "slow_rho", "slow_share",
               "admit_quantiles", "host_quantiles", "regime_switch", "regime_quantiles",
-              "regime_rho", "regime_host", *TRACE_KEYS)
+              "regime_rho", "regime_host", *TRACE_KEYS, *SPELL_KEYS)
 
 
 def _regimes(noise: dict[str, Any], where: str) -> tuple[tuple[tuple[float, ...], ...],

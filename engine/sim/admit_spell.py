@@ -3,10 +3,10 @@
 The ``admit`` term draws each request's delay beyond its pool TTFT (HTTP, tokenizing,
 admission, detokenizing, SSE: ``calibrate.fit_admit_delays``) independently of the step
 noise. Live, the frontend shares the cores with the workers and slows down in the same
-spells: on the 2026-12-07 recordings (docs/simulator.md, "The frontend delay in the
+spells: on the 2026-12-07 recordings (docs/simulator.md, "The frontend delay in the slow
 spells"), a request's frontend delay correlates with the step ratio (measured over fitted
-step time) of the steps that ended in the 0.1 s before it arrived (Spearman 0.14-0.34 per
-run), as much as with its own pool time, so the two tails stack in the TTFT p99.
+step time) of the steps that ended in the 0.1 s before it arrived (Spearman 0.14-0.32 per
+run), as much as with its own pool time (0.22-0.35), so the two tails stack in the TTFT p99.
 
 This term conditions the drawn delay on that **local ratio**: the mean ratio of the steps
 (every worker's) that ended in the ``window`` seconds before the request's frontend stamp

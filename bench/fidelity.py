@@ -52,6 +52,7 @@ from engine.sim.calibrate import (
     fit_recording,
     matched_ttfts,
     step_rows,
+    terms_error,
     window,
 )
 from engine.sim.cost_model import CostModel
@@ -100,7 +101,8 @@ def simulate(requests: list[SimRequest], cost: CostModel, workers: int,
     median is the model's prediction of it)."""
     e = cost.engine
     runs = []
-    drawn = cost.noise_quantiles or cost.admit_quantiles or cost.host_quantiles
+    drawn = (cost.noise_quantiles or cost.admit_quantiles or cost.host_quantiles
+             or cost.noise_trace is not None)
     for seed in range(seeds if drawn else 1):
         config = SimConfig(num_workers=workers, block_size=e.block_size,
                            num_blocks=e.num_blocks, max_model_len=e.max_model_len,
@@ -149,7 +151,7 @@ def without_noise(cost: CostModel) -> CostModel:
     return replace(cost, stream_s=stream, noise_quantiles=(), noise_rho=0.0,
                    noise_prefill_quantiles=(), noise_slow_rho=0.0, noise_slow_share=0.0,
                    noise_regime_switch=(), noise_regime_quantiles=(), noise_regime_rho=(),
-                   noise_regime_host=(),
+                   noise_regime_host=(), noise_trace=None, admit_spell=None,
                    admit_quantiles=(), host_quantiles=())
 
 
@@ -214,7 +216,8 @@ def calibrate(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]]
     return fit_recording(calib_rows, CostModel.load(args.base), ttfts,
                          source=f"bench.fidelity, {workers} worker(s), seed "
                          f"{args.calibrate_seed}", terms=args.terms, matched=matched,
-                         extras=not args.no_step_extra)
+                         extras=not args.no_step_extra,
+                         trace_block=getattr(args, "trace_block", None))
 
 
 def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
@@ -338,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                    "many noise seeds; each metric is their median (1)")
     p.add_argument("--terms", default="", help="optional model terms to fit (engine.sim fit "
                    f"--terms), comma-separated: {', '.join(TERMS)}; none by default")
+    p.add_argument("--trace-block", type=float, help="with --terms trace: the bootstrap's "
+                   "mean block length in steps (default: chosen from the recording)")
     p.add_argument("--no-step-extra", action="store_true", help="fit no [step_extra] (a "
                    "prefill step's and a worker's first step's fixed extra; fitted by default)")
     p.add_argument("--json", help="write every figure here")
@@ -349,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.workloads = [n for n in args.workloads.split(",") if n]
     args.terms = [t for t in args.terms.split(",") if t]
-    if set(args.terms) - set(TERMS):
-        p.error(f"--terms: unknown {sorted(set(args.terms) - set(TERMS))}; choose from {TERMS}")
+    if terms_error(args.terms):
+        p.error(str(terms_error(args.terms)))
+    if args.trace_block is not None and ("trace" not in args.terms or args.trace_block < 1):
+        p.error("--trace-block: a number of steps >= 1, with --terms trace")
     bad = set(args.workloads) - set(WORKLOADS)
     if bad:
         p.error(f"--workloads: unknown {sorted(bad)}; choose from {WORKLOADS}")

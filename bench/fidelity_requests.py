@@ -38,7 +38,14 @@ import numpy as np
 
 from bench.fidelity import calibrate, load_runs, workload
 from engine.config import SchedulerConfig
-from engine.sim.calibrate import TERMS, paired_requests, shape_of, step_rows, window
+from engine.sim.calibrate import (
+    TERMS,
+    paired_requests,
+    shape_of,
+    step_rows,
+    terms_error,
+    window,
+)
 from engine.sim.cost_model import CostModel
 from engine.sim.simulator import SimConfig, Simulator
 
@@ -202,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=8, help="list this many slowest requests (8)")
     args = p.parse_args(argv)
     args.terms = [t for t in args.terms.split(",") if t]
-    if set(args.terms) - set(TERMS):
-        p.error(f"--terms: unknown {sorted(set(args.terms) - set(TERMS))}")
+    if terms_error(args.terms):
+        p.error(str(terms_error(args.terms)))
     try:
         for w in (int(x) for x in args.workers.split(",")):
             rows, runs = load_runs(w, Path(args.from_dir))

@@ -41,6 +41,12 @@ or ``--terms regime``):
   few-state Markov-switching model of the ratio along each worker's steps, with each
   state's own ratio table, burstiness and host factor (``regimes.fit_regimes``: live, slow
   steps come in spells of tens to hundreds of steps, and the host path slows with them);
+  *optional* ``trace``: instead of drawing from a model, the recording's own ratio and host
+  factor series per worker, stored in the cost file and replayed by a stationary block
+  bootstrap (``trace.fit_trace``; the mean block length from the ratio's autocorrelation,
+  or ``--trace-block``): the spells, their depth and the host path's slowdown as recorded.
+  It replaces the drawn step ratio and host ratio, so it goes with none of ``shape``,
+  ``slow``, ``regime``, ``host`` (with ``levels`` the drift it carries is the recording's);
 - **admit** (``admit_s``): the mean of ``t - frontend_t`` of the ``add`` rows (frontend stamp
   to the scheduler);
 - **stream** (``stream_s``): only with the client's view of the same requests
@@ -56,7 +62,12 @@ or ``--terms regime``):
   request's client TTFT holds beyond its pool TTFT varies (a p99 several times its median:
   the frontend's turn on a busy machine), and that tail sets much of a TTFT p99. Its 1st
   percentile, less the recorded admission, becomes the constant ``stream_s``, and the rest
-  a per-request delay before admission, drawn from its quantiles (``fit_admit_delays``).
+  a per-request delay before admission, drawn from its quantiles (``fit_admit_delays``);
+- *optional* **spell** (with ``admit``; ``[noise] admit_spell_*``): that delay drawn by the
+  machine's speed at the request's arrival, the mean step ratio (measured over fitted time)
+  of the steps that ended in the 0.1 s before its frontend stamp: the matched requests'
+  delays in bins of that ratio, a draw one of its bin's recorded delays
+  (engine/sim/admit_spell.py; live, the frontend slows down in the steps' slow spells).
 
 ``--since``/``--until`` (unix seconds) keep a window of the recording (rows by their ``t`` or
 ``t_send``). The engine shape (``[engine]``) is ``--base``'s (default: the default cost file).
@@ -66,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
@@ -75,6 +87,7 @@ from typing import Any
 import numpy as np
 
 from engine.profiling import read_recording
+from engine.sim.admit_spell import SpellFit, fit_spell_delays, local_ratios
 from engine.sim.contention import OVERLAP_EPS
 from engine.sim.cost_model import BatchShape, CostModel, nonnegative_lstsq
 from engine.sim.noise_fit import (
@@ -92,7 +105,9 @@ PROG = "python -m engine.sim fit"
 # on the shared machine's recordings none of them made the judged runs closer (see
 # docs/simulator.md, "Tail terms"; ``levels``: "Drift", it halves the mean step's error on
 # the C-kernel engine's recordings but not every metric's worst run)
-TERMS = ("contention", "shape", "slow", "admit", "host", "regime", "levels")
+TERMS = ("contention", "shape", "slow", "admit", "host", "regime", "levels", "trace", "spell")
+# terms that draw the step ratio or the host ratio, which ``trace`` replays instead
+NOT_WITH_TRACE = ("shape", "slow", "regime", "host")
 LEVEL_WINDOW_S = 5.0  # ``levels``: the span of a worker's steps that shares one speed level
 LEVEL_ITERATIONS = 8
 
@@ -101,6 +116,20 @@ LEVEL_ITERATIONS = 8
 class Calibration:
     cost: CostModel
     report: dict[str, Any]  # sample counts and fit errors, for the cost file's comment
+
+
+def terms_error(terms: Collection[str]) -> str | None:
+    """Why ``terms`` cannot be fitted together (None when they can)."""
+    unknown = sorted(set(terms) - set(TERMS))
+    if unknown:
+        return f"--terms: unknown {unknown}; choose from {TERMS}"
+    if "spell" in terms and "admit" not in terms:
+        return "--terms: spell draws the admission delay (admit) by the step ratio; add admit"
+    clash = sorted(set(terms) & set(NOT_WITH_TRACE))
+    if "trace" in terms and clash:
+        return (f"--terms: trace replays the recorded step and host ratios; it does not go "
+                f"with {clash}, which draw them")
+    return None
 
 
 def window(rows: Sequence[dict[str, Any]], since: float | None = None,
@@ -242,36 +271,58 @@ def paired_requests(rows: Sequence[dict[str, Any]], client_requests: Sequence[di
 
 
 def matched_ttfts(rows: Sequence[dict[str, Any]], client_requests: Sequence[dict[str, Any]]
-                  ) -> list[tuple[float, float, float]]:
-    """(client TTFT, pool TTFT, admission delay) per request of one run, paired as
-    ``paired_requests`` does; [] unless they pair up."""
+                  ) -> list[tuple[float, float, float, float]]:
+    """(client TTFT, pool TTFT, admission delay, frontend stamp) per request of one run,
+    paired as ``paired_requests`` does; [] unless they pair up."""
     first, pairs = paired_requests(rows, client_requests)
-    return [(q["ttft_s"], first[a["request"]] - a["t"], a["t"] - a["frontend_t"])
-            for a, q in pairs]
+    return [(q["ttft_s"], first[a["request"]] - a["t"], a["t"] - a["frontend_t"],
+             a["frontend_t"]) for a, q in pairs]
 
 
 MIN_MATCHED = 20  # requests matched with the client's for a drawn admission delay
 
 
-def fit_admit_delays(matched: Sequence[tuple[float, float, float]], points: int = 101
+def fit_admit_delays(matched: Sequence[Sequence[float]], points: int = 101
                      ) -> tuple[tuple[float, ...], float]:
     """(admit_quantiles, stream_s) from matched requests: what the client sees beyond the
     pool's TTFT is ``admission delay + extra`` per request; the extra's 1st percentile is
     the constant ``stream_s`` every token pays, and the rest, ``client - pool - stream_s``,
     is the admission delay a request draws (its quantiles)."""
-    client, pool, admit = (np.array(x) for x in zip(*matched, strict=True))
-    stream = max(0.0, float(np.quantile(client - pool - admit, 0.01)))
-    delays = np.maximum(0.0, client - pool - stream)
+    delays, stream = admit_delays_of(matched)
     return tuple(float(q) for q in np.quantile(delays, np.linspace(0, 1, points))), stream
+
+
+def admit_delays_of(matched: Sequence[Sequence[float]]) -> tuple[np.ndarray, float]:
+    """Per matched request, its delay beyond the pool's TTFT and ``stream_s`` (see
+    ``fit_admit_delays``), and ``stream_s``."""
+    client, pool, admit = (np.array([m[i] for m in matched]) for i in range(3))
+    stream = max(0.0, float(np.quantile(client - pool - admit, 0.01)))
+    return np.maximum(0.0, client - pool - stream), stream
+
+
+def fit_spell(steps: Sequence[dict[str, Any]], pred: np.ndarray,
+              matched: Sequence[Sequence[float]]) -> SpellFit:
+    """``--terms spell``: the admission delays binned by the local step ratio (measured over
+    fitted step time) at each matched request's frontend stamp (engine/sim/admit_spell.py)."""
+    delays, _ = admit_delays_of(matched)
+    ratio = np.array([r["execute_s"] for r in steps]) / np.maximum(pred, 1e-4)
+    ends = np.array([r["t_result"] for r in steps])
+    local = local_ratios(ends, ratio, np.array([m[3] for m in matched]))
+    return fit_spell_delays(delays, local)
 
 
 def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
                   client_ttfts: Sequence[float] = (), relative: bool = False,
                   source: str = "", noise: bool = True, terms: Collection[str] = (),
-                  matched: Sequence[tuple[float, float, float]] = (),
-                  extras: bool = True) -> Calibration:
+                  matched: Sequence[Sequence[float]] = (),
+                  extras: bool = True, trace_block: float | None = None) -> Calibration:
     """A cost model from recording ``rows`` (see the module doc); ValueError when the
-    recording holds too few steps to fit. ``extras``: fit ``[step_extra]`` (the default)."""
+    recording holds too few steps to fit, or for terms that do not go together.
+    ``extras``: fit ``[step_extra]`` (the default); ``trace_block``: with ``trace``, the
+    bootstrap's mean block length (default: chosen from the recording)."""
+    error = terms_error(terms)
+    if error:
+        raise ValueError(f"{PROG}: {error}")
     steps = step_rows(rows)
     if len(steps) < len(CostModel.COEFFICIENTS):
         raise ValueError(f"{PROG}: the recording holds {len(steps)} timed steps; at least "
@@ -305,9 +356,12 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
     admit_q: tuple[float, ...] = ()
     if noise and "admit" in terms and len(matched) >= MIN_MATCHED:
         admit_q, stream = fit_admit_delays(matched)
+    spell = (fit_spell(steps, pred, matched)
+             if admit_q and "spell" in terms and all(len(m) >= 4 for m in matched) else None)
     values: dict[str, Any] = dict(zip(CostModel.COEFFICIENTS, coef, strict=True))
     nf = (fit_noise(steps, pred, by_shape="shape" in terms, slow="slow" in terms,
-                    regime="regime" in terms, host_model=(host_step, host_request))
+                    regime="regime" in terms, host_model=(host_step, host_request),
+                    trace="trace" in terms, trace_block=trace_block)
           if noise else NoiseFit((), 0.0))
     reg = nf.regime
     cost = replace(base, **values, admit_s=admit, stream_s=stream, host_step_s=host_step,
@@ -318,9 +372,10 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
                    noise_regime_switch=reg.switch if reg else (),
                    noise_regime_quantiles=reg.quantiles if reg else (),
                    noise_regime_rho=reg.rho if reg else (),
-                   noise_regime_host=reg.host if reg else (),
+                   noise_regime_host=reg.host if reg else (), noise_trace=nf.trace,
+                   admit_spell=spell,
                    overlap=overlap, prefill_step_s=prefill_step, cold_step_s=cold_step)
-    report = {
+    report: dict[str, Any] = {
         "steps": len(steps), "median_rel_error": float(np.median(rel)),
         "p90_rel_error": float(np.quantile(rel, 0.9)),
         "mean_step_s": float(y.mean()), "fitted_mean_step_s": float(pred.mean()),
@@ -331,6 +386,10 @@ def fit_recording(rows: Sequence[dict[str, Any]], base: CostModel,
     }
     if reg is not None:  # the regime model's chosen shape (the rest is in the cost file)
         report |= {"regime_states": len(reg.switch), "regime_window": reg.window}
+    if nf.trace is not None:
+        report |= {"trace_block": nf.trace.block}
+    if spell is not None:
+        report["admit_spell_bins"] = [len(b) for b in spell.delays]
     return Calibration(cost, report)
 
 
@@ -370,14 +429,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relative", action="store_true", help="fit step times on relative error")
     p.add_argument("--terms", default="", help="optional model terms to fit, comma-separated: "
                    f"{', '.join(TERMS)} (see the module doc; none by default)")
+    p.add_argument("--trace-block", type=float, help="with --terms trace: the bootstrap's "
+                   "mean block length in steps (default: chosen from the recording)")
     p.add_argument("--no-noise", action="store_true", help="no [noise] table: every simulated "
                    "step takes exactly the model's time")
     p.add_argument("--no-step-extra", action="store_true", help="no [step_extra]: prefill "
                    "steps and a worker's first step after idling cost what their shape says")
     args = p.parse_args(argv)
     terms = [t for t in args.terms.split(",") if t]
-    if set(terms) - set(TERMS):
-        p.error(f"--terms: unknown {sorted(set(terms) - set(TERMS))}; choose from {TERMS}")
+    if terms_error(terms):
+        p.error(str(terms_error(terms)))
+    if args.trace_block is not None and not (math.isfinite(args.trace_block)
+                                             and args.trace_block >= 1):
+        p.error("--trace-block: a number of steps >= 1")
+    if args.trace_block is not None and "trace" not in terms:
+        p.error("--trace-block goes with --terms trace")
     try:
         base = CostModel.load(args.base)
         rows = window(read_recording(args.recording), args.since, args.until)
@@ -386,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         cal = fit_recording(rows, base, client_ttfts_of(args.client_results), args.relative,
                             matched=matched,
                             source=f"{PROG} {args.recording}", noise=not args.no_noise,
-                            terms=terms, extras=not args.no_step_extra)
+                            terms=terms, extras=not args.no_step_extra,
+                            trace_block=args.trace_block)
     except (OSError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -44,6 +44,12 @@ few-state Markov-switching noise (engine/sim/regimes.py): per worker a hidden st
 once per step through the switching matrix, each state has its own ratio table, score
 lag-1 correlation and host time factor; live, slow steps come in spells of tens to
 hundreds of steps, and the host path slows down with them.
+``trace``, ``trace_host`` and ``trace_block``: the recording's own ratios and host factors,
+per worker, replayed by a block bootstrap instead of any of the above (engine/sim/trace.py).
+``admit_spell_edges``, ``admit_spell_delays`` and ``admit_spell_window`` (with
+``admit_quantiles``): the admission delay drawn from the recorded delays of requests that
+arrived at a like local step ratio, so the frontend slows down in the steps' slow spells
+(engine/sim/admit_spell.py).
 
 CPU contention between workers (an optional ``[contention]`` table, ``overlap``; 0 when
 absent): workers that share cores slow each other down, so a step's time is multiplied by
@@ -74,6 +80,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from engine.sim.admit_spell import SPELL_KEYS, SpellDelays, SpellFit, parse_spell, spell_toml
+from engine.sim.trace import TRACE_KEYS, TraceFit, TraceNoise, parse_trace, trace_toml
 
 DEFAULT_COST_FILE = Path(__file__).with_name("default_cost.toml")
 GPU_COST_FILE = Path(__file__).with_name("gpu_h100_llama3_8b.toml")
@@ -130,6 +139,8 @@ class CostModel:
     noise_regime_quantiles: tuple[tuple[float, ...], ...] = ()
     noise_regime_rho: tuple[float, ...] = ()
     noise_regime_host: tuple[float, ...] = ()  # per state: host time factor; () = 1
+    noise_trace: TraceFit | None = None  # the recording's noise replayed (trace.py)
+    admit_spell: SpellFit | None = None  # admission delays by the local ratio (admit_spell.py)
     overlap: float = 0.0  # [contention]: a step's time x (1 + overlap x its overlapped share)
     prefill_step_s: float = 0.0  # [step_extra]: added to a step with prefill tokens
     cold_step_s: float = 0.0  # [step_extra]: added to a step on a worker that held no request
@@ -166,8 +177,11 @@ class CostModel:
     def has_host(self) -> bool:
         return any(getattr(self, name) for name in self.HOST)
 
-    def noise(self, num_workers: int, seed: int = 0) -> StepNoise | None:
+    def noise(self, num_workers: int, seed: int = 0) -> StepNoise | TraceNoise | None:
         """Draws each step's time ratio, per worker; None without a ``[noise]`` table."""
+        if self.noise_trace is not None:
+            t = self.noise_trace
+            return TraceNoise(t.ratio, t.host, t.block, num_workers, seed)
         if not self.noise_quantiles:
             return None
         return StepNoise(self.noise_quantiles, self.noise_rho, num_workers, seed,
@@ -180,6 +194,11 @@ class CostModel:
         """Draws each request's admission delay from ``admit_quantiles`` (independent per
         request, seeded); None without them (every request then takes ``admit_s``)."""
         return _draws(self.admit_quantiles, seed)
+
+    def spell_delays(self, seed: int = 0) -> SpellDelays | None:
+        """Draws each request's admission delay by the local step ratio at its arrival
+        (``admit_spell``, engine/sim/admit_spell.py); None without."""
+        return SpellDelays(self.admit_spell, seed) if self.admit_spell is not None else None
 
     def host_ratios(self, seed: int = 0) -> Callable[[], float] | None:
         """Draws each step's host time over ``host_time`` from ``host_quantiles``
@@ -251,6 +270,10 @@ class CostModel:
                              f"quantiles (and prefill_quantiles if any), -1 < rho, slow_rho "
                              f"< 1 and 0 <= slow_share <= 1")
         regime = _regimes(noise, where)
+        trace = parse_trace(noise, where)
+        spell = parse_spell(noise, where)
+        if spell is not None and not admit_q:
+            raise ValueError(f"--cost: {where}: [noise] admit_spell_* go with admit_quantiles")
         overlap = float(contention.get("overlap", 0.0))
         if overlap < 0:
             raise ValueError(f"--cost: {where}: [contention] overlap must be >= 0")
@@ -263,6 +286,7 @@ class CostModel:
                    admit_quantiles=admit_q, host_quantiles=host_q, overlap=overlap,
                    noise_regime_switch=regime[0], noise_regime_quantiles=regime[1],
                    noise_regime_rho=regime[2], noise_regime_host=regime[3],
+                   noise_trace=trace, admit_spell=spell,
                    prefill_step_s=extras.get("prefill_step_s", 0.0),
                    cold_step_s=extras.get("cold_step_s", 0.0))
 
@@ -274,7 +298,8 @@ class CostModel:
         if self.has_host:
             lines += ["", "[host]"]
             lines += [f"{name} = {getattr(self, name)!r}" for name in self.HOST]
-        if self.noise_quantiles or self.admit_quantiles or self.host_quantiles:
+        if (self.noise_quantiles or self.admit_quantiles or self.host_quantiles
+                or self.noise_trace is not None):
             lines += ["", "[noise]"]
         if self.noise_quantiles:
             lines += [f"rho = {self.noise_rho!r}",
@@ -295,8 +320,12 @@ class CostModel:
                     lines += [f"regime_host = [{_floats(self.noise_regime_host)}]"]
         if self.admit_quantiles:
             lines += [f"admit_quantiles = [{_floats(self.admit_quantiles)}]"]
+        if self.admit_spell is not None:
+            lines += spell_toml(self.admit_spell)
         if self.host_quantiles:
             lines += [f"host_quantiles = [{_floats(self.host_quantiles)}]"]
+        if self.noise_trace is not None:
+            lines += trace_toml(self.noise_trace)
         if self.overlap:
             lines += ["", "[contention]", f"overlap = {self.overlap!r}"]
         if self.prefill_step_s or self.cold_step_s:
@@ -319,6 +348,13 @@ class CostModel:
                   "noise_p99": float(np.interp(0.99, _grid(self.noise_quantiles),
                                                self.noise_quantiles))}
                  if self.noise_quantiles else {}) | regime
+        if self.noise_trace is not None:
+            noise |= {"noise_trace_block": self.noise_trace.block,
+                      "noise_trace_steps": [len(r) for r in self.noise_trace.ratio]}
+        if self.admit_spell is not None:
+            noise |= {"admit_spell_edges": list(self.admit_spell.edges),
+                      "admit_spell_p50_ms": [1e3 * float(np.median(b))
+                                             for b in self.admit_spell.delays]}
         contention = {"overlap": self.overlap} if self.overlap else {}
         extra = {name: getattr(self, name) for name in self.STEP_EXTRA if getattr(self, name)}
         return {**dict(zip(self.COEFFICIENTS, self.coefficients, strict=True)), **host,
@@ -334,7 +370,7 @@ def _draws(quantiles: tuple[float, ...], seed: int) -> Callable[[], float] | Non
 
 NOISE_KEYS = ("quantiles", "rho", "prefill_quantiles", "slow_rho", "slow_share",
               "admit_quantiles", "host_quantiles", "regime_switch", "regime_quantiles",
-              "regime_rho", "regime_host")
+              "regime_rho", "regime_host", *TRACE_KEYS, *SPELL_KEYS)
 
 
 def _regimes(noise: dict[str, Any], where: str) -> tuple[tuple[tuple[float, ...], ...],

@@ -6,7 +6,8 @@ The ratio of each step's measured to fitted time, as quantiles scaled so the mea
 is kept (``shape``: a table of its own for steps with prefill tokens), and the autocorrelation
 of its normal scores along each worker's steps: one AR(1), or (``slow``) a fast plus a slow
 one (``fit_acf``), or (``regime``) a few-state Markov-switching model with each state's own
-table, burstiness and host factor (``engine.sim.regimes``).
+table, burstiness and host factor (``engine.sim.regimes``); or (``trace``) the ratio and host
+factor series themselves, replayed by a block bootstrap (``engine.sim.trace``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from engine.sim.cost_model import stationary
 from engine.sim.regimes import RegimeFit, fit_regimes
+from engine.sim.trace import TraceFit, fit_trace
 
 
 class NoiseFit(NamedTuple):
@@ -31,6 +33,7 @@ class NoiseFit(NamedTuple):
     slow_rho: float = 0.0
     slow_share: float = 0.0
     regime: RegimeFit | None = None
+    trace: TraceFit | None = None
 
 
 ACF_LAGS = (1, 2, 3, 5, 8, 13, 20, 30, 50, 80, 120)
@@ -38,14 +41,18 @@ ACF_LAGS = (1, 2, 3, 5, 8, 13, 20, 30, 50, 80, 120)
 
 def fit_noise(steps: Sequence[dict[str, Any]], pred: np.ndarray, points: int = 101,
               by_shape: bool = False, slow: bool = False, regime: bool = False,
-              host_model: tuple[float, float] | None = None) -> NoiseFit:
+              host_model: tuple[float, float] | None = None, trace: bool = False,
+              trace_block: float | None = None) -> NoiseFit:
     """The ratio of measured over fitted step times (see the module doc): its quantiles
     (``by_shape``: separately for steps with prefill tokens, when there are enough of them),
     each table scaled so that its steps' mean time is kept, and the autocorrelation of its
     normal scores along each worker's steps, as one AR(1) or (``slow``) a fast plus a slow;
     ``regime``: also the regime model of the ratio along each worker's steps
     (``regimes.fit_regimes``), its tables scaled so that the mean step time is kept, and
-    with ``host_model`` (host_step_s, host_request_s) each state's host time factor."""
+    with ``host_model`` (host_step_s, host_request_s) each state's host time factor;
+    ``trace``: also the ratio series and (with ``host_model``) the host factor series of
+    each worker, for a block bootstrap of mean block ``trace_block`` (default: chosen from
+    the recording; ``trace.fit_trace``), the ratios scaled so the mean step time is kept."""
     y = np.array([r["execute_s"] for r in steps])
     pred = np.maximum(pred, 1e-4)
     ratio = y / pred
@@ -67,13 +74,13 @@ def fit_noise(steps: Sequence[dict[str, Any]], pred: np.ndarray, points: int = 1
     acf = score_acf(steps, z)
     rho, slow_rho, slow_share = fit_acf(acf) if slow else (acf.get(1, 0.0), 0.0, 0.0)
     fitted = None
+    host: list[tuple[np.ndarray, np.ndarray]] = []
+    if (regime or trace) and host_model is not None:
+        measured = host_by_step(steps)
+        model = np.array([host_model[0] + host_model[1] * r["requests"] for r in steps])
+        host = list(zip(worker_series(steps, measured), worker_series(steps, model),
+                        strict=True))
     if regime:
-        host: list[tuple[np.ndarray, np.ndarray]] = []
-        if host_model is not None:
-            measured = host_by_step(steps)
-            model = np.array([host_model[0] + host_model[1] * r["requests"] for r in steps])
-            host = list(zip(worker_series(steps, measured), worker_series(steps, model),
-                            strict=True))
         fitted = fit_regimes(worker_series(steps, ratio), host=host)
     if fitted is not None:
         weights = stationary(fitted.switch)
@@ -81,7 +88,10 @@ def fit_noise(steps: Sequence[dict[str, Any]], pred: np.ndarray, points: int = 1
         factor = (y.sum() / pred.sum()) / mean
         fitted = fitted._replace(quantiles=tuple(tuple(float(x) * factor for x in q)
                                                  for q in fitted.quantiles))
-    return NoiseFit(tables[0], rho, tables[1] if split else (), slow_rho, slow_share, fitted)
+    traced = (fit_trace(worker_series(steps, ratio), y.sum() / pred.sum(), host, trace_block)
+              if trace else None)
+    return NoiseFit(tables[0], rho, tables[1] if split else (), slow_rho, slow_share, fitted,
+                    traced)
 
 
 def host_by_step(steps: Sequence[dict[str, Any]]) -> np.ndarray:

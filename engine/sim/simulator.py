@@ -9,7 +9,8 @@ completes at ``now + cost_model(batch shape)``, when ``core.complete(w, result, 
 applies it. The scheduler is the very code the engine runs; only the model and the clock
 are simulated.
 The cost model's host terms (``CostModel.HOST``) delay a request's admission by ``admit_s``
-(or a per-request draw from ``admit_quantiles``),
+(or a per-request draw from ``admit_quantiles``, or with ``admit_spell`` from the recorded
+delays of requests that arrived at a like step ratio: engine/sim/admit_spell.py),
 each token's arrival at the client by ``stream_s``, and a worker's next step by
 ``host_time(requests)``; all 0 in a cost file fitted on the runner alone. A ``[noise]``
 table multiplies each step's time by a seeded draw (``cost_model.StepNoise``) and each
@@ -184,10 +185,13 @@ class Simulator:
         self.busy_s = [0.0] * config.num_workers
         self.stream_s = cost.stream_s
         self.admit_delays = cost.admit_delays(config.noise_seed)
+        self.spell = cost.spell_delays(config.noise_seed)  # delays by the local step ratio
         self.host_ratios = cost.host_ratios(config.noise_seed)
         # the least admission delay: requests are taken from the stream that long after
         # their arrival (a drawn delay beyond it is pushed as an event)
         self.admit_s = cost.admit_quantiles[0] if cost.admit_quantiles else cost.admit_s
+        if self.spell is not None:
+            self.admit_s = min(self.admit_s, self.spell.least)
         self.delay: dict[str, float] = {}  # request -> its drawn admission delay
         self.noise = cost.noise(config.num_workers, config.noise_seed)
         self.computing = [(0.0, 0.0)] * config.num_workers  # each worker's step: start, end
@@ -222,7 +226,7 @@ class Simulator:
         """A request from the stream: admitted now, or, if it follows another request, once
         that one has finished and ``think_time`` has passed."""
         if not req.after:
-            extra = self._delay(req) - self.admit_s
+            extra = self._delay(req, now) - self.admit_s
             if extra > 0:  # a drawn delay beyond the constant one: admitted later
                 self._push(now + extra, _ARRIVAL, req)
             else:
@@ -236,7 +240,8 @@ class Simulator:
         if prev is None or prev.finish is None:
             self.followers.setdefault(req.after, []).append(req)
         else:
-            self._push(max(now, prev.finish + req.think_time + self._delay(req)), _ARRIVAL, req)
+            self._push(max(now, prev.finish + req.think_time + self._delay(req, now)), _ARRIVAL,
+                       req)
 
     def _admit(self, req: SimRequest, now: float) -> None:
         self.deferred.discard(req.request_id)
@@ -265,11 +270,15 @@ class Simulator:
         w = plan.worker_id
         self.idle.remove(w)
         dt = self.cost.step_time(*shape) + self.cost.extra_time(shape, cold)
+        ratio = 1.0
         if self.noise is not None:
-            dt *= self.noise(w, shape.prefill_tokens > 0)
+            ratio = self.noise(w, shape.prefill_tokens > 0)
+            dt *= ratio
         if self.cost.overlap:
             dt = contended_time(self.computing, w, now, dt, self.cost.overlap)
         self.computing[w] = (now, now + dt)
+        if self.spell is not None:
+            self.spell.step(now + dt, ratio)
         result.execute_time_s = dt
         self.in_flight[w] = result
         self.seq += 1
@@ -316,11 +325,15 @@ class Simulator:
                 rec.finish_reason = out.finish_reason
                 rec.error = out.error
                 for follower in self.followers.pop(out.request_id, ()):
-                    self._push(now + follower.think_time + self._delay(follower), _ARRIVAL,
-                               follower)
+                    at = now + follower.think_time
+                    self._push(at + self._delay(follower, at), _ARRIVAL, follower)
 
-    def _delay(self, req: SimRequest) -> float:
-        """The request's admission delay: ``admit_s``, or a draw (kept for its record)."""
+    def _delay(self, req: SimRequest, now: float) -> float:
+        """The request's admission delay: ``admit_s``, or a draw (kept for its record; with
+        ``admit_spell``, by the local step ratio at ``now``)."""
+        if self.spell is not None:
+            d = self.delay[req.request_id] = self.spell.draw(now)
+            return d
         if self.admit_delays is None:
             return self.admit_s
         d = self.delay[req.request_id] = self.admit_delays()

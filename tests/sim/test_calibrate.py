@@ -406,7 +406,7 @@ def test_admission_delays_pair_client_and_pool_and_are_drawn_per_request(tmp_pat
     matched = matched_ttfts(rows, client)
     assert len(matched) == len(client)
     records = sorted(result.records, key=lambda r: r.arrival)
-    for (c, pool, admit), q, rec in zip(matched, sorted(client, key=lambda q: q["sent_s"]),
+    for (c, pool, admit, _), q, rec in zip(matched, sorted(client, key=lambda q: q["sent_s"]),
                                         records, strict=True):
         assert c == q["ttft_s"] and admit == pytest.approx(TRUTH.admit_s)
         # the pool's TTFT: its first output less its taking the request (no stream, no admit)
@@ -415,7 +415,7 @@ def test_admission_delays_pair_client_and_pool_and_are_drawn_per_request(tmp_pat
     assert matched_ttfts(rows, client[1:]) == []  # no one-to-one pairing: nothing
     cal = fit_recording(rows, CostModel.load(), terms=("admit",), matched=matched)
     q, stream = cal.cost.admit_quantiles, cal.cost.stream_s
-    delays = np.array([c - pool for c, pool, _ in matched])
+    delays = np.array([c - pool for c, pool, *_ in matched])
     assert stream == pytest.approx(np.quantile(delays - TRUTH.admit_s, 0.01), abs=1e-9)
     assert q[-1] == pytest.approx(delays.max() - stream)
     # in the simulator: each request draws its delay; its arrival stays the workload's, and

@@ -25,7 +25,7 @@ def test_noise_fit_recovers_the_ratio_distribution_and_its_burstiness():
         w = i % 2
         steps.append({"worker": w, "t_send": float(i), "execute_s": 0.01 * noise(w)})
         pred.append(0.01)
-    quantiles, rho, prefill_q, _, slow_share, _ = fit_noise(steps, np.array(pred))
+    quantiles, rho, prefill_q, _, slow_share, *_ = fit_noise(steps, np.array(pred))
     assert rho == pytest.approx(0.8, abs=0.05)
     assert slow_share == 0 and prefill_q == ()  # one AR(1), one class: nothing more fitted
     measured = np.array([s["execute_s"] for s in steps])

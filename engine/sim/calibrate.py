@@ -33,7 +33,7 @@ or ``--terms regime``):
   alternating least squares with the step coefficients;
 - **noise** (``[noise]``, fitted in ``engine.sim.noise_fit``): the ratio of each step's measured to fitted time, as 101
   quantiles scaled so the mean step time is kept, and the lag-1 autocorrelation of its normal
-  scores along each worker's steps (``cost_model.StepNoise``; ``--no-noise``: none);
+  scores along each worker's steps (``step_noise.StepNoise``; ``--no-noise``: none);
   *optional* ``shape``: a table of its own for steps with prefill tokens (their ratio's
   median is ~1.25 against ~0.9 for decode-only steps); *optional* ``slow``: the
   autocorrelation at lags 1 to 120 fitted as a fast plus a slow AR(1) (``fit_acf``: live, it

@@ -1,4 +1,4 @@
-"""The step-time noise of a cost file (``[noise]``, ``cost_model.StepNoise``), fitted from a
+"""The step-time noise of a cost file (``[noise]``, ``step_noise.StepNoise``), fitted from a
 recording's steps against the fitted step model (``engine.sim.calibrate``, which reads the
 recording and fits the rest).
 
@@ -25,7 +25,7 @@ from engine.sim.trace import TraceFit, fit_trace
 
 
 class NoiseFit(NamedTuple):
-    """The ``[noise]`` table (``cost_model.StepNoise``)."""
+    """The ``[noise]`` table (``step_noise.StepNoise``)."""
 
     quantiles: tuple[float, ...]
     rho: float

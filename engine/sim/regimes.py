@@ -22,7 +22,7 @@ own spikes), fitted from the recording:
    recording itself: each candidate's drawn series (same lengths, seeded) is compared with
    the recording's ``window_spread`` over ``SPREAD_LENGTHS`` steps, and the closest kept.
 
-The simulator (``cost_model.StepNoise``) walks each worker's state through the transition
+The simulator (``step_noise.StepNoise``) walks each worker's state through the transition
 matrix, one move per step, draws the step's ratio from the state's table through a Gaussian
 AR(1) score, and multiplies the host time after the step by the state's factor. ``spells``
 and ``window_spread`` measure what the model is meant to reproduce (the lengths of the
@@ -232,8 +232,8 @@ def _fit_states(ratios: Sequence[np.ndarray], smooth: Sequence[np.ndarray], k: i
 
 def simulate(fitted: RegimeFit, lengths: Sequence[int], seed: int = 0) -> list[np.ndarray]:
     """Ratio series of the given lengths drawn from a regime model, as the simulator draws
-    them (``cost_model.StepNoise``, one worker per series)."""
-    from engine.sim.cost_model import StepNoise  # cost_model's noise draws the regimes
+    them (``step_noise.StepNoise``, one worker per series)."""
+    from engine.sim.step_noise import StepNoise
 
     noise = StepNoise(fitted.quantiles[0], 0.0, len(lengths), seed,
                       regime_switch=fitted.switch, regime_quantiles=fitted.quantiles,

@@ -13,7 +13,7 @@ The cost model's host terms (``CostModel.HOST``) delay a request's admission by 
 delays of requests that arrived at a like step ratio: engine/sim/admit_spell.py),
 each token's arrival at the client by ``stream_s``, and a worker's next step by
 ``host_time(requests)``; all 0 in a cost file fitted on the runner alone. A ``[noise]``
-table multiplies each step's time by a seeded draw (``cost_model.StepNoise``) and each
+table multiplies each step's time by a seeded draw (``step_noise.StepNoise``) and each
 step's host time by one from ``host_quantiles``; a ``[contention]`` table multiplies a
 step's time by ``1 + overlap x`` the share of it that other workers' steps in flight
 overlap (engine/sim/contention.py); a ``[step_extra]`` table adds ``prefill_step_s`` to a

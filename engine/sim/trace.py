@@ -173,7 +173,7 @@ def block_length(series: Sequence[np.ndarray], max_lag: int = MAX_LAG) -> float:
 class TraceNoise:
     """Per simulated worker, a stationary bootstrap walk over a recorded worker's stored
     ratios and host factors (see the module doc); the interface of
-    ``cost_model.StepNoise``: call once per step for its ratio, then ``host_factor`` for
+    ``step_noise.StepNoise``: call once per step for its ratio, then ``host_factor`` for
     the host time after it. Seeded: runs repeat."""
 
     def __init__(self, ratio: Sequence[Sequence[int]], host: Sequence[Sequence[int]],

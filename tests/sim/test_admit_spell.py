@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_calibrate import CONFIG, TRUTH, recorded_run, workload
+from test_calibrate import CONFIG, TRUTH, client_records, recorded_run, workload
 
 from engine.profiling import read_recording
 from engine.sim.admit_spell import SpellDelays, SpellFit, fit_spell_delays, local_ratios
@@ -99,10 +99,7 @@ def test_the_spell_term_is_fitted_from_matched_requests_and_needs_admit(tmp_path
     assert terms_error(["spell"]) is not None and terms_error(["admit", "spell"]) is None
     result = recorded_run(tmp_path / "r.jsonl")
     rows = read_recording(tmp_path / "r.jsonl")
-    extra = np.random.default_rng(3).exponential(0.004, len(result.records))
-    client = [{"outcome": "completed", "sent_s": rec.arrival, "ttft_s": rec.first_token
-               - rec.arrival + x, "num_prompt_tokens": rec.num_prompt_tokens}
-              for rec, x in zip(result.records, extra, strict=True)]
+    client = client_records(result)
     matched = matched_ttfts(rows, client)
     plain = fit_recording(rows, CostModel.load(), terms=("admit",), matched=matched).cost
     assert plain.admit_spell is None  # optional

@@ -45,6 +45,15 @@ def workload(seed: int = 0, rate: float = 12.0):
                                              seed=seed, scale=4, max_model_len=1024)).requests())
 
 
+def client_records(result, seed: int = 3) -> list[dict]:
+    """The client's view of a simulated run: each request's TTFT plus a frontend delay (drawn:
+    exponential, 4 ms mean), as bench.loadgen writes it."""
+    extra = np.random.default_rng(seed).exponential(0.004, len(result.records))
+    return [{"outcome": "completed", "sent_s": rec.arrival, "ttft_s": rec.first_token
+             - rec.arrival + x, "num_prompt_tokens": rec.num_prompt_tokens}
+            for rec, x in zip(result.records, extra, strict=True)]
+
+
 def recorded_run(path, cost: CostModel = TRUTH, seed: int = 0):
     """Simulate with ``cost`` while a StepProfiler records the scheduler's real plans, as the
     pool's hooks do: a synthetic recording whose truth is known."""
@@ -399,10 +408,7 @@ def test_drawn_host_times_are_fitted_back_from_a_recording(tmp_path):
 def test_admission_delays_pair_client_and_pool_and_are_drawn_per_request(tmp_path):
     result = recorded_run(tmp_path / "r.jsonl")
     rows = read_recording(tmp_path / "r.jsonl")
-    extra = np.random.default_rng(3).exponential(0.004, len(result.records))
-    client = [{"outcome": "completed", "sent_s": rec.arrival, "ttft_s": rec.first_token
-               - rec.arrival + x, "num_prompt_tokens": rec.num_prompt_tokens}
-              for rec, x in zip(result.records, extra, strict=True)]
+    client = client_records(result)
     matched = matched_ttfts(rows, client)
     assert len(matched) == len(client)
     records = sorted(result.records, key=lambda r: r.arrival)

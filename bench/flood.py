@@ -12,6 +12,12 @@
 3. **flood**: the same critical stream, and a sheddable flood (priority -1, not streamed,
    ``--flood-rate`` req/s) from another process, for ``--duration`` seconds.
 
+With ``--rounds K`` phases 2 and 3 take turns K times and each phase's records are judged
+together (its p99 is then over K times as many requests): this machine's speed drifts over
+tens of seconds (docs/simulator.md, "Drift"), and one alone phase followed by one flooded
+phase lets a drift decide their ratio (the alone p99 of one engine swung from 11.8 to 23.3 ms
+between runs: docs/benchmarks.md, "Flood").
+
 Each stream is its own process (``bench.flood_client``: bare asyncio, open loop, one
 connection per request), so the flood's client never delays the critical one. Every prompt
 starts with a distinct word (no prefix-cache hits between requests). The engine runs with
@@ -171,13 +177,25 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
                                                           "retry": True}})["burst"]
             result["burst"] = {"counts": counts(burst), "error": retry_after_error(burst)}
             time.sleep(2.0)  # let it drain
-        alone = run_clients(port, out_dir, {"alone": critical})["alone"]
-        time.sleep(1.0)
-        both = run_clients(port, out_dir, {
-            "critical": critical,
-            "flood": {**sheddable, "rate": args.flood_rate, "duration": args.duration}})
+        alone: list[dict[str, Any]] = []
+        both: dict[str, list[dict[str, Any]]] = {"critical": [], "flood": []}
+        for k in range(args.rounds):  # alone, then flooded, in turn
+            tag = f"-{k + 1}" if args.rounds > 1 else ""
+            if k:
+                time.sleep(1.0)
+            alone += run_clients(port, out_dir, {f"alone{tag}": critical})[f"alone{tag}"]
+            time.sleep(1.0)
+            got = run_clients(port, out_dir, {
+                f"critical{tag}": critical,
+                f"flood{tag}": {**sheddable, "rate": args.flood_rate, "duration": args.duration}})
+            for name in both:
+                both[name] += got[f"{name}{tag}"]
+    if args.rounds > 1:  # every round's records together, as one phase's
+        for name, records in (("alone", alone), *both.items()):
+            (out_dir / f"{name}.json").write_text(json.dumps(records))
     a, f = critical_summary(alone), critical_summary(both["critical"])
     result.update({
+        "rounds": args.rounds,
         "alone": {**a, "counts": counts(alone)},
         "flooded": {**f, "counts": counts(both["critical"])},
         "flood": {"counts": counts(both["flood"]), "error": retry_after_error(both["flood"])},
@@ -231,11 +249,17 @@ def main() -> None:
     p.add_argument("--critical-rate", type=float, default=3.0)
     p.add_argument("--flood-rate", type=float, default=150.0)
     p.add_argument("--burst", type=int, default=400, help="0: skip the first-burst phase")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the alone and the flooded phase this many times each, in turn "
+                   "(--duration each), and judge their records together: the machine's "
+                   "drifts then fall on both phases alike")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("-o", "--output-dir", help="keep the raw records and result.json here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("engine_args", nargs="*", help="extra flags for engine.launch (after --)")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds: must be at least 1, got {args.rounds}")
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.output_dir or tmp)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -221,7 +221,7 @@ class FrontendConfig:
     shed_queue_time_s: float = opt(1.0, "--shed-queue-time", "predicted queue wait above "
                                    "which sheddable (negative-priority) requests get 429",
                                    metavar="SECONDS", type=float)
-    shed_latency_factor: float = opt(2.0, "--shed-latency-factor", "sheddable requests also "
+    shed_latency_factor: float = opt(1.5, "--shed-latency-factor", "sheddable requests also "
                                      "get 429 while the pool's steps run this many times "
                                      "slower than its uncontended light ones or the frontend's event "
                                      "loop lags (0: off)", metavar="X", type=float)

@@ -24,7 +24,7 @@ import numpy as np
 
 from bench.fidelity import load_runs
 from engine.sim.calibrate import extra_flags, host_samples, shape_of, step_rows, window
-from engine.sim.cost_model import StepNoise, nonnegative_lstsq
+from engine.sim.cost_model import nonnegative_lstsq
 from engine.sim.noise_fit import fit_noise, worker_series
 from engine.sim.regimes import (
     fit_hmm,
@@ -34,6 +34,7 @@ from engine.sim.regimes import (
     spells,
     window_spread,
 )
+from engine.sim.step_noise import StepNoise
 
 LENGTHS = (1, 4, 8, 16, 32, 64, 128)
 

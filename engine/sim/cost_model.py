@@ -79,12 +79,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engine.sim.admit_spell import SPELL_KEYS, SpellDelays, SpellFit, parse_spell, spell_toml
-from engine.sim.step_noise import StepNoise, stationary
+from engine.sim.step_noise import StepNoise
 from engine.sim.step_noise import grid as _grid
 from engine.sim.trace import TRACE_KEYS, TraceFit, TraceNoise, parse_trace, trace_toml
-
-__all__ = ["BatchShape", "CostModel", "EngineShape", "StepNoise", "fit", "nonnegative_lstsq",
-           "stationary"]
 
 DEFAULT_COST_FILE = Path(__file__).with_name("default_cost.toml")
 GPU_COST_FILE = Path(__file__).with_name("gpu_h100_llama3_8b.toml")

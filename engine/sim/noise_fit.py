@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from engine.sim.cost_model import stationary
 from engine.sim.regimes import RegimeFit, fit_regimes
+from engine.sim.step_noise import stationary
 from engine.sim.trace import TraceFit, fit_trace
 
 

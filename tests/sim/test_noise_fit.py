@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from test_calibrate import CONFIG, TRUTH, workload
 
-from engine.sim.cost_model import CostModel, StepNoise
+from engine.sim.cost_model import CostModel
 from engine.sim.metrics import SLO, summarize
 from engine.sim.noise_fit import fit_noise, sampled_mean
 from engine.sim.simulator import Simulator
+from engine.sim.step_noise import StepNoise
 
 
 def test_noise_fit_recovers_the_ratio_distribution_and_its_burstiness():

@@ -13,7 +13,7 @@ from test_calibrate import CONFIG, TRUTH, recorded_run, workload
 from engine.profiling import read_recording
 from engine.sim import noise_fit
 from engine.sim.calibrate import fit_recording, step_rows
-from engine.sim.cost_model import CostModel, StepNoise, stationary
+from engine.sim.cost_model import CostModel
 from engine.sim.noise_fit import fit_noise, sampled_mean
 from engine.sim.regimes import (
     fit_hmm,
@@ -25,6 +25,7 @@ from engine.sim.regimes import (
     window_spread,
 )
 from engine.sim.simulator import Simulator
+from engine.sim.step_noise import StepNoise, stationary
 
 STAY = (0.99, 0.975)  # per step: dwell 100 steps in the fast state, 40 in the slow one
 LEVEL = (1.0, 1.5)

@@ -88,10 +88,14 @@ class StepTimes:
         self._all: deque[float] = deque(maxlen=window)
         self._light: deque[float] = deque(maxlen=LIGHT_WINDOW)
         self._light_s: float | None = None  # light_step_s, updated as light steps come
+        #: slowdown, tokens_per_s and step_s, computed once per ``add`` (admission asks for
+        #: them twice per request, and a flood's requests outnumber the pool's stats).
+        self._derived: tuple[float | None, float, float] | None = None
 
     def add(self, tokens: list[int], times_s: list[float],
             batch_sizes: list[int] | None = None) -> None:
         sizes = batch_sizes if batch_sizes and len(batch_sizes) == len(times_s) else None
+        self._derived = None
         for i, (n, t) in enumerate(zip(tokens, times_s, strict=False)):
             if t <= 0:
                 continue
@@ -115,25 +119,31 @@ class StepTimes:
         them would hide the slowdown it causes. None before ``MIN_LIGHT_STEPS``."""
         return self._light_s
 
+    def _derive(self) -> tuple[float | None, float, float]:
+        if self._derived is None:
+            light = self.light_step_s()
+            slowdown = None
+            if light is not None and len(self._all) >= RECENT_STEPS:
+                slowdown = statistics.median(list(self._all)[-RECENT_STEPS:]) / light
+            tokens_per_s = (sum(n for n, _ in self._full) / sum(t for _, t in self._full)
+                            if self._full else self.budget / COLD_STEP_S)
+            step_s = statistics.median(self._all) if self._all else COLD_STEP_S
+            self._derived = (slowdown, tokens_per_s, step_s)
+        return self._derived
+
     def slowdown(self) -> float | None:
         """How many times slower the latest steps are than light ones (``light_step_s``):
         what a critical request's wait for a step grows by. None before ``MIN_LIGHT_STEPS``
         light steps and ``RECENT_STEPS`` steps in all (a start is no trend)."""
-        light = self.light_step_s()
-        if light is None or len(self._all) < RECENT_STEPS:
-            return None
-        recent = list(self._all)[-RECENT_STEPS:]
-        return statistics.median(recent) / light
+        return self._derive()[0]
 
     def tokens_per_s(self) -> float:
         """One worker's token rate in full steps (the cold prior before any)."""
-        if not self._full:
-            return self.budget / COLD_STEP_S
-        return sum(n for n, _ in self._full) / sum(t for _, t in self._full)
+        return self._derive()[1]
 
     def step_s(self) -> float:
         """The median recent step time (``COLD_STEP_S`` before any)."""
-        return statistics.median(self._all) if self._all else COLD_STEP_S
+        return self._derive()[2]
 
 
 def predict(backlog: Backlog, *, max_num_seqs: int, budget: int, tokens_per_s: float,

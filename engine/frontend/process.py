@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -99,8 +100,9 @@ async def _serve(cfg: EngineConfig, run_dir: str,
                                        f.http_port)
         freeze_startup_heap()  # the tokenizer's heap: a full collection stalled the loop
         on_ready({"grpc_port": grpc_port, "http_port": http.port})
-        log.info("frontend (incarnation %d) ready: http port %d, grpc port %d, models %s",
-                 incarnation, http.port, grpc_port, [m.name for m in models])
+        log.info("frontend (incarnation %d) ready: http port %d, grpc port %d, models %s, "
+                 "event loop %s", incarnation, http.port, grpc_port, [m.name for m in models],
+                 type(asyncio.get_running_loop()).__module__)
         await stop.wait()
         log.info("frontend stopping")
         await asyncio.gather(grpc_server.stop(SHUTDOWN_GRACE_S), http.stop(SHUTDOWN_GRACE_S))
@@ -110,6 +112,23 @@ async def _serve(cfg: EngineConfig, run_dir: str,
         for m in models:
             await m.pool.close()
         control.close()
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (a dependency on Linux and macOS), else
+    asyncio's own (None). Everything the frontend does runs on this one loop: accepting
+    connections, HTTP parsing, gRPC, the pools' ZeroMQ sockets. Under a flood of one
+    connection per request the loop's own cost per connection is part of what a critical
+    request queues behind: on uvloop (libuv) a shed 429 costs the frontend about a quarter
+    less CPU (docs/benchmarks.md, "Flood", seventh pass). ``ENGINE_FRONTEND_LOOP=asyncio``
+    keeps asyncio's loop."""
+    if os.environ.get("ENGINE_FRONTEND_LOOP", "uvloop") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
 
 
 def run_frontend(cfg: EngineConfig, run_dir: str, incarnation: int = 0) -> None:
@@ -131,7 +150,8 @@ def run_frontend(cfg: EngineConfig, run_dir: str, incarnation: int = 0) -> None:
         ready = True
 
     try:
-        asyncio.run(_serve(cfg, run_dir, on_ready, incarnation))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(_serve(cfg, run_dir, on_ready, incarnation))
     except Exception as e:
         log.exception("frontend failed")
         if ready:  # the launcher sees the exit; ProcessFailed is for startup

@@ -164,6 +164,16 @@ def test_cli_client_streams_and_prints_json(engine, reference):
     assert streamed.stdout.strip() == final["text"].strip()
 
 
+def test_the_frontend_serves_on_uvloop(engine):
+    """The frontend's one event loop is uvloop's (a dependency; engine/frontend/process.py):
+    its library is mapped into the frontend process, which imports it only to run on it."""
+    proc, _ = engine
+    frontends = [pid for pid, args in children(proc.pid) if args.startswith("engine-frontend")]
+    assert len(frontends) == 1
+    with open(f"/proc/{frontends[0]}/maps") as f:
+        assert "/uvloop/loop." in f.read()
+
+
 def test_sigkill_a_worker_mid_stream_loses_nothing(engine, reference):
     proc, port = engine
     before = worker_pids(proc.pid)

@@ -14,7 +14,9 @@ with 503 after ``max_queue_time_s`` without a first token (see ``engine.frontend
 A fresh engine sheds from its first request: no completion history is needed.
 With ``--shed-latency-factor`` (``engine.frontend.guard``), sheddable requests are also
 refused while the pool's steps run that many times slower than its light steps, or the
-frontend's event loop lags: what critical requests would pay for them.
+frontend's event loop lags: what critical requests would pay for them. The guard holds only
+while there are such requests to protect: a non-sheddable one open on the pool or arrived
+within ``PROTECT_WINDOW_S``.
 
 Rate limits are token buckets per API key (one shared bucket when no keys are configured):
 requests per minute, and tokens per minute charged at admission as prompt tokens plus
@@ -46,6 +48,10 @@ SENT_WINDOW = 4096
 NOT_ADDED_TTL_S = 1.0
 #: Weight of each new request in the mean output budget.
 OUTPUT_EWMA = 0.05
+#: Seconds after a non-sheddable request's arrival during which the latency guard protects
+#: the pool's traffic (as long as one is open, too): between critical arrivals the sheddable
+#: work stays held back, so the next one does not meet full batches.
+PROTECT_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ class PoolLoad:
         self._sent_prompts: deque[tuple[float, int]] = deque(maxlen=SENT_WINDOW)
         self._num_admitted = 0
         self._mean_output = float(DEFAULT_MAX_TOKENS)
+        self._protected_at: float | None = None  # the latest non-sheddable arrival
         pool.stats_listeners.append(self._on_stats)
 
     def _on_stats(self, stats: PoolStats) -> None:
@@ -182,6 +189,20 @@ class PoolLoad:
         self._sent_prompts.append((self.clock(), prompt_tokens))
         self._num_admitted += 1
         self._mean_output += OUTPUT_EWMA * (max_tokens - self._mean_output)
+
+    def note_protected(self) -> None:
+        """A non-sheddable request arrived (admitted or not): latency matters on this pool."""
+        self._protected_at = self.clock()
+
+    def protects_latency(self) -> bool:
+        """Whether the latency guard holds sheddable work back: a non-sheddable request is
+        open, or arrived within ``PROTECT_WINDOW_S``. With only sheddable traffic there is
+        nothing to protect, and its batches may grow as large as the queue-time bound lets
+        them."""
+        if self._protected_at is not None and (
+                self.clock() - self._protected_at <= PROTECT_WINDOW_S):
+            return True
+        return self.pool.num_protected > 0
 
     @property
     def num_not_added(self) -> int:
@@ -278,6 +299,8 @@ class Shedder:
                            f"{wait:.1f} s > --shed-queue-time {self.shed_queue_time_s} s: "
                            f"{predicted.detail}) and this request is sheddable (priority "
                            f"{priority}); retry later", retry_after_s=wait)
+        if not self.latency_factor or not load.protects_latency():
+            return None
         why = guard_reason(load.steps.slowdown(), self.loop_lag, self.latency_factor,
                            load.pool.num_active)
         if why is None:
@@ -316,10 +339,11 @@ class Admission:
         request is refused; say why it is. A shed request costs the key nothing. The
         admitted ``requests`` (about to be sent) count in the pool's backlog until its
         stats do."""
-        refusal = self.shedder.admit(self.loads[model_name], priority) or self.limiter.admit(
-            key, num_tokens)
+        load = self.loads[model_name]
+        if priority >= 0:
+            load.note_protected()
+        refusal = self.shedder.admit(load, priority) or self.limiter.admit(key, num_tokens)
         if refusal is None:
-            load = self.loads[model_name]
             for r in requests:
                 load.note_sent(len(r.prompt_token_ids) + len(r.output_token_ids),
                                r.sampling.max_tokens)

@@ -22,6 +22,11 @@ Two signals, each what a critical request would wait for:
 
 Their ``Retry-After`` is the predicted queue wait, at least ``GUARD_RETRY_S``: the guard
 lifts as soon as the steps are light again, which nothing predicts better than a second.
+
+The guard holds only while there is latency to protect (``PoolLoad.protects_latency``): a
+non-sheddable request open on the pool, or arrived within ``PROTECT_WINDOW_S``. Sheddable
+traffic alone is bounded by the queue wait only: its own steps slowing down as its batches
+grow is the throughput it asked for, not a cost to anyone else.
 """
 
 from __future__ import annotations

@@ -18,7 +18,10 @@ load fall on both alike.
    machine's own run-to-run spread), and simulates each file with the calibrated cost file and, for
    reference, without the fitted step-time noise and with the committed default cost file
    (no host terms, no noise), on the same engine settings (blocks, budget, sequences,
-   placement).
+   placement). The requests the live frontend refused with 429 (priority-mix's sheddable
+   ones, shed by the latency guard) are left out of the simulation: the simulator runs the
+   pool and its workers, not the frontend's admission, and those requests never reached
+   the pool.
 
 It prints, per workload and worker count, each metric (TTFT p50/p99, TPOT p50/p99, mean
 step time, output throughput) live / simulated / error; ``--json`` writes every figure.
@@ -41,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from bench.engine_server import launched_engine
-from bench.loadgen.client import ClientConfig
+from bench.loadgen.client import RATE_LIMITED, ClientConfig
 from bench.loadgen.metrics import summarize as live_summary
 from bench.loadgen.replay import replay
 from engine.config import SchedulerConfig
@@ -239,7 +242,13 @@ def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
         pool["live"] += live["requests"]
         live = {k: v for k, v in live.items() if k != "requests"}
         live["mean_step_s"] = live_mean_step(rows, t0, t1)
-        reqs = workload(n, seed, workers, args.duration, args.scale, args.rate)
+        # The simulator runs the pool and its workers, not the frontend's admission: the
+        # requests the live frontend refused (429: shed, priority-mix) never reached the
+        # pool, and are not simulated either.
+        refused = {q["request_id"] for q in judged[n][0]["requests"]
+                   if q["outcome"] == RATE_LIMITED}
+        reqs = [r for r in workload(n, seed, workers, args.duration, args.scale, args.rate)
+                if r.request_id not in refused]
         repeat: dict[str, Any] = {}
         if n in again:  # the same file served again: the machine's own run-to-run spread
             live2, t0, t1 = again[n]
@@ -251,7 +260,7 @@ def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
                 "no_noise": simulate(reqs, without_noise(cal.cost), workers),
                 "default_cost": simulate(reqs, replace(base), workers)}
         out["workloads"][n] = {
-            "num_requests": len(reqs), "live_steps": len(step_rows(window(rows, *judged[n][1:]))),
+            "num_requests": len(reqs), "num_refused_live": len(refused), "live_steps": len(step_rows(window(rows, *judged[n][1:]))),
             "live_again": repeat, **{c: compare(live, sim) for c, sim in sims.items()},
         }
         for c, sim in sims.items():

@@ -52,6 +52,14 @@ OUTPUT_EWMA = 0.05
 #: the pool's traffic (as long as one is open, too): between critical arrivals the sheddable
 #: work stays held back, so the next one does not meet full batches.
 PROTECT_WINDOW_S = 10.0
+#: Seconds of step times behind a pool's busy fraction (``PoolLoad.busy_fraction``).
+BUSY_WINDOW_S = 1.0
+#: The latency guard's step signal counts only while the pool's workers spend at least this
+#: share of the time in steps: below it they are idle often enough that a critical request
+#: rarely waits for a step, and slower steps are only their own size (docs/benchmarks.md,
+#: "Flood", seventh pass: priority-mix at 5 req/s per worker, busy 0.27 at the median and
+#: 0.56 at most per second, had 17-43% of its sheddable requests shed without it).
+GUARD_BUSY_MIN = 0.75
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,9 @@ class PoolLoad:
         self._num_admitted = 0
         self._mean_output = float(DEFAULT_MAX_TOKENS)
         self._protected_at: float | None = None  # the latest non-sheddable arrival
+        #: (time, seconds of steps) per stats message within ``BUSY_WINDOW_S``, and their sum.
+        self._busy: deque[tuple[float, float]] = deque()
+        self._busy_s = 0.0
         pool.stats_listeners.append(self._on_stats)
 
     def _on_stats(self, stats: PoolStats) -> None:
@@ -183,6 +194,22 @@ class PoolLoad:
         while len(self._samples) > 2 and now - self._samples[1][0] > DRAIN_WINDOW_S:
             self._samples.popleft()
         self.steps.add(stats.step_num_tokens, stats.step_times_s, stats.step_batch_sizes)
+        if stats.step_times_s:
+            spent = sum(stats.step_times_s)
+            self._busy.append((now, spent))
+            self._busy_s += spent
+        while self._busy and now - self._busy[0][0] > BUSY_WINDOW_S:
+            self._busy_s -= self._busy.popleft()[1]
+
+    def busy_fraction(self) -> float:
+        """The share of the latest ``BUSY_WINDOW_S`` the pool's live workers spent in steps
+        (from sending a plan to its result: a step slowed by CPU contention counts whole)."""
+        now = self.clock()
+        while self._busy and now - self._busy[0][0] > BUSY_WINDOW_S:
+            self._busy_s -= self._busy.popleft()[1]
+        stats = self.pool.stats
+        workers = max(1, stats.live_workers if stats is not None else 1)
+        return max(0.0, self._busy_s) / (BUSY_WINDOW_S * workers)
 
     def note_sent(self, prompt_tokens: int, max_tokens: int) -> None:
         """An admitted request, about to reach the pool (any priority: all of them load it)."""
@@ -301,8 +328,9 @@ class Shedder:
                            f"{priority}); retry later", retry_after_s=wait)
         if not self.latency_factor or not load.protects_latency():
             return None
-        why = guard_reason(load.steps.slowdown(), self.loop_lag, self.latency_factor,
-                           load.pool.num_active)
+        busy = load.busy_fraction()
+        slowdown = load.steps.slowdown() if busy >= GUARD_BUSY_MIN else None
+        why = guard_reason(slowdown, self.loop_lag, self.latency_factor, load.pool.num_active)
         if why is None:
             return None
         return Refusal(429, "shed", f"the engine is busy ({why}; predicted queue wait "

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from engine.config import FrontendConfig
+from engine.frontend import admission as admission_module
 from engine.frontend.admission import (
     PROTECT_WINDOW_S,
     Admission,
@@ -227,7 +228,42 @@ def test_shedder_refuses_only_sheddable_requests_above_the_threshold() -> None:
     assert Shedder(shed_queue_time_s=5.0).admit(load, priority=-1) is None
 
 
-def test_the_latency_guard_sheds_while_steps_are_slower_than_light_ones() -> None:
+@pytest.fixture
+def busy_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's step signal without its busy gate (tested on its own below): these tests
+    report a few steps, not a second's worth."""
+    monkeypatch.setattr(admission_module, "GUARD_BUSY_MIN", 0.0)
+
+
+def test_the_guard_step_signal_needs_busy_workers() -> None:
+    """Steps slower than light ones count only while the workers are busy: a pool at
+    moderate load has slow steps (prefill chunks, larger batches) but idles between them,
+    and a critical request rarely waits for one."""
+    clock = Clock()
+    pool, load = fresh_pool(clock)  # two workers
+    guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5)
+    load.note_protected()
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 8, step_times_s=[0.01] * 8,
+                          step_batch_sizes=[1] * 8))
+    # 3x slower steps, 0.6 s of them in a second on two workers: busy 0.3 + 0.04.
+    clock.t += 0.5
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[40] * 20,
+                          step_times_s=[0.03] * 20, step_batch_sizes=[8] * 20))
+    assert load.steps.slowdown() == pytest.approx(3.0)
+    assert load.busy_fraction() == pytest.approx(0.34)
+    assert guarded.admit(load, priority=-1) is None
+    # The same steps back to back on both workers: 1.8 s more in the second.
+    clock.t += 0.4
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[40] * 60,
+                          step_times_s=[0.03] * 60, step_batch_sizes=[8] * 60))
+    assert load.busy_fraction() >= admission_module.GUARD_BUSY_MIN
+    refusal = guarded.admit(load, priority=-1)
+    assert refusal is not None and "3.0x slower" in refusal.message
+    clock.t += admission_module.BUSY_WINDOW_S + 0.01  # a second without steps: idle
+    assert load.busy_fraction() == 0.0 and guarded.admit(load, priority=-1) is None
+
+
+def test_the_latency_guard_sheds_while_steps_are_slower_than_light_ones(busy_pool: None) -> None:
     clock = Clock()
     pool, load = fresh_pool(clock)
     guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5)
@@ -251,7 +287,7 @@ def test_the_latency_guard_sheds_while_steps_are_slower_than_light_ones() -> Non
     assert guarded.admit(load, priority=-1) is None
 
 
-def test_the_guard_reference_is_the_uncontended_light_decode_step() -> None:
+def test_the_guard_reference_is_the_uncontended_light_decode_step(busy_pool: None) -> None:
     """Under a flood on shared cores the light steps a pool still runs are a critical
     prompt's step (one request, a whole prompt) and decodes slowed by the flood's CPU use;
     neither may become the reference, or the guard would stop seeing the slowdown."""
@@ -278,7 +314,7 @@ def test_the_guard_reference_is_the_uncontended_light_decode_step() -> None:
     assert load2.steps.light_step_s() is None and load2.steps.slowdown() is None
 
 
-def test_the_latency_guard_holds_only_while_there_is_latency_to_protect() -> None:
+def test_the_latency_guard_holds_only_while_there_is_latency_to_protect(busy_pool: None) -> None:
     """Sheddable work alone is not held back by the guard (its batches may grow up to the
     queue-time bound); a non-sheddable arrival turns the guard on for ``PROTECT_WINDOW_S``,
     and an open non-sheddable request keeps it on."""

@@ -15,8 +15,9 @@ A fresh engine sheds from its first request: no completion history is needed.
 With ``--shed-latency-factor`` (``engine.frontend.guard``), sheddable requests are also
 refused while the pool's steps run that many times slower than its light steps, or the
 frontend's event loop lags: what critical requests would pay for them. The guard holds only
-while there are such requests to protect: a non-sheddable one open on the pool or arrived
-within ``PROTECT_WINDOW_S``.
+while there are such requests to protect (a non-sheddable one open on the pool or arrived
+within ``PROTECT_WINDOW_S``), and its step signal only while the workers are busy
+(``GUARD_BUSY_MIN``).
 
 Rate limits are token buckets per API key (one shared bucket when no keys are configured):
 requests per minute, and tokens per minute charged at admission as prompt tokens plus

@@ -14,7 +14,10 @@ with 503 after ``max_queue_time_s`` without a first token (see ``engine.frontend
 A fresh engine sheds from its first request: no completion history is needed.
 With ``--shed-latency-factor`` (``engine.frontend.guard``), sheddable requests are also
 refused while the pool's steps run that many times slower than its light steps, or the
-frontend's event loop lags: what critical requests would pay for them.
+frontend's event loop lags: what critical requests would pay for them. The guard holds only
+while there are such requests to protect (a non-sheddable one open on the pool or arrived
+within ``PROTECT_WINDOW_S``), and its step signal only while the workers are busy
+(``GUARD_BUSY_MIN``).
 
 Rate limits are token buckets per API key (one shared bucket when no keys are configured):
 requests per minute, and tokens per minute charged at admission as prompt tokens plus
@@ -46,6 +49,18 @@ SENT_WINDOW = 4096
 NOT_ADDED_TTL_S = 1.0
 #: Weight of each new request in the mean output budget.
 OUTPUT_EWMA = 0.05
+#: Seconds after a non-sheddable request's arrival during which the latency guard protects
+#: the pool's traffic (as long as one is open, too): between critical arrivals the sheddable
+#: work stays held back, so the next one does not meet full batches.
+PROTECT_WINDOW_S = 10.0
+#: Seconds of step times behind a pool's busy fraction (``PoolLoad.busy_fraction``).
+BUSY_WINDOW_S = 1.0
+#: The latency guard's step signal counts only while the pool's workers spend at least this
+#: share of the time in steps: below it they are idle often enough that a critical request
+#: rarely waits for a step, and slower steps are only their own size (docs/benchmarks.md,
+#: "Flood", seventh pass: priority-mix at 5 req/s per worker, busy 0.27 at the median and
+#: 0.56 at most per second, had 17-43% of its sheddable requests shed without it).
+GUARD_BUSY_MIN = 0.75
 
 
 @dataclass(frozen=True)
@@ -168,6 +183,10 @@ class PoolLoad:
         self._sent_prompts: deque[tuple[float, int]] = deque(maxlen=SENT_WINDOW)
         self._num_admitted = 0
         self._mean_output = float(DEFAULT_MAX_TOKENS)
+        self._protected_at: float | None = None  # the latest non-sheddable arrival
+        #: (time, seconds of steps) per stats message within ``BUSY_WINDOW_S``, and their sum.
+        self._busy: deque[tuple[float, float]] = deque()
+        self._busy_s = 0.0
         pool.stats_listeners.append(self._on_stats)
 
     def _on_stats(self, stats: PoolStats) -> None:
@@ -176,12 +195,42 @@ class PoolLoad:
         while len(self._samples) > 2 and now - self._samples[1][0] > DRAIN_WINDOW_S:
             self._samples.popleft()
         self.steps.add(stats.step_num_tokens, stats.step_times_s, stats.step_batch_sizes)
+        if stats.step_times_s:
+            spent = sum(stats.step_times_s)
+            self._busy.append((now, spent))
+            self._busy_s += spent
+        while self._busy and now - self._busy[0][0] > BUSY_WINDOW_S:
+            self._busy_s -= self._busy.popleft()[1]
+
+    def busy_fraction(self) -> float:
+        """The share of the latest ``BUSY_WINDOW_S`` the pool's live workers spent in steps
+        (from sending a plan to its result: a step slowed by CPU contention counts whole)."""
+        now = self.clock()
+        while self._busy and now - self._busy[0][0] > BUSY_WINDOW_S:
+            self._busy_s -= self._busy.popleft()[1]
+        stats = self.pool.stats
+        workers = max(1, stats.live_workers if stats is not None else 1)
+        return max(0.0, self._busy_s) / (BUSY_WINDOW_S * workers)
 
     def note_sent(self, prompt_tokens: int, max_tokens: int) -> None:
         """An admitted request, about to reach the pool (any priority: all of them load it)."""
         self._sent_prompts.append((self.clock(), prompt_tokens))
         self._num_admitted += 1
         self._mean_output += OUTPUT_EWMA * (max_tokens - self._mean_output)
+
+    def note_protected(self) -> None:
+        """A non-sheddable request arrived (admitted or not): latency matters on this pool."""
+        self._protected_at = self.clock()
+
+    def protects_latency(self) -> bool:
+        """Whether the latency guard holds sheddable work back: a non-sheddable request is
+        open, or arrived within ``PROTECT_WINDOW_S``. With only sheddable traffic there is
+        nothing to protect, and its batches may grow as large as the queue-time bound lets
+        them."""
+        if self._protected_at is not None and (
+                self.clock() - self._protected_at <= PROTECT_WINDOW_S):
+            return True
+        return self.pool.num_protected > 0
 
     @property
     def num_not_added(self) -> int:
@@ -278,8 +327,11 @@ class Shedder:
                            f"{wait:.1f} s > --shed-queue-time {self.shed_queue_time_s} s: "
                            f"{predicted.detail}) and this request is sheddable (priority "
                            f"{priority}); retry later", retry_after_s=wait)
-        why = guard_reason(load.steps.slowdown(), self.loop_lag, self.latency_factor,
-                           load.pool.num_active)
+        if not self.latency_factor or not load.protects_latency():
+            return None
+        busy = load.busy_fraction()
+        slowdown = load.steps.slowdown() if busy >= GUARD_BUSY_MIN else None
+        why = guard_reason(slowdown, self.loop_lag, self.latency_factor, load.pool.num_active)
         if why is None:
             return None
         return Refusal(429, "shed", f"the engine is busy ({why}; predicted queue wait "
@@ -316,10 +368,11 @@ class Admission:
         request is refused; say why it is. A shed request costs the key nothing. The
         admitted ``requests`` (about to be sent) count in the pool's backlog until its
         stats do."""
-        refusal = self.shedder.admit(self.loads[model_name], priority) or self.limiter.admit(
-            key, num_tokens)
+        load = self.loads[model_name]
+        if priority >= 0:
+            load.note_protected()
+        refusal = self.shedder.admit(load, priority) or self.limiter.admit(key, num_tokens)
         if refusal is None:
-            load = self.loads[model_name]
             for r in requests:
                 load.note_sent(len(r.prompt_token_ids) + len(r.output_token_ids),
                                r.sampling.max_tokens)

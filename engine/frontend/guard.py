@@ -22,6 +22,17 @@ Two signals, each what a critical request would wait for:
 
 Their ``Retry-After`` is the predicted queue wait, at least ``GUARD_RETRY_S``: the guard
 lifts as soon as the steps are light again, which nothing predicts better than a second.
+
+The guard holds only while there is latency to protect (``PoolLoad.protects_latency``): a
+non-sheddable request open on the pool, or arrived within ``PROTECT_WINDOW_S``. Sheddable
+traffic alone is bounded by the queue wait only: its own steps slowing down as its batches
+grow is the throughput it asked for, not a cost to anyone else. And the step signal counts
+only while the workers are busy (``PoolLoad.busy_fraction`` at least ``GUARD_BUSY_MIN`` of
+the latest second in steps): at a moderate load steps are slower than light ones by their
+own size (prefill chunks, larger batches) but the workers idle between them, and a critical
+request seldom waits for one; without that gate the guard shed 17-43% of a moderate
+priority-mix load's sheddable requests and bought its critical ones nothing
+(docs/benchmarks.md, "Flood", seventh pass).
 """
 
 from __future__ import annotations

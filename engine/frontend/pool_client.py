@@ -143,6 +143,13 @@ class PoolClient:
     def num_active(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_protected(self) -> int:
+        """Open requests that are not sheddable (priority >= 0): what the latency guard of
+        shedding protects (engine/frontend/guard.py). Counted when asked (admission asks
+        only for sheddable requests, once nothing protected arrived recently)."""
+        return sum(1 for s in self._by_id.values() if s.request.priority >= 0)
+
     def prefill_backlog(self) -> tuple[int, int]:
         """In-flight requests without a first token yet, and their tokens to compute (prompt,
         and a continuation's earlier outputs): the prefill work ahead, queued or running."""

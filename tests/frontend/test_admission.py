@@ -5,10 +5,21 @@ tokens, step rates, slots, KV, requests finishing) and the shedding rule."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 
-from engine.frontend.admission import ApiKeys, PoolLoad, RateLimiter, Refusal, Shedder
+from engine.config import FrontendConfig
+from engine.frontend import admission as admission_module
+from engine.frontend.admission import (
+    PROTECT_WINDOW_S,
+    Admission,
+    ApiKeys,
+    PoolLoad,
+    RateLimiter,
+    Refusal,
+    Shedder,
+)
 from engine.frontend.drain import COLD_STEP_S, Backlog, predict
 from engine.frontend.guard import GUARD_RETRY_S, LAG_MIN_IN_FLIGHT, LOOP_LAG_LIMIT_S, LoopLag
 from engine.messages import PoolStats
@@ -31,6 +42,7 @@ class FakePool:
         self.num_finished = 0
         self.num_active = 0
         self.num_added = 0
+        self.num_protected = 0  # open requests of priority >= 0
         self.unstarted_tokens = 0  # prompt tokens of in-flight requests without a first token
 
     def prefill_backlog(self) -> tuple[int, int]:
@@ -216,10 +228,46 @@ def test_shedder_refuses_only_sheddable_requests_above_the_threshold() -> None:
     assert Shedder(shed_queue_time_s=5.0).admit(load, priority=-1) is None
 
 
-def test_the_latency_guard_sheds_while_steps_are_slower_than_light_ones() -> None:
+@pytest.fixture
+def busy_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's step signal without its busy gate (tested on its own below): these tests
+    report a few steps, not a second's worth."""
+    monkeypatch.setattr(admission_module, "GUARD_BUSY_MIN", 0.0)
+
+
+def test_the_guard_step_signal_needs_busy_workers() -> None:
+    """Steps slower than light ones count only while the workers are busy: a pool at
+    moderate load has slow steps (prefill chunks, larger batches) but idles between them,
+    and a critical request rarely waits for one."""
+    clock = Clock()
+    pool, load = fresh_pool(clock)  # two workers
+    guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5)
+    load.note_protected()
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 8, step_times_s=[0.01] * 8,
+                          step_batch_sizes=[1] * 8))
+    # 3x slower steps, 0.6 s of them in a second on two workers: busy 0.3 + 0.04.
+    clock.t += 0.5
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[40] * 20,
+                          step_times_s=[0.03] * 20, step_batch_sizes=[8] * 20))
+    assert load.steps.slowdown() == pytest.approx(3.0)
+    assert load.busy_fraction() == pytest.approx(0.34)
+    assert guarded.admit(load, priority=-1) is None
+    # The same steps back to back on both workers: 1.8 s more in the second.
+    clock.t += 0.4
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[40] * 60,
+                          step_times_s=[0.03] * 60, step_batch_sizes=[8] * 60))
+    assert load.busy_fraction() >= admission_module.GUARD_BUSY_MIN
+    refusal = guarded.admit(load, priority=-1)
+    assert refusal is not None and "3.0x slower" in refusal.message
+    clock.t += admission_module.BUSY_WINDOW_S + 0.01  # a second without steps: idle
+    assert load.busy_fraction() == 0.0 and guarded.admit(load, priority=-1) is None
+
+
+def test_the_latency_guard_sheds_while_steps_are_slower_than_light_ones(busy_pool: None) -> None:
     clock = Clock()
     pool, load = fresh_pool(clock)
     guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5)
+    load.note_protected()  # a critical request arrived: there is latency to protect
     # Light steps (one request) of 10 ms, then batches three times as slow.
     pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 8, step_times_s=[0.01] * 8,
                           step_batch_sizes=[1] * 8))
@@ -239,7 +287,7 @@ def test_the_latency_guard_sheds_while_steps_are_slower_than_light_ones() -> Non
     assert guarded.admit(load, priority=-1) is None
 
 
-def test_the_guard_reference_is_the_uncontended_light_decode_step() -> None:
+def test_the_guard_reference_is_the_uncontended_light_decode_step(busy_pool: None) -> None:
     """Under a flood on shared cores the light steps a pool still runs are a critical
     prompt's step (one request, a whole prompt) and decodes slowed by the flood's CPU use;
     neither may become the reference, or the guard would stop seeing the slowdown."""
@@ -256,6 +304,7 @@ def test_the_guard_reference_is_the_uncontended_light_decode_step() -> None:
                               step_batch_sizes=[9] * 12 + [1, 1, 2]))
     assert load.steps.light_step_s() == pytest.approx(0.002)
     assert load.steps.slowdown() == pytest.approx(3.0)
+    load.note_protected()
     refusal = Shedder(shed_queue_time_s=1.0, latency_factor=1.5).admit(load, priority=-1)
     assert refusal is not None and "3.0x slower" in refusal.message
     # A pool that only ever runs prompts (no decode steps) has no reference: no guard.
@@ -263,6 +312,42 @@ def test_the_guard_reference_is_the_uncontended_light_decode_step() -> None:
     pool2.report(PoolStats(live_workers=1, step_num_tokens=[74] * 40, step_times_s=[0.005] * 40,
                            step_batch_sizes=[1] * 40))
     assert load2.steps.light_step_s() is None and load2.steps.slowdown() is None
+
+
+def test_the_latency_guard_holds_only_while_there_is_latency_to_protect(busy_pool: None) -> None:
+    """Sheddable work alone is not held back by the guard (its batches may grow up to the
+    queue-time bound); a non-sheddable arrival turns the guard on for ``PROTECT_WINDOW_S``,
+    and an open non-sheddable request keeps it on."""
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5)
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 8 + [40] * 8,
+                          step_times_s=[0.01] * 8 + [0.03] * 8,
+                          step_batch_sizes=[1] * 8 + [40] * 8))
+    assert load.steps.slowdown() == pytest.approx(2.0)
+    assert not load.protects_latency() and guarded.admit(load, priority=-1) is None
+    load.note_protected()
+    assert guarded.admit(load, priority=-1) is not None
+    clock.t += PROTECT_WINDOW_S + 0.1  # the critical request long finished
+    assert guarded.admit(load, priority=-1) is None
+    pool.num_protected = 1  # one still open (a long stream)
+    assert guarded.admit(load, priority=-1) is not None
+
+
+def test_admission_notes_non_sheddable_arrivals_even_when_refused() -> None:
+    pool = FakePool()
+    model = SimpleNamespace(name="m", pool=pool)  # what Admission reads of a served model
+    admission = Admission([model], FrontendConfig(rate_limit_rpm=2),  # type: ignore[list-item]
+                          max_num_seqs=4)
+    load = admission.loads["m"]
+    assert not load.protects_latency()
+    assert admission.admit("", "m", priority=-1, num_tokens=10) is None
+    assert not load.protects_latency()  # sheddable traffic protects nothing
+    assert admission.admit("", "m", priority=0, num_tokens=10) is None
+    assert load.protects_latency()
+    refused = admission.admit("", "m", priority=1, num_tokens=10)  # over the rate limit
+    assert refused is not None and refused.reason == "rate_limit"
+    admission.close()
 
 
 def test_the_latency_guard_sheds_while_the_event_loop_lags_under_load() -> None:
@@ -273,6 +358,7 @@ def test_the_latency_guard_sheds_while_the_event_loop_lags_under_load() -> None:
         lag.sample(0.02)  # every timer 20 ms late
     assert lag.lag_s > LOOP_LAG_LIMIT_S
     guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5, loop_lag=lag)
+    pool.num_protected = 1  # a critical request is open
     pool.num_active = LAG_MIN_IN_FLIGHT - 1  # few requests: the lag is not theirs
     assert guarded.admit(load, priority=-1) is None
     pool.num_active = LAG_MIN_IN_FLIGHT

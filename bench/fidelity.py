@@ -260,7 +260,8 @@ def judge(workers: int, args: argparse.Namespace, rows: list[dict[str, Any]],
                 "no_noise": simulate(reqs, without_noise(cal.cost), workers),
                 "default_cost": simulate(reqs, replace(base), workers)}
         out["workloads"][n] = {
-            "num_requests": len(reqs), "num_refused_live": len(refused), "live_steps": len(step_rows(window(rows, *judged[n][1:]))),
+            "num_requests": len(reqs), "num_refused_live": len(refused),
+            "live_steps": len(step_rows(window(rows, *judged[n][1:]))),
             "live_again": repeat, **{c: compare(live, sim) for c, sim in sims.items()},
         }
         for c, sim in sims.items():

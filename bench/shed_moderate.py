@@ -34,8 +34,9 @@ def one_run(factor: str, args: argparse.Namespace) -> dict[str, Any]:
         summary, _, _ = serve(workload("priority-mix", args.seed, WORKERS, args.duration, 8.0,
                                        args.rate), http)
     out: dict[str, Any] = {"factor": float(factor)}
-    for name, wanted in (("critical", 1), ("sheddable", -1)):
-        rows = [r for r in summary["requests"] if (r["priority"] > 0) == (wanted > 0)]
+    requests = summary["requests"]
+    for name, rows in (("critical", [r for r in requests if r["priority"] > 0]),
+                       ("sheddable", [r for r in requests if r["priority"] < 0])):
         ttfts = [1e3 * r["ttft_s"] for r in rows
                  if r["outcome"] == "completed" and r["ttft_s"] is not None]
         out[name] = {"requests": len(rows),

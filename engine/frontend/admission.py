@@ -199,15 +199,17 @@ class PoolLoad:
             spent = sum(stats.step_times_s)
             self._busy.append((now, spent))
             self._busy_s += spent
+        self._forget_busy(now)
+
+    def _forget_busy(self, now: float) -> None:
+        """Drop the step times older than ``BUSY_WINDOW_S`` from the busy window."""
         while self._busy and now - self._busy[0][0] > BUSY_WINDOW_S:
             self._busy_s -= self._busy.popleft()[1]
 
     def busy_fraction(self) -> float:
         """The share of the latest ``BUSY_WINDOW_S`` the pool's live workers spent in steps
         (from sending a plan to its result: a step slowed by CPU contention counts whole)."""
-        now = self.clock()
-        while self._busy and now - self._busy[0][0] > BUSY_WINDOW_S:
-            self._busy_s -= self._busy.popleft()[1]
+        self._forget_busy(self.clock())  # a pool gone quiet sends stats with no steps
         stats = self.pool.stats
         workers = max(1, stats.live_workers if stats is not None else 1)
         return max(0.0, self._busy_s) / (BUSY_WINDOW_S * workers)

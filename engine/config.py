@@ -28,6 +28,7 @@ RUNNERS = ("native", "vllm")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 SHARE_CORES = ("auto", "yes", "no")
+WORKER_SCHEDS = ("auto", "normal", "idle")
 #: ``--tool-call-parser`` names (vLLM's); engine.frontend.tool_parsers implements them.
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -182,14 +183,27 @@ class WorkerConfig:
     device: str = opt("auto", "--device", "worker device", choices=DEVICES)
     num_threads: int | None = opt(None, "--num-threads", "torch threads per CPU worker",
                                   metavar="N", type=int, shown="cores / workers")
-    #: The workers' CPU scheduling priority (``nice``); None: resolved before any process
-    #: starts (``engine.resolve``: 5 for CPU workers, 0 otherwise). On CPU a worker's step
-    #: competes for the cores with the frontend and the pool; niced, the latency-critical
-    #: processes run the moment they wake (issue 15: under a flood of sheddable requests
-    #: the critical TTFT p50 and p99 fell in every interleaved run, docs/benchmarks.md).
+    #: The workers' CPU scheduling policy. On CPU a worker's step competes for the cores
+    #: with the frontend and the pool, whose turns are on every request's critical path.
+    #: ``idle`` (Linux ``SCHED_IDLE``): a worker runs only on cores nothing else wants, and
+    #: the frontend and the pool preempt it the moment they wake; ``normal``: ``--worker-nice``
+    #: sets its share. ``auto`` is resolved before any process starts (``engine.resolve``):
+    #: ``idle`` for CPU workers on Linux unless ``--worker-nice`` is given, else ``normal``
+    #: (issue 15: under a flood of sheddable requests, critical TTFT p50 and p99 fell against
+    #: ``nice 5`` in every interleaved run, and more of the flood was served;
+    #: docs/benchmarks.md, "Flood", eighth pass).
+    sched: str = opt("auto", "--worker-sched", "CPU scheduling policy of the worker "
+                     "processes: idle (SCHED_IDLE: they run on the cores the frontend, the "
+                     "pool and every other process leave free) or normal (--worker-nice sets "
+                     "their share)", choices=WORKER_SCHEDS,
+                     shown="idle for CPU workers on Linux, normal otherwise")
+    #: The workers' CPU scheduling priority (``nice``) under ``--worker-sched normal``;
+    #: None: resolved with it (5 for CPU workers, 0 otherwise; 0 under ``idle``, where the
+    #: kernel ignores it).
     nice: int | None = opt(None, "--worker-nice", "CPU scheduling priority (nice, 0-19) of "
-                           "the worker processes: the frontend and the pool go first",
-                           metavar="N", type=int, shown="5 for CPU workers, 0 otherwise")
+                           "the worker processes under --worker-sched normal: the frontend "
+                           "and the pool go first", metavar="N", type=int,
+                           shown="5 for CPU workers, 0 otherwise")
     #: Ranks one worker's model is split over (Megatron-style).
     tensor_parallel_size: int = opt(1, "--tensor-parallel-size", "split each worker's model "
                                     "over N ranks, also under torchrun (launch/torchrun.sh)",
@@ -324,6 +338,11 @@ class EngineConfig:
         _check(w.device in DEVICES, "--device", f"must be one of {DEVICES}, got {w.device!r}")
         _check(w.nice is None or 0 <= w.nice <= 19, "--worker-nice",
                f"must be between 0 and 19, got {w.nice}")
+        _check(w.sched in WORKER_SCHEDS, "--worker-sched",
+               f"must be one of {WORKER_SCHEDS}, got {w.sched!r}")
+        _check(w.sched != "idle" or not w.nice, "--worker-nice",
+               f"has no effect under --worker-sched idle (got {w.nice}): give "
+               "--worker-sched normal with it")
         if w.num_threads is not None:
             _check(w.num_threads >= 1, "--num-threads", f"must be >= 1, got {w.num_threads}")
         _check(w.tensor_parallel_size >= 1, "--tensor-parallel-size",

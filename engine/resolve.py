@@ -5,9 +5,11 @@ returns is the one config every process gets (the pools, the workers and the fro
 never decide a value again, so they cannot disagree):
 
 - ``--device auto`` becomes ``cuda`` or ``cpu``;
-- ``--worker-nice`` not given: 5 for CPU workers (they share the cores with the frontend and
-  the pool, which must run the moment they wake), 0 otherwise; ``--workers-share-cores auto``:
-  ``yes`` for CPU workers;
+- ``--worker-sched auto``: ``idle`` (``SCHED_IDLE``) for CPU workers on Linux unless
+  ``--worker-nice`` is given, ``normal`` otherwise (CPU workers share the cores with the
+  frontend and the pool, which must run the moment they wake); ``--worker-nice`` not given:
+  5 for CPU workers under ``normal``, 0 otherwise; ``--workers-share-cores auto``: ``yes``
+  for CPU workers;
 - ``--block-size`` not given: the vllm runner on CPU gets 32-token blocks (vLLM's CPU
   attention kernel needs a multiple of 32); an explicit size is kept or refused;
 - ``--cuda-graph-max-batch`` not given: ``--max-num-seqs``, at most 256 (``EngineConfig``);
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from engine.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, replace
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 
 #: vLLM's CPU attention kernel needs blocks of a multiple of this many tokens.
 VLLM_CPU_BLOCK_MULTIPLE = 32
-#: ``--worker-nice`` of CPU workers when not given.
+#: ``--worker-nice`` of CPU workers under ``--worker-sched normal`` when not given.
 CPU_WORKER_NICE = 5
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -110,14 +113,29 @@ def model_context(model: ModelConfig, cfg: EngineConfig) -> int:
     return context_length(hf, model.max_model_len, capacity)
 
 
+def resolve_worker_sched(device: str, sched: str, nice: int | None) -> dict[str, object]:
+    """The workers' ``sched`` and ``nice``, resolved for a resolved ``device``: on CPU they
+    yield the cores to the frontend and the pool (``SCHED_IDLE`` where the OS has it, unless
+    a nice level is asked for)."""
+    if sched == "auto":
+        idle = device == "cpu" and nice is None and hasattr(os, "SCHED_IDLE")
+        sched = "idle" if idle else "normal"
+    if sched == "idle" and not hasattr(os, "SCHED_IDLE"):
+        raise ConfigError("--worker-sched: idle needs Linux's SCHED_IDLE, which this OS has "
+                          "not; give --worker-sched normal")
+    if nice is None:
+        nice = CPU_WORKER_NICE if device == "cpu" and sched == "normal" else 0
+    return {"sched": sched, "nice": nice}
+
+
 def resolve_config(cfg: EngineConfig) -> EngineConfig:
     """``cfg`` with every auto value decided and checked (module docstring). Idempotent."""
     from engine.scheduler.policy import get_policy
 
     get_policy(cfg.scheduler.policy)
     cfg = replace(cfg, worker={"device": resolve_device(cfg.worker.device)})
-    if cfg.worker.nice is None:
-        cfg = replace(cfg, worker={"nice": CPU_WORKER_NICE if cfg.worker.device == "cpu" else 0})
+    cfg = replace(cfg, worker=resolve_worker_sched(cfg.worker.device, cfg.worker.sched,
+                                                   cfg.worker.nice))
     if cfg.scheduler.workers_share_cores == "auto":
         share = "yes" if cfg.worker.device == "cpu" else "no"
         cfg = replace(cfg, scheduler={"workers_share_cores": share})

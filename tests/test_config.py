@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def test_defaults_serve_the_embedded_model_on_localhost():
     (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
     (["--worker-nice", "20"], "--worker-nice"),
     (["--worker-nice", "-1"], "--worker-nice"),
+    (["--worker-sched", "idle", "--worker-nice", "5"], "--worker-nice"),
     (["--runner", "vllm", "-tp", "2"], "--tensor-parallel-size"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
@@ -192,10 +194,8 @@ def test_resolve_decides_every_auto_once(tmp_path):
     assert cpu.scheduler.workers_share_cores == "yes"
     with pytest.raises(ConfigError, match="--workers-share-cores"):
         config_from_dict({"workers_share_cores": "maybe"})
-    assert cpu.worker.nice == 5  # CPU workers yield the cores to the frontend and the pool
-    kept = resolve_config(config_from_args(["--device", "cpu", "--workers-share-cores", "no",
-                                            "--worker-nice", "0"]))
-    assert kept.scheduler.workers_share_cores == "no" and kept.worker.nice == 0
+    kept = resolve_config(config_from_args(["--device", "cpu", "--workers-share-cores", "no"]))
+    assert kept.scheduler.workers_share_cores == "no"
     # The vllm runner holds at most its KV cache: 4 blocks of 32 tokens.
     small = resolve_config(config_from_args(["--runner", "vllm", "--device", "cpu",
                                              "--num-kv-blocks", "4"]))
@@ -219,3 +219,26 @@ def test_resolve_decides_every_auto_once(tmp_path):
     from engine.models.loader import read_config
 
     assert read_config(model).sliding_window == 96
+
+
+def test_cpu_workers_yield_the_cores_to_the_frontend_and_the_pool(monkeypatch):
+    """``--worker-sched auto``: SCHED_IDLE for CPU workers on Linux, unless a nice level is
+    asked for; ``normal`` for GPU workers and where the OS has no SCHED_IDLE."""
+    from engine.resolve import resolve_config
+
+    def worker(*argv):
+        w = resolve_config(config_from_args(list(argv))).worker
+        return w.sched, w.nice
+
+    assert worker("--device", "cpu") == ("idle", 0)
+    assert worker("--device", "cpu", "--worker-sched", "normal") == ("normal", 5)
+    assert worker("--device", "cpu", "--worker-nice", "7") == ("normal", 7)
+    assert worker("--device", "cpu", "--worker-nice", "0") == ("normal", 0)
+    assert worker("--device", "cuda") == ("normal", 0)
+    assert worker("--device", "cuda", "--worker-sched", "idle") == ("idle", 0)
+    with pytest.raises(ConfigError, match="--worker-sched"):
+        config_from_dict({"worker_sched": "low"})
+    monkeypatch.delattr(os, "SCHED_IDLE")
+    assert worker("--device", "cpu") == ("normal", 5)
+    with pytest.raises(ConfigError, match="--worker-sched: idle needs Linux"):
+        worker("--device", "cpu", "--worker-sched", "idle")

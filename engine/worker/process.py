@@ -97,11 +97,15 @@ def _run_step(runner: ModelRunner, sock: zmq.Socket[Any], plan: m.StepPlan, work
 
 
 def lower_priority(cfg: EngineConfig) -> None:
-    """Nice a process that is only a worker (``--worker-nice``, resolved: 5 on CPU, 0
-    otherwise): on CPU its steps compete for the cores with the frontend and the pool, which
-    should run the moment they wake. Not for a process that also supervises the control
+    """Lower the CPU priority of a process that is only a worker (``--worker-sched``,
+    resolved: ``idle`` for CPU workers on Linux; ``--worker-nice`` under ``normal``): on CPU
+    its steps compete for the cores with the frontend and the pool, which should run the
+    moment they wake. Called first, before the process starts threads (Linux sets both per
+    thread, and threads inherit them). Not for a process that also supervises the control
     plane (a tensor-parallel rank 0 under torchrun): what it restarts would inherit it."""
-    if cfg.worker.nice:
+    if cfg.worker.sched == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif cfg.worker.nice:
         os.nice(cfg.worker.nice)
 
 

@@ -104,7 +104,11 @@ def lower_priority(cfg: EngineConfig) -> None:
     thread, and threads inherit them). Not for a process that also supervises the control
     plane (a tensor-parallel rank 0 under torchrun): what it restarts would inherit it."""
     if cfg.worker.sched == "idle":
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as e:  # a sandbox (seccomp) may forbid it; the worker still serves
+            log.warning("--worker-sched idle: SCHED_IDLE refused (%s); this worker runs at "
+                        "the normal policy", e)
     elif cfg.worker.nice:
         os.nice(cfg.worker.nice)
 

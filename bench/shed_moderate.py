@@ -22,6 +22,7 @@ from typing import Any
 from bench.engine_server import launched_engine
 from bench.fidelity import serve, workload
 from bench.flood import pct
+from bench.loadgen.client import COMPLETED, RATE_LIMITED
 
 WORKERS = 2
 
@@ -38,9 +39,9 @@ def one_run(factor: str, args: argparse.Namespace) -> dict[str, Any]:
     for name, rows in (("critical", [r for r in requests if r["priority"] > 0]),
                        ("sheddable", [r for r in requests if r["priority"] < 0])):
         ttfts = [1e3 * r["ttft_s"] for r in rows
-                 if r["outcome"] == "completed" and r["ttft_s"] is not None]
+                 if r["outcome"] == COMPLETED and r["ttft_s"] is not None]
         out[name] = {"requests": len(rows),
-                     "refused": sum(r["outcome"] == "rate_limited" for r in rows),
+                     "refused": sum(r["outcome"] == RATE_LIMITED for r in rows),
                      "ttft_p50_ms": round(pct(ttfts, 50), 1),
                      "ttft_p99_ms": round(pct(ttfts, 99), 1)}
     return out

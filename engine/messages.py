@@ -280,6 +280,10 @@ class PoolStats(_Msg):
     step_num_tokens: list[int] = []
     step_times_s: list[float] = []
     pool_incarnation: int = 0
+    step_worker_ids: list[int] = []  # the worker of each step above
+    # Workers kept free of sheddable requests now (``--reserved-workers``): admission judges
+    # the load of sheddable work by the others.
+    reserved_worker_ids: list[int] = []
 
 
 class PoolOutputs(_Msg, tag=True):
@@ -391,6 +395,10 @@ class WorkerReady(_Msg, tag=True):
     block_size: int
     incarnation: int = 0
     protocol_version: int = PROTOCOL_VERSION
+    # The worker's process id, when it is one process on the pool's host (dials its ipc://
+    # socket, no tensor-parallel group); 0 otherwise. The pool may pause it (SIGSTOP)
+    # while a critical step runs elsewhere (engine/pool/suspend.py).
+    pid: int = 0
 
 
 class WorkerError(_Msg, tag=True):

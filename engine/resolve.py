@@ -16,7 +16,8 @@ never decide a value again, so they cannot disagree):
 - each model's ``max_model_len``: its context, at most its sliding window and, for the vllm
   runner, what its KV cache holds (``engine.models.info.context_length``, the one check);
 - what can be refused now is refused, naming the flag: the policy, a tensor-parallel size
-  that does not split the model, a block size the runner cannot use.
+  that does not split the model, a block size the runner cannot use, reserved workers that
+  leave none for sheddable requests.
 
 (vLLM's ``EngineArgs.create_engine_config`` is the model: flags in, one resolved config out.)
 """
@@ -128,6 +129,14 @@ def resolve_worker_sched(device: str, sched: str, nice: int | None) -> dict[str,
     return {"sched": sched, "nice": nice}
 
 
+def check_reserved_workers(reserved: int, num_workers: int) -> None:
+    """``--reserved-workers`` must leave a worker for sheddable requests (ConfigError)."""
+    if reserved and reserved >= num_workers:
+        raise ConfigError(f"--reserved-workers: must leave a worker for sheddable requests: "
+                          f"at most {num_workers - 1} of --workers {num_workers}, got "
+                          f"{reserved}")
+
+
 def resolve_config(cfg: EngineConfig) -> EngineConfig:
     """``cfg`` with every auto value decided and checked (module docstring). Idempotent."""
     from engine.scheduler.policy import get_policy
@@ -139,6 +148,7 @@ def resolve_config(cfg: EngineConfig) -> EngineConfig:
     if cfg.scheduler.workers_share_cores == "auto":
         share = "yes" if cfg.worker.device == "cpu" else "no"
         cfg = replace(cfg, scheduler={"workers_share_cores": share})
+    check_reserved_workers(cfg.scheduler.reserved_workers, cfg.worker.num_workers)
     cache = cfg.cache
     vllm_cpu = cfg.worker.runner == "vllm" and cfg.worker.device == "cpu"
     if cache.block_size_auto and vllm_cpu and cache.block_size % VLLM_CPU_BLOCK_MULTIPLE:

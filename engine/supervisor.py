@@ -23,6 +23,7 @@ torchrun rank (``engine/torchrun.py``: its worker, and on rank 0 the control pla
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -212,6 +213,15 @@ class Supervisor:
             self.on_restart(child, incarnation)
         self.pending[key] = (now + delay, [c.spec for c in group], incarnation)
 
+    def resume_all(self) -> None:
+        """Continue (SIGCONT) every live child: a pool pauses workers while a critical step
+        runs (engine/pool/suspend.py), and one that died with a worker paused leaves it so;
+        for a running child the signal is nothing."""
+        for child in self.children.values():
+            if child.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGCONT)
+
     # ------------------------------------------------------------------ shutdown
 
     def shutdown(self, order: Callable[[Child], Any] | None = None,
@@ -223,6 +233,7 @@ class Supervisor:
         for child in children:
             if child.exitcode is None:
                 child.proc.send_signal(signal.SIGTERM)
+        self.resume_all()  # a stopped child acts on its SIGTERM once continued
         deadline = time.monotonic() + grace_s
         for child in children:
             try:

@@ -97,9 +97,9 @@ def torchrun_config(argv: Sequence[str] | None, world_size: int,
         raise ConfigError(f"--workers: under torchrun it is the world size over "
                           f"--tensor-parallel-size and the models ({workers}), got "
                           f"{cfg.worker.num_workers}")
-    cfg = resolve_config(cfg)
+    cfg = resolve_config(replace(cfg, worker={"num_workers": workers}))
     threads = cfg.worker.num_threads or max(1, (os.cpu_count() or 1) // local_world_size)
-    return replace(cfg, worker={"num_workers": workers, "num_threads": threads})
+    return replace(cfg, worker={"num_threads": threads})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import json
 import logging
 import zlib
 from pathlib import Path
+from typing import Any
 
 from engine.config import SchedulerConfig
 from engine.core import EngineCore, InProcess, IntegrityCheck
@@ -110,10 +111,11 @@ class FakeWorker:
 def make_scheduler(*, max_num_batched_tokens: int = 64, max_num_seqs: int = 8, block_size: int = 4,
                    max_model_len: int = 256, policy: str = "fcfs",
                    placement: str = "cache-aware", workers_share_cores: str = "auto",
-                   ) -> Scheduler:
+                   reserved_workers: int = 0) -> Scheduler:
     cfg = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                           max_num_seqs=max_num_seqs, policy=policy, placement=placement,
-                          workers_share_cores=workers_share_cores)
+                          workers_share_cores=workers_share_cores,
+                          reserved_workers=reserved_workers)
     return Scheduler(cfg, block_size=block_size, max_model_len=max_model_len)
 
 
@@ -167,3 +169,25 @@ def config_only_model_dir(d: Path) -> Path:
         "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,
         "num_hidden_layers": 2, "eos_token_id": 999}))
     return d
+
+
+def pool_peers(run_dir: Path | str, service: Any, num_workers: int,
+               timeout_s: float = 10.0) -> tuple[Any, Any, Any]:
+    """The frontend's and the launcher's sockets to pool 0 of ``run_dir`` (push requests,
+    pull outputs, push control), once ``service`` (a ``PoolService`` in a thread) has
+    registered ``num_workers`` workers."""
+    import time
+
+    import zmq
+
+    from engine import ipc
+
+    ctx = zmq.Context.instance()
+    addrs = ipc.pool_addresses(str(run_dir), 0)
+    push = ipc.make_socket(ctx, zmq.PUSH, addrs.requests, bind=False)
+    pull = ipc.make_socket(ctx, zmq.PULL, addrs.outputs, bind=False)
+    control = ipc.make_socket(ctx, zmq.PUSH, addrs.control, bind=False)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and len(service.scheduler.workers) < num_workers:
+        time.sleep(0.01)
+    return push, pull, control

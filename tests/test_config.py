@@ -41,6 +41,7 @@ def test_defaults_serve_the_embedded_model_on_localhost():
     (["--worker-nice", "-1"], "--worker-nice"),
     (["--worker-sched", "idle", "--worker-nice", "5"], "--worker-nice"),
     (["--runner", "vllm", "-tp", "2"], "--tensor-parallel-size"),
+    (["--reserved-workers", "-1"], "--reserved-workers"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=flag):
@@ -242,3 +243,26 @@ def test_cpu_workers_yield_the_cores_to_the_frontend_and_the_pool(monkeypatch):
     assert worker("--device", "cpu") == ("normal", 5)
     with pytest.raises(ConfigError, match="--worker-sched: idle needs Linux"):
         worker("--device", "cpu", "--worker-sched", "idle")
+
+
+def test_reserved_workers_must_leave_one_for_sheddable_requests():
+    """``--reserved-workers`` (default 0) must leave a worker for sheddable requests, checked
+    against the workers the engine runs: under torchrun, those the world size gives."""
+    from engine.resolve import resolve_config
+    from engine.torchrun import torchrun_config
+
+    def reserved(*argv):
+        return resolve_config(config_from_args(list(argv))).scheduler.reserved_workers
+
+    assert reserved("--device", "cpu", "--workers", "2") == 0
+    assert reserved("--device", "cpu", "--workers", "2", "--reserved-workers", "1") == 1
+    assert reserved("--device", "cuda", "--workers", "4", "--reserved-workers", "3") == 3
+    for workers, n in (("2", "2"), ("1", "1")):
+        with pytest.raises(ConfigError, match="--reserved-workers: must leave a worker"):
+            reserved("--device", "cpu", "--workers", workers, "--reserved-workers", n)
+    cfg = torchrun_config(["--device", "cpu", "--reserved-workers", "1"], world_size=2,
+                          local_world_size=2)
+    assert (cfg.worker.num_workers, cfg.scheduler.reserved_workers) == (2, 1)
+    with pytest.raises(ConfigError, match="--reserved-workers"):
+        torchrun_config(["--device", "cpu", "--reserved-workers", "2"], world_size=2,
+                        local_world_size=2)

@@ -3,6 +3,7 @@ targets (``os:_exit`` crashes at start, ``time:sleep`` runs), so no engine is ne
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +114,33 @@ def test_shutdown_terminates_then_kills():
     time.sleep(0.5)
     sup.shutdown(grace_s=5)
     assert child.proc.returncode is not None and sup.exit_code("s") is not None
+
+
+def test_children_a_dead_pool_left_paused_are_continued_and_can_stop():
+    """A pool pauses workers (SIGSTOP) while a critical step runs (engine/pool/suspend.py);
+    if it dies then, the launcher continues them (``resume_all``), and shutdown continues
+    what it terminates (a stopped process acts on SIGTERM only once continued)."""
+    sup = Supervisor()
+    child = sup.spawn(ProcessSpec("s", "time:sleep", (30,)))
+    time.sleep(0.3)
+
+    def stopped() -> bool:
+        with open(f"/proc/{child.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    child.proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while not stopped():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    sup.resume_all()
+    while stopped():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    child.proc.send_signal(signal.SIGSTOP)
+    start = time.monotonic()
+    sup.shutdown(grace_s=10)
+    assert child.proc.returncode is not None and time.monotonic() - start < 5
 
 
 def test_launcher_does_not_load_the_frontend_stack():

@@ -17,7 +17,9 @@ refused while the pool's steps run that many times slower than its light steps, 
 frontend's event loop lags: what critical requests would pay for them. The guard holds only
 while there are such requests to protect (a non-sheddable one open on the pool or arrived
 within ``PROTECT_WINDOW_S``), and its step signal only while the workers are busy
-(``GUARD_BUSY_MIN``).
+(``GUARD_BUSY_MIN``). While the pool keeps workers free of sheddable requests
+(``--reserved-workers``, ``PoolStats.reserved_worker_ids``), every one of these judges the
+workers sheddable work may run on: their steps, their busy time, their slots and free KV.
 
 Rate limits are token buckets per API key (one shared bucket when no keys are configured):
 requests per minute, and tokens per minute charged at admission as prompt tokens plus
@@ -194,9 +196,15 @@ class PoolLoad:
         self._samples.append((now, self.pool.num_finished))
         while len(self._samples) > 2 and now - self._samples[1][0] > DRAIN_WINDOW_S:
             self._samples.popleft()
-        self.steps.add(stats.step_num_tokens, stats.step_times_s, stats.step_batch_sizes)
+        reserved = stats.reserved_worker_ids
+        counted = ([w not in reserved for w in stats.step_worker_ids]
+                   if reserved and len(stats.step_worker_ids) == len(stats.step_times_s)
+                   else None)
+        self.steps.add(stats.step_num_tokens, stats.step_times_s, stats.step_batch_sizes,
+                       counted)
         if stats.step_times_s:
-            spent = sum(stats.step_times_s)
+            spent = (sum(stats.step_times_s) if counted is None else
+                     sum(t for t, c in zip(stats.step_times_s, counted, strict=True) if c))
             self._busy.append((now, spent))
             self._busy_s += spent
         self._forget_busy(now)
@@ -207,12 +215,20 @@ class PoolLoad:
             self._busy_s -= self._busy.popleft()[1]
 
     def busy_fraction(self) -> float:
-        """The share of the latest ``BUSY_WINDOW_S`` the pool's live workers spent in steps
-        (from sending a plan to its result: a step slowed by CPU contention counts whole)."""
+        """The share of the latest ``BUSY_WINDOW_S`` the pool's live workers that serve
+        sheddable work (not reserved) spent in steps (from sending a plan to its result: a
+        step slowed by CPU contention counts whole)."""
         self._forget_busy(self.clock())  # a pool gone quiet sends stats with no steps
+        return max(0.0, self._busy_s) / (BUSY_WINDOW_S * self.num_sheddable_workers)
+
+    @property
+    def num_sheddable_workers(self) -> int:
+        """The live workers that sheddable requests may be placed on (at least 1): those not
+        reserved for non-sheddable ones (``--reserved-workers``)."""
         stats = self.pool.stats
-        workers = max(1, stats.live_workers if stats is not None else 1)
-        return max(0.0, self._busy_s) / (BUSY_WINDOW_S * workers)
+        if stats is None:
+            return 1
+        return max(1, stats.live_workers - len(stats.reserved_worker_ids))
 
     def note_sent(self, prompt_tokens: int, max_tokens: int) -> None:
         """An admitted request, about to reach the pool (any priority: all of them load it)."""
@@ -268,7 +284,10 @@ class PoolLoad:
         return sum(tokens for _, tokens in itertools.islice(reversed(self._sent_prompts), n))
 
     def backlog(self) -> Backlog:
-        """The pool's backlog. Its queued prompt tokens are the most of two views: the
+        """The pool's backlog, as a sheddable request meets it: the workers it may be placed
+        on (``num_sheddable_workers``) and their free KV; the waiting and running requests
+        of them all (a reserved worker's few non-sheddable ones count as if theirs, erring
+        toward shedding). Its queued prompt tokens are the most of two views: the
         pool's count plus the prompts it has not seen (admitted, not yet added; added since
         its stats), and the frontend's: the prompts of every request in flight without a
         first token, plus those admitted, not yet added (the pool admits requests to its
@@ -283,9 +302,13 @@ class PoolLoad:
         if stats is None:
             return Backlog(live_workers=0, waiting_requests=unseen,
                            waiting_tokens=max(pool_view, frontend_view), running_requests=0)
-        free_kv = (sum(stats.num_free_blocks) * stats.block_size
-                   if stats.block_size and stats.num_free_blocks else None)
-        return Backlog(live_workers=stats.live_workers,
+        free_blocks = stats.num_free_blocks
+        if stats.reserved_worker_ids and len(stats.worker_ids) == len(free_blocks):
+            free_blocks = [n for w, n in zip(stats.worker_ids, free_blocks, strict=True)
+                           if w not in stats.reserved_worker_ids]
+        free_kv = (sum(free_blocks) * stats.block_size
+                   if stats.block_size and free_blocks else None)
+        return Backlog(live_workers=self.num_sheddable_workers,
                        waiting_requests=stats.num_waiting + unseen,
                        waiting_tokens=max(stats.num_waiting_tokens + pool_view, frontend_view),
                        running_requests=stats.num_running, free_kv_tokens=free_kv)

@@ -93,15 +93,19 @@ class StepTimes:
         self._derived: tuple[float | None, float, float] | None = None
 
     def add(self, tokens: list[int], times_s: list[float],
-            batch_sizes: list[int] | None = None) -> None:
+            batch_sizes: list[int] | None = None, counted: list[bool] | None = None) -> None:
+        """Steps just finished. ``counted`` (one per step; None: all) picks those of the
+        workers whose load is judged: the others' steps feed only the light reference."""
         sizes = batch_sizes if batch_sizes and len(batch_sizes) == len(times_s) else None
+        judged = counted if counted is not None and len(counted) == len(times_s) else None
         self._derived = None
         for i, (n, t) in enumerate(zip(tokens, times_s, strict=False)):
             if t <= 0:
                 continue
-            self._all.append(t)
-            if n >= FULL_STEP_SHARE * self.budget:
-                self._full.append((n, t))
+            if judged is None or judged[i]:
+                self._all.append(t)
+                if n >= FULL_STEP_SHARE * self.budget:
+                    self._full.append((n, t))
             if sizes is not None and n <= sizes[i] <= LIGHT_BATCH:  # decodes only
                 self._light.append(t)
                 self._light_s = None

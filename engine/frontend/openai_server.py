@@ -367,6 +367,7 @@ class OpenAIServer:
                 "ok": p.ok, "reason": p.reason,
                 "last_report_s": round(p.age_s, 3) if p.age_s is not None else None,
                 "live_workers": stats.live_workers if stats else 0,
+                "reserved_workers": len(stats.reserved_worker_ids) if stats else 0,
                 "num_waiting": stats.num_waiting if stats else 0,
                 "num_running": stats.num_running if stats else 0,
                 "predicted_wait_s": _finite(self.admission.loads[p.name].predicted_wait())}

@@ -72,6 +72,7 @@ from engine.core import EngineCore, WorkerLost
 from engine.kv_events import KVEventPublisher
 from engine.models.info import load_model_info
 from engine.pool.first_token import FirstTokenTimer
+from engine.pool.suspend import Suspender
 from engine.profiling import StepProfiler, profile_path
 from engine.scheduler.record import (
     close_recording,
@@ -111,6 +112,9 @@ class PoolService:
         self.kv_events = (None if events is None
                           else KVEventPublisher(events, pool_index, cfg.cache.block_size))
         self.clock = clock
+        # Pauses workers whose step holds only outranked work while a critical prompt's step
+        # runs on a worker sharing their cores (the scheduler says which: engine/pool/suspend.py).
+        self.suspender = Suspender(cfg.scheduler.workers_share_cores == "yes")
         self.incarnation = secrets.randbits(63) | 1  # never 0 ("unknown")
         addrs = ipc.pool_addresses(run_dir, pool_index)
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -134,7 +138,8 @@ class PoolService:
         self.greeted: set[int] = set()
         self.dead: dict[int, int] = {}  # worker id -> its newest incarnation reported dead
         self.sent_at: dict[int, float] = {}  # worker id -> when its in-flight plan was sent
-        self.steps: tuple[list[int], list[int], list[float]] = ([], [], [])
+        # Per step finished since the latest stats: batch size, tokens, seconds, worker id.
+        self.steps: tuple[list[int], list[int], list[float], list[int]] = ([], [], [], [])
         self.last_stats = 0.0
         self.running = True
         #: Request id -> the frontend incarnation that sent it, while the scheduler holds it.
@@ -172,6 +177,7 @@ class PoolService:
             with contextlib.suppress(zmq.ZMQError):  # not connected: nothing to tell
                 self.workers.send_multipart([ipc.worker_identity(w), ipc.encode(m.Shutdown())],
                                             zmq.NOBLOCK)
+        self.suspender.close()
         if self.kv_events is not None:
             self.kv_events.close()
         close_recording(self.scheduler)
@@ -221,6 +227,7 @@ class PoolService:
             case m.WorkerReady():
                 self._on_ready(msg, now)
             case m.StepResult(worker_id=w):
+                self.suspender.resume(w)
                 plan = self.core.complete(w, msg, now)
                 if plan is None:
                     self._stale(w, msg.step_id, msg.incarnation)
@@ -229,6 +236,7 @@ class PoolService:
                     if self.profiler is not None:
                         self.profiler.on_result(plan, msg, now)
             case m.WorkerError(worker_id=w, message=text):
+                self.suspender.resume(w)
                 if self.core.fail(w, msg.step_id, msg.incarnation, text, now) is None:
                     self._stale(w, msg.step_id, msg.incarnation)
                 else:
@@ -252,6 +260,7 @@ class PoolService:
             log.warning("worker %d incarnation %d replaces incarnation %d; %d requests "
                         "re-placed to recompute", w, inc, ws.incarnation, ws.num_requests)
         log.info("worker %d (incarnation %d) ready with %d KV blocks", w, inc, msg.num_blocks)
+        self.suspender.register(w, msg.pid)
         self.core.add_worker(w, _WorkerSocket(self, w), msg.num_blocks, now, inc)
         self.last_stats = -STATS_INTERVAL_S  # the frontend hears of the worker at once
 
@@ -261,6 +270,7 @@ class PoolService:
         if ws is None or ws.incarnation > inc:
             log.info("worker %d incarnation %d died (already replaced)", w, inc)
             return
+        self.suspender.forget(w)
         moved = self.core.remove_worker(w, self.clock())
         log.warning("worker %d died; %d requests re-placed to recompute", w, len(moved))
 
@@ -311,18 +321,20 @@ class PoolService:
         return True
 
     def _record_step(self, plan: m.StepPlan, duration_s: float) -> None:
-        sizes, tokens, times = self.steps
+        sizes, tokens, times, worker_ids = self.steps
         sizes.append(plan.num_requests)
         tokens.append(plan.num_scheduled_tokens)
         times.append(duration_s)
+        worker_ids.append(plan.worker_id)
 
     def _stats(self) -> m.PoolStats:
         stats = self.scheduler.stats()
         stats.worker_ids = sorted(self.scheduler.workers)
         stats.num_waiting_per_worker = [self.scheduler.num_waiting(w) for w in stats.worker_ids]
-        stats.step_batch_sizes, stats.step_num_tokens, stats.step_times_s = self.steps
+        (stats.step_batch_sizes, stats.step_num_tokens, stats.step_times_s,
+         stats.step_worker_ids) = self.steps
         stats.pool_incarnation = self.incarnation
-        self.steps = ([], [], [])
+        self.steps = ([], [], [], [])
         return stats
 
     def _until_stats_ms(self) -> int:
@@ -381,6 +393,9 @@ class _WorkerSocket:
                         self.worker_id, e)
             raise WorkerLost from e
         self.service.sent_at[self.worker_id] = now
+        held = self.service.scheduler.outranked_in_flight(self.worker_id)
+        if held:
+            self.service.suspender.suspend(self.worker_id, held)
         if self.service.profiler is not None:
             self.service.profiler.on_send(plan, self.service.clock())
 

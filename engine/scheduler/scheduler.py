@@ -69,6 +69,7 @@ class Scheduler(StepFiller):
         still known is replaced, its requests re-placed."""
         if worker_id in self.workers:
             self.remove_worker(worker_id, now)
+        self._tick(now)
         ws = WorkerState(worker_id, num_blocks, self.block_size, incarnation,
                          self._kv_events is not None)
         if ws.blocks.events is not None:
@@ -81,6 +82,7 @@ class Scheduler(StepFiller):
     def remove_worker(self, worker_id: int, now: float) -> list[str]:
         """Forget a dead worker; its requests lose their KV and queue elsewhere to be
         recomputed (their streams stay open). Returns the re-placed request ids."""
+        self._tick(now)
         ws = self.workers.pop(worker_id, None)
         if ws is None:
             return []
@@ -130,6 +132,8 @@ class Scheduler(StepFiller):
             return [RequestOutput(request_id=rid, new_token_ids=[], finish_reason=reason,
                                   num_prompt_tokens=num_prompt)]
         self.requests[rid] = req
+        self._tick(now)
+        self._note_arrival(req, now)
         self._place(req)
         return []
 
@@ -166,6 +170,7 @@ class Scheduler(StepFiller):
     def schedule(self, worker_id: int, now: float) -> StepPlan | None:
         """The next step for ``worker_id``, or None if it is busy or has nothing to run."""
         ws = self.workers.get(worker_id)
+        self._tick(now)
         if ws is None or ws.in_flight is not None or not (ws.running or ws.waiting):
             return None
         policy = self.policy
@@ -216,13 +221,16 @@ class Scheduler(StepFiller):
 
     def _steal(self, ws: WorkerState) -> None:
         """Late binding (``policy.may_steal``): take from the head of each busy worker's
-        queue the requests that go before this worker's own waiting head."""
+        queue the requests that go before this worker's own waiting head (a reserved worker
+        no sheddable one)."""
         may_steal = self.policy.may_steal
+        reserved = bool(self.reserved_workers) and ws.worker_id in self.reserved_ids()
         for other in self.workers.values():
             if other is ws or other.in_flight is None:
                 continue
             queue = other.waiting
             while queue and may_steal(queue[0][2]) and (
+                    not reserved or queue[0][2].priority >= 0) and (
                     not ws.waiting or queue[0][:2] < ws.waiting[0][:2]):
                 key, seq, req = queue[0]
                 other.unqueue(req)

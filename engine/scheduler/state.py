@@ -22,6 +22,11 @@ from engine.scheduler.policy import Policy, get_policy
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.worker_state import WorkerState
 
+#: Seconds after a non-sheddable request's arrival during which ``--reserved-workers`` stay
+#: free of sheddable ones (the frontend's latency guard holds as long:
+#: ``engine.frontend.admission.PROTECT_WINDOW_S``).
+RESERVE_WINDOW_S = 10.0
+
 
 class SchedulerState:
     def __init__(
@@ -45,6 +50,9 @@ class SchedulerState:
         self._hold_across = (self.policy.exclusive_prefill_across_workers
                              and config.workers_share_cores == "yes")
         self.policy.outranked_limit(config.max_num_seqs)  # refuses a bad share now
+        self.reserved_workers = config.reserved_workers
+        self._reserve_until = -float("inf")  # the latest non-sheddable arrival + the window
+        self._now = -float("inf")  # the latest time a caller gave (the scheduler has no clock)
         self.requests: dict[str, Request] = {}
         self.workers: dict[int, WorkerState] = {}
         self.unplaced: list[Request] = []  # waiting for any live worker
@@ -84,13 +92,69 @@ class SchedulerState:
         ws = self.workers.get(worker_id)
         return len(ws.waiting) if ws is not None else 0
 
+    def outranked_in_flight(self, worker_id: int) -> list[int]:
+        """When ``worker_id``'s step in flight computes the prompt of a request that holds
+        the others back (``Policy.exclusive_prefill_across_workers``, where the workers share
+        cores): the other workers whose steps in flight hold only requests it outranks. The
+        pool pauses them until that step ends (engine/pool/suspend.py)."""
+        ws = self.workers.get(worker_id)
+        urgent = ws.in_flight_urgent if ws is not None and self._hold_across else None
+        if urgent is None or ws is None or ws.in_flight is None:
+            return []
+        may_preempt = self.policy.may_preempt
+        return [w for w, other in self.workers.items()
+                if other is not ws and other.in_flight is not None and other.in_flight_requests
+                and all(may_preempt(urgent, r) for r in other.in_flight_requests)]
+
+    def reserved_ids(self) -> list[int]:
+        """The workers kept free of sheddable requests now (``--reserved-workers``): the
+        highest ids among the live workers, one at least left for sheddable work; none
+        unless a non-sheddable request arrived within ``RESERVE_WINDOW_S``. A critical
+        request placed on one finds no sheddable step in flight there to wait for."""
+        k = min(self.reserved_workers, len(self.workers) - 1)
+        if k <= 0 or self._now > self._reserve_until:
+            return []
+        return sorted(self.workers)[-k:]
+
     # ------------------------------------------------------------------ moves
+
+    def _tick(self, now: float) -> None:
+        """A caller's ``now``: the clock reservation runs by."""
+        if now > self._now:
+            self._now = now
+
+    def _note_arrival(self, req: Request, now: float) -> None:
+        """A non-sheddable arrival starts (or extends) the reservation; when it starts, the
+        sheddable requests waiting on the reserved workers move to the others (running ones
+        finish where they are)."""
+        if req.priority < 0 or not self.reserved_workers:
+            return
+        starting = not self.reserved_ids()
+        self._reserve_until = now + RESERVE_WINDOW_S
+        if not starting:
+            return
+        reserved = self.reserved_ids()
+        others = [ws for w, ws in self.workers.items() if w not in reserved]
+        for w in reserved:
+            ws = self.workers[w]
+            for key, seq, moved in [e for e in ws.waiting if e[2].priority < 0]:
+                ws.unqueue(moved)
+                worker_id, moved.placement_scores = self.placement.choose(moved, others)
+                to = self.workers[worker_id]
+                moved.worker_id = worker_id
+                moved.predicted_cached_tokens = to.cached_prefix_tokens(moved)
+                to.enqueue(moved, key, seq)
 
     def _place(self, req: Request) -> None:
         if not self.workers:
             self.unplaced.append(req)
             return
-        worker_id, scores = self.placement.choose(req, list(self.workers.values()))
+        candidates = list(self.workers.values())
+        if req.priority < 0 and self.reserved_workers:
+            reserved = self.reserved_ids()
+            if reserved:
+                candidates = [ws for ws in candidates if ws.worker_id not in reserved]
+        worker_id, scores = self.placement.choose(req, candidates)
         ws = self.workers[worker_id]
         req.worker_id = worker_id
         req.placement_scores = scores
@@ -158,6 +222,7 @@ class SchedulerState:
             num_blocks=[ws.blocks.num_blocks for ws in workers],
             num_preemptions=self.num_preemptions,
             live_workers=len(workers),
+            reserved_worker_ids=self.reserved_ids(),
             prefix_query_tokens=self._prefix_query_tokens,
             prefix_hit_tokens=self._prefix_hit_tokens,
         )

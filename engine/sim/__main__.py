@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int)
     g.add_argument("--max-num-batched-tokens", type=int)
     g.add_argument("--max-num-seqs", type=int)
+    g.add_argument("--reserved-workers", type=int, default=0, metavar="N",
+                   help="workers kept free of sheddable requests while critical ones arrive "
+                   "(0; the engine's --reserved-workers)")
     g = p.add_argument_group("report")
     g.add_argument("--slo-ttft", type=float, help="TTFT SLO in seconds (goodput)")
     g.add_argument("--slo-tpot", type=float, help="TPOT SLO in seconds (goodput)")
@@ -174,7 +177,8 @@ def _sim_config(args: argparse.Namespace, cost: CostModel) -> SimConfig:
         num_workers=args.workers,
         scheduler=SchedulerConfig(
             max_num_batched_tokens=pick(args.max_num_batched_tokens, e.max_num_batched_tokens),
-            max_num_seqs=pick(args.max_num_seqs, e.max_num_seqs)),
+            max_num_seqs=pick(args.max_num_seqs, e.max_num_seqs),
+            reserved_workers=args.reserved_workers),
         block_size=pick(args.block_size, e.block_size),
         num_blocks=pick(args.num_blocks, e.num_blocks),
         max_model_len=pick(args.max_model_len, e.max_model_len),
@@ -188,6 +192,10 @@ def _sim_config(args: argparse.Namespace, cost: CostModel) -> SimConfig:
                              ("--max-num-seqs", config.scheduler.max_num_seqs, 1)):
         if value < low:
             raise ValueError(f"{flag}: must be >= {low}, got {value}")
+    if not 0 <= args.reserved_workers < config.num_workers:
+        raise ValueError(f"--reserved-workers: must be >= 0 and leave a worker for sheddable "
+                         f"requests (< --workers {config.num_workers}), got "
+                         f"{args.reserved_workers}")
     return config
 
 

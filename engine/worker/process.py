@@ -43,11 +43,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 def serve(runner: ModelRunner, sock: zmq.Socket[Any], worker_id: int,
-          incarnation: int = 0) -> None:
+          incarnation: int = 0, pid: int = 0) -> None:
     """Say ``WorkerReady`` on ``sock`` (a DEALER dialing the pool), then answer the pool's
-    messages until it says ``Shutdown``; see the module doc for a pool's restart."""
+    messages until it says ``Shutdown``; see the module doc for a pool's restart. ``pid``:
+    this process's, when the pool may pause it (``WorkerReady.pid``)."""
     ready = ipc.encode(m.WorkerReady(worker_id=worker_id, num_blocks=runner.num_blocks,
-                                     block_size=runner.block_size, incarnation=incarnation))
+                                     block_size=runner.block_size, incarnation=incarnation,
+                                     pid=pid))
     sock.send(ready)
     pool: int | None = None  # the pool incarnation that greeted this worker last
     held: set[str] = set()  # every request the runner may hold (a superset: a failed step's)
@@ -174,7 +176,9 @@ def serve_worker(cfg: EngineConfig, pool_index: int, worker_id: int, incarnation
                         curve)
     log.info("%s ready: %d KV blocks of %d tokens", name, runner.num_blocks, runner.block_size)
     try:
-        serve(runner, sock, worker_id, incarnation)  # says WorkerReady to the pool first
+        local = tp is None and pool_address.startswith("ipc://")  # one process, this host
+        serve(runner, sock, worker_id, incarnation,  # says WorkerReady to the pool first
+              pid=os.getpid() if local else 0)
     finally:
         runner.close()
         ctx.destroy(linger=0)

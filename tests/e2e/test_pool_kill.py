@@ -1,8 +1,9 @@
-"""SIGKILL the pool (scheduler) process under 16 concurrent greedy streams: the launcher
-restarts it, its workers reset their KV and register with the new incarnation, and the
-frontend resubmits every stream as a continuation. Every stream completes with transformers'
-greedy text (no token repeated or missing), the KV blocks return to their idle baseline,
-and health says so again.
+"""SIGKILL the pool (scheduler) process under 16 concurrent greedy streams, with one worker
+paused as a pool leaves it when it dies during a critical step: the launcher continues the
+worker and restarts the pool, its workers reset their KV and register with the new
+incarnation, and the frontend resubmits every stream as a continuation. Every stream
+completes with transformers' greedy text (no token repeated or missing), the KV blocks
+return to their idle baseline, and health says so again.
 
 Needs the launcher's pool restart (the supervisor of issue 14): with a launcher that exits
 when its pool dies, this test fails, as it should.
@@ -67,6 +68,13 @@ def test_sigkill_the_pool_mid_stream_loses_nothing() -> None:
 
         streams = Streams(base, PROMPTS, MAX_TOKENS)
         streams.wait_under_way()
+        # A pool pauses a worker (SIGSTOP) while a critical prompt's step runs on the other
+        # (engine/pool/suspend.py); one that dies then leaves it paused, and the launcher
+        # must continue it, or it never answers the new pool's hello.
+        paused = [pid for pid, args in children(proc.pid)
+                  if args.startswith("engine-worker-0-1")]
+        assert len(paused) == 1
+        os.kill(paused[0], signal.SIGSTOP)
         os.kill(pool, signal.SIGKILL)
         out = streams.join(timeout=120)
         assert all(not t.is_alive() for t in streams.threads), "a stream hangs"

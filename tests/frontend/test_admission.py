@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from engine.config import FrontendConfig
@@ -367,3 +368,44 @@ def test_the_latency_guard_sheds_while_the_event_loop_lags_under_load() -> None:
     for _ in range(40):
         lag.sample(-0.001)  # on time again (early counts as 0)
     assert lag.lag_s < LOOP_LAG_LIMIT_S and guarded.admit(load, priority=-1) is None
+
+
+def test_sheddable_load_is_judged_on_the_workers_it_may_run_on() -> None:
+    """While the pool keeps a worker free of sheddable requests (``reserved_worker_ids``),
+    the guard and the prediction judge the others: their steps (not the reserved worker's
+    light critical ones, which would pull the median down to light), their busy time (one
+    full worker is a full pool for sheddable work, not half of one), their free KV."""
+    clock = Clock()
+    pool, load = fresh_pool(clock)
+    guarded = Shedder(shed_queue_time_s=1.0, latency_factor=1.5)
+    load.note_protected()
+    pool.report(PoolStats(live_workers=2, step_num_tokens=[1] * 8, step_times_s=[0.01] * 8,
+                          step_batch_sizes=[1] * 8, step_worker_ids=[0, 1] * 4))
+    # A second of steps: worker 0 back to back on sheddable batches 3x slower than light
+    # steps, worker 1 (reserved) a light critical decode now and then, more of them.
+    clock.t += 0.9
+    flood = PoolStats(live_workers=2, worker_ids=[0, 1], block_size=16,
+                      num_free_blocks=[10, 500], step_num_tokens=[40] * 30 + [1] * 40,
+                      step_times_s=[0.03] * 30 + [0.01] * 40,
+                      step_batch_sizes=[8] * 30 + [1] * 40,
+                      step_worker_ids=[0] * 30 + [1] * 40, reserved_worker_ids=[1])
+    pool.report(flood)
+    assert load.num_sheddable_workers == 1
+    assert load.busy_fraction() == pytest.approx(0.98)  # 0.9 s + the first 8 light steps
+    assert load.steps.slowdown() == pytest.approx(3.0)
+    refusal = guarded.admit(load, priority=-1)
+    assert refusal is not None and "3.0x slower" in refusal.message
+    backlog = load.backlog()
+    assert (backlog.live_workers, backlog.free_kv_tokens) == (1, 10 * 16)
+    # The same steps with nothing reserved: the light ones count, the pool is half busy.
+    clock2 = Clock()
+    pool2, load2 = fresh_pool(clock2)
+    load2.note_protected()
+    pool2.report(PoolStats(live_workers=2, step_num_tokens=[1] * 8, step_times_s=[0.01] * 8,
+                           step_batch_sizes=[1] * 8))
+    clock2.t += 0.9
+    pool2.report(msgspec.structs.replace(flood, reserved_worker_ids=[]))
+    assert load2.busy_fraction() < admission_module.GUARD_BUSY_MIN
+    assert load2.steps.slowdown() == pytest.approx(1.0)
+    assert guarded.admit(load2, priority=-1) is None
+    assert load2.backlog().live_workers == 2

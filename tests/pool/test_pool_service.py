@@ -6,7 +6,7 @@ import threading
 import time
 
 import zmq
-from fakes import FakeWorker, make_request, reference_output
+from fakes import FakeWorker, make_request, pool_peers, reference_output
 
 from engine import ipc
 from engine import messages as m
@@ -43,14 +43,8 @@ def test_pool_serves_requests_and_survives_a_worker_loss(tmp_path, model_dir):
     for t in threads.values():
         t.start()
 
-    ctx = zmq.Context.instance()
-    addrs = ipc.pool_addresses(run_dir, 0)
-    push = ipc.make_socket(ctx, zmq.PUSH, addrs.requests, bind=False)
-    pull = ipc.make_socket(ctx, zmq.PULL, addrs.outputs, bind=False)
-    control = ipc.make_socket(ctx, zmq.PUSH, addrs.control, bind=False)
+    push, pull, control = pool_peers(run_dir, service, 2)
     deadline = time.time() + 10
-    while time.time() < deadline and len(service.scheduler.workers) < 2:
-        time.sleep(0.01)
 
     reqs = [make_request(f"r{i}", prompt_len=6, max_tokens=40, seed=i) for i in range(8)]
     for r in reqs:
@@ -59,10 +53,15 @@ def test_pool_serves_requests_and_survives_a_worker_loss(tmp_path, model_dir):
     tokens: dict[str, list[int]] = {}
     finished: dict[str, str] = {}
     killed = False
+    stepped: set[int] = set()
     while len(finished) < len(reqs) and time.time() < deadline:
         if not pull.poll(100):
             continue
         msg = ipc.POOL_TO_FRONTEND.decode(pull.recv())
+        if msg.stats is not None:  # each step's worker, for admission (reserved workers)
+            st = msg.stats
+            assert len(st.step_worker_ids) == len(st.step_times_s) == len(st.step_num_tokens)
+            stepped.update(st.step_worker_ids)
         for o in msg.outputs:
             first = o.request_id not in tokens and bool(o.new_token_ids)
             assert (o.timing is not None) == first  # the pool's stamps ride on the first
@@ -88,6 +87,7 @@ def test_pool_serves_requests_and_survives_a_worker_loss(tmp_path, model_dir):
     for s in stops.values():
         s.set()
     assert killed and not pool.is_alive()
+    assert stepped == {0, 1}
     assert finished.pop("r7") == "abort"
     for r in reqs[:7]:
         assert finished[r.request_id] == "length"

@@ -208,6 +208,26 @@ def test_capped_sheddable_prefill_and_late_binding_cut_the_critical_tail():
     assert crit["both"]["ttft_p99"] < 0.8 * crit["neither"]["ttft_p99"]
 
 
+def test_a_reserved_worker_trades_sheddable_waits_for_critical_latency():
+    """``reserved_workers`` 1 of 2 (issue 15): while critical requests arrive, sheddable ones
+    run on one worker; a critical one never queues behind a sheddable step and decodes in a
+    batch of its own class, so its end-to-end time falls by more than a third, and the
+    sheddable ones wait far longer (here, workers that share nothing: the engine reserves
+    by default only where they share cores, and sheds what one worker cannot take)."""
+    reqs = requests(name="priority-mix", rate=20.0, duration=20.0, scale=2, max_model_len=1024)
+    cost = CostModel.load(None)
+    runs = {}
+    for reserved in (0, 1):
+        cfg = replace(SMALL, scheduler=replace(SMALL.scheduler, policy="priority",
+                                               reserved_workers=reserved))
+        runs[reserved] = summarize(simulate(reqs, cost, cfg), SLO())["classes"]
+    crit = {r: m["critical"] for r, m in runs.items()}
+    shed = {r: m["sheddable"] for r, m in runs.items()}
+    assert crit[1]["e2e_p50"] < 0.67 * crit[0]["e2e_p50"]
+    assert crit[1]["ttft_p99"] <= crit[0]["ttft_p99"]
+    assert shed[1]["ttft_p50"] > 2 * shed[0]["ttft_p50"]
+
+
 def test_an_idle_system_answers_in_one_prefill_step():
     reqs = requests(name="chat-short", rate=0.2, duration=60.0, scale=2)
     result = simulate(reqs, COST, SMALL)
@@ -310,6 +330,8 @@ def test_bad_cost_file_and_bad_values_are_cli_errors(capsys, tmp_path):
     assert "--cost" in capsys.readouterr().err
     assert main([*BASE, "--rate", "-1"]) == 2
     assert "--rate" in capsys.readouterr().err
+    assert main([*BASE, "--workers", "2", "--reserved-workers", "2"]) == 2
+    assert "--reserved-workers" in capsys.readouterr().err
 
 
 def test_a_saved_workload_replays_to_the_same_metrics(capsys, tmp_path):

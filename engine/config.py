@@ -165,12 +165,17 @@ class SchedulerConfig:
                                    shown="auto: yes for CPU workers")
     #: Workers kept for non-sheddable requests while any arrived within
     #: ``engine.scheduler.state.RESERVE_WINDOW_S`` (sheddable ones are placed on the
-    #: others); checked against the workers in ``engine.resolve`` (under torchrun the world
-    #: size sets them).
-    reserved_workers: int = opt(0, "--reserved-workers", "workers kept free of sheddable "
-                                "(priority < 0) requests while non-sheddable ones arrive: a "
-                                "critical request finds a worker with no sheddable step in "
-                                "flight, sheddable work gets the others", metavar="N", type=int)
+    #: others). None (``auto``) is resolved before any process starts (``engine.resolve``:
+    #: 1 where the workers share cores and there are two or more, else 0), and checked
+    #: against the workers there (under torchrun the world size sets them); a scheduler
+    #: built from an unresolved config reads None as 0.
+    reserved_workers: int | None = opt(None, "--reserved-workers", "workers kept free of "
+                                       "sheddable (priority < 0) requests while non-sheddable "
+                                       "ones arrive: a critical request finds a worker with no "
+                                       "sheddable step in flight, sheddable work gets the "
+                                       "others", metavar="N", type=int,
+                                       shown="1 where workers share cores (CPU) and there "
+                                       "are two or more, else 0")
     record_decisions: str | None = opt(
         None, "--record-decisions", "write every input of the scheduler and every plan it "
         "makes to this file, for python -m engine.sim --replay (several models: "
@@ -338,7 +343,7 @@ class EngineConfig:
         _check(s.max_num_seqs >= 1, "--max-num-seqs", f"must be >= 1, got {s.max_num_seqs}")
         _check(s.workers_share_cores in SHARE_CORES, "--workers-share-cores",
                f"must be one of {SHARE_CORES}, got {s.workers_share_cores!r}")
-        _check(s.reserved_workers >= 0, "--reserved-workers",
+        _check(s.reserved_workers is None or s.reserved_workers >= 0, "--reserved-workers",
                f"must be >= 0, got {s.reserved_workers}")
         _check(bool(s.policy), "--policy", "must not be empty")
         _check(bool(s.placement), "--placement", "must not be empty")

@@ -9,7 +9,8 @@ never decide a value again, so they cannot disagree):
   ``--worker-nice`` is given, ``normal`` otherwise (CPU workers share the cores with the
   frontend and the pool, which must run the moment they wake); ``--worker-nice`` not given:
   5 for CPU workers under ``normal``, 0 otherwise; ``--workers-share-cores auto``: ``yes``
-  for CPU workers;
+  for CPU workers; ``--reserved-workers`` not given: 1 where the workers share cores and
+  there are two or more, else 0;
 - ``--block-size`` not given: the vllm runner on CPU gets 32-token blocks (vLLM's CPU
   attention kernel needs a multiple of 32); an explicit size is kept or refused;
 - ``--cuda-graph-max-batch`` not given: ``--max-num-seqs``, at most 256 (``EngineConfig``);
@@ -129,12 +130,18 @@ def resolve_worker_sched(device: str, sched: str, nice: int | None) -> dict[str,
     return {"sched": sched, "nice": nice}
 
 
-def check_reserved_workers(reserved: int, num_workers: int) -> None:
-    """``--reserved-workers`` must leave a worker for sheddable requests (ConfigError)."""
+def resolve_reserved_workers(reserved: int | None, share_cores: str, num_workers: int) -> int:
+    """``--reserved-workers``: not given, 1 where the workers share cores and there are two
+    or more (there, critical latency under a flood needs it: docs/benchmarks.md, "Flood",
+    ninth pass), else 0 (a reserved device would idle). A count must leave a worker for
+    sheddable requests."""
+    if reserved is None:
+        return int(share_cores == "yes" and num_workers > 1)
     if reserved and reserved >= num_workers:
         raise ConfigError(f"--reserved-workers: must leave a worker for sheddable requests: "
                           f"at most {num_workers - 1} of --workers {num_workers}, got "
                           f"{reserved}")
+    return reserved
 
 
 def resolve_config(cfg: EngineConfig) -> EngineConfig:
@@ -148,7 +155,9 @@ def resolve_config(cfg: EngineConfig) -> EngineConfig:
     if cfg.scheduler.workers_share_cores == "auto":
         share = "yes" if cfg.worker.device == "cpu" else "no"
         cfg = replace(cfg, scheduler={"workers_share_cores": share})
-    check_reserved_workers(cfg.scheduler.reserved_workers, cfg.worker.num_workers)
+    cfg = replace(cfg, scheduler={"reserved_workers": resolve_reserved_workers(
+        cfg.scheduler.reserved_workers, cfg.scheduler.workers_share_cores,
+        cfg.worker.num_workers)})
     cache = cfg.cache
     vllm_cpu = cfg.worker.runner == "vllm" and cfg.worker.device == "cpu"
     if cache.block_size_auto and vllm_cpu and cache.block_size % VLLM_CPU_BLOCK_MULTIPLE:

@@ -111,7 +111,7 @@ class FakeWorker:
 def make_scheduler(*, max_num_batched_tokens: int = 64, max_num_seqs: int = 8, block_size: int = 4,
                    max_model_len: int = 256, policy: str = "fcfs",
                    placement: str = "cache-aware", workers_share_cores: str = "auto",
-                   reserved_workers: int = 0) -> Scheduler:
+                   reserved_workers: int | None = 0) -> Scheduler:
     cfg = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                           max_num_seqs=max_num_seqs, policy=policy, placement=placement,
                           workers_share_cores=workers_share_cores,

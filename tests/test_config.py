@@ -245,23 +245,28 @@ def test_cpu_workers_yield_the_cores_to_the_frontend_and_the_pool(monkeypatch):
         worker("--device", "cpu", "--worker-sched", "idle")
 
 
-def test_reserved_workers_must_leave_one_for_sheddable_requests():
-    """``--reserved-workers`` (default 0) must leave a worker for sheddable requests, checked
-    against the workers the engine runs: under torchrun, those the world size gives."""
+def test_cpu_workers_keep_one_free_of_sheddable_requests():
+    """``--reserved-workers`` not given: 1 where the workers share cores and there are two or
+    more, 0 on GPUs and for a lone worker; a count must leave a worker for sheddable
+    requests, checked against the workers the engine runs (under torchrun, those the world
+    size gives)."""
     from engine.resolve import resolve_config
     from engine.torchrun import torchrun_config
 
     def reserved(*argv):
         return resolve_config(config_from_args(list(argv))).scheduler.reserved_workers
 
-    assert reserved("--device", "cpu", "--workers", "2") == 0
-    assert reserved("--device", "cpu", "--workers", "2", "--reserved-workers", "1") == 1
+    assert reserved("--device", "cpu", "--workers", "2") == 1
+    assert reserved("--device", "cpu", "--workers", "4") == 1
+    assert reserved("--device", "cpu") == 0
+    assert reserved("--device", "cuda", "--workers", "2") == 0
+    assert reserved("--device", "cpu", "--workers", "2", "--workers-share-cores", "no") == 0
+    assert reserved("--device", "cpu", "--workers", "2", "--reserved-workers", "0") == 0
     assert reserved("--device", "cuda", "--workers", "4", "--reserved-workers", "3") == 3
     for workers, n in (("2", "2"), ("1", "1")):
         with pytest.raises(ConfigError, match="--reserved-workers: must leave a worker"):
             reserved("--device", "cpu", "--workers", workers, "--reserved-workers", n)
-    cfg = torchrun_config(["--device", "cpu", "--reserved-workers", "1"], world_size=2,
-                          local_world_size=2)
+    cfg = torchrun_config(["--device", "cpu"], world_size=2, local_world_size=2)
     assert (cfg.worker.num_workers, cfg.scheduler.reserved_workers) == (2, 1)
     with pytest.raises(ConfigError, match="--reserved-workers"):
         torchrun_config(["--device", "cpu", "--reserved-workers", "2"], world_size=2,

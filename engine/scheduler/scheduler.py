@@ -18,7 +18,9 @@ restart count, given by ``add_worker``); a result counts only if it answers that
 that incarnation. Which incarnation is current is the pool's call (engine/pool/service.py).
 
 Before its step, an idle worker may take waiting requests off the heads of busy workers'
-queues (``policy.may_steal``: late binding; ``priority`` takes those not sheddable).
+queues (``policy.may_steal``: late binding; ``priority`` takes those not sheddable). While
+non-sheddable requests arrive, ``--reserved-workers`` are kept free of sheddable ones
+(``SchedulerState.reserved_ids``: placement, the move when it starts, no stealing).
 A step for one worker fills a ``StepBuilder`` (token budget, seats, new and cached requests;
 engine/scheduler/step.py) in three passes (engine/scheduler/filling.py), asking the policy's
 hooks (engine/scheduler/policy.py; all do nothing but for ``priority``):

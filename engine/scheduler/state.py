@@ -50,7 +50,7 @@ class SchedulerState:
         self._hold_across = (self.policy.exclusive_prefill_across_workers
                              and config.workers_share_cores == "yes")
         self.policy.outranked_limit(config.max_num_seqs)  # refuses a bad share now
-        self.reserved_workers = config.reserved_workers
+        self.reserved_workers = config.reserved_workers or 0  # None: unresolved, none
         self._reserve_until = -float("inf")  # the latest non-sheddable arrival + the window
         self._now = -float("inf")  # the latest time a caller gave (the scheduler has no clock)
         self.requests: dict[str, Request] = {}

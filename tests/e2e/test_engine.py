@@ -164,6 +164,25 @@ def test_cli_client_streams_and_prints_json(engine, reference):
     assert streamed.stdout.strip() == final["text"].strip()
 
 
+def test_cpu_workers_keep_one_free_of_sheddable_work_while_others_arrive(engine):
+    """Two CPU workers resolve ``--reserved-workers`` to 1: a request of priority 0 (not
+    sheddable) holds worker 1 free of sheddable ones for 10 s, which ``/health`` says."""
+    import httpx
+
+    proc, _ = engine
+    base = f"http://127.0.0.1:{proc.http_port}"
+    done = httpx.post(f"{base}/v1/completions", timeout=60, json={
+        "model": "default", "prompt": PROMPTS[0], "max_tokens": 2})
+    assert done.status_code == 200
+    deadline = time.monotonic() + 5
+    while True:  # the pool's next stats (every 0.25 s) carry it
+        pool = httpx.get(f"{base}/health", timeout=10).json()["pools"]["default"]
+        if pool["reserved_workers"] == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert pool["reserved_workers"] == 1, pool
+
+
 def test_the_frontend_serves_on_uvloop(engine):
     """The frontend's one event loop is uvloop's (a dependency; engine/frontend/process.py):
     its library is mapped into the frontend process, which imports it only to run on it."""

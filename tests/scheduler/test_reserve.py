@@ -121,7 +121,7 @@ def test_a_reserved_worker_takes_no_sheddable_request_from_a_busy_one():
 
 def test_nothing_is_reserved_without_a_worker_to_spare():
     """One live worker (the other died) serves everything, reserved or not; with
-    ``reserved_workers`` 0 (the default), nothing is reserved."""
+    ``reserved_workers`` 0 (GPUs, one worker) or unresolved (None), nothing is reserved."""
     sched, workers = build(make_scheduler(policy="priority", reserved_workers=1))
     sched.add(make_request("crit", seed=1, priority=0), 0.0)
     assert sched.stats().reserved_worker_ids == [1]
@@ -135,9 +135,10 @@ def test_nothing_is_reserved_without_a_worker_to_spare():
     assert sched.requests["after"].worker_id == 1
     rest = run_to_completion(sched, workers, now=1.0)
     assert set(rest) == {"crit", "before", "after"}
-    sched, _ = build(make_scheduler(policy="priority"))
-    sched.add(make_request("crit", seed=1, priority=0), 0.0)
-    assert sched.stats().reserved_worker_ids == []
+    for reserved in (0, None):
+        sched, _ = build(make_scheduler(policy="priority", reserved_workers=reserved))
+        sched.add(make_request("crit", seed=1, priority=0), 0.0)
+        assert sched.stats().reserved_worker_ids == []
 
 
 def test_a_critical_prompt_step_names_the_outranked_steps_in_flight_elsewhere():

@@ -229,7 +229,8 @@ class Launcher:
     def _child_died(self, child: Child, incarnation: int) -> None:
         """A local worker (or a rank of its group) died: the pool recomputes its requests.
         A pool died: nothing to tell (its restart greets its workers, the frontend sees the
-        new incarnation in its stats), but a worker it paused is continued. The frontend died: every pool aborts its requests."""
+        new incarnation in its stats), but a worker it paused is continued. The frontend
+        died: every pool aborts its requests."""
         if child.spec.target == POOL_TARGET:
             log.warning("%s died; its open requests are resubmitted to its restart", child.name)
             self.supervisor.resume_all()  # it may have left a worker paused

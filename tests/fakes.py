@@ -191,3 +191,19 @@ def pool_peers(run_dir: Path | str, service: Any, num_workers: int,
     while time.time() < deadline and len(service.scheduler.workers) < num_workers:
         time.sleep(0.01)
     return push, pull, control
+
+
+def process_state(pid: int) -> str:
+    """A Linux process's state letter (``T``: stopped, by SIGSTOP)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def wait_stopped(pid: int, stopped: bool, timeout_s: float = 5.0) -> None:
+    """Wait until process ``pid`` is stopped (or, ``stopped`` False, runs again)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (process_state(pid) == "T") != stopped:
+        assert time.monotonic() < deadline, f"pid {pid} is {process_state(pid)}"
+        time.sleep(0.005)

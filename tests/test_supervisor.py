@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from fakes import wait_stopped
 
 from engine.supervisor import (
     ChildExited,
@@ -123,20 +124,10 @@ def test_children_a_dead_pool_left_paused_are_continued_and_can_stop():
     sup = Supervisor()
     child = sup.spawn(ProcessSpec("s", "time:sleep", (30,)))
     time.sleep(0.3)
-
-    def stopped() -> bool:
-        with open(f"/proc/{child.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
-
     child.proc.send_signal(signal.SIGSTOP)
-    deadline = time.monotonic() + 5
-    while not stopped():
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_stopped(child.pid, stopped=True)
     sup.resume_all()
-    while stopped():
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_stopped(child.pid, stopped=False)
     child.proc.send_signal(signal.SIGSTOP)
     start = time.monotonic()
     sup.shutdown(grace_s=10)

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from engine.config import SchedulerConfig
+from engine.resolve import resolve_reserved_workers
 from engine.scheduler.scheduler import Scheduler
 from engine.sim.cost_model import CostModel
 from engine.sim.metrics import SLO, summarize
@@ -189,13 +190,11 @@ def _sim_config(args: argparse.Namespace, cost: CostModel) -> SimConfig:
                              ("--block-size", config.block_size, 1),
                              ("--num-blocks", config.num_blocks, 2),
                              ("--max-num-batched-tokens", config.scheduler.max_num_batched_tokens, 1),
-                             ("--max-num-seqs", config.scheduler.max_num_seqs, 1)):
+                             ("--max-num-seqs", config.scheduler.max_num_seqs, 1),
+                             ("--reserved-workers", args.reserved_workers, 0)):
         if value < low:
             raise ValueError(f"{flag}: must be >= {low}, got {value}")
-    if not 0 <= args.reserved_workers < config.num_workers:
-        raise ValueError(f"--reserved-workers: must be >= 0 and leave a worker for sheddable "
-                         f"requests (< --workers {config.num_workers}), got "
-                         f"{args.reserved_workers}")
+    resolve_reserved_workers(args.reserved_workers, "no", config.num_workers)  # leaves one?
     return config
 
 

@@ -11,7 +11,14 @@ import time
 
 import pytest
 import zmq
-from fakes import FakeWorker, make_request, pool_peers, reference_output
+from fakes import (
+    FakeWorker,
+    make_request,
+    pool_peers,
+    process_state,
+    reference_output,
+    wait_stopped,
+)
 
 from engine import ipc
 from engine import messages as m
@@ -20,18 +27,6 @@ from engine.pool.service import PoolService
 from engine.pool.suspend import Suspender, can_suspend
 
 pytestmark = pytest.mark.skipif(not can_suspend(), reason="pidfds are Linux-only")
-
-
-def state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
-def wait_state(pid: int, stopped: bool) -> None:
-    deadline = time.monotonic() + 5
-    while (state(pid) == "T") != stopped:
-        assert time.monotonic() < deadline, f"pid {pid} is {state(pid)}"
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -46,29 +41,29 @@ def test_a_worker_stays_paused_until_the_last_holder_step_ends(spinner) -> None:
     s = Suspender(enabled=True)
     s.register(0, spinner.pid)
     s.suspend(1, [0])  # worker 1's critical step holds worker 0
-    wait_state(spinner.pid, stopped=True)
+    wait_stopped(spinner.pid, stopped=True)
     s.suspend(2, [0, 2])  # another holder: no second stop; a holder never holds itself
     assert s.num_suspended == 2 and not s.is_suspended(2)
     s.resume(1)
     time.sleep(0.05)
-    assert state(spinner.pid) == "T"  # worker 2's step still runs
+    assert process_state(spinner.pid) == "T"  # worker 2's step still runs
     s.resume(2)
-    wait_state(spinner.pid, stopped=False)
+    wait_stopped(spinner.pid, stopped=False)
     s.suspend(1, [0])
-    wait_state(spinner.pid, stopped=True)
+    wait_stopped(spinner.pid, stopped=True)
     s.forget(1)  # the holder died: what it held goes on
-    wait_state(spinner.pid, stopped=False)
+    wait_stopped(spinner.pid, stopped=False)
     s.suspend(1, [0])
-    wait_state(spinner.pid, stopped=True)
+    wait_stopped(spinner.pid, stopped=True)
     s.close()  # the pool stops: nothing left paused
-    wait_state(spinner.pid, stopped=False)
+    wait_stopped(spinner.pid, stopped=False)
 
 
 def test_nothing_is_paused_that_is_gone_unknown_or_disabled(spinner) -> None:
     off = Suspender(enabled=False)
     off.register(0, spinner.pid)
     off.suspend(1, [0])
-    assert off.num_suspended == 0 and state(spinner.pid) != "T"
+    assert off.num_suspended == 0 and process_state(spinner.pid) != "T"
     s = Suspender(enabled=True)
     s.register(0, 0)  # a remote or tensor-parallel worker: no pid
     s.suspend(1, [0])
@@ -132,7 +127,7 @@ def test_the_pool_pauses_a_sheddable_step_while_a_critical_prompt_runs(
         if "low" in tokens and len(tokens["low"]) == 3 and "crit" not in tokens:
             push.send(ipc.encode(m.AddRequest(request=reqs[2])))  # low's decodes in flight
             tokens["crit"] = []
-        paused_seen = paused_seen or state(spinner.pid) == "T"
+        paused_seen = paused_seen or process_state(spinner.pid) == "T"
         if not pull.poll(5):
             continue
         for o in ipc.POOL_TO_FRONTEND.decode(pull.recv()).outputs:
@@ -144,7 +139,7 @@ def test_the_pool_pauses_a_sheddable_step_while_a_critical_prompt_runs(
     pool.join(5)
     stop.set()
     assert paused_seen and service.suspender.num_suspended >= 1
-    wait_state(spinner.pid, stopped=False)
+    wait_stopped(spinner.pid, stopped=False)
     for r in reqs:
         assert tokens[r.request_id] == reference_output(r), r.request_id
     service.close()
